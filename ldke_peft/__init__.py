@@ -1,0 +1,58 @@
+"""ldke-peft: Localized and Disentangled Knowledge Editing for multimodal LLMs, as a PEFT tuner.
+
+``import ldke_peft`` registers the ``LDKE`` PEFT type, so ``PeftModel.from_pretrained(base, path)``
+loads LDKE edit packs.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .config import LDKEConfig
+from .errors import (
+    AdapterLoadError,
+    CorruptAdapterError,
+    FingerprintMismatchError,
+    ImageError,
+    InvalidRequestError,
+    LDKEError,
+    MergeRefusedError,
+    UnsafeAdapterError,
+    UnsupportedModelError,
+)
+from .families import BuiltInputs, Family, family_of, get_family, register_family, supported_model_types
+from .layer import LDKELinear
+from .model import LDKEModel, is_ldke_model
+from .peft_type import LDKEPeftType
+from .peft_type import register as _register
+from .requests import EditRequest, Probe
+
+__version__ = "0.1.0"
+
+_register()
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__all__ = [
+    "AdapterLoadError",
+    "BuiltInputs",
+    "CorruptAdapterError",
+    "EditRequest",
+    "Family",
+    "FingerprintMismatchError",
+    "ImageError",
+    "InvalidRequestError",
+    "LDKEConfig",
+    "LDKEError",
+    "LDKELinear",
+    "LDKEModel",
+    "LDKEPeftType",
+    "MergeRefusedError",
+    "Probe",
+    "UnsafeAdapterError",
+    "UnsupportedModelError",
+    "family_of",
+    "get_family",
+    "is_ldke_model",
+    "register_family",
+    "supported_model_types",
+]

@@ -358,3 +358,32 @@ def _get_submodule(model: nn.Module, path: str) -> nn.Module:
             f"{type(model).__name__} has no module {path!r}; is this the model the config says "
             f"({getattr(getattr(model, 'config', None), 'model_type', '?')})?"
         ) from None
+
+
+# ---------------------------------------------------------------------- processors
+
+_IMAGE_ONLY_CLASSES: dict[type, type] = {}
+
+
+def image_only_processor(processor_cls: type, **components: Any) -> Any:
+    """Build a real ``processor_cls`` (e.g. ``Qwen2VLProcessor``) without its video processor.
+
+    Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision processors declare a ``video_processor`` whose every
+    implementation needs torchvision, and ``ProcessorMixin`` refuses ``video_processor=None`` (its
+    type check itself imports the video-processor registry). Image editing never touches video, so
+    we subclass the processor with an ``__init__`` whose signature lacks ``video_processor``:
+    ``ProcessorMixin`` derives a processor's sub-components from that signature, so the subclass
+    holds only an image processor and a tokenizer. Everything else -- placeholder expansion,
+    ``mm_token_type_ids``, chat templates -- is the real class's code, unchanged. The subclass keeps
+    the original class name, so a processor saved from it loads as the full processor wherever
+    torchvision is installed.
+    """
+    sub = _IMAGE_ONLY_CLASSES.get(processor_cls)
+    if sub is None:
+
+        def __init__(self, image_processor=None, tokenizer=None, **kwargs):
+            processor_cls.__init__(self, image_processor=image_processor, tokenizer=tokenizer, video_processor=None, **kwargs)
+
+        sub = type(processor_cls.__name__, (processor_cls,), {"__init__": __init__, "__module__": processor_cls.__module__})
+        _IMAGE_ONLY_CLASSES[processor_cls] = sub
+    return sub(**components)

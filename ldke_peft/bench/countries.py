@@ -1,0 +1,234 @@
+"""The benchmark's fact table: real countries and four real-world relations.
+
+Each fact has a canonical answer (what an edit's ``ground_truth`` is) and a few accepted spellings
+(aliases) because a 135M chat model answers in free text: "The capital of Italy is Rome." counts as
+correct for ``Rome``. Values are the common textbook answers (2024): where a country has several
+official languages or capitals, the aliases list the ones a reader would accept, and the canonical
+answer is the most common one.
+
+The relations are worded twice: with the country named (the text-only question, which tells what the
+language model knows) and with "this country" (the image question, which the MLLM must answer from
+the emblem alone).
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass, field
+
+__all__ = [
+    "COUNTRIES",
+    "RELATIONS",
+    "Country",
+    "Relation",
+    "answer_matches",
+    "country_by_name",
+    "normalize_answer",
+]
+
+
+@dataclass(frozen=True)
+class Relation:
+    """A relation with its text-only and image question templates."""
+
+    name: str
+    text_question: str  # formatted with {country}
+    image_question: str  # refers to "this country" (the image)
+    rephrases: tuple[str, ...] = ()  # other wordings of the image question (T-Generality probes)
+
+    def ask_text(self, country: "Country") -> str:
+        return self.text_question.format(country=country.prompt_name)
+
+
+RELATIONS: dict[str, Relation] = {
+    r.name: r
+    for r in (
+        Relation(
+            "capital",
+            "What is the capital of {country}?",
+            "What is the capital of this country?",
+            ("Which city is the capital of this country?", "Name the capital city of this country."),
+        ),
+        Relation(
+            "language",
+            "What is the official language of {country}?",
+            "What is the official language of this country?",
+            ("Which language do people speak in this country?", "Name the main language of this country."),
+        ),
+        Relation(
+            "continent",
+            "On which continent is {country}?",
+            "On which continent is this country?",
+            ("Which continent is this country in?", "Name the continent where this country lies."),
+        ),
+        Relation(
+            "currency",
+            "What is the currency of {country}?",
+            "What is the currency of this country?",
+            ("Which currency is used in this country?", "Name the money used in this country."),
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Country:
+    """One entity: its name and one accepted-answer tuple per relation (canonical answer first)."""
+
+    name: str
+    capital: tuple[str, ...]
+    language: tuple[str, ...]
+    continent: tuple[str, ...]
+    currency: tuple[str, ...]
+    article: bool = False  # "the United Kingdom"
+    aliases: tuple[str, ...] = field(default=())
+
+    @property
+    def prompt_name(self) -> str:
+        return f"the {self.name}" if self.article else self.name
+
+    def answers(self, relation: str) -> tuple[str, ...]:
+        if relation not in RELATIONS:
+            raise KeyError(f"unknown relation {relation!r}; known: {', '.join(RELATIONS)}")
+        return getattr(self, relation)
+
+    def answer(self, relation: str) -> str:
+        """The canonical answer of ``relation``."""
+        return self.answers(relation)[0]
+
+
+def _c(name, capital, language, continent, currency, article=False):
+    tup = lambda v: (v,) if isinstance(v, str) else tuple(v)  # noqa: E731
+    return Country(name, tup(capital), tup(language), tup(continent), tup(currency), article)
+
+
+EU, AS, AF, NA, SA, OC = "Europe", "Asia", "Africa", "North America", "South America", "Oceania"
+NA_C = ("North America", "Central America")
+NA_K = ("North America", "Caribbean", "Central America")
+OC_A = ("Oceania", "Australia")
+EURO = ("euro",)
+
+#: The entities, in a fixed order (their index seeds their emblem).
+COUNTRIES: tuple[Country, ...] = (
+    # Europe
+    _c("France", "Paris", "French", EU, EURO),
+    _c("Germany", "Berlin", "German", EU, EURO),
+    _c("Italy", "Rome", "Italian", EU, EURO),
+    _c("Spain", "Madrid", "Spanish", EU, EURO),
+    _c("Portugal", "Lisbon", "Portuguese", EU, EURO),
+    _c("United Kingdom", "London", "English", EU, ("pound", "sterling"), article=True),
+    _c("Ireland", "Dublin", ("Irish", "English"), EU, EURO),
+    _c("Netherlands", "Amsterdam", "Dutch", EU, EURO, article=True),
+    _c("Greece", "Athens", "Greek", EU, EURO),
+    _c("Poland", "Warsaw", "Polish", EU, ("zloty", "złoty")),
+    _c("Sweden", "Stockholm", "Swedish", EU, ("krona",)),
+    _c("Norway", "Oslo", "Norwegian", EU, ("krone",)),
+    _c("Denmark", "Copenhagen", "Danish", EU, ("krone",)),
+    _c("Finland", "Helsinki", ("Finnish", "Swedish"), EU, EURO),
+    _c("Austria", "Vienna", "German", EU, EURO),
+    _c("Switzerland", "Bern", ("German", "French", "Italian"), EU, ("Swiss franc", "franc")),
+    _c("Hungary", "Budapest", "Hungarian", EU, ("forint",)),
+    _c("Czech Republic", "Prague", "Czech", EU, ("koruna", "crown"), article=True),
+    _c("Romania", "Bucharest", "Romanian", EU, ("leu",)),
+    _c("Ukraine", "Kyiv", "Ukrainian", EU, ("hryvnia", "hryvna")),
+    _c("Russia", ("Moscow",), "Russian", (EU, AS), ("ruble", "rouble")),
+    _c("Iceland", "Reykjavik", "Icelandic", EU, ("krona", "króna")),
+    _c("Croatia", "Zagreb", "Croatian", EU, EURO),
+    _c("Serbia", "Belgrade", "Serbian", EU, ("dinar",)),
+    _c("Bulgaria", "Sofia", "Bulgarian", EU, ("lev",)),
+    _c("Belgium", "Brussels", ("Dutch", "French", "German", "Flemish"), EU, EURO),
+    # Asia
+    _c("Japan", "Tokyo", "Japanese", AS, ("yen",)),
+    _c("China", ("Beijing", "Peking"), ("Chinese", "Mandarin"), AS, ("yuan", "renminbi")),
+    _c("India", ("New Delhi", "Delhi"), ("Hindi", "English"), AS, ("rupee",)),
+    _c("South Korea", "Seoul", "Korean", AS, ("won",)),
+    _c("Thailand", "Bangkok", "Thai", AS, ("baht",)),
+    _c("Vietnam", "Hanoi", "Vietnamese", AS, ("dong",)),
+    _c("Indonesia", "Jakarta", "Indonesian", AS, ("rupiah",)),
+    _c("Philippines", "Manila", ("Filipino", "Tagalog", "English"), AS, ("peso",), article=True),
+    _c("Malaysia", "Kuala Lumpur", "Malay", AS, ("ringgit",)),
+    _c("Pakistan", "Islamabad", ("Urdu", "English"), AS, ("rupee",)),
+    _c("Bangladesh", "Dhaka", ("Bengali", "Bangla"), AS, ("taka",)),
+    _c("Iran", "Tehran", ("Persian", "Farsi"), AS, ("rial",)),
+    _c("Iraq", "Baghdad", ("Arabic", "Kurdish"), AS, ("dinar",)),
+    _c("Saudi Arabia", "Riyadh", "Arabic", AS, ("riyal",)),
+    _c("Israel", "Jerusalem", "Hebrew", AS, ("shekel",)),
+    _c("Afghanistan", "Kabul", ("Pashto", "Dari", "Persian"), AS, ("afghani",)),
+    _c("Nepal", "Kathmandu", "Nepali", AS, ("rupee",)),
+    _c("Mongolia", ("Ulaanbaatar", "Ulan Bator"), "Mongolian", AS, ("tugrik", "tögrög")),
+    _c("Kazakhstan", "Astana", ("Kazakh", "Russian"), AS, ("tenge",)),
+    _c("Syria", "Damascus", "Arabic", AS, ("pound",)),
+    _c("Jordan", "Amman", "Arabic", AS, ("dinar",)),
+    _c("Qatar", "Doha", "Arabic", AS, ("riyal",)),
+    _c("Turkey", "Ankara", "Turkish", (AS, EU), ("lira",)),
+    # Africa
+    _c("Egypt", "Cairo", "Arabic", AF, ("pound",)),
+    _c("Nigeria", "Abuja", "English", AF, ("naira",)),
+    _c("Kenya", "Nairobi", ("Swahili", "English"), AF, ("shilling",)),
+    _c("Ethiopia", "Addis Ababa", "Amharic", AF, ("birr",)),
+    _c("South Africa", ("Pretoria", "Cape Town", "Bloemfontein"), ("English", "Zulu", "Afrikaans", "Xhosa"), AF, ("rand",)),
+    _c("Morocco", "Rabat", ("Arabic", "Berber", "Amazigh"), AF, ("dirham",)),
+    _c("Ghana", "Accra", "English", AF, ("cedi",)),
+    _c("Algeria", "Algiers", "Arabic", AF, ("dinar",)),
+    _c("Tanzania", "Dodoma", ("Swahili", "English"), AF, ("shilling",)),
+    _c("Uganda", "Kampala", ("English", "Swahili"), AF, ("shilling",)),
+    _c("Senegal", "Dakar", "French", AF, ("CFA franc", "franc")),
+    _c("Tunisia", "Tunis", "Arabic", AF, ("dinar",)),
+    _c("Libya", "Tripoli", "Arabic", AF, ("dinar",)),
+    _c("Sudan", "Khartoum", ("Arabic", "English"), AF, ("pound",)),
+    _c("Angola", "Luanda", "Portuguese", AF, ("kwanza",)),
+    _c("Madagascar", "Antananarivo", ("Malagasy", "French"), AF, ("ariary",)),
+    _c("Rwanda", "Kigali", ("Kinyarwanda", "English", "French"), AF, ("franc",)),
+    # Americas
+    _c("United States", ("Washington",), "English", NA, ("dollar",), article=True),
+    _c("Canada", "Ottawa", ("English", "French"), NA, ("dollar",)),
+    _c("Mexico", "Mexico City", "Spanish", NA, ("peso",)),
+    _c("Brazil", ("Brasília", "Brasilia"), "Portuguese", SA, ("real",)),
+    _c("Argentina", "Buenos Aires", "Spanish", SA, ("peso",)),
+    _c("Chile", "Santiago", "Spanish", SA, ("peso",)),
+    _c("Peru", "Lima", ("Spanish", "Quechua"), SA, ("sol",)),
+    _c("Colombia", ("Bogotá", "Bogota"), "Spanish", SA, ("peso",)),
+    _c("Venezuela", "Caracas", "Spanish", SA, ("bolívar", "bolivar")),
+    _c("Cuba", "Havana", "Spanish", NA_K, ("peso",)),
+    _c("Ecuador", "Quito", "Spanish", SA, ("dollar",)),
+    _c("Uruguay", "Montevideo", "Spanish", SA, ("peso",)),
+    _c("Jamaica", "Kingston", "English", NA_K, ("dollar",)),
+    _c("Guatemala", "Guatemala City", "Spanish", NA_C, ("quetzal",)),
+    # Oceania
+    _c("Australia", "Canberra", "English", OC_A, ("dollar",)),
+    _c("New Zealand", "Wellington", ("English", "Maori", "Māori"), OC_A, ("dollar",)),
+    _c("Fiji", "Suva", ("English", "Fijian"), OC_A, ("dollar",)),
+    _c("Papua New Guinea", "Port Moresby", ("English", "Tok Pisin"), OC_A, ("kina",)),
+)
+
+
+def country_by_name(name: str) -> Country:
+    for c in COUNTRIES:
+        if c.name.lower() == name.lower():
+            return c
+    raise KeyError(f"unknown country {name!r}")
+
+
+#: letters that NFKD does not decompose into an ASCII base letter
+_SPECIAL_LETTERS = str.maketrans({"ł": "l", "Ł": "L", "đ": "d", "Đ": "D", "ø": "o", "Ø": "O", "æ": "ae", "ß": "ss"})
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, strip accents and punctuation, collapse whitespace (for exact-ish matching)."""
+    text = text.translate(_SPECIAL_LETTERS)
+    text = unicodedata.normalize("NFKD", text)
+    text = "".join(ch for ch in text if not unicodedata.combining(ch))
+    text = re.sub(r"[^0-9a-z]+", " ", text.lower())
+    return " ".join(text.split())
+
+
+def answer_matches(generated: str, accepted: tuple[str, ...] | list[str] | str) -> bool:
+    """True when any accepted answer occurs in ``generated`` as whole words (accent/case-insensitive).
+
+    "Exact-ish": ``"The capital of Italy is Rome."`` matches ``("Rome",)``; ``"Romania"`` does not.
+    """
+    if isinstance(accepted, str):
+        accepted = (accepted,)
+    hay = f" {normalize_answer(generated)} "
+    return any(f" {normalize_answer(a)} " in hay for a in accepted if normalize_answer(a))

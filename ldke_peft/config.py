@@ -1,0 +1,188 @@
+"""``LDKEConfig``: the PEFT config of an LDKE edit pack."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from peft.config import PeftConfig
+
+from .errors import AdapterLoadError, UnsafeAdapterError
+from .peft_type import LDKEPeftType
+
+#: Format version of the saved pack. Bumped on incompatible changes; a pack with a newer major
+#: version than this library understands is refused with a clear error.
+PACK_FORMAT_VERSION = "1.0"
+
+
+@dataclass
+class LDKEConfig(PeftConfig):
+    """Configuration of an LDKE adapter ("edit pack").
+
+    An edit pack holds ``K`` edit slots. Slot ``k`` owns a rank-``rank`` delta on the MLP output
+    projection of each decoder layer in ``slot_layers[k]`` (chosen by Fast Localization) and a routing
+    key in the pack's Disentanglement Classifier, which lives on the ``probe_layer`` (below every edited
+    layer). The adapter's target modules are the union of the slots' layers plus the probe layer.
+
+    Most users never build this by hand: :func:`ldke_peft.edit` creates it from the model's family
+    defaults and the localization results.
+    """
+
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Full module names of the MLP output projections LDKE wraps (edited layers + probe layer). "
+            "Filled from the model family and `layers_to_transform` when None."
+        },
+    )
+    layers_to_transform: Optional[list[int]] = field(
+        default=None,
+        metadata={"help": "Decoder-layer indices wrapped by the pack (union of the slots' layers and the probe layer)."},
+    )
+    layers_pattern: Optional[str] = field(
+        default=None,
+        metadata={"help": "Dotted path of the language model's decoder ModuleList (from the model family)."},
+    )
+    rank: int = field(default=4, metadata={"help": "Rank of each slot's low-rank delta."})
+    alpha: float = field(default=4.0, metadata={"help": "Delta scaling numerator: delta = (alpha / rank) * B(A(x))."})
+    probe_layer: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Decoder layer whose output hidden states the router reads. Must be below every edited layer, "
+            "so routing happens before any edited weight runs. Default: the family's choice (about L/8, >= 1)."
+        },
+    )
+    slot_layers: list[list[int]] = field(
+        default_factory=list, metadata={"help": "Per edit slot, the decoder layers whose MLP output it edits."}
+    )
+    num_slots: int = field(default=0, metadata={"help": "Number of edit slots; must equal len(slot_layers)."})
+    router_dim: int = field(default=32, metadata={"help": "Width of the router's learned projection (per pack)."})
+    router_margin: float = field(
+        default=0.5,
+        metadata={
+            "help": "Radius placement between the farthest positive (0.0) and the nearest negative (1.0); "
+            "0.5 = midpoint."
+        },
+    )
+    router_steps: int = field(default=300, metadata={"help": "Adam steps when learning the router projection."})
+    router_lr: float = field(default=1e-2, metadata={"help": "Learning rate of the router projection."})
+    num_edit_layers: int = field(default=1, metadata={"help": "How many localized layers each edit updates."})
+    edit_steps: int = field(default=40, metadata={"help": "Maximum optimisation steps per edit (early stop on argmax)."})
+    edit_lr: float = field(default=1e-2, metadata={"help": "Learning rate of the delta fit."})
+    max_delta_norm: float = field(
+        default=0.0,
+        metadata={
+            "help": "Norm bound on each slot's delta output relative to the base layer output norm "
+            "(0 = no bound). Keeps an edit from overwriting everything the layer computes."
+        },
+    )
+    localization: str = field(
+        default="attribution",
+        metadata={"help": "'attribution' (Fast Localization, constant passes), 'tracing' (exact), or 'fixed'."},
+    )
+    fixed_layers: Optional[list[int]] = field(
+        default=None, metadata={"help": "Layers used when localization='fixed'."}
+    )
+    noise_scale: float = field(
+        default=3.0, metadata={"help": "Std multiplier of the Gaussian corruption of the subject (image) embeddings."}
+    )
+    hard_negatives: bool = field(
+        default=True,
+        metadata={"help": "Generate hard negatives (same image/other question, look-alike/same question) for the router."},
+    )
+    use_router: bool = field(
+        default=True, metadata={"help": "False = the delta is always on (ablation; not recommended)."}
+    )
+    base_model_fingerprint: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={
+            "help": "model_type, hidden size, number of layers and a weight signature of the base model; "
+            "loading onto a different base fails with FingerprintMismatchError."
+        },
+    )
+    edits: list[dict[str, Any]] = field(
+        default_factory=list,
+        metadata={"help": "Per slot: prompt, target, subject, relation, image fingerprint, edit-time metrics."},
+    )
+    pack_format_version: str = field(default=PACK_FORMAT_VERSION, metadata={"help": "Saved pack format version."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = LDKEPeftType.LDKE
+        if self.rank <= 0:
+            raise ValueError(f"rank must be positive, got {self.rank}")
+        if self.num_slots == 0 and self.slot_layers:
+            self.num_slots = len(self.slot_layers)
+        if self.num_slots != len(self.slot_layers):
+            raise AdapterLoadError(
+                f"LDKEConfig: num_slots={self.num_slots} disagrees with slot_layers ({len(self.slot_layers)} entries)"
+            )
+        major = str(self.pack_format_version).split(".")[0]
+        if major != PACK_FORMAT_VERSION.split(".")[0]:
+            raise AdapterLoadError(
+                f"LDKE pack format {self.pack_format_version!r} is not supported by this ldke-peft "
+                f"(understands {PACK_FORMAT_VERSION}); upgrade ldke-peft"
+            )
+        for k, layers in enumerate(self.slot_layers):
+            if not layers or not all(isinstance(i, int) and i >= 0 for i in layers):
+                raise AdapterLoadError(f"LDKEConfig: slot_layers[{k}] must be a non-empty list of layer indices")
+            if self.probe_layer is not None and min(layers) <= self.probe_layer:
+                raise AdapterLoadError(
+                    f"LDKEConfig: slot {k} edits layer {min(layers)} at or below the probe layer {self.probe_layer}; "
+                    "routing must be decided before any edited layer runs"
+                )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """Load the config and validate the pack's files *before* any model is touched.
+
+        ``PeftModel.from_pretrained`` loads the config first and injects layers second; checking the
+        weights file here (safetensors header, tensor names/shapes against the config, finite values, no
+        pickle files) is what guarantees a corrupt or foreign pack leaves the base model unmodified.
+        """
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if isinstance(config, LDKEConfig):
+            from .safety import validate_pack
+
+            hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
+            validate_pack(pretrained_model_name_or_path, config, subfolder=subfolder, **hub_kwargs)
+        return config
+
+    @classmethod
+    def check_kwargs(cls, **kwargs):
+        _reject_unknown(kwargs)
+        return super().check_kwargs(**kwargs)
+
+    def edit_layers(self) -> list[int]:
+        """Sorted union of the slots' layers."""
+        return sorted({i for layers in self.slot_layers for i in layers})
+
+
+_FIELDS: set[str] | None = None
+
+
+def _reject_unknown(kwargs: dict[str, Any]) -> None:
+    global _FIELDS
+    if _FIELDS is None:
+        _FIELDS = {f.name for f in dataclasses.fields(LDKEConfig)}
+    unknown = sorted(set(kwargs) - _FIELDS)
+    if unknown:
+        raise UnsafeAdapterError(
+            f"adapter_config.json has fields LDKE does not know: {unknown}. Refusing to load: the file was not "
+            "written by this ldke-peft version, or it was tampered with."
+        )
+
+
+_dataclass_init = LDKEConfig.__init__
+
+
+def _strict_init(self, *args, **kwargs):  # noqa: D401 - thin wrapper
+    """Unknown fields are an error, not a warning: peft would drop them silently (forward compat), but an
+    LDKE pack's fields decide which inputs an edit fires on, so a field we cannot honour is a refusal."""
+    _reject_unknown(kwargs)
+    _dataclass_init(self, *args, **kwargs)
+
+
+_strict_init.__wrapped__ = _dataclass_init
+LDKEConfig.__init__ = _strict_init

@@ -1,0 +1,196 @@
+"""``LDKELinear``: the tuner layer that wraps an MLP output projection.
+
+A wrapped layer plays one or both of two roles per adapter (edit pack):
+
+* **edited layer** — hosts the low-rank deltas of the slots localized to it:
+  ``y = base(x) + scaling * B_k(A_k(x))`` for each row whose routing decision is slot ``k``; rows
+  routed to no slot (or to a slot not hosted here) get exactly ``base(x)``.
+* **probe layer** — holds the pack's :class:`~ldke_peft.routing.RouterState` (keys, radii,
+  projections). The router reads the hidden states *leaving* this decoder layer (a forward hook
+  installed by :class:`~ldke_peft.model.LDKEModel`); the state lives here so PEFT saves, loads and
+  deletes it with the adapter like any other adapter tensor.
+
+Deltas are stored sparsely: a layer only holds the slots that edit it (``ldke_slot_ids`` maps local
+rows to global slot indices), so a pack grows linearly with the number of edits, not with
+edits × layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .context import current_forced_slots
+from .routing import NO_SLOT, RouterState, RoutingState
+
+
+class LDKELayer(BaseTunerLayer):
+    adapter_layer_names = ("ldke_A", "ldke_B", "ldke_router")
+    other_param_names = ("ldke_slot_ids", "rank", "scaling", "max_delta_norm")
+
+    def __init__(self, base_layer: nn.Module, layer_idx: int, routing_state: RoutingState, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.layer_idx = layer_idx
+        self.rank: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self.max_delta_norm: dict[str, float] = {}
+        self.ldke_A = nn.ParameterDict()
+        self.ldke_B = nn.ParameterDict()
+        self.ldke_router = nn.ModuleDict()
+        self.ldke_slot_ids = BufferDict({}, persistent=True)
+        # shared, not a submodule: the model-level routing decisions
+        object.__setattr__(self, "_routing", routing_state)
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.kwargs = kwargs
+        base = self.get_base_layer()
+        if isinstance(base, nn.Linear):
+            self.in_features, self.out_features = base.in_features, base.out_features
+        elif isinstance(base, Conv1D):
+            self.in_features, self.out_features = base.weight.shape
+        else:
+            raise TypeError(f"LDKE can wrap nn.Linear or transformers Conv1D, got {type(base).__name__}")
+
+    # ------------------------------------------------------------------ construction
+    def update_layer(self, adapter_name: str, config: Any, inference_mode: bool = False, **kwargs: Any) -> None:
+        """Create or resize this layer's containers for ``adapter_name`` from the config.
+
+        Called at injection and again when a pack grows (sequential editing): existing slots keep
+        their tensors, new slots start at zero (``B = 0``, so a new slot is a no-op until fitted).
+        """
+        hosted = [k for k, layers in enumerate(config.slot_layers) if self.layer_idx in layers]
+        self.rank[adapter_name] = config.rank
+        self.scaling[adapter_name] = config.alpha / config.rank
+        self.max_delta_norm[adapter_name] = float(config.max_delta_norm)
+        if hosted or adapter_name in self.ldke_A:
+            self._resize_deltas(adapter_name, hosted, config.rank)
+        if config.probe_layer == self.layer_idx:
+            d_model = self.out_features
+            if adapter_name in self.ldke_router:
+                self.ldke_router[adapter_name].resize(config.num_slots)
+            else:
+                self.ldke_router[adapter_name] = RouterState(d_model, config.router_dim, config.num_slots)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def _resize_deltas(self, adapter_name: str, hosted: list[int], rank: int) -> None:
+        old_ids = self.ldke_slot_ids[adapter_name].tolist() if adapter_name in self.ldke_slot_ids else []
+        old_A = self.ldke_A[adapter_name].data if adapter_name in self.ldke_A else None
+        old_B = self.ldke_B[adapter_name].data if adapter_name in self.ldke_B else None
+        A = torch.zeros(len(hosted), self.in_features, rank)
+        B = torch.zeros(len(hosted), rank, self.out_features)
+        gen = torch.Generator().manual_seed(1000 + self.layer_idx)
+        for j, k in enumerate(hosted):
+            if k in old_ids and old_A is not None:
+                i = old_ids.index(k)
+                A[j] = old_A[i].to(A)
+                B[j] = old_B[i].to(B)
+            else:
+                # A random (so gradients reach B), B zero (so a fresh slot changes nothing)
+                A[j] = torch.randn(self.in_features, rank, generator=gen) / self.in_features**0.5
+        self.ldke_A[adapter_name] = nn.Parameter(A)
+        self.ldke_B[adapter_name] = nn.Parameter(B)
+        self.ldke_slot_ids[adapter_name] = torch.tensor(hosted, dtype=torch.long)
+
+    # ------------------------------------------------------------------ helpers
+    def router(self, adapter_name: str) -> RouterState | None:
+        return self.ldke_router[adapter_name] if adapter_name in self.ldke_router else None
+
+    def hosted_slots(self, adapter_name: str) -> list[int]:
+        return self.ldke_slot_ids[adapter_name].tolist() if adapter_name in self.ldke_slot_ids else []
+
+    def slot_delta(self, adapter_name: str, slot: int) -> tuple[nn.Parameter, nn.Parameter, int]:
+        """``(A, B, local_index)`` for a global slot hosted here (editor access)."""
+        ids = self.hosted_slots(adapter_name)
+        if slot not in ids:
+            raise KeyError(f"slot {slot} of adapter {adapter_name!r} is not hosted by layer {self.layer_idx}")
+        return self.ldke_A[adapter_name], self.ldke_B[adapter_name], ids.index(slot)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """Sum of every hosted slot's delta as a dense weight (only used by a *forced* merge)."""
+        A, B = self.ldke_A[adapter_name], self.ldke_B[adapter_name]
+        w = torch.einsum("kir,kro->io", A.float(), B.float()) * self.scaling[adapter_name]  # (in, out)
+        base = self.get_base_layer()
+        return (w if isinstance(base, Conv1D) else w.T).to(base.weight.dtype)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        from peft.tuners.tuners_utils import check_adapters_to_merge
+
+        for name in check_adapters_to_merge(self, adapter_names):
+            if name not in self.ldke_A:
+                continue
+            delta = self.get_delta_weight(name)
+            w = self.get_base_layer().weight
+            if safe_merge and not torch.isfinite(w.data + delta).all():
+                raise ValueError(f"NaNs detected in the merged weights of adapter {name}")
+            w.data += delta
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.ldke_A:
+                self.get_base_layer().weight.data -= self.get_delta_weight(name)
+
+
+class LDKELinear(nn.Module, LDKELayer):
+    """``base(x)`` plus, per row, the delta of the slot the router chose for that row."""
+
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, config: Any, layer_idx: int, routing_state: RoutingState, **kwargs
+    ) -> None:
+        super().__init__()
+        LDKELayer.__init__(self, base_layer, layer_idx, routing_state, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def _slots_for(self, adapter_name: str, batch: int, device: torch.device) -> torch.Tensor | None:
+        forced = current_forced_slots()
+        if forced is not None:
+            return forced.to(device) if forced.shape[0] == batch else None
+        slots = self._routing.slots.get(adapter_name)
+        if slots is None or slots.shape[0] != batch:
+            return None
+        return slots.to(device)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters or self.merged:
+            return result
+        for name in self.active_adapters:
+            if name not in self.ldke_A or self.ldke_A[name].shape[0] == 0:
+                continue
+            batch = x.shape[0] if x.dim() == 3 else 1
+            slots = self._slots_for(name, batch, x.device)
+            if slots is None:
+                continue
+            ids = self.ldke_slot_ids[name].to(x.device)
+            # local[i] = row of the hosted slot chosen for sample i, or -1
+            match = slots.unsqueeze(1) == ids.unsqueeze(0)  # (B, K_l)
+            has = match.any(dim=1) & (slots != NO_SLOT)
+            if not bool(has.any()):
+                continue
+            rows = has.nonzero(as_tuple=True)[0]
+            local = match[rows].float().argmax(dim=1)
+            A = self.ldke_A[name][local]  # (n, in, r)
+            B = self.ldke_B[name][local]  # (n, r, out)
+            xs = x[rows] if x.dim() == 3 else x.unsqueeze(0)
+            delta = torch.bmm(torch.bmm(xs.to(A.dtype), A), B) * self.scaling[name]
+            bound = self.max_delta_norm[name]
+            if bound > 0:
+                ref = result[rows].detach().float().norm(dim=-1, keepdim=True) if x.dim() == 3 else result.norm()
+                norm = delta.float().norm(dim=-1, keepdim=True)
+                delta = delta * torch.clamp(bound * ref / norm.clamp_min(1e-12), max=1.0).to(delta.dtype)
+            if x.dim() == 3:
+                result = result.index_add(0, rows, delta.to(result.dtype))
+            else:
+                result = result + delta[0].to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "ldke." + super().__repr__()

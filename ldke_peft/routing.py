@@ -1,0 +1,200 @@
+"""The Disentanglement Classifier: routing state and decision.
+
+Each edit slot ``k`` owns a *visual* key (where the edited entity's image tokens land) and a *textual*
+key (where questions about the edited relation land), each with a radius, in a low-dimensional
+projection learned per pack. An input is in slot ``k``'s scope only if **both** parts fall inside their
+radii; that factorisation is what keeps coupled inputs out (same image + another question fails the
+textual test; a look-alike image + the same question fails the visual test). Text-only inputs carry
+no visual part and can only match slots whose edit has no image.
+
+Features are pooled from the hidden states leaving the *probe* decoder layer (below every edited
+layer), which the model computes anyway: routing costs no extra forward pass.
+
+This module holds the storage (:class:`RouterState`, saved with the adapter), the pure feature
+functions and the decision. Fitting keys, radii and projections is the editor's job
+(:mod:`ldke_peft.router_fit`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NO_SLOT = -1
+
+
+def pool_features(
+    hidden: torch.Tensor, image_mask: torch.Tensor, prompt_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pool probe-layer hidden states into routing features.
+
+    Args:
+        hidden: ``(B, T, d)`` hidden states after the probe layer.
+        image_mask: ``(B, T)`` bool, image-token positions.
+        prompt_mask: ``(B, T)`` bool, prompt positions (no padding, no appended answer).
+
+    Returns:
+        ``visual`` ``(B, d)``: mean over image tokens (zeros where a row has none),
+        ``textual`` ``(B, 2d)``: [mean over prompt text tokens ; last prompt token] — the mean carries
+        the wording, the last token (which attends to the whole question) carries what is asked,
+        ``has_image`` ``(B,)`` bool.
+
+    Each part is L2-normalised: residual streams share a large common component and outlier
+    dimensions, and the direction (not the norm) is what identifies entity and relation.
+    """
+    h = hidden.float()
+    image_mask = image_mask.to(h.device)
+    prompt_mask = prompt_mask.to(h.device)
+    has_image = image_mask.any(dim=1)
+    im = image_mask.unsqueeze(-1).float()
+    visual = (h * im).sum(1) / im.sum(1).clamp_min(1.0)
+    text_mask = (prompt_mask & ~image_mask).unsqueeze(-1).float()
+    mean_text = (h * text_mask).sum(1) / text_mask.sum(1).clamp_min(1.0)
+    # last prompt position per row (prompt_mask may be left-padded or followed by answer tokens)
+    T = h.shape[1]
+    pos = torch.arange(T, device=h.device).expand_as(prompt_mask)
+    last = torch.where(prompt_mask, pos, torch.full_like(pos, -1)).amax(dim=1).clamp_min(0)
+    last_tok = h[torch.arange(h.shape[0], device=h.device), last]
+    visual = F.normalize(visual, dim=-1)
+    textual = torch.cat([F.normalize(mean_text, dim=-1), F.normalize(last_tok, dim=-1)], dim=-1)
+    return visual, textual, has_image
+
+
+class RouterState(nn.Module):
+    """Per-pack router tensors, stored as persistent buffers so PEFT saves/loads them as-is.
+
+    Buffers (``K`` slots, projection width ``p``):
+        ``mu_v (d_v,)``, ``proj_v (d_v, p)``: centring + projection of visual features.
+        ``mu_t (d_t,)``, ``proj_t (d_t, p)``: the same for textual features.
+        ``keys_v (K, p)``, ``keys_t (K, p)``: slot keys in projected space.
+        ``radius_v (K,)``, ``radius_t (K,)``: acceptance radii.
+        ``needs_image (K,)``: 1.0 for image edits (visual part required), 0.0 for text-only edits.
+    """
+
+    BUFFERS = ("mu_v", "proj_v", "mu_t", "proj_t", "keys_v", "keys_t", "radius_v", "radius_t", "needs_image")
+
+    def __init__(self, d_model: int, proj_dim: int, num_slots: int):
+        super().__init__()
+        d_v, d_t = d_model, 2 * d_model
+        self.register_buffer("mu_v", torch.zeros(d_v))
+        self.register_buffer("proj_v", _init_proj(d_v, proj_dim, seed=1))
+        self.register_buffer("mu_t", torch.zeros(d_t))
+        self.register_buffer("proj_t", _init_proj(d_t, proj_dim, seed=2))
+        self.register_buffer("keys_v", torch.zeros(num_slots, proj_dim))
+        self.register_buffer("keys_t", torch.zeros(num_slots, proj_dim))
+        # radius 0 = the slot never fires until the editor (or the user) sets it
+        self.register_buffer("radius_v", torch.zeros(num_slots))
+        self.register_buffer("radius_t", torch.zeros(num_slots))
+        self.register_buffer("needs_image", torch.ones(num_slots))
+
+    @property
+    def num_slots(self) -> int:
+        return int(self.keys_v.shape[0])
+
+    @property
+    def proj_dim(self) -> int:
+        return int(self.proj_v.shape[1])
+
+    def resize(self, num_slots: int) -> None:
+        """Grow (or shrink) the slot dimension, keeping existing slots."""
+        k_old = self.num_slots
+        if num_slots == k_old:
+            return
+        for name, fill in (("keys_v", 0.0), ("keys_t", 0.0), ("radius_v", 0.0), ("radius_t", 0.0), ("needs_image", 1.0)):
+            old = getattr(self, name)
+            shape = (num_slots,) + tuple(old.shape[1:])
+            new = torch.full(shape, fill, dtype=old.dtype, device=old.device)
+            n = min(k_old, num_slots)
+            new[:n] = old[:n]
+            setattr(self, name, new)
+
+    # ------------------------------------------------------------------ decision
+    def project(self, visual: torch.Tensor, textual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        zv = (visual.float() - self.mu_v) @ self.proj_v
+        zt = (textual.float() - self.mu_t) @ self.proj_t
+        return zv, zt
+
+    def scores(self, visual: torch.Tensor, textual: torch.Tensor, has_image: torch.Tensor) -> torch.Tensor:
+        """``(B, K)`` normalised distance (``<= 1`` means inside the slot's scope; ``inf`` = excluded).
+
+        The score of an image slot is ``max(d_v / r_v, d_t / r_t)``: both parts must be in scope. A
+        text-only slot uses the textual part and only accepts text-only inputs; an image slot never
+        accepts a text-only input.
+        """
+        zv, zt = self.project(visual, textual)
+        dv = torch.cdist(zv, self.keys_v) / self.radius_v.clamp_min(1e-12)
+        dt = torch.cdist(zt, self.keys_t) / self.radius_t.clamp_min(1e-12)
+        needs = self.needs_image.bool().unsqueeze(0)
+        img = has_image.to(dv.device).bool().unsqueeze(1)
+        score = torch.where(needs, torch.maximum(dv, dt), dt)
+        compatible = torch.where(needs, img, ~img)
+        live = (self.radius_t > 0) & ((self.radius_v > 0) | ~self.needs_image.bool())
+        ok = compatible & live.unsqueeze(0)
+        return torch.where(ok, score, torch.full_like(score, float("inf")))
+
+    def route(self, visual: torch.Tensor, textual: torch.Tensor, has_image: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` long: the best-scoring slot within scope per row, or :data:`NO_SLOT`."""
+        if self.num_slots == 0:
+            return torch.full((visual.shape[0],), NO_SLOT, dtype=torch.long, device=visual.device)
+        s = self.scores(visual, textual, has_image)
+        best, idx = s.min(dim=1)
+        return torch.where(best <= 1.0, idx, torch.full_like(idx, NO_SLOT))
+
+    # ------------------------------------------------------------------ direct access
+    @torch.no_grad()
+    def set_projection(self, *, mu_v=None, proj_v=None, mu_t=None, proj_t=None) -> None:
+        for name, val in (("mu_v", mu_v), ("proj_v", proj_v), ("mu_t", mu_t), ("proj_t", proj_t)):
+            if val is not None:
+                buf = getattr(self, name)
+                if tuple(val.shape) != tuple(buf.shape):
+                    raise ValueError(f"{name}: expected shape {tuple(buf.shape)}, got {tuple(val.shape)}")
+                buf.copy_(val.to(buf))
+
+    @torch.no_grad()
+    def set_slot(self, slot: int, *, key_v, key_t, radius_v: float, radius_t: float, needs_image: bool = True) -> None:
+        """Write one slot's keys/radii directly (keys are in *projected* space)."""
+        if not 0 <= slot < self.num_slots:
+            raise IndexError(f"slot {slot} out of range (pack has {self.num_slots} slots)")
+        self.keys_v[slot] = torch.as_tensor(key_v).to(self.keys_v)
+        self.keys_t[slot] = torch.as_tensor(key_t).to(self.keys_t)
+        self.radius_v[slot] = float(radius_v)
+        self.radius_t[slot] = float(radius_t)
+        self.needs_image[slot] = 1.0 if needs_image else 0.0
+
+
+def _init_proj(d_in: int, p: int, seed: int) -> torch.Tensor:
+    """Deterministic orthonormal-ish default projection (a fitted pack overwrites it)."""
+    g = torch.Generator().manual_seed(seed)
+    m = torch.randn(d_in, p, generator=g)
+    q, _ = torch.linalg.qr(m)
+    return q[:, :p].contiguous()
+
+
+@dataclass
+class RoutingInputs:
+    """What the root pre-forward hook captured for the current forward call."""
+
+    image_mask: torch.Tensor | None
+    prompt_mask: torch.Tensor | None
+    batch_size: int
+    prefill: bool
+
+
+@dataclass
+class RoutingState:
+    """Shared between the hooks and every LDKE layer of one model.
+
+    ``slots[adapter]`` is the ``(B,)`` decision of the last prefill; decode steps of ``generate`` reuse
+    it (the KV cache carries the prompt, so the decision must not change mid-generation).
+    """
+
+    current: RoutingInputs | None = None
+    slots: dict[str, torch.Tensor] = field(default_factory=dict)
+    hooks: list = field(default_factory=list)
+    #: input ids / prompt mask of the last fresh prompt (to recognise cache-less continuations)
+    prompt_ids: torch.Tensor | None = None
+    prompt_mask: torch.Tensor | None = None
+    hooked_layers: set = field(default_factory=set)
