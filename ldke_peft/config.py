@@ -186,3 +186,36 @@ def _strict_init(self, *args, **kwargs):  # noqa: D401 - thin wrapper
 
 _strict_init.__wrapped__ = _dataclass_init
 LDKEConfig.__init__ = _strict_init
+
+
+def _install_generic_loader_check() -> None:
+    """Validate LDKE packs loaded through ``PeftConfig.from_pretrained`` too.
+
+    transformers' ``model.load_adapter()`` loads the config with the *generic*
+    ``PeftConfig.from_pretrained`` (which builds an ``LDKEConfig`` via ``from_peft_type`` and never
+    calls :meth:`LDKEConfig.from_pretrained`), then injects, then reads the weights. Without this
+    wrapper a corrupt or pickle-carrying pack would be injected before failing. The wrapper only acts
+    when the loaded config is an LDKE config; every other PEFT type passes through untouched.
+    Idempotent (re-imports do not stack wrappers).
+    """
+    current = PeftConfig.__dict__.get("from_pretrained")
+    if getattr(getattr(current, "__func__", None), "_ldke_wrapped", False):
+        return
+    original = PeftConfig.from_pretrained.__func__
+
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        config = original(cls, pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        # LDKEConfig.from_pretrained validates itself (it reaches this wrapper through super()).
+        if getattr(config, "peft_type", None) == LDKEPeftType.LDKE and not getattr(cls, "_validates_on_load", False):
+            from .safety import validate_pack
+
+            validate_pack(pretrained_model_name_or_path, config, subfolder=subfolder, **kwargs)
+        return config
+
+    from_pretrained._ldke_wrapped = True  # type: ignore[attr-defined]
+    from_pretrained.__doc__ = original.__doc__
+    PeftConfig.from_pretrained = classmethod(from_pretrained)
+
+
+LDKEConfig._validates_on_load = True
+_install_generic_loader_check()

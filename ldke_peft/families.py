@@ -7,6 +7,15 @@ model inputs with a mask over exactly the target tokens.
 
 Families are detected from ``model.config.model_type`` only (never from a path or a class name), so a
 model saved under any directory name is handled the same way.
+
+Supported (``model_type``: decoder layers / MLP output projection, transformers 5.x paths):
+
+* ``llava`` (LLaVA): ``model.language_model.layers`` / ``mlp.down_proj``
+* ``llava_onevision`` (LLaVA-OneVision): ``model.language_model.layers`` / ``mlp.down_proj``
+* ``qwen2_vl`` (Qwen2-VL), ``qwen2_5_vl`` (Qwen2.5-VL): ``model.language_model.layers`` / ``mlp.down_proj``
+* ``blip-2`` (BLIP-2 with OPT): ``language_model.model.decoder.layers`` / ``fc2``
+* ``idefics3`` (Idefics3, SmolVLM): ``model.text_model.layers`` / ``mlp.down_proj``
+* ``paligemma`` (PaliGemma): ``model.language_model.layers`` / ``mlp.down_proj``
 """
 
 from __future__ import annotations
@@ -17,13 +26,15 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .errors import UnsupportedModelError
+from .errors import InvalidRequestError, UnsupportedModelError
 
 __all__ = [
     "BuiltInputs",
     "Family",
+    "base_model_of",
     "family_of",
     "get_family",
+    "image_only_processor",
     "register_family",
     "supported_model_types",
 ]
@@ -76,57 +87,92 @@ class BuiltInputs:
 
 class Family:
     """Knowledge about one model family. Subclasses override the class attributes and, where the
-    family needs it, :meth:`_process_row` / :meth:`_collate_extra`.
+    family needs it, :meth:`format_prompt`, :meth:`_process_row` or :meth:`_finalize_batch`.
 
     Class attributes:
         name: human-readable family name.
         model_types: ``config.model_type`` values this family handles.
+        language_model_path: dotted path from the root model to the language model (the module whose
+            decoder layers LDKE edits).
         layers_path: dotted path from the root model to the language model's decoder ``ModuleList``.
         mlp_out: dotted path inside one decoder layer to the MLP output projection (edit target).
+        vision_paths: dotted paths of the vision tower, projector, Q-Former, ...: everything that
+            encodes the image. Edit targets must never lie inside one of these.
         image_token_attr: attribute of ``model.config`` holding the image placeholder token id.
+        sequence_keys: processor outputs aligned with ``input_ids`` (left-padded like it, extended
+            over appended target tokens).
+        pad_values / target_fill_values: value of a sequence key at padding / at appended target
+            positions (``input_ids`` pads with the tokenizer's pad id).
+        row_keys: per-row (not per-image) outputs, with the value a row without an image gets.
+        drop_keys: processor outputs that must not reach ``model(**inputs)`` (e.g. the processor's
+            own ``labels``, which would not cover the appended target).
+        supports_text_only: whether a row may come without an image.
     """
 
     name: str = "base"
     model_types: tuple[str, ...] = ()
+    language_model_path: str = ""
     layers_path: str = ""
     mlp_out: str = "mlp.down_proj"
+    vision_paths: tuple[str, ...] = ()
     image_token_attr: str = "image_token_id"
     #: keys of processor outputs that are per-image (concatenated along dim 0 when collating rows)
     image_keys: tuple[str, ...] = ("pixel_values",)
-    #: keys of processor outputs aligned with ``input_ids`` (padded like it)
     sequence_keys: tuple[str, ...] = ("input_ids", "attention_mask")
+    pad_values: dict[str, int] = {}
+    target_fill_values: dict[str, int] = {"attention_mask": 1}
+    row_keys: dict[str, int] = {}
+    drop_keys: tuple[str, ...] = ("labels",)
+    supports_text_only: bool = True
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(model_types={self.model_types})"
 
     # ------------------------------------------------------------------ structure
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
-        """The language model's decoder layers, in order."""
-        mod = _get_submodule(model, self.layers_path)
+        """The language model's decoder layers, in order (``model`` may be wrapped by PEFT)."""
+        base = base_model_of(model)
+        mod = _get_submodule(base, self.layers_path)
         if not isinstance(mod, nn.ModuleList):
-            raise UnsupportedModelError(f"{self.name}: {self.layers_path} is not a ModuleList in {type(model).__name__}")
+            raise UnsupportedModelError(f"{self.name}: {self.layers_path} is not a ModuleList in {type(base).__name__}")
         return mod
 
     def num_layers(self, model: nn.Module) -> int:
         return len(self.decoder_layers(model))
 
     def layer_name(self, model: nn.Module, idx: int) -> str:
-        """Full module name of decoder layer ``idx`` (relative to the root model)."""
-        return f"{self.layers_path}.{idx}"
+        """Full module name of decoder layer ``idx`` (relative to the unwrapped base model)."""
+        return f"{self.layers_path}.{self._check_index(model, idx)}"
 
     def mlp_out_name(self, model: nn.Module, idx: int) -> str:
-        """Full module name of the MLP output projection of decoder layer ``idx``."""
-        return f"{self.layers_path}.{idx}.{self.mlp_out}"
+        """Full module name of the MLP output projection of decoder layer ``idx``.
+
+        A full path, never a bare suffix: ``fc2`` / ``mlp.down_proj`` also name modules inside the
+        vision towers of BLIP-2, LLaVA, Qwen2.5-VL, ..., so only the full path is unambiguous.
+        """
+        return f"{self.layers_path}.{self._check_index(model, idx)}.{self.mlp_out}"
 
     def mlp_out_names(self, model: nn.Module) -> list[str]:
         return [self.mlp_out_name(model, i) for i in range(self.num_layers(model))]
 
     def mlp_out_module(self, model: nn.Module, idx: int) -> nn.Module:
-        return _get_submodule(model, self.mlp_out_name(model, idx))
+        return _get_submodule(base_model_of(model), self.mlp_out_name(model, idx))
+
+    def language_model(self, model: nn.Module) -> nn.Module:
+        """The language model (decoder stack) inside the MLLM."""
+        return _get_submodule(base_model_of(model), self.language_model_path)
+
+    def vision_modules(self, model: nn.Module) -> list[nn.Module]:
+        """Modules that encode the image (vision tower, projector, Q-Former, ...)."""
+        base = base_model_of(model)
+        return [_get_submodule(base, p) for p in self.vision_paths]
 
     def hidden_size(self, model: nn.Module) -> int:
         cfg = self.text_config(model)
         return int(getattr(cfg, "hidden_size", None) or getattr(cfg, "d_model"))
 
     def text_config(self, model: nn.Module) -> Any:
-        cfg = model.config
+        cfg = base_model_of(model).config
         return getattr(cfg, "text_config", None) or cfg
 
     def max_positions(self, model: nn.Module) -> int | None:
@@ -134,18 +180,41 @@ class Family:
         return getattr(cfg, "max_position_embeddings", None)
 
     def input_embeddings(self, model: nn.Module) -> nn.Module:
-        return model.get_input_embeddings()
+        return base_model_of(model).get_input_embeddings()
+
+    #: dotted path of the norm applied after the last decoder layer (default: ``<language_model>.norm``)
+    final_norm_path: str = ""
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        path = self.final_norm_path or f"{self.language_model_path}.norm"
+        return _get_submodule(base_model_of(model), path)
+
+    def logits_from_hidden(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from the hidden states leaving the last decoder layer (final norm + LM head).
+
+        Lets the editor run only the decoder layers it edits on cached hidden states.
+        """
+        base = base_model_of(model)
+        return base.get_output_embeddings()(self.final_norm(base)(hidden))
+
+    def _check_index(self, model: nn.Module, idx: int) -> int:
+        n = self.num_layers(model)
+        if not -n <= idx < n:
+            raise IndexError(f"{self.name}: decoder layer {idx} out of range; the language model has {n} layers")
+        return idx % n
 
     # ------------------------------------------------------------------ tokens
     def image_token_id(self, model_or_config: Any) -> int | None:
-        cfg = getattr(model_or_config, "config", model_or_config)
+        cfg = getattr(base_model_of(model_or_config), "config", model_or_config)
         tok = getattr(cfg, self.image_token_attr, None)
         if tok is None:
             tok = getattr(cfg, "image_token_index", None)
         return None if tok is None else int(tok)
 
     def image_mask(self, model_or_config: Any, input_ids: torch.Tensor) -> torch.Tensor:
-        """``(B, T)`` bool: which input positions hold image tokens."""
+        """``(B, T)`` bool: which input positions hold image tokens (the positions whose embeddings
+        the model replaces by image features; not the text markers around them such as
+        ``<|vision_start|>`` or ``<fake_token_around_image>``)."""
         tok = self.image_token_id(model_or_config)
         if tok is None or input_ids is None:
             return torch.zeros_like(input_ids, dtype=torch.bool)
@@ -156,7 +225,10 @@ class Family:
         return getattr(processor, "image_token", "<image>")
 
     def format_prompt(self, processor: Any, prompt: str, has_image: bool) -> str:
-        """The prompt as the model expects it at generation time (chat template where there is one)."""
+        """The prompt as the model expects it at generation time (chat template where there is one).
+
+        This is the text handed to the processor, which then expands image placeholders.
+        """
         template = getattr(processor, "chat_template", None)
         if template:
             content: list[dict[str, str]] = []
@@ -166,6 +238,10 @@ class Family:
             return processor.apply_chat_template(
                 [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
             )
+        return self._plain_prompt(processor, prompt, has_image)
+
+    def _plain_prompt(self, processor: Any, prompt: str, has_image: bool) -> str:
+        """Prompt format for processors without a chat template."""
         text = prompt
         if has_image:
             text = f"{self.image_placeholder(processor)}\n{prompt}"
@@ -182,13 +258,30 @@ class Family:
         out = processor(**kwargs)
         return dict(out)
 
+    def _text_before_target(self, processor: Any, formatted_prompt: str) -> str:
+        """The text the target continues (``formatted_prompt`` plus anything the processor appends)."""
+        return formatted_prompt
+
     def target_ids(self, processor: Any, formatted_prompt: str, target: str) -> list[int]:
-        """Token ids of ``target`` as it continues ``formatted_prompt``."""
+        """Token ids of ``target`` as it continues ``formatted_prompt``.
+
+        A target after a non-space character gets one leading space (``"... ASSISTANT:"`` +
+        ``" Paris"``); after a newline none (``"<|im_start|>assistant\\n"`` + ``"Paris"``). The ids
+        are those of the joint text ``prompt + target`` past the prompt's own ids, so SentencePiece
+        tokenizers (which mark word starts) tokenize the target as they would in running text;
+        where the prompt's ids are not a prefix of the joint ids, the target is tokenized alone.
+        """
         tok = self.tokenizer(processor)
+        before = self._text_before_target(processor, formatted_prompt)
         text = target.strip()
-        if not formatted_prompt[-1:].isspace():
+        if before and not before[-1].isspace():
             text = " " + text
-        return list(tok(text, add_special_tokens=False)["input_ids"])
+        alone = list(tok(text, add_special_tokens=False)["input_ids"])
+        prefix = list(tok(before, add_special_tokens=False)["input_ids"])
+        joint = list(tok(before + text, add_special_tokens=False)["input_ids"])
+        if len(joint) > len(prefix) and joint[: len(prefix)] == prefix:
+            return joint[len(prefix) :]
+        return alone
 
     def build_inputs(
         self,
@@ -199,35 +292,54 @@ class Family:
     ) -> BuiltInputs:
         """Turn a batch of ``(image, prompt[, target])`` into model inputs and masks.
 
-        ``images[i]`` may be ``None`` for a text-only row. Rows are left-padded (generation friendly).
-        With ``targets``, the target tokens are appended to each prompt and ``target_mask`` covers
-        exactly them.
+        ``images[i]`` may be ``None`` for a text-only row (mixed batches work for every family whose
+        :attr:`supports_text_only` is true). Rows are left-padded (generation friendly). With
+        ``targets``, the target tokens are appended to each prompt and ``target_mask`` covers
+        exactly them; every other sequence-aligned input is extended over them with the family's
+        fill value (e.g. PaliGemma's ``token_type_ids`` = 1, the causal suffix).
         """
         from .requests import load_image
 
+        if isinstance(prompts, str):
+            raise InvalidRequestError("prompts must be a sequence of strings, got a single string", field="prompt")
         prompts = list(prompts)
         n = len(prompts)
-        if images is None:
-            images = [None] * n
-        images = list(images)
-        if len(images) != n or (targets is not None and len(targets) != n):
-            raise ValueError("images, prompts and targets must have the same length")
+        if n == 0:
+            raise InvalidRequestError("build_inputs needs at least one prompt", field="prompt")
+        images = [None] * n if images is None else list(images)
+        if len(images) != n:
+            raise InvalidRequestError(f"got {len(images)} images for {n} prompts", field="image")
+        if targets is not None:
+            if isinstance(targets, str):
+                raise InvalidRequestError("targets must be a sequence of strings, got a single string", field="target")
+            targets = list(targets)
+            if len(targets) != n:
+                raise InvalidRequestError(f"got {len(targets)} targets for {n} prompts", field="target")
         rows = []
         for i in range(n):
+            if not isinstance(prompts[i], str) or not prompts[i].strip():
+                raise InvalidRequestError(f"prompts[{i}] must be a non-empty string, got {prompts[i]!r}", field="prompt")
             img = None if images[i] is None else load_image(images[i], field=f"images[{i}]")
+            if img is None and not self.supports_text_only:
+                raise InvalidRequestError(
+                    f"{self.name} (model_type {', '.join(self.model_types)}) cannot run text-only rows; "
+                    f"images[{i}] is None",
+                    field="image",
+                )
             text = self.format_prompt(processor, prompts[i], img is not None)
-            row = self._process_row(processor, text, img)
-            ids = row["input_ids"][0]
-            n_prompt = int(ids.shape[0])
+            row = {k: v for k, v in self._process_row(processor, text, img).items() if k not in self.drop_keys}
+            n_prompt = int(row["input_ids"].shape[-1])
             if targets is not None:
+                if not isinstance(targets[i], str) or not targets[i].strip():
+                    raise InvalidRequestError(f"targets[{i}] must be a non-empty string, got {targets[i]!r}", field="target")
                 t_ids = self.target_ids(processor, text, targets[i])
                 if not t_ids:
-                    from .errors import InvalidRequestError
-
                     raise InvalidRequestError(f"target {targets[i]!r} tokenizes to nothing", field="target")
                 row = self._append_tokens(row, t_ids)
             rows.append((row, n_prompt))
-        return self._collate(processor, rows, with_targets=targets is not None)
+        built = self._collate(processor, rows, with_targets=targets is not None)
+        self._finalize_batch(processor, built.inputs)
+        return built
 
     def _append_tokens(self, row: dict[str, torch.Tensor], t_ids: list[int]) -> dict[str, torch.Tensor]:
         t = torch.tensor([t_ids], dtype=row["input_ids"].dtype)
@@ -245,37 +357,41 @@ class Family:
 
     def _target_fill_value(self, key: str) -> int:
         """Value of a sequence-aligned input at appended target positions."""
-        if key == "attention_mask":
-            return 1
-        return 0
+        return int(self.target_fill_values.get(key, 0))
 
     def _pad_value(self, processor: Any, key: str) -> int:
         if key == "input_ids":
             tok = self.tokenizer(processor)
             pad = tok.pad_token_id
             return int(pad if pad is not None else (tok.eos_token_id or 0))
-        return 0
+        return int(self.pad_values.get(key, 0))
 
     def _collate(self, processor: Any, rows: list[tuple[dict[str, torch.Tensor], int]], with_targets: bool) -> BuiltInputs:
         lengths = [int(r["input_ids"].shape[-1]) for r, _ in rows]
         T = max(lengths)
         batch: dict[str, Any] = {}
-        keys = set().union(*(r.keys() for r, _ in rows))
-        for key in sorted(keys):
+        keys = list(dict.fromkeys(k for r, _ in rows for k in r))
+        for key in keys:
             vals = [r.get(key) for r, _ in rows]
             if key in self.sequence_keys:
                 padded = []
                 for v, L in zip(vals, lengths):
+                    if v is None:  # a row whose processor output lacks this key: all "text"/default
+                        v = torch.zeros(1, L, dtype=next(x for x in vals if x is not None).dtype)
                     pad = T - L
                     if pad:
                         fill = self._pad_value(processor, key)
                         v = torch.cat([torch.full(v.shape[:-1] + (pad,), fill, dtype=v.dtype), v], dim=-1)
                     padded.append(v)
                 batch[key] = torch.cat(padded, dim=0)
+            elif key in self.row_keys:
+                ref = next(v for v in vals if v is not None)
+                filled = [v if v is not None else torch.full_like(ref[:1], self.row_keys[key]) for v in vals]
+                batch[key] = torch.cat(filled, dim=0)
             else:
-                present = [v for v in vals if v is not None]
-                if present and isinstance(present[0], torch.Tensor):
-                    batch[key] = torch.cat(present, dim=0)
+                present = [v for v in vals if isinstance(v, torch.Tensor)]
+                if present:
+                    batch[key] = _cat_zero_padded(present)
         prompt_mask = torch.zeros(len(rows), T, dtype=torch.bool)
         target_mask = torch.zeros(len(rows), T, dtype=torch.bool) if with_targets else None
         for i, ((_, n_prompt), L) in enumerate(zip(rows, lengths)):
@@ -287,6 +403,31 @@ class Family:
             batch["attention_mask"] = (prompt_mask | (target_mask if target_mask is not None else prompt_mask)).long()
         return BuiltInputs(inputs=batch, prompt_mask=prompt_mask, target_mask=target_mask)
 
+    def _finalize_batch(self, processor: Any, inputs: dict[str, Any]) -> None:
+        """Last family-specific touch on the collated inputs (in place)."""
+
+
+def _cat_zero_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate along dim 0, zero-padding every other dim at its end to the largest size.
+
+    This is how the processors themselves batch variable-size image inputs: LLaVA-OneVision pads
+    the patch dim of ``pixel_values``; Idefics3 pads the image count and the pixel dims (with a
+    zero ``pixel_attention_mask``); the models drop all-zero padding images / patches.
+    """
+    if len(tensors) == 1:
+        return tensors[0]
+    shapes = [t.shape for t in tensors]
+    if any(len(s) != len(shapes[0]) for s in shapes):
+        raise ValueError(f"cannot collate tensors of ranks {[len(s) for s in shapes]}")
+    target = [max(s[d] for s in shapes) for d in range(1, len(shapes[0]))]
+    out = []
+    for t in tensors:
+        pad: list[int] = []
+        for d in reversed(range(1, t.dim())):
+            pad += [0, target[d - 1] - t.shape[d]]
+        out.append(torch.nn.functional.pad(t, pad) if any(pad) else t)
+    return torch.cat(out, dim=0)
+
 
 # ---------------------------------------------------------------------- families
 
@@ -296,8 +437,130 @@ class LlavaFamily(Family):
 
     name = "LLaVA"
     model_types = ("llava",)
+    language_model_path = "model.language_model"
     layers_path = "model.language_model.layers"
     mlp_out = "mlp.down_proj"
+    vision_paths = ("model.vision_tower", "model.multi_modal_projector")
+
+
+class LlavaOnevisionFamily(Family):
+    """LLaVA-OneVision: SigLIP tower + AnyRes patches, Qwen2 language model.
+
+    ``pixel_values`` is ``(images, patches, 3, H, W)`` with a per-image patch count (from
+    ``image_sizes``), so rows are zero-padded along the patch dim like the processor does.
+    ``batch_num_images`` counts images per *row* (0 for a text-only row).
+    """
+
+    name = "LLaVA-OneVision"
+    model_types = ("llava_onevision",)
+    language_model_path = "model.language_model"
+    layers_path = "model.language_model.layers"
+    vision_paths = ("model.vision_tower", "model.multi_modal_projector")
+    row_keys = {"batch_num_images": 0}
+
+
+class Qwen2VLFamily(Family):
+    """Qwen2-VL: native-resolution ViT (``model.visual``) + Qwen2 LM with multimodal RoPE.
+
+    The processor expands ``<|image_pad|>`` to ``grid_t*grid_h*grid_w / merge_size**2`` tokens and
+    returns ``mm_token_type_ids`` (1 on image tokens), which the model needs, with
+    ``image_grid_thw``, to compute M-RoPE positions; it is 0 on padding and on target tokens.
+    ``pixel_values`` is a flat ``(patches, C*T*P*P)`` per image, concatenated over images.
+    """
+
+    name = "Qwen2-VL"
+    model_types = ("qwen2_vl",)
+    language_model_path = "model.language_model"
+    layers_path = "model.language_model.layers"
+    vision_paths = ("model.visual",)
+    sequence_keys = ("input_ids", "attention_mask", "mm_token_type_ids")
+
+
+class Qwen2_5_VLFamily(Qwen2VLFamily):
+    """Qwen2.5-VL: as Qwen2-VL; its vision blocks also have ``mlp.down_proj`` (full paths matter)."""
+
+    name = "Qwen2.5-VL"
+    model_types = ("qwen2_5_vl",)
+
+
+class Blip2Family(Family):
+    """BLIP-2 with a decoder-only LM (OPT): ViT + Q-Former, ``num_query_tokens`` image tokens.
+
+    The OPT decoder's MLP output is ``fc2`` -- and so is the ViT's, hence full paths. There is no
+    chat template; prompts follow BLIP-2's VQA format ``"Question: {prompt} Answer:"``, and the
+    processor prepends the image tokens. ``Blip2ForConditionalGeneration`` always encodes
+    ``pixel_values``, but it only writes the Q-Former output into ``<image>`` positions; so a batch
+    with no image at all gets one placeholder (black) image that no token receives, which leaves
+    text-only rows exactly the plain OPT forward.
+    """
+
+    name = "BLIP-2"
+    model_types = ("blip-2",)
+    language_model_path = "language_model"
+    layers_path = "language_model.model.decoder.layers"
+    final_norm_path = "language_model.model.decoder.final_layer_norm"
+    mlp_out = "fc2"
+    vision_paths = ("vision_model", "qformer", "language_projection")
+
+    def _plain_prompt(self, processor: Any, prompt: str, has_image: bool) -> str:
+        return f"Question: {prompt} Answer:"
+
+    def _finalize_batch(self, processor: Any, inputs: dict[str, Any]) -> None:
+        if "pixel_values" not in inputs:
+            from PIL import Image
+
+            size = _image_size(processor.image_processor)
+            pv = processor.image_processor(images=[Image.new("RGB", size)], return_tensors="pt")["pixel_values"]
+            inputs["pixel_values"] = pv
+
+
+class Idefics3Family(Family):
+    """Idefics3 / SmolVLM (model_type ``idefics3``): SigLIP tower + pixel-shuffle connector, Llama LM.
+
+    Each image becomes ``<fake_token_around_image><global-img>`` + ``image_seq_len`` ``<image>``
+    tokens + ``<fake_token_around_image>`` (more with image splitting); only the ``<image>`` tokens
+    are image positions. ``pixel_values`` is ``(rows, images, 3, H, W)``; rows are zero-padded in
+    the image/pixel dims (the model drops all-zero padding images).
+    """
+
+    name = "Idefics3"
+    model_types = ("idefics3",)
+    language_model_path = "model.text_model"
+    layers_path = "model.text_model.layers"
+    vision_paths = ("model.vision_model", "model.connector")
+
+
+class PaliGemmaFamily(Family):
+    """PaliGemma: SigLIP tower + linear projector, Gemma LM with a bidirectional prefix.
+
+    The prompt is ``<image>*N <bos> prompt \\n`` (the processor adds ``<bos>`` and ``\\n``); the
+    answer ("suffix") follows. ``token_type_ids`` is 0 on the prefix (attended bidirectionally)
+    and 1 on the suffix, so appended target tokens get 1. There is no chat template. The
+    processor refuses rows without an image, so a text-only row is tokenized as the processor
+    would without the image tokens: ``<bos> prompt \\n``, ``token_type_ids`` 0.
+    """
+
+    name = "PaliGemma"
+    model_types = ("paligemma",)
+    language_model_path = "model.language_model"
+    layers_path = "model.language_model.layers"
+    vision_paths = ("model.vision_tower", "model.multi_modal_projector")
+    sequence_keys = ("input_ids", "attention_mask", "token_type_ids")
+    target_fill_values = {"attention_mask": 1}
+
+    def _plain_prompt(self, processor: Any, prompt: str, has_image: bool) -> str:
+        return f"{self.image_placeholder(processor)}{prompt}" if has_image else prompt
+
+    def _text_before_target(self, processor: Any, formatted_prompt: str) -> str:
+        return formatted_prompt + "\n"
+
+    def _process_row(self, processor: Any, text: str, image: Any | None) -> dict[str, torch.Tensor]:
+        if image is not None:
+            return super()._process_row(processor, text, image)
+        tok = self.tokenizer(processor)
+        enc = tok([f"{tok.bos_token}{text}\n"], add_special_tokens=False, return_tensors="pt")
+        ids = enc["input_ids"]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
 
 
 # ---------------------------------------------------------------------- registry
@@ -312,7 +575,15 @@ def register_family(family: Family) -> Family:
     return family
 
 
-for _fam in (LlavaFamily(),):
+for _fam in (
+    LlavaFamily(),
+    LlavaOnevisionFamily(),
+    Qwen2VLFamily(),
+    Qwen2_5_VLFamily(),
+    Blip2Family(),
+    Idefics3Family(),
+    PaliGemmaFamily(),
+):
     register_family(_fam)
 
 
@@ -331,18 +602,29 @@ def get_family(model_type: str) -> Family:
     return fam
 
 
+def base_model_of(model: Any) -> Any:
+    """The transformers model inside a ``PeftModel`` / LDKE / other PEFT tuner wrapper (or ``model``).
+
+    Only PEFT wrappers are unwrapped: a transformers model's own ``base_model`` property (e.g.
+    ``LlavaForConditionalGeneration.base_model`` -> ``LlavaModel``) must not be followed.
+    """
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTuner
+
+    base = model
+    for _ in range(4):
+        if isinstance(base, PeftModel):
+            base = base.base_model
+        elif isinstance(base, BaseTuner):
+            base = base.model
+        else:
+            break
+    return base
+
+
 def family_of(model: Any) -> Family:
     """The family of a model (or a PeftModel wrapping one), detected from ``config.model_type``."""
-    base = model
-    # unwrap PeftModel / LDKEModel without importing peft here
-    for _ in range(3):
-        inner = getattr(base, "base_model", None)
-        if inner is None or inner is base:
-            break
-        if hasattr(inner, "model") and hasattr(inner.model, "config"):
-            base = inner.model
-        else:
-            base = inner
+    base = base_model_of(model)
     cfg = getattr(base, "config", None)
     model_type = getattr(cfg, "model_type", None)
     if model_type is None:
@@ -360,6 +642,15 @@ def _get_submodule(model: nn.Module, path: str) -> nn.Module:
         ) from None
 
 
+def _image_size(image_processor: Any) -> tuple[int, int]:
+    """``(width, height)`` of the images an image processor produces (for placeholder images)."""
+    size = getattr(image_processor, "size", None) or {}
+    size = dict(size) if not isinstance(size, dict) else size
+    h = size.get("height") or size.get("shortest_edge") or size.get("longest_edge") or 224
+    w = size.get("width") or h
+    return int(w), int(h)
+
+
 # ---------------------------------------------------------------------- processors
 
 _IMAGE_ONLY_CLASSES: dict[type, type] = {}
@@ -370,13 +661,13 @@ def image_only_processor(processor_cls: type, **components: Any) -> Any:
 
     Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision processors declare a ``video_processor`` whose every
     implementation needs torchvision, and ``ProcessorMixin`` refuses ``video_processor=None`` (its
-    type check itself imports the video-processor registry). Image editing never touches video, so
-    we subclass the processor with an ``__init__`` whose signature lacks ``video_processor``:
-    ``ProcessorMixin`` derives a processor's sub-components from that signature, so the subclass
-    holds only an image processor and a tokenizer. Everything else -- placeholder expansion,
-    ``mm_token_type_ids``, chat templates -- is the real class's code, unchanged. The subclass keeps
-    the original class name, so a processor saved from it loads as the full processor wherever
-    torchvision is installed.
+    type check itself imports the video-processor registry, which needs torchvision). Image
+    editing never touches video, so we subclass the processor with an ``__init__`` whose signature
+    lacks ``video_processor``: ``ProcessorMixin`` derives a processor's sub-components from that
+    signature, so the subclass holds only an image processor and a tokenizer. Everything else --
+    placeholder expansion, ``mm_token_type_ids``, chat templates -- is the real class's code,
+    unchanged. The subclass keeps the original class name, so a processor saved from it loads as
+    the full processor wherever torchvision is installed.
     """
     sub = _IMAGE_ONLY_CLASSES.get(processor_cls)
     if sub is None:
@@ -384,6 +675,10 @@ def image_only_processor(processor_cls: type, **components: Any) -> Any:
         def __init__(self, image_processor=None, tokenizer=None, **kwargs):
             processor_cls.__init__(self, image_processor=image_processor, tokenizer=tokenizer, video_processor=None, **kwargs)
 
-        sub = type(processor_cls.__name__, (processor_cls,), {"__init__": __init__, "__module__": processor_cls.__module__})
+        sub = type(
+            processor_cls.__name__,
+            (processor_cls,),
+            {"__init__": __init__, "__module__": processor_cls.__module__, "__doc__": image_only_processor.__doc__},
+        )
         _IMAGE_ONLY_CLASSES[processor_cls] = sub
     return sub(**components)

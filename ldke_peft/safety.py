@@ -1,10 +1,336 @@
-"""Validation of an LDKE pack's files before loading (owned by the reliability work; see SECURITY.md)."""
+"""Validation of an LDKE pack's files before anything is loaded into a model.
+
+PEFT loads a config, injects adapter layers into the base model, and only then reads the weights
+file. A pack whose weights are corrupt, truncated, poisoned with NaNs or shaped for another config
+would therefore fail (or worse, half-load) *after* the base model was modified. :func:`validate_pack`
+runs at config-load time (from :meth:`ldke_peft.LDKEConfig.from_pretrained`, which every loading route
+goes through) and checks the files alone, without a model:
+
+* no pickle-format weight files in the pack folder (``*.bin``, ``*.pt``, ...): they can run code
+  when unpickled, and PEFT would fall back to one of them if the safetensors file were missing;
+* ``adapter_model.safetensors`` exists and its header parses;
+* the tensor names and shapes are exactly those the config implies (per edited layer ``ldke_A``,
+  ``ldke_B``, ``ldke_slot_ids`` for the slots hosted there; the router buffers on the probe layer),
+  with internally consistent feature sizes and slot ids;
+* every floating tensor is finite.
+
+Cost is one pass over the file (each tensor is read once, one at a time). Whether the pack fits the
+*model* (hidden size, weights) is checked at injection by :mod:`ldke_peft.fingerprint`.
+"""
 
 from __future__ import annotations
 
+import inspect
+import logging
+import os
+import re
+from dataclasses import dataclass
 from typing import Any
+
+import torch
+
+from .errors import AdapterLoadError, CorruptAdapterError, UnsafeAdapterError
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+#: Suffixes of files that are (or may be) pickle archives. Never opened, only refused.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+_PEFT_PREFIX = "base_model.model."
+_DELTA_TENSORS = ("ldke_A", "ldke_B", "ldke_slot_ids")
+_ROUTER_PREFIX = "ldke_router."
 
 
 def validate_pack(path_or_repo: str, config: Any, subfolder: str | None = None, **hub_kwargs: Any) -> None:
-    """Raise an :class:`~ldke_peft.errors.AdapterLoadError` subclass if the pack cannot be loaded safely."""
-    return None
+    """Raise an :class:`~ldke_peft.errors.AdapterLoadError` subclass if the pack cannot be loaded safely.
+
+    Args:
+        path_or_repo: local pack folder or Hub repo id (as given to ``PeftModel.from_pretrained``).
+        config: the pack's :class:`~ldke_peft.LDKEConfig`, already parsed.
+        subfolder: folder inside ``path_or_repo`` holding the pack.
+        hub_kwargs: ``revision``, ``cache_dir``, ``token``, ``local_files_only``, ... forwarded to
+            ``huggingface_hub.hf_hub_download`` for repo ids (``HF_HUB_OFFLINE`` is honoured).
+
+    Raises:
+        UnsafeAdapterError: the pack folder contains pickle-format files.
+        CorruptAdapterError: the weights file is missing, unreadable, has missing/extra/misshaped
+            tensors, slot ids that disagree with the config, or non-finite values.
+    """
+    weights_path = _resolve_weights(str(path_or_repo), subfolder, hub_kwargs)
+    _check_tensors(weights_path, config)
+
+
+# ---------------------------------------------------------------------- file resolution
+
+
+def _refuse_pickles(names: list[str], where: str) -> None:
+    bad = sorted(n for n in names if os.path.basename(n).lower().endswith(PICKLE_SUFFIXES))
+    if bad:
+        raise UnsafeAdapterError(
+            f"LDKE pack at {where} contains pickle-format file(s) {bad}; pickle can execute arbitrary code when "
+            f"loaded, so ldke-peft refuses the whole pack. Packs are saved as {WEIGHTS_NAME} only: remove these "
+            "files (or get the pack from a trusted source)."
+        )
+
+
+def _resolve_weights(path_or_repo: str, subfolder: str | None, hub_kwargs: dict[str, Any]) -> str:
+    """Path of the pack's safetensors file, after refusing pickle files next to it."""
+    local = os.path.join(path_or_repo, subfolder) if subfolder else path_or_repo
+    if os.path.isdir(local):
+        _refuse_pickles([e.name for e in os.scandir(local) if e.is_file() or e.is_symlink()], repr(local))
+        weights = os.path.join(local, WEIGHTS_NAME)
+        if not os.path.isfile(weights):
+            raise CorruptAdapterError(f"LDKE pack at {local!r} has no {WEIGHTS_NAME}")
+        return weights
+    return _resolve_from_hub(path_or_repo, subfolder, hub_kwargs)
+
+
+def _resolve_from_hub(repo_id: str, subfolder: str | None, hub_kwargs: dict[str, Any]) -> str:
+    import huggingface_hub
+    from huggingface_hub import errors as hub_errors
+
+    accepted = set(inspect.signature(huggingface_hub.hf_hub_download).parameters)
+    kwargs = {k: v for k, v in hub_kwargs.items() if k in accepted and k not in ("repo_id", "filename", "subfolder")}
+    where = f"Hub repo {repo_id!r}" + (f" (subfolder {subfolder!r})" if subfolder else "")
+    offline = huggingface_hub.constants.HF_HUB_OFFLINE or bool(kwargs.get("local_files_only"))
+    if not offline:
+        # Refuse before downloading anything when the repo listing shows pickle files.
+        try:
+            files = huggingface_hub.list_repo_files(
+                repo_id, revision=kwargs.get("revision"), repo_type=kwargs.get("repo_type"), token=kwargs.get("token")
+            )
+        except Exception as exc:  # noqa: BLE001 - listing is best effort; the cache check below still runs
+            logger.debug("could not list files of %s: %s", repo_id, exc)
+        else:
+            prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+            _refuse_pickles([f for f in files if f.startswith(prefix) and "/" not in f[len(prefix) :]], where)
+    try:
+        weights = huggingface_hub.hf_hub_download(repo_id, WEIGHTS_NAME, subfolder=subfolder, **kwargs)
+    except hub_errors.EntryNotFoundError as exc:
+        raise CorruptAdapterError(f"LDKE pack in {where} has no {WEIGHTS_NAME}") from exc
+    except Exception as exc:  # noqa: BLE001 - network, auth, offline cache miss: one clear error type
+        raise AdapterLoadError(f"cannot fetch {WEIGHTS_NAME} of the LDKE pack in {where}: {exc}") from exc
+    folder = os.path.dirname(str(weights))
+    _refuse_pickles(os.listdir(folder), where)
+    return str(weights)
+
+
+# ---------------------------------------------------------------------- tensor checks
+
+
+@dataclass(frozen=True)
+class _Entry:
+    key: str
+    layer: int
+    tensor: str  # "ldke_A", "ldke_B", "ldke_slot_ids" or "ldke_router.<buffer>"
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def _open(path: str) -> Any:
+    from safetensors import safe_open
+
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as exc:  # noqa: BLE001 - SafetensorError and OS errors alike mean "unreadable"
+        raise CorruptAdapterError(f"{path!r} is not a readable safetensors file (truncated or corrupt?): {exc}") from exc
+
+
+def _read_header(handle: Any, path: str) -> list[tuple[str, tuple[int, ...], str]]:
+    try:
+        items = []
+        for key in handle.keys():
+            sl = handle.get_slice(key)
+            items.append((key, tuple(int(s) for s in sl.get_shape()), str(sl.get_dtype())))
+    except Exception as exc:  # noqa: BLE001
+        raise CorruptAdapterError(f"{path!r} has an unreadable safetensors header: {exc}") from exc
+    return items
+
+
+def _layer_regex(config: Any) -> re.Pattern:
+    pattern = getattr(config, "layers_pattern", None)
+    if isinstance(pattern, list):
+        pattern = pattern[0] if len(pattern) == 1 else None
+    if not pattern:
+        raise CorruptAdapterError(
+            "adapter_config.json has no layers_pattern; it was not written by ldke-peft's save_pretrained"
+        )
+    return re.compile(r"(?:^|\.)" + re.escape(pattern) + r"\.(\d+)\.")
+
+
+def _parse_key(key: str, layer_re: re.Pattern, targets: set[str] | None) -> tuple[int, str]:
+    name = key[len(_PEFT_PREFIX) :] if key.startswith(_PEFT_PREFIX) else key
+    for suffix in _DELTA_TENSORS:
+        if name.endswith("." + suffix):
+            module, tensor = name[: -len(suffix) - 1], suffix
+            break
+    else:
+        idx = name.find("." + _ROUTER_PREFIX)
+        if idx < 0:
+            raise CorruptAdapterError(f"unexpected tensor {key!r} in the LDKE pack (not an LDKE adapter tensor)")
+        module, tensor = name[:idx], name[idx + 1 :]
+        if tensor[len(_ROUTER_PREFIX) :] not in _router_buffers():
+            raise CorruptAdapterError(f"unexpected router tensor {key!r} in the LDKE pack")
+    m = layer_re.search(module + ".")
+    if m is None:
+        raise CorruptAdapterError(f"tensor {key!r} is not under the pack's decoder layers")
+    if targets is not None and module not in targets:
+        raise CorruptAdapterError(f"tensor {key!r} belongs to module {module!r}, which is not a target of the pack")
+    return int(m.group(1)), tensor
+
+
+def _router_buffers() -> tuple[str, ...]:
+    from .routing import RouterState
+
+    return RouterState.BUFFERS
+
+
+def _check_tensors(path: str, config: Any) -> None:
+    with _open(path) as handle:
+        _check_open_file(handle, path, config)
+
+
+def _check_open_file(handle: Any, path: str, config: Any) -> None:
+    items = _read_header(handle, path)
+    layer_re = _layer_regex(config)
+    targets = set(config.target_modules) if isinstance(config.target_modules, (list, tuple, set)) else None
+
+    entries: dict[tuple[int, str], _Entry] = {}
+    modules_per_layer: dict[int, set[str]] = {}
+    for key, shape, dtype in items:
+        layer, tensor = _parse_key(key, layer_re, targets)
+        if (layer, tensor) in entries:
+            raise CorruptAdapterError(f"tensor {tensor} of decoder layer {layer} appears twice ({key!r})")
+        entries[(layer, tensor)] = _Entry(key, layer, tensor, shape, dtype)
+        modules_per_layer.setdefault(layer, set()).add(key.rsplit("." + tensor, 1)[0])
+    for layer, mods in modules_per_layer.items():
+        if len(mods) > 1:
+            raise CorruptAdapterError(f"decoder layer {layer} has LDKE tensors on several modules: {sorted(mods)}")
+
+    expected = _expected_layout(config)
+    missing = sorted(set(expected) - set(entries))
+    if missing:
+        layer, tensor = missing[0]
+        raise CorruptAdapterError(
+            f"LDKE pack {path!r} is missing tensor {tensor} of decoder layer {layer} "
+            f"({len(missing)} missing in all; the config's slot_layers/probe_layer expect it)"
+        )
+    extra = sorted(set(entries) - set(expected))
+    if extra:
+        e = entries[extra[0]]
+        raise CorruptAdapterError(
+            f"LDKE pack {path!r} has tensor {e.key!r} with shape {list(e.shape)}, which its config does not "
+            f"account for (slot_layers={config.slot_layers}, probe_layer={config.probe_layer})"
+        )
+    _check_shapes(entries, expected, config)
+    _check_slot_ids_and_values(handle, entries, config, path)
+
+
+def _expected_layout(config: Any) -> dict[tuple[int, str], tuple[int | None, ...]]:
+    """``{(layer, tensor): shape}`` with ``None`` for sizes the config does not know (in/out features)."""
+    if config.probe_layer is None:
+        raise CorruptAdapterError("adapter_config.json has no probe_layer; a saved LDKE pack always records it")
+    r, K, p = int(config.rank), int(config.num_slots), int(config.router_dim)
+    layout: dict[tuple[int, str], tuple[int | None, ...]] = {}
+    for layer in config.edit_layers():
+        k_l = sum(1 for layers in config.slot_layers if layer in layers)
+        layout[(layer, "ldke_A")] = (k_l, None, r)
+        layout[(layer, "ldke_B")] = (k_l, r, None)
+        layout[(layer, "ldke_slot_ids")] = (k_l,)
+    P = config.probe_layer
+    router_shapes = {
+        "mu_v": ("d",), "proj_v": ("d", p), "mu_t": ("2d",), "proj_t": ("2d", p),
+        "keys_v": (K, p), "keys_t": (K, p), "radius_v": (K,), "radius_t": (K,), "needs_image": (K,),
+    }
+    for buf in _router_buffers():
+        layout[(P, _ROUTER_PREFIX + buf)] = router_shapes[buf]  # type: ignore[assignment]
+    return layout
+
+
+def _check_shapes(entries: dict[tuple[int, str], _Entry], expected: dict, config: Any) -> None:
+    sizes: dict[str, tuple[int, str]] = {}  # symbolic size -> (value, tensor key that set it)
+
+    def bind(sym: str, value: int, e: _Entry) -> None:
+        if sym in sizes and sizes[sym][0] != value:
+            other_val, other_key = sizes[sym]
+            raise CorruptAdapterError(
+                f"tensor {e.key!r} has shape {list(e.shape)}, inconsistent with {other_key!r} "
+                f"({_SYMBOL_DOC[sym]}: {value} vs {other_val})"
+            )
+        sizes.setdefault(sym, (value, e.key))
+
+    for (layer, tensor), want in expected.items():
+        e = entries[(layer, tensor)]
+        if len(e.shape) != len(want):
+            raise CorruptAdapterError(
+                f"tensor {e.key!r} has shape {list(e.shape)}; expected {_fmt(want)} for this config"
+            )
+        for dim, (got, w) in enumerate(zip(e.shape, want)):
+            if w is None:
+                sym = {"ldke_A": "in", "ldke_B": "d"}[tensor]
+                bind(sym, got, e)
+            elif isinstance(w, str):
+                bind("d", got if w == "d" else got // 2, e)
+                if w == "2d" and got % 2:
+                    raise CorruptAdapterError(f"tensor {e.key!r} has shape {list(e.shape)}; expected an even size")
+            elif got != w:
+                raise CorruptAdapterError(
+                    f"tensor {e.key!r} has shape {list(e.shape)}; the config expects {_fmt(want)} "
+                    f"({_dim_doc(tensor, dim)}; rank={config.rank}, num_slots={config.num_slots}, "
+                    f"router_dim={config.router_dim})"
+                )
+        if tensor == "ldke_slot_ids":
+            if not e.dtype.upper().startswith(("I", "U")):
+                raise CorruptAdapterError(f"tensor {e.key!r} has dtype {e.dtype}; slot ids must be integers")
+        elif not e.dtype.upper().startswith(("F", "BF")):
+            raise CorruptAdapterError(f"tensor {e.key!r} has dtype {e.dtype}; expected a floating dtype")
+    hidden = (config.base_model_fingerprint or {}).get("hidden_size")
+    if hidden is not None and "d" in sizes and sizes["d"][0] != int(hidden):
+        raise CorruptAdapterError(
+            f"tensor {sizes['d'][1]!r} implies hidden size {sizes['d'][0]}, but the pack's base_model_fingerprint "
+            f"says {hidden}"
+        )
+    n_layers = (config.base_model_fingerprint or {}).get("num_layers")
+    if n_layers is not None:
+        used = sorted({layer for layer, _ in entries})
+        if used and used[-1] >= int(n_layers):
+            raise CorruptAdapterError(
+                f"LDKE pack has tensors for decoder layer {used[-1]}, but its base model has {n_layers} layers"
+            )
+
+
+_SYMBOL_DOC = {"in": "input features of the edited MLP projections", "d": "hidden size"}
+
+
+def _dim_doc(tensor: str, dim: int) -> str:
+    if tensor in ("ldke_A", "ldke_B", "ldke_slot_ids") and dim == 0:
+        return "dim 0 = number of slots hosted by this layer"
+    if tensor in ("ldke_A", "ldke_B"):
+        return "rank dimension"
+    return "router slot/projection dimension"
+
+
+def _fmt(shape: tuple) -> str:
+    return "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+
+
+def _check_slot_ids_and_values(handle: Any, entries: dict[tuple[int, str], _Entry], config: Any, path: str) -> None:
+    for (layer, tensor), e in sorted(entries.items()):
+        try:
+            t = handle.get_tensor(e.key)
+        except Exception as exc:  # noqa: BLE001
+            raise CorruptAdapterError(f"cannot read tensor {e.key!r} from {path!r}: {exc}") from exc
+        if tensor == "ldke_slot_ids":
+            want = [k for k, layers in enumerate(config.slot_layers) if layer in layers]
+            got = [int(v) for v in t.tolist()]
+            if got != want:
+                raise CorruptAdapterError(
+                    f"tensor {e.key!r} says decoder layer {layer} hosts slots {got}, but the config's slot_layers "
+                    f"say {want}"
+                )
+        elif t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            n_bad = int((~torch.isfinite(t)).sum())
+            raise CorruptAdapterError(
+                f"tensor {e.key!r} in {path!r} has {n_bad} non-finite value(s) (NaN/Inf); refusing the pack"
+            )

@@ -1,0 +1,561 @@
+"""The LDKE edit loop: localize -> build positives/negatives -> fit the delta -> fit the router.
+
+``edit(model, processor, requests)`` returns a ``PeftModel`` carrying an LDKE adapter (an *edit
+pack*); passing ``pack=`` appends slots to an existing pack (sequential editing). The base weights are
+never modified: every change lives in the adapter, and inputs the router sends to no slot run the
+original weights bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+from torch import nn
+from tqdm.auto import tqdm
+
+from .augment import dedupe, generic_question_bank, image_views, templated_rephrasings
+from .config import LDKEConfig
+from .context import forced_slots, prompt_mask_context
+from .errors import InvalidRequestError
+from .families import Family, family_of
+from .localization import LocalizationResult, locate, trace
+from .model import LDKEModel, collect_probe_features, default_probe_layer, _root_model
+from .requests import EditRequest, image_fingerprint
+from .routing import NO_SLOT
+from .router_fit import SlotCalibration, calibrate_slot, fit_projection
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class NegativePool:
+    """Material for hard negatives beyond what each request carries.
+
+    ``questions``: ``(question, relation)`` pairs — a bank of questions the model is asked about
+    images (same image + another question must not route). ``images``: ``(image, entity)`` pairs —
+    other entities' images (same question + another image must not route).
+    """
+
+    questions: list[tuple[str, str | None]] = field(default_factory=list)
+    images: list[tuple[Any, str | None]] = field(default_factory=list)
+
+
+@dataclass
+class SlotReport:
+    slot: int
+    layers: list[int]
+    localization: dict[str, Any] | None
+    fit_steps: int
+    fit_seconds: float
+    fit_accuracy: float
+    router: dict[str, float]
+    seconds: float
+
+
+class _StopForward(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------- public API
+
+
+def edit(
+    model: nn.Module,
+    processor: Any,
+    requests: Sequence[EditRequest] | EditRequest,
+    config: LDKEConfig | None = None,
+    *,
+    pack: Any | None = None,
+    adapter_name: str = "default",
+    negatives: NegativePool | None = None,
+    progress: bool = True,
+    cache_hidden: bool = True,
+    seed: int = 0,
+) -> Any:
+    """Edit ``model`` so that each request's image + prompt answers its target, and nothing else changes.
+
+    Args:
+        model: a transformers MLLM of a supported family (or a ``PeftModel`` with an LDKE pack).
+        processor: its processor.
+        requests: one or more :class:`EditRequest`.
+        config: an :class:`LDKEConfig` (defaults from the model family when ``None``).
+        pack: an existing LDKE ``PeftModel`` to append the new edits to (sequential editing).
+        negatives: optional pool of questions/images for hard negatives (e.g. ``world.negative_pool()``).
+        cache_hidden: run each optimisation step only through the edited span on cached hidden states
+            (the layers below the lowest edited layer never change). ``False`` = full forward/backward
+            per step (for comparison only).
+
+    Returns the ``PeftModel``; ``peft_model.ldke_reports`` holds a :class:`SlotReport` per new slot.
+    """
+    from peft import PeftModel, get_peft_model
+
+    if isinstance(requests, EditRequest):
+        requests = [requests]
+    requests = list(requests)
+    if not requests:
+        raise InvalidRequestError("edit() needs at least one EditRequest", field="requests")
+    if pack is None and isinstance(model, PeftModel) and adapter_name in model.peft_config:
+        pack = model
+    family = family_of(pack if pack is not None else model)
+    tok = family.tokenizer(processor)
+    for i, r in enumerate(requests):
+        if not isinstance(r, EditRequest):
+            raise InvalidRequestError(f"requests[{i}] is a {type(r).__name__}, expected EditRequest", field="requests")
+        try:
+            r.validate(tok)
+        except InvalidRequestError as exc:
+            raise type(exc)(f"requests[{i}]: {exc}", field=exc.field) from None
+    _check_lengths(family, pack if pack is not None else model, processor, requests)
+
+    if pack is not None:
+        cfg: LDKEConfig = pack.peft_config[adapter_name]
+        root = _root_model(pack)
+    else:
+        cfg = copy.deepcopy(config) if config is not None else LDKEConfig()
+        root = _root_model(model)
+    L = family.num_layers(root)
+    probe = cfg.probe_layer if cfg.probe_layer is not None else default_probe_layer(L)
+    cfg.probe_layer = probe
+    pool = negatives or NegativePool()
+
+    bar = tqdm(total=len(requests), desc="LDKE edit", disable=not progress or len(requests) < 2, unit="edit")
+    # 1. Fast Localization on the unedited model (deltas forced off inside locate)
+    locs: list[LocalizationResult | None] = []
+    slot_layers: list[list[int]] = []
+    loc_model = pack if pack is not None else model
+    t_loc = []
+    for r in requests:
+        t0 = time.perf_counter()
+        if cfg.localization == "fixed":
+            layers = list(cfg.fixed_layers or [max(probe + 1, L // 2)])
+            loc = None
+        else:
+            fn = locate if cfg.localization == "attribution" else trace
+            loc = fn(loc_model, processor, r, num_layers=cfg.num_edit_layers, probe_layer=probe,
+                     noise_scale=cfg.noise_scale, seed=seed)
+            layers = loc.layers
+        locs.append(loc)
+        slot_layers.append([int(i) for i in layers])
+        t_loc.append(time.perf_counter() - t0)
+
+    meta = [_edit_meta(r) for r in requests]
+    # 2. create or grow the pack
+    if pack is None:
+        cfg.slot_layers = slot_layers
+        cfg.num_slots = len(slot_layers)
+        cfg.edits = meta
+        cfg.base_model_name_or_path = getattr(root, "name_or_path", None) or cfg.base_model_name_or_path
+        peft_model = get_peft_model(model, cfg, adapter_name=adapter_name)
+        new_slots = list(range(len(requests)))
+        fresh = True
+    else:
+        peft_model = pack
+        tuner: LDKEModel = peft_model.base_model
+        new_slots = tuner.grow_adapter(adapter_name, slot_layers, meta)
+        fresh = False
+    tuner: LDKEModel = peft_model.base_model
+    cfg = peft_model.peft_config[adapter_name]
+    tuner.set_adapter(adapter_name) if len(tuner.active_adapters) == 1 else None
+
+    # 3. localized update, one slot at a time
+    reports: list[SlotReport] = []
+    for i, (r, s) in enumerate(zip(requests, new_slots)):
+        t0 = time.perf_counter()
+        steps, acc = fit_delta(peft_model, processor, r, s, adapter_name=adapter_name, cache_hidden=cache_hidden, seed=seed + i)
+        reports.append(
+            SlotReport(
+                slot=s, layers=slot_layers[i], localization=None if locs[i] is None else locs[i].to_dict(),
+                fit_steps=steps, fit_seconds=time.perf_counter() - t0, fit_accuracy=acc, router={},
+                seconds=t_loc[i] + time.perf_counter() - t0,
+            )
+        )
+        bar.update(1)
+    bar.close()
+
+    # 4. Disentanglement Classifier
+    t0 = time.perf_counter()
+    cals = fit_router(peft_model, processor, requests, new_slots, adapter_name=adapter_name, pool=pool,
+                      refit_projection=fresh, seed=seed)
+    t_router = (time.perf_counter() - t0) / max(1, len(requests))
+    for rep, cal in zip(reports, cals):
+        rep.router = {
+            "radius_v": cal.radius_v, "radius_t": cal.radius_t, "far_pos_v": cal.far_pos_v,
+            "near_neg_v": cal.near_neg_v, "far_pos_t": cal.far_pos_t, "near_neg_t": cal.near_neg_t,
+            "separable": cal.separable,
+        }
+        rep.seconds += t_router
+    for s, rep in zip(new_slots, reports):
+        cfg.edits[s]["layers"] = rep.layers
+    prev = getattr(peft_model, "ldke_reports", [])
+    peft_model.ldke_reports = list(prev) + reports
+    peft_model.eval()
+    return peft_model
+
+
+# ---------------------------------------------------------------------- positives / negatives
+
+
+def positive_views(r: EditRequest, seed: int = 0, n_auto: int = 2) -> tuple[list[Any], list[str]]:
+    """Images and prompts that must trigger the edit (given ones first, automatic ones if too few)."""
+    imgs: list[Any] = []
+    if r.image is not None:
+        imgs = [r.image] + list(r.rephrase_images)
+        if len(imgs) < 1 + n_auto:
+            imgs += image_views(r.image, 1 + n_auto - len(imgs), seed=seed)
+    prompts = dedupe([r.prompt] + list(r.rephrase_prompts))
+    if len(prompts) < 1 + n_auto:
+        prompts = dedupe(prompts + templated_rephrasings(r.prompt, 1 + n_auto - len(prompts)))
+    return imgs, prompts
+
+
+def _same_question(q: str, prompts: Sequence[str]) -> bool:
+    k = q.strip().casefold()
+    return any(k == p.strip().casefold() for p in prompts)
+
+
+def negative_questions(r: EditRequest, pool: NegativePool, pos_prompts: Sequence[str], cap: int = 16,
+                       hard: bool = True) -> list[str]:
+    """Questions that must *not* trigger the edit on the edit's own image (other relations)."""
+    qs: list[str] = []
+    if hard:
+        qs += [p.prompt for p in r.coupled if p.image is not None and _same_image(p.image, r.image)]
+        bank = pool.questions or generic_question_bank()
+        qs += [q for q, rel in bank if not (r.relation is not None and rel == r.relation)]
+    qs += [p.prompt for p in r.locality]
+    qs += [p.prompt for p in r.m_locality]
+    qs = [q for q in dedupe(qs) if not _same_question(q, pos_prompts)]
+    return qs[:cap]
+
+
+def negative_images(r: EditRequest, others: Sequence[EditRequest], pool: NegativePool, cap: int = 12,
+                    hard: bool = True) -> list[Any]:
+    """Images that must *not* trigger the edit with the edit's own question (other, look-alike entities)."""
+    ims: list[Any] = []
+    if hard:
+        ims += [p.image for p in r.coupled if p.image is not None and not _same_image(p.image, r.image)]
+    ims += [p.image for p in r.m_locality if p.image is not None]
+    ims += [o.image for o in others if o.image is not None and o.subject != r.subject and not _same_image(o.image, r.image)]
+    ims += [im for im, ent in pool.images if ent is None or ent != r.subject]
+    out, seen = [], {image_fingerprint(r.image)} if r.image is not None else set()
+    for im in ims:
+        fp = image_fingerprint(im)
+        if fp not in seen:
+            seen.add(fp)
+            out.append(im)
+    return out[:cap]
+
+
+def _same_image(a: Any, b: Any) -> bool:
+    if a is None or b is None:
+        return False
+    return a is b or image_fingerprint(a) == image_fingerprint(b)
+
+
+# ---------------------------------------------------------------------- delta fit
+
+
+def fit_delta(
+    peft_model: Any,
+    processor: Any,
+    request: EditRequest,
+    slot: int,
+    *,
+    adapter_name: str = "default",
+    cache_hidden: bool = True,
+    steps: int | None = None,
+    seed: int = 0,
+) -> tuple[int, float]:
+    """Fit slot ``slot``'s low-rank deltas so every positive answers ``request.target``.
+
+    Returns ``(steps taken, final teacher-forced accuracy on the positives)``. With ``cache_hidden``
+    the hidden states entering the lowest edited layer are computed once; each step runs only the
+    edited span (forward and backward).
+    """
+    cfg: LDKEConfig = peft_model.peft_config[adapter_name]
+    tuner: LDKEModel = peft_model.base_model
+    root = _root_model(peft_model)
+    family = family_of(root)
+    layers = family.decoder_layers(root)
+    device = next(root.parameters()).device
+    slot_layers = cfg.slot_layers[slot]
+    lo = min(slot_layers)
+
+    imgs, prompts = positive_views(request, seed=seed)
+    rows_img, rows_q = _positive_rows(imgs, prompts, request.image is not None)
+    built = family.build_inputs(processor, rows_img, rows_q, [request.target] * len(rows_q)).to(device)
+    B = len(built)
+    tgt_mask = built.target_mask
+    # logits at t-1 predict token t
+    pred_pos = torch.zeros_like(tgt_mask)
+    pred_pos[:, :-1] = tgt_mask[:, 1:]
+    tgt_ids = built.input_ids[tgt_mask]
+
+    ldke_layers = tuner.ldke_layers(adapter_name)
+    params = []
+    for l in slot_layers:
+        m = ldke_layers[l]
+        params += [m.ldke_A[adapter_name], m.ldke_B[adapter_name]]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=cfg.edit_lr)
+    n_steps = steps if steps is not None else cfg.edit_steps
+    slot_vec = torch.full((B,), slot, dtype=torch.long)
+
+    cached = _capture_layer_inputs(root, layers[lo], built) if cache_hidden else None
+
+    def logits_at_targets() -> torch.Tensor:
+        with forced_slots(slot_vec), prompt_mask_context(built.prompt_mask):
+            if cached is not None:
+                h, args, kwargs = cached
+                for l in range(lo, len(layers)):
+                    out = layers[l](h, *args, **kwargs)
+                    h = out[0] if isinstance(out, (tuple, list)) else out
+                return family.logits_from_hidden(root, h[pred_pos])
+            out = root(**built.inputs, use_cache=False)
+            return out.logits[pred_pos]
+
+    taken, acc = 0, 0.0
+    was_training = root.training
+    root.eval()  # no dropout: the fit must see what inference sees
+    try:
+        for step in range(n_steps):
+            logits = logits_at_targets()
+            loss = torch.nn.functional.cross_entropy(logits.float(), tgt_ids)
+            with torch.no_grad():
+                hit = logits.argmax(-1) == tgt_ids
+                acc = float(hit.float().mean())
+                p_min = float(torch.softmax(logits.float(), -1).gather(1, tgt_ids[:, None]).min())
+            if bool(hit.all()) and p_min > 0.5:
+                break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            taken = step + 1
+        else:
+            with torch.no_grad():
+                logits = logits_at_targets()
+                acc = float((logits.argmax(-1) == tgt_ids).float().mean())
+    finally:
+        root.train(was_training)
+        for p in params:
+            p.grad = None
+    if acc < 1.0:
+        logger.warning("edit %r -> %r: positives reach %.0f%% target accuracy after %d steps",
+                       request.prompt, request.target, 100 * acc, taken)
+    return taken, acc
+
+
+def _positive_rows(imgs: list[Any], prompts: list[str], has_image: bool) -> tuple[list[Any], list[str]]:
+    if not has_image:
+        return [None] * len(prompts), list(prompts)
+    rows_i, rows_q = [], []
+    for i, im in enumerate(imgs):
+        for j, q in enumerate(prompts):
+            rows_i.append(im)
+            rows_q.append(q)
+    return rows_i, rows_q
+
+
+@torch.no_grad()
+def _capture_layer_inputs(root: nn.Module, layer: nn.Module, built: Any) -> tuple[torch.Tensor, tuple, dict]:
+    """Hidden states (and the other call arguments) entering ``layer``, with every delta off."""
+    captured: dict[str, Any] = {}
+
+    def grab(m, args, kwargs):
+        if args:
+            captured["h"], captured["args"] = args[0].detach(), tuple(args[1:])
+        else:
+            captured["h"], captured["args"] = kwargs["hidden_states"].detach(), ()
+            kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _StopForward
+
+    h = layer.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with forced_slots(torch.full((len(built),), NO_SLOT, dtype=torch.long)), prompt_mask_context(built.prompt_mask):
+            try:
+                root(**built.inputs, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        h.remove()
+    return captured["h"], captured["args"], captured["kwargs"]
+
+
+# ---------------------------------------------------------------------- router fit
+
+
+@dataclass
+class _Rows:
+    images: list[Any] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+    v_label: list[int] = field(default_factory=list)  # -1 = row not used for the visual part
+    t_label: list[int] = field(default_factory=list)
+    slot: list[int] = field(default_factory=list)  # owner slot (index into new slots), -1 = shared
+    v_pos: list[bool] = field(default_factory=list)
+    t_pos: list[bool] = field(default_factory=list)
+
+    def add(self, image, prompt, v_label, t_label, owner, v_pos, t_pos):
+        self.images.append(image)
+        self.prompts.append(prompt)
+        self.v_label.append(v_label)
+        self.t_label.append(t_label)
+        self.slot.append(owner)
+        self.v_pos.append(v_pos)
+        self.t_pos.append(t_pos)
+
+
+def fit_router(
+    peft_model: Any,
+    processor: Any,
+    requests: Sequence[EditRequest],
+    slots: Sequence[int],
+    *,
+    adapter_name: str = "default",
+    pool: NegativePool | None = None,
+    refit_projection: bool = True,
+    seed: int = 0,
+) -> list[SlotCalibration]:
+    """Fit the pack's projection (when ``refit_projection``) and the keys/radii of ``slots``."""
+    cfg: LDKEConfig = peft_model.peft_config[adapter_name]
+    tuner: LDKEModel = peft_model.base_model
+    router = tuner.router(adapter_name)
+    pool = pool or NegativePool()
+    hard = cfg.hard_negatives
+    labels: dict[str, int] = {}
+
+    def lab(key: str) -> int:
+        return labels.setdefault(key, len(labels))
+
+    rows = _Rows()
+    per_req = []
+    for n, (r, s) in enumerate(zip(requests, slots)):
+        imgs, prompts = positive_views(r, seed=seed + n)
+        others = [o for o in requests if o is not r]
+        neg_q = negative_questions(r, pool, prompts, hard=hard)
+        neg_i = negative_images(r, others, pool, hard=hard) if r.image is not None else []
+        ent = lab(f"ent:{s}")
+        rel = lab(f"rel:{s}:{r.relation or r.prompt}")
+        start = len(rows.prompts)
+        if r.image is not None:
+            for im in imgs:
+                for q in prompts:
+                    rows.add(im, q, ent, rel, n, True, True)
+            for im in imgs[:2]:
+                for q in neg_q:
+                    rows.add(im, q, ent, lab("q:" + _q_relation(q, pool)), n, True, False)
+            for k, im in enumerate(neg_i):
+                for q in prompts[:2]:
+                    rows.add(im, q, lab(f"img:{n}:{k}:{image_fingerprint(im)}"), rel, n, False, True)
+        else:
+            for q in prompts:
+                rows.add(None, q, -1, rel, n, False, True)
+            for q in neg_q:
+                rows.add(None, q, -1, lab("q:" + _q_relation(q, pool)), n, False, False)
+        per_req.append((start, len(rows.prompts)))
+
+    v, t, has = collect_probe_features(peft_model, processor, cfg.probe_layer, rows.images, rows.prompts)
+    v_label = torch.tensor(rows.v_label)
+    t_label = torch.tensor(rows.t_label)
+    if refit_projection:
+        vm = (v_label >= 0) & has
+        # the pool adds entity/relation structure beyond the edits: it makes the projection general
+        # enough for slots appended later (sequential editing keeps the projection fixed)
+        pv, pl = _pool_visual(peft_model, processor, cfg, pool, lab)
+        pt, ptl = _pool_textual(peft_model, processor, cfg, pool, lab)
+        fv = torch.cat([v[vm], pv]) if len(pv) else v[vm]
+        fl = torch.cat([v_label[vm], pl]) if len(pl) else v_label[vm]
+        ft = torch.cat([t, pt]) if len(pt) else t
+        ftl = torch.cat([t_label, ptl]) if len(ptl) else t_label
+        if len(fv):
+            mu_v, P_v = fit_projection(fv, fl, cfg.router_dim, steps=cfg.router_steps, lr=cfg.router_lr, seed=seed)
+            router.set_projection(mu_v=mu_v, proj_v=P_v)
+        mu_t, P_t = fit_projection(ft, ftl, cfg.router_dim, steps=cfg.router_steps, lr=cfg.router_lr, seed=seed + 1)
+        router.set_projection(mu_t=mu_t, proj_t=P_t)
+    zv, zt = router.project(v, t)
+    zv, zt = zv.detach(), zt.detach()
+    cals = []
+    v_pos = torch.tensor(rows.v_pos)
+    t_pos = torch.tensor(rows.t_pos)
+    for n, ((a, b), r, s) in enumerate(zip(per_req, requests, slots)):
+        sel = torch.zeros(len(rows.prompts), dtype=torch.bool)
+        sel[a:b] = True
+        # negatives also include every other new slot's rows that are not positives of this slot
+        other = ~sel
+        zvp = zv[sel & v_pos]
+        zvn = torch.cat([zv[sel & ~v_pos & has], zv[other & has & (v_label != v_label[a])]])
+        ztp = zt[sel & t_pos]
+        ztn = torch.cat([zt[sel & ~t_pos], zt[other & (t_label != t_label[a])]])
+        cal = calibrate_slot(zvp, zvn, ztp, ztn, needs_image=r.image is not None, margin=cfg.router_margin)
+        if not cfg.use_router:
+            cal.radius_v = cal.radius_t = float("inf")
+        router.set_slot(s, key_v=cal.key_v, key_t=cal.key_t, radius_v=cal.radius_v, radius_t=cal.radius_t,
+                        needs_image=cal.needs_image)
+        cals.append(cal)
+    return cals
+
+
+def _q_relation(q: str, pool: NegativePool) -> str:
+    for qq, rel in pool.questions or generic_question_bank():
+        if qq == q and rel is not None:
+            return rel
+    return q.strip().casefold()
+
+
+def _pool_visual(peft_model, processor, cfg, pool: NegativePool, lab) -> tuple[torch.Tensor, torch.Tensor]:
+    if not pool.images:
+        return torch.zeros(0), torch.zeros(0, dtype=torch.long)
+    ims = [im for im, _ in pool.images]
+    ents = [ent if ent is not None else f"pool:{i}" for i, (_, ent) in enumerate(pool.images)]
+    q = pool.questions[0][0] if pool.questions else generic_question_bank()[0][0]
+    v, _, _ = collect_probe_features(peft_model, processor, cfg.probe_layer, ims, [q] * len(ims))
+    return v, torch.tensor([lab(f"pool-ent:{e}") for e in ents])
+
+
+def _pool_textual(peft_model, processor, cfg, pool: NegativePool, lab) -> tuple[torch.Tensor, torch.Tensor]:
+    if not pool.questions or not pool.images:
+        return torch.zeros(0), torch.zeros(0, dtype=torch.long)
+    ims = [im for im, _ in pool.images][:3]
+    rows_i, rows_q, labs = [], [], []
+    for im in ims:
+        for q, rel in pool.questions:
+            rows_i.append(im)
+            rows_q.append(q)
+            labs.append(lab("q:" + (rel if rel is not None else q.strip().casefold())))
+    _, t, _ = collect_probe_features(peft_model, processor, cfg.probe_layer, rows_i, rows_q)
+    return t, torch.tensor(labs)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _edit_meta(r: EditRequest) -> dict[str, Any]:
+    return {
+        "prompt": r.prompt,
+        "target": r.target,
+        "ground_truth": r.ground_truth,
+        "subject": r.subject,
+        "relation": r.relation,
+        "image_sha": image_fingerprint(r.image) if r.image is not None else None,
+        "fingerprint": r.fingerprint(),
+    }
+
+
+def _check_lengths(family: Family, model: Any, processor: Any, requests: Sequence[EditRequest]) -> None:
+    max_pos = family.max_positions(_root_model(model))
+    if not max_pos:
+        return
+    for i, r in enumerate(requests):
+        built = family.build_inputs(processor, [r.image], [r.prompt], [r.target])
+        n = int(built.input_ids.shape[1])
+        if n > max_pos:
+            raise InvalidRequestError(
+                f"requests[{i}]: prompt + target is {n} tokens, longer than the model's context ({max_pos})",
+                field="prompt",
+            )

@@ -1,0 +1,138 @@
+"""Fitting the Disentanglement Classifier: a per-pack projection, then per-slot keys and radii.
+
+Raw probe features share a large common component (cosine distances between unrelated inputs are
+tiny), and mean-pooled question features barely move when one word changes ("capital" vs
+"currency"). So each pack learns a linear projection per part (visual: ``d -> p``; textual:
+``2d -> p``) that pulls samples of the same *class* together and pushes classes apart — classes are
+entities for the visual part (all views of one entity vs other and look-alike entities) and
+relations for the textual part (rephrasings of one question vs other questions). Keys are the
+centroids of each slot's positives; each radius sits between the farthest positive and the nearest
+negative (``margin`` = 0.5: the midpoint).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SlotCalibration:
+    key_v: torch.Tensor
+    key_t: torch.Tensor
+    radius_v: float
+    radius_t: float
+    needs_image: bool
+    #: diagnostics (projected-space distances) for reports
+    far_pos_v: float = 0.0
+    near_neg_v: float = 0.0
+    far_pos_t: float = 0.0
+    near_neg_t: float = 0.0
+
+    @property
+    def separable(self) -> bool:
+        ok_t = self.near_neg_t > self.far_pos_t
+        ok_v = (not self.needs_image) or self.near_neg_v > self.far_pos_v
+        return ok_t and ok_v
+
+
+def _pca_init(x: torch.Tensor, p: int, seed: int) -> torch.Tensor:
+    d = x.shape[1]
+    g = torch.Generator().manual_seed(seed)
+    rand = torch.linalg.qr(torch.randn(d, p, generator=g))[0][:, :p]
+    if x.shape[0] < 2:
+        return rand
+    _, _, vh = torch.linalg.svd(x - x.mean(0), full_matrices=False)
+    k = min(p, vh.shape[0])
+    init = rand.clone()
+    init[:, :k] = vh[:k].T
+    return init
+
+
+def fit_projection(
+    feats: torch.Tensor,
+    labels: torch.Tensor,
+    dim: int,
+    *,
+    steps: int = 300,
+    lr: float = 1e-2,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Learn ``(mu, P)`` so that ``(x - mu) @ P`` clusters ``feats`` by ``labels``.
+
+    Loss: every sample within distance 0.5 of its class centroid, and at least 2.0 from every other
+    class centroid (hinge). Scale is fixed by the hinges; initialised from PCA.
+    """
+    x = feats.float()
+    mu = x.mean(0)
+    xc = x - mu
+    # scale so typical norms are ~1 (features are L2-normalised parts, but centring shrinks them)
+    scale = xc.norm(dim=1).mean().clamp_min(1e-6)
+    P = (_pca_init(xc, dim, seed) / scale).clone().requires_grad_(True)
+    classes, inv = torch.unique(labels, return_inverse=True)
+    C = len(classes)
+    if C < 2:
+        return mu, P.detach()
+    onehot = torch.nn.functional.one_hot(inv, C).float()
+    counts = onehot.sum(0).clamp_min(1)
+    opt = torch.optim.Adam([P], lr=lr)
+    for _ in range(steps):
+        z = xc @ P
+        cent = (onehot.T @ z) / counts[:, None]
+        d = torch.cdist(z, cent)  # (N, C)
+        own = d.gather(1, inv[:, None]).squeeze(1)
+        pull = torch.relu(own - 0.5).pow(2).mean()
+        other = d.masked_fill(onehot.bool(), float("inf"))
+        push = torch.relu(2.0 - other).pow(2)
+        push = push[torch.isfinite(push)].mean() if torch.isfinite(push).any() else z.sum() * 0
+        loss = pull + push + 1e-4 * P.pow(2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return mu, P.detach()
+
+
+def calibrate_slot(
+    zv_pos: torch.Tensor,
+    zv_neg: torch.Tensor,
+    zt_pos: torch.Tensor,
+    zt_neg: torch.Tensor,
+    *,
+    needs_image: bool,
+    margin: float = 0.5,
+) -> SlotCalibration:
+    """Key = centroid of positives; radius = farthest positive + ``margin`` × gap to the nearest negative.
+
+    When positives and negatives overlap (no gap) the radius is set just inside the nearest negative:
+    LDKE prefers missing a paraphrase to firing on an unrelated input, and the overlap is logged.
+    """
+
+    def one(pos: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, float, float, float]:
+        key = pos.mean(0)
+        far = float((pos - key).norm(dim=1).max()) if len(pos) else 0.0
+        near = float((neg - key).norm(dim=1).min()) if len(neg) else float("inf")
+        if near == float("inf"):
+            radius = max(far * 1.5, 1e-3)
+        elif near > far:
+            radius = far + margin * (near - far)
+        else:
+            radius = 0.98 * near
+        return key, radius, far, near
+
+    key_t, r_t, far_t, near_t = one(zt_pos, zt_neg)
+    if needs_image:
+        key_v, r_v, far_v, near_v = one(zv_pos, zv_neg)
+    else:
+        key_v, r_v, far_v, near_v = torch.zeros(zt_pos.shape[1]), 0.0, 0.0, 0.0
+    cal = SlotCalibration(key_v, key_t, r_v, r_t, needs_image, far_v, near_v, far_t, near_t)
+    if not cal.separable:
+        logger.warning(
+            "router: positives and negatives overlap for a slot (visual far/near %.3f/%.3f, textual %.3f/%.3f); "
+            "radius set inside the nearest negative, some paraphrases may not route",
+            far_v, near_v, far_t, near_t,
+        )
+    return cal
