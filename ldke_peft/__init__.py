@@ -29,6 +29,21 @@ from .requests import EditRequest, Probe
 
 __version__ = "0.1.0"
 
+
+def edit(model, processor, requests, config=None, *, pack=None, **kwargs):
+    """Edit ``model``: see :func:`ldke_peft.editor.edit`. Returns a ``PeftModel`` with an LDKE pack."""
+    from .editor import edit as _edit
+
+    return _edit(model, processor, requests, config, pack=pack, **kwargs)
+
+
+def evaluate(model_or_peft, processor, requests, pre=None, **kwargs):
+    """EasyEdit-compatible metrics: see :func:`ldke_peft.metrics.evaluate`."""
+    from .metrics import evaluate as _evaluate
+
+    return _evaluate(model_or_peft, processor, requests, pre=pre, **kwargs)
+
+
 _register()
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -50,6 +65,8 @@ __all__ = [
     "Probe",
     "UnsafeAdapterError",
     "UnsupportedModelError",
+    "edit",
+    "evaluate",
     "family_of",
     "get_family",
     "is_ldke_model",
