@@ -22,9 +22,10 @@ class InvalidRequestError(LDKEError, ValueError):
     ``field`` names the offending field so callers (CLI, EasyEdit wrapper) can report it.
     """
 
-    def __init__(self, message: str, field: str | None = None):
+    def __init__(self, message: str, field: str | None = None, index: int | None = None):
         super().__init__(message)
         self.field = field
+        self.index = index
 
 
 class ImageError(InvalidRequestError):
