@@ -116,7 +116,8 @@ class Family:
     mlp_out: str = "mlp.down_proj"
     vision_paths: tuple[str, ...] = ()
     image_token_attr: str = "image_token_id"
-    #: keys of processor outputs that are per-image (concatenated along dim 0 when collating rows)
+    #: per-image processor outputs (informational: every output that is neither a sequence key nor a row
+    #: key is collated per image, concatenated along dim 0 and zero-padded in the other dims)
     image_keys: tuple[str, ...] = ("pixel_values",)
     sequence_keys: tuple[str, ...] = ("input_ids", "attention_mask")
     pad_values: dict[str, int] = {}
@@ -456,6 +457,7 @@ class LlavaOnevisionFamily(Family):
     language_model_path = "model.language_model"
     layers_path = "model.language_model.layers"
     vision_paths = ("model.vision_tower", "model.multi_modal_projector")
+    image_keys = ("pixel_values", "image_sizes")
     row_keys = {"batch_num_images": 0}
 
 
@@ -473,6 +475,7 @@ class Qwen2VLFamily(Family):
     language_model_path = "model.language_model"
     layers_path = "model.language_model.layers"
     vision_paths = ("model.visual",)
+    image_keys = ("pixel_values", "image_grid_thw")
     sequence_keys = ("input_ids", "attention_mask", "mm_token_type_ids")
 
 
@@ -501,6 +504,7 @@ class Blip2Family(Family):
     final_norm_path = "language_model.model.decoder.final_layer_norm"
     mlp_out = "fc2"
     vision_paths = ("vision_model", "qformer", "language_projection")
+    final_norm_path = "language_model.model.decoder.final_layer_norm"
 
     def _plain_prompt(self, processor: Any, prompt: str, has_image: bool) -> str:
         return f"Question: {prompt} Answer:"
@@ -528,6 +532,7 @@ class Idefics3Family(Family):
     language_model_path = "model.text_model"
     layers_path = "model.text_model.layers"
     vision_paths = ("model.vision_model", "model.connector")
+    image_keys = ("pixel_values", "pixel_attention_mask")
 
 
 class PaliGemmaFamily(Family):
@@ -546,7 +551,7 @@ class PaliGemmaFamily(Family):
     layers_path = "model.language_model.layers"
     vision_paths = ("model.vision_tower", "model.multi_modal_projector")
     sequence_keys = ("input_ids", "attention_mask", "token_type_ids")
-    target_fill_values = {"attention_mask": 1}
+    target_fill_values = {"attention_mask": 1, "token_type_ids": 1}
 
     def _plain_prompt(self, processor: Any, prompt: str, has_image: bool) -> str:
         return f"{self.image_placeholder(processor)}{prompt}" if has_image else prompt
@@ -671,14 +676,64 @@ def image_only_processor(processor_cls: type, **components: Any) -> Any:
     """
     sub = _IMAGE_ONLY_CLASSES.get(processor_cls)
     if sub is None:
-
-        def __init__(self, image_processor=None, tokenizer=None, **kwargs):
-            processor_cls.__init__(self, image_processor=image_processor, tokenizer=tokenizer, video_processor=None, **kwargs)
-
         sub = type(
             processor_cls.__name__,
             (processor_cls,),
-            {"__init__": __init__, "__module__": processor_cls.__module__, "__doc__": image_only_processor.__doc__},
+            {
+                "__init__": _init_without_video(processor_cls),
+                "__module__": processor_cls.__module__,
+                "__doc__": image_only_processor.__doc__,
+            },
         )
         _IMAGE_ONLY_CLASSES[processor_cls] = sub
     return sub(**components)
+
+
+_UNSET: Any = object()
+
+
+def _init_without_video(processor_cls: type) -> Any:
+    """``processor_cls.__init__`` minus its ``video_processor`` parameter.
+
+    ``ProcessorMixin`` reads a processor's sub-components from ``__init__``'s signature and
+    ``from_pretrained`` passes only the arguments ``__init__``'s *code object* names
+    (``chat_template``, ``num_image_tokens``, ...), so a bare ``**kwargs`` would drop them on reload.
+    The wrapper names every non-video parameter of the video-capable processors we support
+    explicitly and forwards only those the caller set; it refuses classes with parameters it does
+    not know (no code is generated at run time)."""
+    import inspect
+
+    base_init = processor_cls.__init__
+    params = [n for n in inspect.signature(base_init).parameters if n not in ("self", "video_processor", "kwargs")]
+    unknown = set(params) - set(_KNOWN_PROCESSOR_PARAMS)
+    if unknown:
+        raise TypeError(f"{processor_cls.__name__}.__init__ has parameters image_only_processor cannot forward: {sorted(unknown)}")
+
+    def __init__(
+        self,
+        image_processor=_UNSET,
+        tokenizer=_UNSET,
+        num_image_tokens=_UNSET,
+        vision_feature_select_strategy=_UNSET,
+        chat_template=_UNSET,
+        image_token=_UNSET,
+        video_token=_UNSET,
+        vision_aspect_ratio=_UNSET,
+        **kwargs: Any,
+    ) -> None:
+        given = {k: v for k, v in locals().items() if k in params and v is not _UNSET}
+        base_init(self, video_processor=None, **given, **kwargs)
+
+    return __init__
+
+
+_KNOWN_PROCESSOR_PARAMS = (
+    "image_processor",
+    "tokenizer",
+    "num_image_tokens",
+    "vision_feature_select_strategy",
+    "chat_template",
+    "image_token",
+    "video_token",
+    "vision_aspect_ratio",
+)
