@@ -214,9 +214,33 @@ def positive_views(r: EditRequest, seed: int = 0, n_auto: int = 2) -> tuple[list
     return imgs, prompts
 
 
-def _same_question(q: str, prompts: Sequence[str]) -> bool:
+_STOP = frozenset(
+    "a an the of in on at to is are was what which who whom whose how this that these those there it its "
+    "country shown picture image photo do does please tell me name".split()
+)
+
+
+def _content_words(q: str) -> set[str]:
+    words = "".join(c.casefold() if c.isalnum() else " " for c in q).split()
+    return {w for w in words if w not in _STOP}
+
+
+def _same_question(q: str, prompts: Sequence[str], fuzzy: bool = False) -> bool:
+    """Exact match, or (``fuzzy``) a likely paraphrase: most content words shared.
+
+    The fuzzy test guards requests without a ``relation``: a generic bank question that paraphrases
+    the edit question must not become a negative, or the router would learn to reject the edit."""
     k = q.strip().casefold()
-    return any(k == p.strip().casefold() for p in prompts)
+    if any(k == p.strip().casefold() for p in prompts):
+        return True
+    if not fuzzy:
+        return False
+    cq = _content_words(q)
+    for p in prompts:
+        cp = _content_words(p)
+        if cq and cp and len(cq & cp) / len(cq | cp) >= 0.5:
+            return True
+    return False
 
 
 def negative_questions(r: EditRequest, pool: NegativePool, pos_prompts: Sequence[str], cap: int = 16,
@@ -229,7 +253,7 @@ def negative_questions(r: EditRequest, pool: NegativePool, pos_prompts: Sequence
         qs += [q for q, rel in bank if not (r.relation is not None and rel == r.relation)]
     qs += [p.prompt for p in r.locality]
     qs += [p.prompt for p in r.m_locality]
-    qs = [q for q in dedupe(qs) if not _same_question(q, pos_prompts)]
+    qs = [q for q in dedupe(qs) if not _same_question(q, pos_prompts, fuzzy=r.relation is None)]
     return qs[:cap]
 
 

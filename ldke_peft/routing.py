@@ -113,8 +113,9 @@ class RouterState(nn.Module):
 
     # ------------------------------------------------------------------ decision
     def project(self, visual: torch.Tensor, textual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        zv = (visual.float() - self.mu_v) @ self.proj_v
-        zt = (textual.float() - self.mu_t) @ self.proj_t
+        # router math in fp32 whatever the model dtype (bf16 distances are too coarse for radii)
+        zv = (visual.float() - self.mu_v.float()) @ self.proj_v.float()
+        zt = (textual.float() - self.mu_t.float()) @ self.proj_t.float()
         return zv, zt
 
     def scores(self, visual: torch.Tensor, textual: torch.Tensor, has_image: torch.Tensor) -> torch.Tensor:
@@ -125,8 +126,8 @@ class RouterState(nn.Module):
         accepts a text-only input.
         """
         zv, zt = self.project(visual, textual)
-        dv = torch.cdist(zv, self.keys_v) / self.radius_v.clamp_min(1e-12)
-        dt = torch.cdist(zt, self.keys_t) / self.radius_t.clamp_min(1e-12)
+        dv = torch.cdist(zv, self.keys_v.float()) / self.radius_v.float().clamp_min(1e-12)
+        dt = torch.cdist(zt, self.keys_t.float()) / self.radius_t.float().clamp_min(1e-12)
         needs = self.needs_image.bool().unsqueeze(0)
         img = has_image.to(dv.device).bool().unsqueeze(1)
         score = torch.where(needs, torch.maximum(dv, dt), dt)
@@ -198,3 +199,9 @@ class RoutingState:
     prompt_ids: torch.Tensor | None = None
     prompt_mask: torch.Tensor | None = None
     hooked_layers: set = field(default_factory=set)
+    #: how many hooked entry modules (root model, language model) are currently running; only the
+    #: outermost one records the routing inputs of a call
+    depth: int = 0
+    #: input ids last embedded outside any entry module (BLIP-2's ``generate`` embeds the prompt
+    #: itself and runs the language model on ``inputs_embeds``; these give it its image mask)
+    pending_ids: torch.Tensor | None = None

@@ -1,0 +1,1 @@
+"""Integrations of ldke-peft with other editing frameworks (``integrations.easyedit``)."""
