@@ -293,6 +293,7 @@ def fit_delta(
     adapter_name: str = "default",
     cache_hidden: bool = True,
     steps: int | None = None,
+    stop_early: bool = True,
     seed: int = 0,
 ) -> tuple[int, float]:
     """Fit slot ``slot``'s low-rank deltas so every positive answers ``request.target``.
@@ -355,7 +356,7 @@ def fit_delta(
                 hit = logits.argmax(-1) == tgt_ids
                 acc = float(hit.float().mean())
                 p_min = float(torch.softmax(logits.float(), -1).gather(1, tgt_ids[:, None]).min())
-            if bool(hit.all()) and p_min > 0.5:
+            if stop_early and bool(hit.all()) and p_min > 0.5:
                 break
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -459,13 +460,23 @@ def fit_router(
 
     rows = _Rows()
     per_req = []
+    # one visual class per entity: an image that is some slot's positive keeps that slot's class when it
+    # shows up as another slot's negative (else the projection must split an image from itself and the
+    # calibration counts a slot's own image as its nearest negative)
+    img_keys: dict[str, str] = {}
+    for n, r in enumerate(requests):
+        if r.image is not None:
+            for im in positive_views(r, seed=seed + n)[0]:
+                img_keys.setdefault(image_fingerprint(im), _entity_key(r))
     for n, (r, s) in enumerate(zip(requests, slots)):
         imgs, prompts = positive_views(r, seed=seed + n)
         others = [o for o in requests if o is not r]
         neg_q = negative_questions(r, pool, prompts, hard=hard)
         neg_i = negative_images(r, others, pool, hard=hard) if r.image is not None else []
-        ent = lab(f"ent:{s}")
-        rel = lab(f"rel:{s}:{r.relation or r.prompt}")
+        ent = lab(_entity_key(r))
+        # one textual class per relation: two slots editing the same relation of different entities ask
+        # the same questions (the visual part tells them apart), so neither is the other's negative
+        rel = lab("q:" + (r.relation if r.relation is not None else r.prompt.strip().casefold()))
         start = len(rows.prompts)
         if r.image is not None:
             for im in imgs:
@@ -476,7 +487,7 @@ def fit_router(
                     rows.add(im, q, ent, lab("q:" + _q_relation(q, pool)), n, True, False)
             for k, im in enumerate(neg_i):
                 for q in prompts[:2]:
-                    rows.add(im, q, lab(f"img:{n}:{k}:{image_fingerprint(im)}"), rel, n, False, True)
+                    rows.add(im, q, lab(img_keys.get(image_fingerprint(im), "img:" + image_fingerprint(im))), rel, n, False, True)
         else:
             for q in prompts:
                 rows.add(None, q, -1, rel, n, False, True)
@@ -539,7 +550,7 @@ def _pool_visual(peft_model, processor, cfg, pool: NegativePool, lab) -> tuple[t
     ents = [ent if ent is not None else f"pool:{i}" for i, (_, ent) in enumerate(pool.images)]
     q = pool.questions[0][0] if pool.questions else generic_question_bank()[0][0]
     v, _, _ = collect_probe_features(peft_model, processor, cfg.probe_layer, ims, [q] * len(ims))
-    return v, torch.tensor([lab(f"pool-ent:{e}") for e in ents])
+    return v, torch.tensor([lab(f"ent:{e}") for e in ents])
 
 
 def _pool_textual(peft_model, processor, cfg, pool: NegativePool, lab) -> tuple[torch.Tensor, torch.Tensor]:
@@ -557,6 +568,14 @@ def _pool_textual(peft_model, processor, cfg, pool: NegativePool, lab) -> tuple[
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _entity_key(r: EditRequest) -> str:
+    """Visual class of a request's image: its subject (shared with the negative pool's entity names), else
+    the image itself."""
+    if r.subject is not None:
+        return f"ent:{r.subject}"
+    return "ent:img:" + image_fingerprint(r.image) if r.image is not None else "ent:text"
 
 
 def _edit_meta(r: EditRequest) -> dict[str, Any]:
