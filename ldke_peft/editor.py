@@ -257,15 +257,19 @@ def negative_questions(r: EditRequest, pool: NegativePool, pos_prompts: Sequence
     return qs[:cap]
 
 
-def negative_images(r: EditRequest, others: Sequence[EditRequest], pool: NegativePool, cap: int = 12,
+def negative_images(r: EditRequest, others: Sequence[EditRequest], pool: NegativePool, cap: int = 64,
                     hard: bool = True) -> list[Any]:
-    """Images that must *not* trigger the edit with the edit's own question (other, look-alike entities)."""
+    """Images that must *not* trigger the edit with the edit's own question (other, look-alike entities).
+
+    Without ``hard`` (the ablation) only generic multimodal-locality images are used: no look-alike
+    probes and no pool of other entities' images."""
     ims: list[Any] = []
     if hard:
         ims += [p.image for p in r.coupled if p.image is not None and not _same_image(p.image, r.image)]
     ims += [p.image for p in r.m_locality if p.image is not None]
     ims += [o.image for o in others if o.image is not None and o.subject != r.subject and not _same_image(o.image, r.image)]
-    ims += [im for im, ent in pool.images if ent is None or ent != r.subject]
+    if hard:
+        ims += [im for im, ent in pool.images if ent is None or ent != r.subject]
     out, seen = [], {image_fingerprint(r.image)} if r.image is not None else set()
     for im in ims:
         fp = image_fingerprint(im)
@@ -486,7 +490,9 @@ def fit_router(
                 for q in neg_q:
                     rows.add(im, q, ent, lab("q:" + _q_relation(q, pool)), n, True, False)
             for k, im in enumerate(neg_i):
-                for q in prompts[:2]:
+                # the visual feature does not depend on the question (image tokens come first), so one
+                # question per negative image suffices; two for the closest (request-given) ones
+                for q in prompts[: 2 if k < 4 else 1]:
                     rows.add(im, q, lab(img_keys.get(image_fingerprint(im), "img:" + image_fingerprint(im))), rel, n, False, True)
         else:
             for q in prompts:
