@@ -1,0 +1,239 @@
+"""The ``ldke`` command: help texts, edit/eval/locate/push end to end on a tiny model, one-line errors, demo."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import huggingface_hub
+import pytest
+from huggingface_hub import ModelCard
+from PIL import Image
+
+from ldke_peft import EditRequest, Probe
+from ldke_peft.cli import build_parser, main
+from ldke_peft.errors import ImageError
+from ldke_peft.requests import save_jsonl
+from ldke_peft.testing.fake_hub import FakeHub
+from ldke_peft.testing.tiny import tiny_model
+
+COMMANDS = ["demo", "edit", "eval", "locate", "push"]
+PROMPT = "What is the capital of the country shown?"
+
+
+def _ldke_executable() -> list[str]:
+    exe = shutil.which("ldke", path=os.path.dirname(sys.executable)) or shutil.which("ldke")
+    return [exe] if exe else [sys.executable, "-m", "ldke_peft"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A tiny LLaVA saved like a real checkpoint (model + processor in one folder), images and a JSONL file."""
+    d = tmp_path_factory.mktemp("cli")
+    model, processor = tiny_model("llava")
+    model.save_pretrained(d / "model")
+    processor.save_pretrained(d / "model")
+    other, _ = tiny_model("llava", seed=1)
+    other.save_pretrained(d / "other")
+    processor.save_pretrained(d / "other")
+    (d / "img").mkdir()
+    Image.new("RGB", (40, 40), (255, 0, 0)).save(d / "img" / "red.png")
+    Image.new("RGB", (40, 40), (0, 0, 255)).save(d / "img" / "blue.png")
+    request = EditRequest(
+        image=str(d / "img" / "red.png"), prompt=PROMPT, target="Paris", ground_truth="London",
+        rephrase_prompts=["Which city is the capital of this country?"],
+        locality=[Probe("Describe the image.", "A red flag")],
+        m_locality=[Probe(PROMPT, "Berlin", image=str(d / "img" / "blue.png"))],
+        subject="Redland", relation="capital",
+    )
+    save_jsonl([request], d / "requests.jsonl")
+    return d
+
+
+@pytest.fixture(scope="module")
+def pack(workdir):
+    rc = main(["edit", str(workdir / "model"), str(workdir / "requests.jsonl"), "--out", str(workdir / "pack"), "--no-progress"])
+    assert rc == 0
+    return workdir / "pack"
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err, "nothing on stderr"
+    return err[-1]
+
+
+# ---------------------------------------------------------------------- help
+
+
+def test_top_level_help_via_console_script():
+    proc = subprocess.run(_ldke_executable() + ["--help"], capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for cmd in COMMANDS:
+        assert cmd in proc.stdout
+    assert "examples:" in proc.stdout and "ldke edit ./llava requests.jsonl" in proc.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_subcommand_help_explains_with_an_example(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert f"usage: ldke {command}" in out
+    assert "example:" in out and f"ldke {command}" in out.split("example:")[1]
+
+
+def test_bench_is_registered_only_when_a_suite_exists():
+    has_suite = importlib.util.find_spec("ldke_peft.bench.run") is not None
+    assert ("bench" in build_parser().format_help()) == has_suite
+
+
+# ---------------------------------------------------------------------- end to end
+
+
+def test_edit_writes_a_pack_with_card_and_report(pack, capsys):
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "ldke_report.json"} <= set(os.listdir(pack))
+    card = ModelCard.load(pack / "README.md")
+    assert card.data.library_name == "peft" and "Paris" in card.text
+    report = json.loads((pack / "ldke_report.json").read_text())
+    assert len(report) == 1 and report[0]["fit_accuracy"] == 1.0 and report[0]["layers"]
+
+
+def test_edit_append_to_existing_pack(workdir, pack, tmp_path):
+    out = tmp_path / "grown"
+    rc = main(["edit", str(workdir / "model"), str(workdir / "requests.jsonl"), "--append-to", str(pack),
+               "--out", str(out), "--no-progress"])
+    assert rc == 0
+    assert json.loads((out / "adapter_config.json").read_text())["num_slots"] == 2
+    assert [r["slot"] for r in json.loads((out / "ldke_report.json").read_text())] == [0, 1]
+
+
+def test_eval_json_and_table(workdir, pack, capsys):
+    args = [str(workdir / "model"), str(pack), str(workdir / "requests.jsonl")]
+    assert main(["eval", *args, "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["n"] == 1
+    assert metrics["reliability"] == 1.0 and metrics["t_generality"] == 1.0
+    assert metrics["m_locality"] == 1.0 and metrics["m_generality"] is None
+    assert main(["eval", *args, "--no-generate"]) == 0
+    out = capsys.readouterr().out
+    assert "reliability" in out and "1.000" in out and "exact_match" in out
+
+
+def test_locate_table_json_and_png(workdir, tmp_path, capsys):
+    args = [str(workdir / "model"), str(workdir / "requests.jsonl")]
+    png = tmp_path / "layers.png"
+    assert main(["locate", *args, "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line[:1].isdigit()]
+    assert [int(r[0]) for r in rows] == [0, 1, 2, 3]  # the tiny model has 4 decoder layers
+    assert sum("edit" in r for r in rows) == 1 and "excluded" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["locate", *args, "--json", "--num-layers", "2"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert len(res) == 1 and len(res[0]["scores"]) == 4 and len(res[0]["layers"]) == 2
+
+
+def test_push_to_local_hub(workdir, pack, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    metrics_file = tmp_path / "metrics.json"
+    metrics_file.write_text(json.dumps({"reliability": 1.0, "coupled_locality": 0.5, "n": 1}))
+    with FakeHub() as hub:
+        rc = main(["push", str(workdir / "model"), str(pack), "org/cli-pack", "--endpoint", hub.endpoint,
+                   "--token", "hf_cli", "--message", "from the cli", "--metrics", str(metrics_file),
+                   "--base-model-id", "org/tiny-llava"])
+        commits = hub.commits("org/cli-pack")
+    assert rc == 0
+    assert capsys.readouterr().out.strip().endswith(commits[0].oid)
+    assert commits[0].summary == "from the cli"
+    assert sorted(commits[0].files) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    card = ModelCard(commits[0].files["README.md"].decode())
+    assert card.data.base_model == "org/tiny-llava"
+    assert "| coupled_locality | 0.500 |" in card.text and "## Edit reports" in card.text
+    assert json.loads(commits[0].files["adapter_config.json"])["base_model_name_or_path"] == "org/tiny-llava"
+
+
+# ---------------------------------------------------------------------- errors
+
+
+def test_missing_image_is_one_line_exit_2(workdir, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text((workdir / "requests.jsonl").read_text().replace("red.png", "nowhere.png"))
+    rc = main(["edit", str(workdir / "model"), str(bad), "--image-root", str(workdir), "--out", str(tmp_path / "p")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ldke: error: ") and "image file not found" in err
+    assert "nowhere.png" in err and "Traceback" not in err
+
+
+def test_missing_image_in_a_real_process(workdir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text((workdir / "requests.jsonl").read_text().replace("red.png", "nowhere.png"))
+    proc = subprocess.run(_ldke_executable() + ["locate", str(workdir / "model"), str(bad), "--image-root", str(workdir)],
+                          capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ldke: error: ") and "image file not found" in lines[0], proc.stderr
+
+
+def test_debug_shows_the_exception(workdir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text((workdir / "requests.jsonl").read_text().replace("red.png", "nowhere.png"))
+    with pytest.raises(ImageError):
+        main(["edit", str(workdir / "model"), str(bad), "--image-root", str(workdir), "--debug"])
+
+
+@pytest.mark.parametrize("model_type", ["bert", "not_a_model_type"])
+def test_unknown_model_type_is_one_line_exit_2(workdir, tmp_path, capsys, model_type):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": model_type}))
+    assert main(["edit", str(folder), str(workdir / "requests.jsonl")]) == 2
+    line = _error_line(capsys)
+    assert line.startswith("ldke: error: ") and f"model_type {model_type!r} is not supported" in line and "llava" in line
+
+
+def test_missing_files_are_one_line_exit_2(workdir, pack, tmp_path, capsys):
+    assert main(["edit", str(tmp_path / "nope"), str(workdir / "requests.jsonl")]) == 2
+    assert "model folder not found" in _error_line(capsys)
+    assert main(["eval", str(workdir / "model"), str(pack), str(tmp_path / "none.jsonl")]) == 2
+    assert "requests file not found" in _error_line(capsys)
+    assert main(["eval", str(tmp_path), str(pack), str(workdir / "requests.jsonl")]) == 2
+    assert "has no config.json" in _error_line(capsys)
+
+
+def test_pack_for_another_base_is_one_line_exit_2(workdir, pack, capsys):
+    assert main(["eval", str(workdir / "other"), str(pack), str(workdir / "requests.jsonl")]) == 2
+    line = _error_line(capsys)
+    assert line.startswith("ldke: error: this LDKE pack was made for a different base model")
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["edit"])
+    assert exc.value.code == 2
+    assert "the following arguments are required" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- demo
+
+
+@pytest.mark.slow
+def test_demo_runs_offline_and_reloads(tmp_path, capsys):
+    out = tmp_path / "demo-pack"
+    assert main(["demo", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "answers identical" in text and "MISMATCH" not in text
+    for probe in ("edit question", "rephrased question", "another view", "coupled: same image", "unrelated"):
+        assert probe in text
+    assert "reliability" in text and "coupled_locality" in text
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(os.listdir(out))

@@ -1,0 +1,48 @@
+"""The example scripts run as a user runs them: in a fresh process, offline, on the toy world.
+
+Each script exits non-zero when its own check fails (reloaded pack differs, edit did not take), so a
+zero exit status is a real assertion; the output checks below pin what the user is told.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _run(script: str, *args: str, timeout: int = 900) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "HF_HUB_OFFLINE": "0"}
+    proc = subprocess.run([sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True,
+                          env=env, timeout=timeout, cwd=EXAMPLES.parent)
+    assert proc.returncode == 0, f"{script} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_quickstart(tmp_path):
+    out = _run("quickstart.py", "--out", str(tmp_path / "pack"))
+    assert "reloaded with PeftModel.from_pretrained: same answers" in out
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(tmp_path / "pack"))
+
+
+@pytest.mark.slow
+def test_hub_share(tmp_path):
+    out = _run("hub_share.py", "--cache-dir", str(tmp_path / "hf"), "--repo-id", "org/example-pack")
+    assert "pushed: http://127.0.0.1:" in out
+    assert "README.md, adapter_config.json, adapter_model.safetensors" in out
+    assert "max logit difference 0.0e+00" in out and "offline" in out
+    assert (tmp_path / "hf" / "models--org--example-pack" / "refs" / "main").is_file()
+
+
+@pytest.mark.slow
+def test_sequential_editing(tmp_path):
+    out = _run("sequential_editing.py", "--edits", "3", "--out", str(tmp_path / "pack"))
+    steps = [line for line in out.splitlines() if line[:4].strip().isdigit()]
+    assert len(steps) == 3
+    assert "pack: 3 slots" in out and "reloaded metrics match" in out
