@@ -58,6 +58,13 @@ class LDKEConfig(PeftConfig):
     )
     num_slots: int = field(default=0, metadata={"help": "Number of edit slots; must equal len(slot_layers)."})
     router_dim: int = field(default=32, metadata={"help": "Width of the router's learned projection (per pack)."})
+    router_groups: int = field(
+        default=1,
+        metadata={
+            "help": "Number of router projections. 1 for a pack made by edit(); a pack merged from packs fitted "
+            "separately keeps each source's projection (ldke_peft.merge.merge_packs) and records how many here."
+        },
+    )
     router_margin: float = field(
         default=0.5,
         metadata={
@@ -112,6 +119,8 @@ class LDKEConfig(PeftConfig):
         self.peft_type = LDKEPeftType.LDKE
         if self.rank <= 0:
             raise ValueError(f"rank must be positive, got {self.rank}")
+        if int(self.router_groups) < 1:
+            raise AdapterLoadError(f"LDKEConfig: router_groups must be >= 1, got {self.router_groups}")
         if self.num_slots == 0 and self.slot_layers:
             self.num_slots = len(self.slot_layers)
         if self.num_slots != len(self.slot_layers):
@@ -213,6 +222,7 @@ def _install_generic_loader_check() -> None:
         return config
 
     from_pretrained._ldke_wrapped = True  # type: ignore[attr-defined]
+    from_pretrained.__wrapped__ = original  # type: ignore[attr-defined]
     from_pretrained.__doc__ = original.__doc__
     PeftConfig.from_pretrained = classmethod(from_pretrained)
 

@@ -43,6 +43,9 @@ class LDKELayer(BaseTunerLayer):
         self.ldke_B = nn.ParameterDict()
         self.ldke_router = nn.ModuleDict()
         self.ldke_slot_ids = BufferDict({}, persistent=True)
+        # adapter -> (decision tensor, its version, slot-id tensor, its version, rows, local): the
+        # rows/slots selected for the current decision, reused by every decode step of a generation
+        self._route_cache: dict[str, tuple] = {}
         # shared, not a submodule: the model-level routing decisions
         object.__setattr__(self, "_routing", routing_state)
         self._disable_adapters = False
@@ -74,7 +77,8 @@ class LDKELayer(BaseTunerLayer):
             if adapter_name in self.ldke_router:
                 self.ldke_router[adapter_name].resize(config.num_slots)
             else:
-                self.ldke_router[adapter_name] = RouterState(d_model, config.router_dim, config.num_slots)
+                groups = int(getattr(config, "router_groups", 1))
+                self.ldke_router[adapter_name] = RouterState(d_model, config.router_dim, config.num_slots, groups=groups)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
@@ -96,6 +100,30 @@ class LDKELayer(BaseTunerLayer):
         self.ldke_A[adapter_name] = nn.Parameter(A)
         self.ldke_B[adapter_name] = nn.Parameter(B)
         self.ldke_slot_ids[adapter_name] = torch.tensor(hosted, dtype=torch.long)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
+        """PEFT's move to the base layer's device *and dtype*, except that deltas stay fp32.
+
+        A pack grows by re-injection (:meth:`update_layer` runs again), and PEFT's move would round every
+        fitted slot to a half-precision base's dtype and train the new slots in fp16/bf16, where Adam's
+        small updates are lost (an fp16 edit then never reaches its target). The deltas are tiny; the
+        forward pass computes them in fp32 anyway. Router buffers keep fp32 by themselves (RouterState).
+        """
+        held = {}
+        for attr in ("ldke_A", "ldke_B"):
+            store = getattr(self, attr)
+            if adapter_name in store:
+                held[attr] = store.pop(adapter_name)
+        super()._move_adapter_to_device_of_base_layer(adapter_name, device)
+        target = device if device is not None else self._get_base_layer_device_and_dtype(self.get_base_layer())[0]
+        for attr, param in held.items():
+            if param.device.type != "meta":
+                data = param.detach().to(target) if target is not None else param.detach()
+                if data.dtype in (torch.float16, torch.bfloat16):
+                    data = data.float()
+                if data.device != param.device or data.dtype != param.dtype:
+                    param = nn.Parameter(data, requires_grad=param.requires_grad)
+            getattr(self, attr)[adapter_name] = param
 
     # ------------------------------------------------------------------ helpers
     def router(self, adapter_name: str) -> RouterState | None:
@@ -149,14 +177,48 @@ class LDKELinear(nn.Module, LDKELayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
-    def _slots_for(self, adapter_name: str, batch: int, device: torch.device) -> torch.Tensor | None:
+    def _slots_for(self, adapter_name: str, device: torch.device) -> torch.Tensor | None:
         forced = current_forced_slots()
         if forced is not None:
-            return forced.to(device) if forced.shape[0] == batch else None
+            return forced.to(device)
         slots = self._routing.slots.get(adapter_name)
-        if slots is None or slots.shape[0] != batch:
-            return None
-        return slots.to(device)
+        return None if slots is None else slots.to(device)
+
+    @staticmethod
+    def _per_sample(t: torch.Tensor, batch: int) -> torch.Tensor | None:
+        """``t`` as ``(batch, tokens, features)``, or ``None`` if it cannot be split per sample.
+
+        Most decoders call the MLP on ``(B, T, d)``; OPT (BLIP-2) flattens to ``(B*T, d)`` first, which
+        is batch-major, so a 2-D input splits into ``batch`` equal row blocks.
+        """
+        if t.dim() == 3:
+            return t if t.shape[0] == batch else None
+        if t.dim() == 2 and batch > 0 and t.shape[0] % batch == 0:
+            return t.view(batch, t.shape[0] // batch, t.shape[1])
+        return None
+
+    def _routed_rows(self, name: str, slots: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(rows, local)``: the batch rows routed to a slot hosted here and that slot's local index.
+
+        The decision is made once per prefill and then reused by every decode step, so the result is
+        cached against the identity and version of the decision and slot-id tensors (a new decision,
+        an in-place edit or a resized pack recomputes it). Saves a handful of small tensor ops per
+        wrapped layer per generated token.
+        """
+        ids = self.ldke_slot_ids[name]
+        c = self._route_cache.get(name)
+        if c is not None and c[0] is slots and c[1] == slots._version and c[2] is ids and c[3] == ids._version:
+            return c[4], c[5]
+        ids_d = ids.to(slots.device)
+        match = slots.unsqueeze(1) == ids_d.unsqueeze(0)  # (B, K_l)
+        has = match.any(dim=1) & (slots != NO_SLOT)
+        if bool(has.any()):
+            rows = has.nonzero(as_tuple=True)[0]
+            local = match[rows].float().argmax(dim=1)
+        else:
+            rows = local = None
+        self._route_cache[name] = (slots, slots._version, ids, ids._version, rows, local)
+        return rows, local
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -165,31 +227,27 @@ class LDKELinear(nn.Module, LDKELayer):
         for name in self.active_adapters:
             if name not in self.ldke_A or self.ldke_A[name].shape[0] == 0:
                 continue
-            batch = x.shape[0] if x.dim() == 3 else 1
-            slots = self._slots_for(name, batch, x.device)
+            slots = self._slots_for(name, x.device)
             if slots is None:
                 continue
-            ids = self.ldke_slot_ids[name].to(x.device)
-            # local[i] = row of the hosted slot chosen for sample i, or -1
-            match = slots.unsqueeze(1) == ids.unsqueeze(0)  # (B, K_l)
-            has = match.any(dim=1) & (slots != NO_SLOT)
-            if not bool(has.any()):
+            x3 = self._per_sample(x, slots.shape[0])
+            res3 = self._per_sample(result, slots.shape[0])
+            if x3 is None or res3 is None:
                 continue
-            rows = has.nonzero(as_tuple=True)[0]
-            local = match[rows].float().argmax(dim=1)
+            rows, local = self._routed_rows(name, slots)
+            if rows is None:
+                continue
             A = self.ldke_A[name][local]  # (n, in, r)
             B = self.ldke_B[name][local]  # (n, r, out)
-            xs = x[rows] if x.dim() == 3 else x.unsqueeze(0)
-            delta = torch.bmm(torch.bmm(xs.to(A.dtype), A), B) * self.scaling[name]
+            # fp32 whatever the model dtype: a small delta added to a large activation in bf16 loses most
+            # of its bits, and only the routed rows pay for the cast
+            delta = torch.bmm(torch.bmm(x3[rows].float(), A.float()), B.float()) * self.scaling[name]
             bound = self.max_delta_norm[name]
             if bound > 0:
-                ref = result[rows].detach().float().norm(dim=-1, keepdim=True) if x.dim() == 3 else result.norm()
+                ref = res3[rows].detach().float().norm(dim=-1, keepdim=True)
                 norm = delta.float().norm(dim=-1, keepdim=True)
                 delta = delta * torch.clamp(bound * ref / norm.clamp_min(1e-12), max=1.0).to(delta.dtype)
-            if x.dim() == 3:
-                result = result.index_add(0, rows, delta.to(result.dtype))
-            else:
-                result = result + delta[0].to(result.dtype)
+            result = res3.index_add(0, rows, delta.to(result.dtype)).view(result.shape)
         return result
 
     def __repr__(self) -> str:

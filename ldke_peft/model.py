@@ -158,8 +158,24 @@ class LDKEModel(BaseTuner):
     def _install_hooks(self, model: nn.Module, family: Family) -> None:
         state = routing_state_of(model)
         if "root" not in state.hooked_layers:
-            h = model.register_forward_pre_hook(_make_root_pre_hook(state, family), with_kwargs=True)
-            state.hooks.append(h)
+            # Entry modules: the root model, and the language model, which some families' generate
+            # runs directly (BLIP-2: ``language_model.generate(inputs_embeds=...)``). Only the outermost
+            # running entry records the call's routing inputs.
+            entries = [model]
+            try:
+                lm = family.language_model(model)
+            except Exception:  # noqa: BLE001 - a family without a separate LM module
+                lm = None
+            if lm is not None and lm is not model:
+                entries.append(lm)
+            for entry in entries:
+                state.hooks.append(
+                    entry.register_forward_pre_hook(_make_root_pre_hook(state, family, model), with_kwargs=True)
+                )
+                state.hooks.append(entry.register_forward_hook(_make_exit_hook(state), always_call=True))
+            emb = model.get_input_embeddings()
+            if emb is not None:
+                state.hooks.append(emb.register_forward_pre_hook(_make_embedding_hook(state)))
             state.hooked_layers.add("root")
         layers = family.decoder_layers(model)
         for name, cfg in self.peft_config.items():
@@ -178,6 +194,8 @@ class LDKEModel(BaseTuner):
         state.hooked_layers.clear()
         state.slots.clear()
         state.current = None
+        state.depth = 0
+        state.pending_ids = None
 
     # ------------------------------------------------------------------ adapter management
     def delete_adapter(self, adapter_name: str) -> None:
@@ -228,9 +246,29 @@ class LDKEModel(BaseTuner):
         return routing_state_of(self.model).slots.get(adapter_name)
 
 
-def _make_root_pre_hook(state: RoutingState, family: Family):
+def _make_exit_hook(state: RoutingState):
+    def hook(module: nn.Module, args: tuple, output: Any):
+        state.depth = max(0, state.depth - 1)
+        return None
+
+    return hook
+
+
+def _make_embedding_hook(state: RoutingState):
+    def hook(module: nn.Module, args: tuple):
+        if state.depth == 0 and args and isinstance(args[0], torch.Tensor) and args[0].dim() == 2:
+            state.pending_ids = args[0].detach()
+        return None
+
+    return hook
+
+
+def _make_root_pre_hook(state: RoutingState, family: Family, root: nn.Module):
     def hook(module: nn.Module, args: tuple, kwargs: dict):
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        state.depth += 1
+        if state.depth > 1:
+            return None  # nested entry (the LM inside the root forward): the outer call decided
+        input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         prefill = _cache_length(cache) == 0
         ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
@@ -238,7 +276,13 @@ def _make_root_pre_hook(state: RoutingState, family: Family):
             state.current = None
             return None
         B, T = int(ref.shape[0]), int(ref.shape[1])
-        image_mask = family.image_mask(module, input_ids) if input_ids is not None else None
+        pend = state.pending_ids
+        if input_ids is None and prefill and pend is not None and pend.shape[1] == T and B % pend.shape[0] == 0:
+            # The prompt was embedded by the caller (BLIP-2 generate); its ids give the image positions.
+            # generate expands rows for beams / num_return_sequences with repeat_interleave.
+            input_ids = pend.to(ref.device).repeat_interleave(B // pend.shape[0], dim=0)
+        state.pending_ids = None
+        image_mask = family.image_mask(root, input_ids) if input_ids is not None else None
         pm = current_prompt_mask()
         if pm is not None and tuple(pm.shape) == (B, T):
             prompt_mask = pm.bool()

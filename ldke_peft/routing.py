@@ -72,12 +72,33 @@ class RouterState(nn.Module):
         ``keys_v (K, p)``, ``keys_t (K, p)``: slot keys in projected space.
         ``radius_v (K,)``, ``radius_t (K,)``: acceptance radii.
         ``needs_image (K,)``: 1.0 for image edits (visual part required), 0.0 for text-only edits.
+
+    **Projection groups.** A pack made by one :func:`~ldke_peft.edit` call has one projection, so all
+    its keys live in one space. A pack *merged* from packs fitted separately
+    (:func:`ldke_peft.merge.merge_packs`) keeps every source pack's projection instead of refitting:
+    with ``groups = G > 1`` it also holds
+
+        ``proj_group (K,)`` long: the projection slot ``k``'s keys live in (0 = ``mu_*``/``proj_*``),
+        ``extra_mu_v (G-1, d_v)``, ``extra_proj_v (G-1, d_v, p)``, ``extra_mu_t (G-1, d_t)``,
+        ``extra_proj_t (G-1, d_t, p)``: projections ``1 .. G-1``.
+
+    Each slot's score is then computed exactly as in its source pack, so a merged pack routes every
+    input the way the source pack owning the best-scoring slot would. Slots appended later (sequential
+    editing) join group 0. With ``G == 1`` none of these buffers exist: the layout of a pack that was
+    never merged is unchanged.
+
+    Floating buffers stay fp32 whatever ``.to(dtype)`` the model gets (see :meth:`_apply`): radii sit
+    between a positive and a negative a few percent apart, and bf16 keys/projections would move them.
     """
 
     BUFFERS = ("mu_v", "proj_v", "mu_t", "proj_t", "keys_v", "keys_t", "radius_v", "radius_t", "needs_image")
+    #: Only present when ``groups > 1`` (a merged pack that keeps several source projections).
+    GROUP_BUFFERS = ("proj_group", "extra_mu_v", "extra_proj_v", "extra_mu_t", "extra_proj_t")
 
-    def __init__(self, d_model: int, proj_dim: int, num_slots: int):
+    def __init__(self, d_model: int, proj_dim: int, num_slots: int, groups: int = 1):
         super().__init__()
+        if groups < 1:
+            raise ValueError(f"a router needs at least one projection group, got groups={groups}")
         d_v, d_t = d_model, 2 * d_model
         self.register_buffer("mu_v", torch.zeros(d_v))
         self.register_buffer("proj_v", _init_proj(d_v, proj_dim, seed=1))
@@ -89,10 +110,34 @@ class RouterState(nn.Module):
         self.register_buffer("radius_v", torch.zeros(num_slots))
         self.register_buffer("radius_t", torch.zeros(num_slots))
         self.register_buffer("needs_image", torch.ones(num_slots))
+        if groups > 1:
+            self.register_buffer("proj_group", torch.zeros(num_slots, dtype=torch.long))
+            self.register_buffer("extra_mu_v", torch.zeros(groups - 1, d_v))
+            self.register_buffer("extra_proj_v", torch.zeros(groups - 1, d_v, proj_dim))
+            self.register_buffer("extra_mu_t", torch.zeros(groups - 1, d_t))
+            self.register_buffer("extra_proj_t", torch.zeros(groups - 1, d_t, proj_dim))
+
+    def _apply(self, fn, recurse: bool = True):
+        # ``model.to(torch.bfloat16)`` (and PEFT moving an adapter to its base layer's dtype) would round
+        # keys, radii and projections: device moves apply, dtype casts of floating buffers do not.
+        # (A RouterState has buffers only: no parameters, no submodules.)
+        for name, buf in self._buffers.items():
+            if buf is None:
+                continue
+            new = fn(buf)
+            if buf.is_floating_point() and new.dtype != buf.dtype:
+                new = buf.to(device=new.device)
+            self._buffers[name] = new
+        return self
 
     @property
     def num_slots(self) -> int:
         return int(self.keys_v.shape[0])
+
+    @property
+    def num_groups(self) -> int:
+        """Number of projections (1 unless the pack was merged from packs with different projections)."""
+        return 1 + int(self.extra_proj_v.shape[0]) if "extra_proj_v" in self._buffers else 1
 
     @property
     def proj_dim(self) -> int:
@@ -103,7 +148,10 @@ class RouterState(nn.Module):
         k_old = self.num_slots
         if num_slots == k_old:
             return
-        for name, fill in (("keys_v", 0.0), ("keys_t", 0.0), ("radius_v", 0.0), ("radius_t", 0.0), ("needs_image", 1.0)):
+        resized = [("keys_v", 0.0), ("keys_t", 0.0), ("radius_v", 0.0), ("radius_t", 0.0), ("needs_image", 1.0)]
+        if "proj_group" in self._buffers:
+            resized.append(("proj_group", 0))  # new slots are fitted in projection 0
+        for name, fill in resized:
             old = getattr(self, name)
             shape = (num_slots,) + tuple(old.shape[1:])
             new = torch.full(shape, fill, dtype=old.dtype, device=old.device)
@@ -113,6 +161,7 @@ class RouterState(nn.Module):
 
     # ------------------------------------------------------------------ decision
     def project(self, visual: torch.Tensor, textual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features in projection 0's space (the one new slots are fitted in)."""
         # router math in fp32 whatever the model dtype (bf16 distances are too coarse for radii)
         zv = (visual.float() - self.mu_v.float()) @ self.proj_v.float()
         zt = (textual.float() - self.mu_t.float()) @ self.proj_t.float()
@@ -125,9 +174,9 @@ class RouterState(nn.Module):
         text-only slot uses the textual part and only accepts text-only inputs; an image slot never
         accepts a text-only input.
         """
-        zv, zt = self.project(visual, textual)
-        dv = torch.cdist(zv, self.keys_v.float()) / self.radius_v.float().clamp_min(1e-12)
-        dt = torch.cdist(zt, self.keys_t.float()) / self.radius_t.float().clamp_min(1e-12)
+        dv, dt = self._distances(visual, textual)
+        dv = dv / self.radius_v.float().clamp_min(1e-12)
+        dt = dt / self.radius_t.float().clamp_min(1e-12)
         needs = self.needs_image.bool().unsqueeze(0)
         img = has_image.to(dv.device).bool().unsqueeze(1)
         score = torch.where(needs, torch.maximum(dv, dt), dt)
@@ -135,6 +184,29 @@ class RouterState(nn.Module):
         live = (self.radius_t > 0) & ((self.radius_v > 0) | ~self.needs_image.bool())
         ok = compatible & live.unsqueeze(0)
         return torch.where(ok, score, torch.full_like(score, float("inf")))
+
+    def _distances(self, visual: torch.Tensor, textual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, K)`` visual and textual distances of each row to each slot's keys, in the slot's own space."""
+        if self.num_groups == 1:
+            zv, zt = self.project(visual, textual)
+            return torch.cdist(zv, self.keys_v.float()), torch.cdist(zt, self.keys_t.float())
+        v, t = visual.float(), textual.float()
+        B, K = v.shape[0], self.num_slots
+        dv = torch.full((B, K), float("inf"), device=v.device)
+        dt = torch.full((B, K), float("inf"), device=v.device)
+        group = self.proj_group.to(v.device)
+        for g in range(self.num_groups):
+            sel = (group == g).nonzero(as_tuple=True)[0]
+            if len(sel) == 0:
+                continue
+            if g == 0:
+                zv, zt = self.project(v, t)
+            else:
+                zv = (v - self.extra_mu_v[g - 1].float()) @ self.extra_proj_v[g - 1].float()
+                zt = (t - self.extra_mu_t[g - 1].float()) @ self.extra_proj_t[g - 1].float()
+            dv[:, sel] = torch.cdist(zv, self.keys_v[sel].float())
+            dt[:, sel] = torch.cdist(zt, self.keys_t[sel].float())
+        return dv, dt
 
     def route(self, visual: torch.Tensor, textual: torch.Tensor, has_image: torch.Tensor) -> torch.Tensor:
         """``(B,)`` long: the best-scoring slot within scope per row, or :data:`NO_SLOT`."""

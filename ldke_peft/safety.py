@@ -93,11 +93,12 @@ def _resolve_from_hub(repo_id: str, subfolder: str | None, hub_kwargs: dict[str,
     accepted = set(inspect.signature(huggingface_hub.hf_hub_download).parameters)
     kwargs = {k: v for k, v in hub_kwargs.items() if k in accepted and k not in ("repo_id", "filename", "subfolder")}
     where = f"Hub repo {repo_id!r}" + (f" (subfolder {subfolder!r})" if subfolder else "")
-    offline = huggingface_hub.constants.HF_HUB_OFFLINE or bool(kwargs.get("local_files_only"))
+    offline = huggingface_hub.constants.is_offline_mode() or bool(kwargs.get("local_files_only"))
     if not offline:
         # Refuse before downloading anything when the repo listing shows pickle files.
         try:
-            files = huggingface_hub.list_repo_files(
+            api = huggingface_hub.HfApi(endpoint=kwargs.get("endpoint"))
+            files = api.list_repo_files(
                 repo_id, revision=kwargs.get("revision"), repo_type=kwargs.get("repo_type"), token=kwargs.get("token")
             )
         except Exception as exc:  # noqa: BLE001 - listing is best effort; the cache check below still runs
@@ -107,6 +108,11 @@ def _resolve_from_hub(repo_id: str, subfolder: str | None, hub_kwargs: dict[str,
             _refuse_pickles([f for f in files if f.startswith(prefix) and "/" not in f[len(prefix) :]], where)
     try:
         weights = huggingface_hub.hf_hub_download(repo_id, WEIGHTS_NAME, subfolder=subfolder, **kwargs)
+    except hub_errors.LocalEntryNotFoundError as exc:
+        raise AdapterLoadError(
+            f"cannot fetch {WEIGHTS_NAME} of the LDKE pack in {where}: not in the local cache and the Hub is not "
+            "reachable (offline mode or local_files_only)"
+        ) from exc
     except hub_errors.EntryNotFoundError as exc:
         raise CorruptAdapterError(f"LDKE pack in {where} has no {WEIGHTS_NAME}") from exc
     except Exception as exc:  # noqa: BLE001 - network, auth, offline cache miss: one clear error type
@@ -183,7 +189,11 @@ def _parse_key(key: str, layer_re: re.Pattern, targets: set[str] | None) -> tupl
 def _router_buffers() -> tuple[str, ...]:
     from .routing import RouterState
 
-    return RouterState.BUFFERS
+    return RouterState.BUFFERS + RouterState.GROUP_BUFFERS
+
+
+def _router_groups(config: Any) -> int:
+    return int(getattr(config, "router_groups", 1) or 1)
 
 
 def _check_tensors(path: str, config: Any) -> None:
@@ -243,8 +253,14 @@ def _expected_layout(config: Any) -> dict[tuple[int, str], tuple[int | None, ...
         "mu_v": ("d",), "proj_v": ("d", p), "mu_t": ("2d",), "proj_t": ("2d", p),
         "keys_v": (K, p), "keys_t": (K, p), "radius_v": (K,), "radius_t": (K,), "needs_image": (K,),
     }
-    for buf in _router_buffers():
-        layout[(P, _ROUTER_PREFIX + buf)] = router_shapes[buf]  # type: ignore[assignment]
+    G = _router_groups(config)
+    if G > 1:  # a merged pack that keeps several source projections (see RouterState)
+        router_shapes.update({
+            "proj_group": (K,), "extra_mu_v": (G - 1, "d"), "extra_proj_v": (G - 1, "d", p),
+            "extra_mu_t": (G - 1, "2d"), "extra_proj_t": (G - 1, "2d", p),
+        })
+    for buf, shape in router_shapes.items():
+        layout[(P, _ROUTER_PREFIX + buf)] = shape  # type: ignore[assignment]
     return layout
 
 
@@ -280,9 +296,9 @@ def _check_shapes(entries: dict[tuple[int, str], _Entry], expected: dict, config
                     f"({_dim_doc(tensor, dim)}; rank={config.rank}, num_slots={config.num_slots}, "
                     f"router_dim={config.router_dim})"
                 )
-        if tensor == "ldke_slot_ids":
+        if tensor in _INDEX_TENSORS:
             if not e.dtype.upper().startswith(("I", "U")):
-                raise CorruptAdapterError(f"tensor {e.key!r} has dtype {e.dtype}; slot ids must be integers")
+                raise CorruptAdapterError(f"tensor {e.key!r} has dtype {e.dtype}; slot/group ids must be integers")
         elif not e.dtype.upper().startswith(("F", "BF")):
             raise CorruptAdapterError(f"tensor {e.key!r} has dtype {e.dtype}; expected a floating dtype")
     hidden = (config.base_model_fingerprint or {}).get("hidden_size")
@@ -299,6 +315,9 @@ def _check_shapes(entries: dict[tuple[int, str], _Entry], expected: dict, config
                 f"LDKE pack has tensors for decoder layer {used[-1]}, but its base model has {n_layers} layers"
             )
 
+
+#: Integer tensors: per-layer slot ids and (merged packs) each slot's projection group.
+_INDEX_TENSORS = ("ldke_slot_ids", _ROUTER_PREFIX + "proj_group")
 
 _SYMBOL_DOC = {"in": "input features of the edited MLP projections", "d": "hidden size"}
 
@@ -328,6 +347,14 @@ def _check_slot_ids_and_values(handle: Any, entries: dict[tuple[int, str], _Entr
                 raise CorruptAdapterError(
                     f"tensor {e.key!r} says decoder layer {layer} hosts slots {got}, but the config's slot_layers "
                     f"say {want}"
+                )
+        elif tensor == _ROUTER_PREFIX + "proj_group":
+            G = _router_groups(config)
+            bad = [int(v) for v in t.tolist() if not 0 <= int(v) < G]
+            if bad:
+                raise CorruptAdapterError(
+                    f"tensor {e.key!r} assigns slots to projection group(s) {sorted(set(bad))}, but the config has "
+                    f"router_groups={G}"
                 )
         elif t.is_floating_point() and not bool(torch.isfinite(t).all()):
             n_bad = int((~torch.isfinite(t)).sum())

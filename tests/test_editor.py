@@ -1,0 +1,136 @@
+"""The LDKE algorithm on the toy world: single-edit bars, sequential editing, routing behaviour and
+Fast Localization. These assert the behaviour users rely on: the edit fires on rephrasings and other
+views, and nothing else changes."""
+
+from __future__ import annotations
+
+import torch
+import pytest
+
+import ldke_peft
+from ldke_peft import EditRequest, LDKEConfig
+from ldke_peft.bench.toy import _spearman
+from ldke_peft.localization import locate, trace
+from ldke_peft.metrics import collect_pre, compute_metrics
+from ldke_peft.model import default_probe_layer
+
+pytestmark = pytest.mark.slow
+
+
+@torch.no_grad()
+def ask(world, model, image, prompt, max_new_tokens=4):
+    """Greedy answer of ``model`` (base or edited) in the world's chat format."""
+    fam = world.family
+    built = fam.build_inputs(world.processor, [image], [prompt])
+    out = model.generate(**built.inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    text = fam.tokenizer(world.processor).decode(out[0, built.input_ids.shape[1]:], skip_special_tokens=True)
+    return text.strip()
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_single_edits_meet_the_bars(world, world_pool):
+    """Reliability ≥ 0.99, T/M-Generality ≥ 0.95, T-Locality ≥ 0.99, M-Locality ≥ 0.98,
+    Coupled-Locality ≥ 0.95, averaged over a handful of single edits (each in its own pack)."""
+    base = _state(world.model)
+    reqs = world.edit_requests(4, seed=7)
+    rows = []
+    for r in reqs:
+        pre = collect_pre(world.model, world.processor, [r])
+        pm = ldke_peft.edit(world.model, world.processor, [r], negatives=world_pool, progress=False)
+        rows.append(compute_metrics(pm, world.processor, [r], pre))
+        pm.unload()
+    mean = {k: sum(m[k] for m in rows) / len(rows) for k in ("reliability", "t_generality", "m_generality",
+                                                               "t_locality", "m_locality", "coupled_locality", "exact_match")}
+    assert mean["reliability"] >= 0.99, mean
+    assert mean["t_generality"] >= 0.95, mean
+    assert mean["m_generality"] >= 0.95, mean
+    assert mean["t_locality"] >= 0.99, mean
+    assert mean["m_locality"] >= 0.98, mean
+    assert mean["coupled_locality"] >= 0.95, mean
+    assert mean["exact_match"] >= 0.99, mean
+    # unload() returns the base model with bitwise-identical weights
+    after = world.model.state_dict()
+    assert all(torch.equal(base[k], after[k]) for k in base)
+
+
+def test_edit_answers_change_only_in_scope(world, world_pool):
+    r = world.edit_requests(1, seed=11)[0]
+    coupled_same_image = next(p for p in r.coupled if p.kind == "same_image_other_question")
+    lookalike = next((p for p in r.coupled if p.kind == "lookalike_same_question"), None)
+    before = {
+        "coupled": ask(world, world.model, coupled_same_image.image, coupled_same_image.prompt),
+        "text": ask(world, world.model, None, r.locality[0].prompt),
+    }
+    if lookalike is not None:
+        before["lookalike"] = ask(world, world.model, lookalike.image, lookalike.prompt)
+    pm = ldke_peft.edit(world.model, world.processor, [r], negatives=world_pool, progress=False)
+    try:
+        assert ask(world, pm, r.image, r.prompt) == r.target
+        assert ask(world, pm, r.image, r.rephrase_prompts[0]) == r.target
+        assert ask(world, pm, r.rephrase_images[0], r.prompt) == r.target
+        assert ask(world, pm, coupled_same_image.image, coupled_same_image.prompt) == before["coupled"]
+        assert ask(world, pm, None, r.locality[0].prompt) == before["text"]
+        if lookalike is not None:
+            assert ask(world, pm, lookalike.image, lookalike.prompt) == before["lookalike"]
+    finally:
+        pm.unload()
+
+
+def test_sequential_edits_survive_later_ones(world, world_pool):
+    reqs = world.edit_requests(5, seed=21)
+    pres = [collect_pre(world.model, world.processor, [r]) for r in reqs]
+    pm = None
+    for r in reqs:
+        pm = ldke_peft.edit(world.model if pm is None else pm, world.processor, [r], pack=pm,
+                            negatives=world_pool, progress=False)
+    assert pm.peft_config["default"].num_slots == len(reqs)
+    rows = [compute_metrics(pm, world.processor, [r], p, generate=False) for r, p in zip(reqs, pres)]
+    assert min(m["reliability"] for m in rows) >= 0.99, [m["reliability"] for m in rows]
+    assert sum(m["t_locality"] for m in rows) / len(rows) >= 0.98
+    assert sum(m["m_locality"] for m in rows) / len(rows) >= 0.98
+    pm.unload()
+
+
+def test_batch_edit_in_one_call(world, world_pool):
+    reqs = world.edit_requests(3, seed=31)
+    pre = collect_pre(world.model, world.processor, reqs)
+    pm = ldke_peft.edit(world.model, world.processor, reqs, negatives=world_pool, progress=False)
+    m = compute_metrics(pm, world.processor, reqs, pre, generate=False)
+    assert m["reliability"] >= 0.99 and m["coupled_locality"] >= 0.95, m
+    assert len(pm.ldke_reports) == 3 and all(rep.fit_accuracy == 1.0 for rep in pm.ldke_reports)
+    pm.unload()
+
+
+def test_fast_localization_tracks_exact_tracing(world):
+    """Constant passes (4 forward-equivalents) and the same ranking as exact per-layer tracing."""
+    reqs = world.edit_requests(6, seed=41)
+    probe = default_probe_layer(world.family.num_layers(world.model))
+    agree, rhos = 0, []
+    for r in reqs:
+        f = locate(world.model, world.processor, r, probe_layer=probe)
+        e = trace(world.model, world.processor, r, probe_layer=probe)
+        assert f.forward_passes == 4.0 and e.forward_passes == world.family.num_layers(world.model) + 2
+        assert f.candidates == e.candidates and min(f.candidates) > probe
+        agree += f.ranking()[0] == e.ranking()[0]
+        rhos.append(_spearman([float(f.scores[i]) for i in f.candidates], [float(e.scores[i]) for i in e.candidates]))
+    assert agree / len(reqs) >= 0.8
+    assert sum(rhos) / len(rhos) >= 0.6
+
+
+def test_text_only_edit(world, world_pool):
+    """A text-only request (no image) edits only text-only inputs."""
+    rel, subject, _ = world.text_facts[0]
+    prompt = world.text_prompt(rel, subject)
+    before = ask(world, world.model, None, prompt)
+    vocab = sorted(a for a in {a for (rr, _, a) in world.text_facts if rr == rel} if a != before)
+    r = EditRequest(prompt=prompt, target=vocab[0], ground_truth=before, relation=rel)
+    pm = ldke_peft.edit(world.model, world.processor, [r], negatives=world_pool, progress=False)
+    try:
+        assert ask(world, pm, None, prompt) == vocab[0]
+        other = next(world.text_prompt(rr, s) for (rr, s, _) in world.text_facts if rr != rel)
+        assert ask(world, pm, None, other) == ask(world, world.model, None, other)
+    finally:
+        pm.unload()

@@ -1,0 +1,359 @@
+"""Loading untrusted or broken edit packs: every failure is a specific error, before the model is touched.
+
+Each broken pack is tried through every loading route (``PeftModel.from_pretrained``, transformers'
+``model.load_adapter`` and ``PeftModel.load_adapter`` as a second adapter). After the refusal the
+base model must carry no LDKE module, no routing hook, and a bitwise-unchanged state_dict.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import shutil
+import tokenize
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+
+from ldke_peft import LDKEConfig
+from ldke_peft.errors import AdapterLoadError, CorruptAdapterError, FingerprintMismatchError, UnsafeAdapterError
+from ldke_peft.safety import validate_pack
+
+from _tuner_utils import (
+    BLUE,
+    PROMPT_A,
+    PROMPT_B,
+    RED,
+    Anchor,
+    SlotSpec,
+    assert_same_state,
+    base_state,
+    build,
+    build_inputs,
+    hand_pack,
+    ldke_modules,
+    logits,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+
+WEIGHTS = "adapter_model.safetensors"
+LAYER = "base_model.model.model.language_model.layers.{}.mlp.down_proj.{}"
+LOADERS = ("PeftModel.from_pretrained", "transformers.load_adapter", "PeftModel.load_adapter")
+
+
+@pytest.fixture(scope="module")
+def good_pack(tmp_path_factory) -> Path:
+    """A valid llava pack: slot 0 on layer 2, slot 1 on layers 2 and 3, router on layer 1."""
+    model, proc = build("llava")
+    hp = hand_pack(model, proc, [SlotSpec([2], Anchor(RED, PROMPT_A)), SlotSpec([2, 3], Anchor(BLUE, PROMPT_B))])
+    path = tmp_path_factory.mktemp("packs") / "good"
+    hp.model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def pack(good_pack, tmp_path) -> Path:
+    """A fresh copy of the good pack to break."""
+    dst = tmp_path / "pack"
+    shutil.copytree(good_pack, dst)
+    return dst
+
+
+def _edit_tensors(pack: Path, fn: Callable[[dict[str, torch.Tensor]], None]) -> None:
+    tensors = load_file(str(pack / WEIGHTS))
+    fn(tensors)
+    save_file(tensors, str(pack / WEIGHTS), metadata={"format": "pt"})
+
+
+def _edit_config(pack: Path, fn: Callable[[dict], None]) -> None:
+    path = pack / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    fn(cfg)
+    path.write_text(json.dumps(cfg))
+
+
+def _routing_hooks(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+def assert_refused(pack: Path, loader: str, error: type[Exception], match: str, model_type: str = "llava", seed: int = 0):
+    """Load ``pack`` through ``loader``; expect ``error`` and an untouched base model."""
+    if loader == "PeftModel.load_adapter":
+        # a second adapter on a model that already carries a good one: that one must keep working
+        model, proc = build(model_type, seed)
+        first = hand_pack(model, proc, [SlotSpec([3], Anchor(RED, PROMPT_A))]).model
+        built = build_inputs(model, proc, [Anchor(RED, PROMPT_A), Anchor(BLUE, PROMPT_B)])
+        before_logits, before = logits(first, built), base_state(first)
+        n_modules, n_hooks = len(ldke_modules(first)), _routing_hooks(model)
+        with pytest.raises(error, match=match) as info:
+            first.load_adapter(str(pack), adapter_name="bad")
+        assert "bad" not in first.peft_config
+        assert not any("bad" in m.ldke_A or "bad" in m.ldke_router for m in first.modules() if hasattr(m, "ldke_A"))
+        assert len(ldke_modules(first)) == n_modules and _routing_hooks(model) == n_hooks
+        assert_same_state(before, first, f"refused {loader}")
+        assert torch.equal(logits(first, built), before_logits)
+        return info.value
+    model, _ = build(model_type, seed)
+    before, n_hooks = base_state(model), _routing_hooks(model)
+    with pytest.raises(error, match=match) as info:
+        if loader == "PeftModel.from_pretrained":
+            PeftModel.from_pretrained(model, str(pack))
+        else:
+            model.load_adapter(str(pack))
+    assert not ldke_modules(model), f"{loader} left LDKE modules on the base model"
+    assert _routing_hooks(model) == n_hooks, f"{loader} left routing hooks on the base model"
+    assert_same_state(before, model, f"refused {loader}")
+    return info.value
+
+
+def test_good_pack_loads_everywhere(good_pack):
+    cfg = LDKEConfig.from_pretrained(str(good_pack))
+    validate_pack(str(good_pack), cfg)
+    model, proc = build("llava")
+    pm = PeftModel.from_pretrained(model, str(good_pack))
+    assert len(ldke_modules(pm)) == 3
+
+
+# ---------------------------------------------------------------------- wrong base model
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_other_seed_is_fingerprint_mismatch(pack, loader):
+    err = assert_refused(pack, loader, FingerprintMismatchError, "different base model", seed=1)
+    assert "decoder layer" in str(err)
+
+
+@pytest.mark.parametrize("other", ["qwen2_vl", "blip-2"])
+@pytest.mark.parametrize("loader", LOADERS[:2])
+def test_other_family_is_fingerprint_mismatch(pack, loader, other):
+    assert_refused(pack, loader, FingerprintMismatchError, r"model_type='llava'.*" + other, model_type=other)
+
+
+# ---------------------------------------------------------------------- corrupt weights
+
+
+def _truncate(pack: Path) -> None:
+    data = (pack / WEIGHTS).read_bytes()
+    (pack / WEIGHTS).write_bytes(data[: len(data) // 2])
+
+
+def _nan(pack: Path) -> None:
+    _edit_tensors(pack, lambda t: t[LAYER.format(3, "ldke_B")].view(-1).__setitem__(0, float("nan")))
+
+
+def _inf(pack: Path) -> None:
+    _edit_tensors(pack, lambda t: t[LAYER.format(1, "ldke_router.keys_v")].view(-1).__setitem__(3, float("inf")))
+
+
+def _missing(pack: Path) -> None:
+    _edit_tensors(pack, lambda t: t.pop(LAYER.format(3, "ldke_slot_ids")))
+
+
+def _extra(pack: Path) -> None:
+    _edit_tensors(pack, lambda t: t.__setitem__(LAYER.format(3, "ldke_C"), torch.zeros(2)))
+
+
+def _wrong_rank(pack: Path) -> None:
+    key = LAYER.format(2, "ldke_A")
+    _edit_tensors(pack, lambda t: t.__setitem__(key, torch.zeros(t[key].shape[0], t[key].shape[1], 3)))
+
+
+def _wrong_router_width(pack: Path) -> None:
+    key = LAYER.format(1, "ldke_router.keys_t")
+    _edit_tensors(pack, lambda t: t.__setitem__(key, torch.zeros(2, 31)))
+
+
+def _inconsistent_hidden(pack: Path) -> None:
+    key = LAYER.format(3, "ldke_B")
+    _edit_tensors(pack, lambda t: t.__setitem__(key, torch.zeros(t[key].shape[0], t[key].shape[1], 48)))
+
+
+def _swapped_slot_ids(pack: Path) -> None:
+    _edit_tensors(pack, lambda t: t.__setitem__(LAYER.format(2, "ldke_slot_ids"), torch.tensor([1, 0])))
+
+
+def _extra_slot_in_config(pack: Path) -> None:
+    def fn(cfg):
+        cfg["slot_layers"] = cfg["slot_layers"] + [[3]]
+        cfg["num_slots"] = 3
+
+    _edit_config(pack, fn)
+
+
+def _no_weights(pack: Path) -> None:
+    (pack / WEIGHTS).unlink()
+
+
+CORRUPTIONS = {
+    "truncated": (_truncate, CorruptAdapterError, r"adapter_model\.safetensors.*(truncated|corrupt)"),
+    "nan": (_nan, CorruptAdapterError, r"layers\.3\.mlp\.down_proj\.ldke_B.*non-finite"),
+    "inf": (_inf, CorruptAdapterError, r"ldke_router\.keys_v.*non-finite"),
+    "missing_tensor": (_missing, CorruptAdapterError, r"missing tensor ldke_slot_ids of decoder layer 3"),
+    "extra_tensor": (_extra, CorruptAdapterError, r"unexpected tensor .*ldke_C"),
+    "wrong_rank": (_wrong_rank, CorruptAdapterError, r"layers\.2\.mlp\.down_proj\.ldke_A.*shape \[2, 64, 3\].*\(2, \*, 2\)"),
+    "wrong_router_width": (_wrong_router_width, CorruptAdapterError, r"keys_t.*shape \[2, 31\].*\(2, 32\)"),
+    "inconsistent_hidden": (_inconsistent_hidden, CorruptAdapterError, r"ldke_B.*\[1, 2, 48\].*hidden size: 48 vs 32"),
+    "slot_ids_disagree": (_swapped_slot_ids, CorruptAdapterError, r"hosts slots \[1, 0\].*say \[0, 1\]"),
+    "slot_count_disagrees": (_extra_slot_in_config, CorruptAdapterError, r"layers\.3\.mlp\.down_proj\.ldke_\w+.*shape \[1"),
+    "no_safetensors": (_no_weights, CorruptAdapterError, r"has no adapter_model\.safetensors"),
+}
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+@pytest.mark.parametrize("case", sorted(CORRUPTIONS))
+def test_corrupt_pack_refused(pack, loader, case):
+    breaker, error, match = CORRUPTIONS[case]
+    breaker(pack)
+    assert_refused(pack, loader, error, match)
+
+
+def test_num_slots_disagreeing_with_slot_layers(pack):
+    _edit_config(pack, lambda cfg: cfg.__setitem__("num_slots", 5))
+    for loader in LOADERS:
+        assert_refused(pack, loader, AdapterLoadError, r"num_slots=5 disagrees with slot_layers \(2 entries\)")
+
+
+# ---------------------------------------------------------------------- unsafe config / files
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+@pytest.mark.parametrize(
+    "field, value",
+    [("__class__", "os.system"), ("trust_remote_code", True), ("ldke_future_field", {"x": 1})],
+)
+def test_unknown_config_fields_refused(pack, loader, field, value):
+    _edit_config(pack, lambda cfg: cfg.__setitem__(field, value))
+    assert_refused(pack, loader, UnsafeAdapterError, rf"fields LDKE does not know: \['{field}'\]")
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_newer_pack_format_refused(pack, loader):
+    _edit_config(pack, lambda cfg: cfg.__setitem__("pack_format_version", "2.0"))
+    assert_refused(pack, loader, AdapterLoadError, r"pack format '2\.0' is not supported")
+
+
+class _Tripwire:
+    """Unpickling this creates ``path``: proof that a pickle was loaded."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+@pytest.mark.parametrize("name, keep_safetensors", [("adapter_model.bin", True), ("adapter_model.bin", False), ("extra.pt", True)])
+def test_pickle_files_refused_and_never_loaded(pack, tmp_path, loader, name, keep_safetensors):
+    marker = tmp_path / "unpickled"
+    (pack / name).write_bytes(pickle.dumps({"weights": _Tripwire(str(marker))}))
+    if not keep_safetensors:
+        (pack / WEIGHTS).unlink()
+    assert_refused(pack, loader, UnsafeAdapterError, rf"pickle-format file\(s\) \['{name}'\]")
+    assert not marker.exists(), "a pickle in the pack was unpickled"
+
+
+# ---------------------------------------------------------------------- loading by repo id
+
+
+def test_repo_id_offline_uses_cache_and_refuses_pickles(good_pack, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from ldke_peft.testing.fake_hub import populate_hf_cache
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    cache = tmp_path / "cache"
+    populate_hf_cache(good_pack, "org/good-pack", cache)
+    cfg = LDKEConfig.from_pretrained("org/good-pack", cache_dir=str(cache))
+    model, _ = build("llava")
+    pm = PeftModel.from_pretrained(model, "org/good-pack", cache_dir=str(cache))
+    assert len(ldke_modules(pm)) == 3
+
+    bad = tmp_path / "bad"
+    shutil.copytree(good_pack, bad)
+    (bad / "adapter_model.bin").write_bytes(b"not even looked at")
+    populate_hf_cache(bad, "org/bad-pack", cache)
+    with pytest.raises(UnsafeAdapterError, match=r"Hub repo 'org/bad-pack'.*adapter_model\.bin"):
+        validate_pack("org/bad-pack", cfg, cache_dir=str(cache))
+    with pytest.raises(AdapterLoadError, match="cannot fetch"):
+        validate_pack("org/not-cached", cfg, cache_dir=str(cache))
+
+
+def test_repo_id_online_refuses_pickles_before_download(good_pack, tmp_path):
+    from huggingface_hub import HfApi
+
+    from ldke_peft.testing.fake_hub import FakeHub
+
+    bad = tmp_path / "bad"
+    shutil.copytree(good_pack, bad)
+    (bad / "adapter_model.pth").write_bytes(b"never downloaded")
+    cfg = LDKEConfig.from_pretrained(str(good_pack))
+    with FakeHub() as hub:
+        api = HfApi(endpoint=hub.endpoint, token="t")
+        for repo, folder in (("org/good", good_pack), ("org/bad", bad)):
+            api.create_repo(repo)
+            api.upload_folder(repo_id=repo, folder_path=str(folder))
+        kw = dict(endpoint=hub.endpoint, cache_dir=str(tmp_path / "cache"), token="t")
+        validate_pack("org/good", cfg, **kw)
+        n = len(hub.requests)
+        with pytest.raises(UnsafeAdapterError, match=r"'org/bad'.*adapter_model\.pth"):
+            validate_pack("org/bad", cfg, **kw)
+        assert not any("resolve" in path for _, path in hub.requests[n:]), "downloaded files of a refused pack"
+
+
+# ---------------------------------------------------------------------- source scan
+
+ROOT = Path(__file__).resolve().parents[1]
+SCANNED = [ROOT / "ldke_peft", ROOT / "integrations"]
+
+
+def unsafe_calls(source: str) -> list[str]:
+    """Code (not strings or comments) that could execute untrusted data: ``torch.load(``, any use of
+    ``pickle``/``dill``/``marshal``, bare ``eval(``/``exec(``, ``trust_remote_code=True``."""
+    toks = [
+        t for t in tokenize.generate_tokens(io.StringIO(source).readline)
+        if t.type not in (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT)
+    ]
+    found = []
+    for i, t in enumerate(toks):
+        prev = toks[i - 1].string if i else ""
+        nxt = toks[i + 1].string if i + 1 < len(toks) else ""
+        nxt2 = toks[i + 2].string if i + 2 < len(toks) else ""
+        where = f"line {t.start[0]}"
+        if t.type == tokenize.NAME:
+            if t.string in ("pickle", "cPickle", "dill", "marshal", "cloudpickle"):
+                found.append(f"{where}: {t.string}")
+            elif t.string in ("eval", "exec") and nxt == "(" and prev != ".":
+                found.append(f"{where}: {t.string}(")
+            elif t.string == "load" and prev == "." and i >= 2 and toks[i - 2].string == "torch":
+                found.append(f"{where}: torch.load")
+            elif t.string == "trust_remote_code" and nxt == "=" and nxt2 == "True":
+                found.append(f"{where}: trust_remote_code=True")
+        elif t.type == tokenize.STRING and t.string.strip("'\"") == "trust_remote_code" and nxt == ":" and nxt2 == "True":
+            found.append(f"{where}: 'trust_remote_code': True")
+    return found
+
+
+def test_source_scanner_catches_what_it_should():
+    bad = (
+        "import pickle\nimport torch\nx = torch.load(p)\ny = eval('1')\nexec(code)\n"
+        "m = f(trust_remote_code=True)\nkw = {'trust_remote_code': True}\nfrom dill import loads\n"
+    )
+    assert [h.split(":")[0] for h in unsafe_calls(bad)] == [f"line {i}" for i in (1, 3, 4, 5, 6, 7, 8)], unsafe_calls(bad)
+    fine = "model.eval()\n# pickle torch.load( eval(\ns = 'no pickle files; torch.load( eval('\nf(trust_remote_code=False)\n"
+    assert unsafe_calls(fine) == []
+
+
+def test_library_sources_have_no_unsafe_loading():
+    problems = []
+    for folder in SCANNED:
+        for path in sorted(folder.rglob("*.py")):
+            for hit in unsafe_calls(path.read_text()):
+                problems.append(f"{path.relative_to(ROOT)} {hit}")
+    assert not problems, "unsafe code in library sources:\n" + "\n".join(problems)
