@@ -317,7 +317,12 @@ def fit_delta(
 
     imgs, prompts = positive_views(request, seed=seed)
     rows_img, rows_q = _positive_rows(imgs, prompts, request.image is not None)
-    built = family.build_inputs(processor, rows_img, rows_q, [request.target] * len(rows_q)).to(device)
+    # fit the answer *and* the end of the answer: without the EOS the old answer's tail can carry on
+    # after a shorter new target ("puro" -> "puro puet")
+    tok = family.tokenizer(processor)
+    eos = getattr(tok, "eos_token", None)
+    fit_target = request.target.strip() + (eos if isinstance(eos, str) and eos else "")
+    built = family.build_inputs(processor, rows_img, rows_q, [fit_target] * len(rows_q)).to(device)
     B = len(built)
     tgt_mask = built.target_mask
     # logits at t-1 predict token t

@@ -222,6 +222,8 @@ class LDKELinear(nn.Module, LDKELayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
+        if not self._routing.slots and current_forced_slots() is None:
+            return result  # no routing decision at all (e.g. before any LDKE forward): base only
         if self.disable_adapters or self.merged:
             return result
         for name in self.active_adapters:

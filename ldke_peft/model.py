@@ -263,6 +263,9 @@ def _make_embedding_hook(state: RoutingState):
     return hook
 
 
+_DECODE_STEP = RoutingInputs(image_mask=None, prompt_mask=None, batch_size=0, prefill=False)
+
+
 def _make_root_pre_hook(state: RoutingState, family: Family, root: nn.Module):
     def hook(module: nn.Module, args: tuple, kwargs: dict):
         state.depth += 1
@@ -271,6 +274,11 @@ def _make_root_pre_hook(state: RoutingState, family: Family, root: nn.Module):
         input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         prefill = _cache_length(cache) == 0
+        if not prefill:
+            # decode step: the prefill decision stands; nothing to compute (keeps generate cheap)
+            state.pending_ids = None
+            state.current = _DECODE_STEP
+            return None
         ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         if ref is None:
             state.current = None
