@@ -61,6 +61,7 @@ INTERNAL_CONFIG_FIELDS = frozenset(
         "base_model_fingerprint",
         "edits",
         "pack_format_version",
+        "router_groups",  # set by ldke_peft.merge for merged packs
     }
 )
 
