@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -22,9 +23,10 @@ from tqdm.auto import tqdm
 from .augment import dedupe, generic_question_bank, image_views, templated_rephrasings
 from .config import LDKEConfig
 from .context import forced_slots, prompt_mask_context
-from .errors import InvalidRequestError
-from .families import Family, family_of
+from .errors import InvalidRequestError, LDKEError
+from .families import Family, base_model_of, family_of
 from .localization import LocalizationResult, locate, trace
+from .layer import LDKELayer
 from .model import LDKEModel, collect_probe_features, default_probe_layer, _root_model
 from .requests import EditRequest, image_fingerprint
 from .routing import NO_SLOT
@@ -62,6 +64,14 @@ class _StopForward(Exception):
     pass
 
 
+class EditDivergedError(LDKEError, RuntimeError):
+    """The delta fit produced non-finite values (learning rate far too high, or a half-precision overflow).
+
+    Raised instead of returning a pack that would answer garbage (and that the loader would refuse);
+    :func:`edit` rolls the model back first.
+    """
+
+
 # ---------------------------------------------------------------------- public API
 
 
@@ -92,8 +102,14 @@ def edit(
             per step (for comparison only).
 
     Returns the ``PeftModel``; ``peft_model.ldke_reports`` holds a :class:`SlotReport` per new slot.
+
+    Bad input raises an :class:`~ldke_peft.errors.InvalidRequestError` (:class:`~ldke_peft.errors.ImageError`
+    for images) or :class:`~ldke_peft.errors.UnsupportedModelError` before the model is touched. A failure
+    after that (a diverged fit, :class:`EditDivergedError`; Ctrl-C; out of memory) rolls the model back
+    (a fresh model gets its original modules, hooks and flags back; a ``pack`` its previous slots) and
+    re-raises.
     """
-    from peft import PeftModel, get_peft_model
+    from peft import PeftModel
 
     if isinstance(requests, EditRequest):
         requests = [requests]
@@ -102,6 +118,8 @@ def edit(
         raise InvalidRequestError("edit() needs at least one EditRequest", field="requests")
     if pack is None and isinstance(model, PeftModel) and adapter_name in model.peft_config:
         pack = model
+    if pack is not None:
+        _check_pack(model, pack, adapter_name)
     family = family_of(pack if pack is not None else model)
     tok = family.tokenizer(processor)
     for i, r in enumerate(requests):
@@ -111,7 +129,24 @@ def edit(
             r.validate(tok)
         except InvalidRequestError as exc:
             raise type(exc)(f"requests[{i}]: {exc}", field=exc.field) from None
+    _check_config(config if pack is None else pack.peft_config[adapter_name])
+    _check_processor(family, pack if pack is not None else model, processor, requests)
     _check_lengths(family, pack if pack is not None else model, processor, requests)
+
+    # Everything above only reads. From here on the model changes; any failure (a late error, a diverged
+    # fit, Ctrl-C, out of memory) restores it exactly before the exception propagates.
+    rollback = _Rollback(model, pack, adapter_name)
+    try:
+        return _edit(model, processor, requests, config, family, pack=pack, adapter_name=adapter_name,
+                     negatives=negatives, progress=progress, cache_hidden=cache_hidden, seed=seed)
+    except BaseException:
+        rollback.restore()
+        raise
+
+
+def _edit(model, processor, requests, config, family, *, pack, adapter_name, negatives, progress, cache_hidden, seed):
+    """The edit loop proper (inputs already validated); see :func:`edit`."""
+    from peft import get_peft_model
 
     if pack is not None:
         cfg: LDKEConfig = pack.peft_config[adapter_name]
@@ -329,6 +364,13 @@ def fit_delta(
     pred_pos = torch.zeros_like(tgt_mask)
     pred_pos[:, :-1] = tgt_mask[:, 1:]
     tgt_ids = built.input_ids[tgt_mask]
+    # the answer tokens proper (the appended EOS is trained but does not gate early stopping or the
+    # reported accuracy: it only stops the old answer's tail from carrying on)
+    core = torch.ones_like(tgt_ids, dtype=torch.bool)
+    eos_id = getattr(tok, "eos_token_id", None)
+    if fit_target != request.target.strip() and eos_id is not None:
+        last = tgt_mask & ~torch.cat([tgt_mask[:, 1:], torch.zeros_like(tgt_mask[:, :1])], dim=1)
+        core = ~(last[tgt_mask] & (tgt_ids == eos_id))
 
     ldke_layers = tuner.ldke_layers(adapter_name)
     params = []
@@ -360,11 +402,17 @@ def fit_delta(
     try:
         for step in range(n_steps):
             logits = logits_at_targets()
-            loss = torch.nn.functional.cross_entropy(logits.float(), tgt_ids)
+            ce = torch.nn.functional.cross_entropy(logits.float(), tgt_ids, reduction="none")
+            loss = ce[core].mean() + (0.25 * ce[~core].mean() if bool((~core).any()) else 0.0)
+            if not bool(torch.isfinite(loss)):
+                raise EditDivergedError(
+                    f"edit {request.prompt!r} -> {request.target!r} diverged at step {step}: the loss is "
+                    f"{float(loss.detach())} (edit_lr={cfg.edit_lr}); lower edit_lr"
+                )
             with torch.no_grad():
-                hit = logits.argmax(-1) == tgt_ids
+                hit = (logits.argmax(-1) == tgt_ids)[core]
                 acc = float(hit.float().mean())
-                p_min = float(torch.softmax(logits.float(), -1).gather(1, tgt_ids[:, None]).min())
+                p_min = float(torch.softmax(logits.float(), -1).gather(1, tgt_ids[:, None])[core].min())
             if stop_early and bool(hit.all()) and p_min > 0.5:
                 break
             opt.zero_grad(set_to_none=True)
@@ -374,11 +422,16 @@ def fit_delta(
         else:
             with torch.no_grad():
                 logits = logits_at_targets()
-                acc = float((logits.argmax(-1) == tgt_ids).float().mean())
+                acc = float((logits.argmax(-1) == tgt_ids)[core].float().mean())
     finally:
         root.train(was_training)
         for p in params:
             p.grad = None
+    if not all(bool(torch.isfinite(p).all()) for p in params):
+        raise EditDivergedError(
+            f"edit {request.prompt!r} -> {request.target!r} diverged: slot {slot}'s delta has non-finite values "
+            f"after {taken} steps (edit_lr={cfg.edit_lr}); lower edit_lr"
+        )
     if acc < 1.0:
         logger.warning("edit %r -> %r: positives reach %.0f%% target accuracy after %d steps",
                        request.prompt, request.target, 100 * acc, taken)
@@ -601,15 +654,210 @@ def _edit_meta(r: EditRequest) -> dict[str, Any]:
     }
 
 
-def _check_lengths(family: Family, model: Any, processor: Any, requests: Sequence[EditRequest]) -> None:
-    max_pos = family.max_positions(_root_model(model))
-    if not max_pos:
+def _fit_target(tok: Any, target: str) -> str:
+    """The text the delta is fitted to: the target and then the end of the answer (see :func:`fit_delta`)."""
+    eos = getattr(tok, "eos_token", None)
+    return target.strip() + (eos if isinstance(eos, str) and eos else "")
+
+
+# ---------------------------------------------------------------------- checks before anything changes
+
+
+def _check_pack(model: Any, pack: Any, adapter_name: str) -> None:
+    """``pack`` must carry the LDKE adapter and wrap ``model`` (or be it)."""
+    cfg = getattr(pack, "peft_config", {}).get(adapter_name)
+    if not isinstance(cfg, LDKEConfig):
+        raise InvalidRequestError(
+            f"pack has no LDKE adapter named {adapter_name!r} (adapters: {sorted(getattr(pack, 'peft_config', {}))})",
+            field="pack",
+        )
+    if model is not pack and base_model_of(model) is not base_model_of(pack):
+        raise InvalidRequestError(
+            "model and pack are different models: pass the pack itself (or the model it wraps) as model",
+            field="pack",
+        )
+
+
+def _check_config(cfg: LDKEConfig | None) -> None:
+    """Numbers that no fit survives, refused before the model is touched."""
+    if cfg is None:
         return
+    for name in ("edit_lr", "router_lr"):
+        value = getattr(cfg, name)
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise InvalidRequestError(f"config.{name} must be a finite positive number, got {value!r}", field=name)
+    for name in ("edit_steps", "router_steps", "router_dim", "num_edit_layers"):
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or value < (1 if name in ("router_dim", "num_edit_layers") else 0):
+            raise InvalidRequestError(f"config.{name} must be a non-negative integer (>= 1 for router_dim and "
+                                      f"num_edit_layers), got {value!r}", field=name)
+    if not math.isfinite(float(cfg.max_delta_norm)) or cfg.max_delta_norm < 0:
+        raise InvalidRequestError(f"config.max_delta_norm must be >= 0, got {cfg.max_delta_norm!r}", field="max_delta_norm")
+
+
+def _check_processor(family: Family, model: Any, processor: Any, requests: Sequence[EditRequest]) -> None:
+    """The processor must belong to the model: a processor of another family (a Qwen2-VL processor with a
+    LLaVA model, ...) produces image tokens the model does not know or token ids beyond its vocabulary,
+    which would only fail deep inside the first forward pass."""
+    root = _root_model(model)
+    i, sample = next(((i, r) for i, r in enumerate(requests) if r.image is not None), (0, requests[0]))
+    name = type(processor).__name__
+    try:
+        built = family.build_inputs(processor, [sample.image], [sample.prompt])
+    except InvalidRequestError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure here means "this processor cannot feed this model"
+        raise InvalidRequestError(
+            f"the processor ({name}) cannot prepare requests[{i}] for a {family.name} model "
+            f"({type(exc).__name__}: {exc}); is it the processor of this model?",
+            field="processor",
+        ) from exc
+    ids = built.input_ids
+    emb = root.get_input_embeddings()
+    vocab = getattr(emb, "num_embeddings", None)
+    if vocab is not None and int(ids.max()) >= vocab:
+        raise InvalidRequestError(
+            f"the processor ({name}) produced token id {int(ids.max())}, but the model's vocabulary has {vocab} "
+            "entries: processor and model do not belong together",
+            field="processor",
+        )
+    token = family.image_token_id(root)
+    if sample.image is not None and token is not None and not bool(family.image_mask(root, ids).any()):
+        raise InvalidRequestError(
+            f"the processor ({name}) turned requests[{i}]'s image into no image token of this {family.name} model "
+            f"(token id {token}): processor and model do not belong together (a processor of another model family?)",
+            field="processor",
+        )
+
+
+def _check_lengths(family: Family, model: Any, processor: Any, requests: Sequence[EditRequest]) -> None:
+    """Every target must tokenize to some text, and every input the edit will run must fit the context.
+
+    The inputs checked are those :func:`fit_delta` and :func:`fit_router` build: each prompt and rephrasing
+    with the target (and end-of-answer token) on the edit image, the longest of them on each other view,
+    and the probes used as hard negatives (their question on the edit image, their image with the edit
+    question). Learned position embeddings (OPT/BLIP-2) would otherwise fail mid-edit; rotary ones would
+    silently run out of the range the model was trained on.
+    """
+    root = _root_model(model)
+    max_pos = family.max_positions(root)
+    tok = family.tokenizer(processor)
     for i, r in enumerate(requests):
         built = family.build_inputs(processor, [r.image], [r.prompt], [r.target])
-        n = int(built.input_ids.shape[1])
-        if n > max_pos:
+        ids = built.input_ids[built.target_mask].tolist()
+        if not tok.decode(ids, skip_special_tokens=True).strip():
             raise InvalidRequestError(
-                f"requests[{i}]: prompt + target is {n} tokens, longer than the model's context ({max_pos})",
-                field="prompt",
+                f"requests[{i}]: target {r.target!r} tokenizes to no text (token ids {ids}: whitespace, special or "
+                "unknown tokens only)",
+                field="target",
             )
+        if not max_pos:
+            continue
+        target = _fit_target(tok, r.target)
+        prompts = [r.prompt] + list(r.rephrase_prompts)
+        longest = max(prompts, key=len)
+        rows: list[tuple[Any, str, str | None, str]] = [
+            (r.image, p, target, "prompt" if k == 0 else f"rephrase_prompts[{k - 1}]") for k, p in enumerate(prompts)
+        ]
+        rows += [(im, longest, target, f"rephrase_images[{k}]") for k, im in enumerate(r.rephrase_images)]
+        for name in ("locality", "m_locality", "coupled"):
+            for k, probe in enumerate(getattr(r, name)):
+                rows.append((r.image, probe.prompt, None, f"{name}[{k}].prompt"))
+                if r.image is not None and probe.image is not None:
+                    rows.append((probe.image, longest, None, f"{name}[{k}].image"))
+        for image, prompt, tgt, where in rows:
+            b = family.build_inputs(processor, [image], [prompt], None if tgt is None else [tgt])
+            n = int(b.input_ids.shape[1])
+            if n > max_pos:
+                what = "prompt + target" if where == "prompt" else where + (" + target" if tgt is not None else "")
+                raise InvalidRequestError(
+                    f"requests[{i}]: {what} is {n} tokens, longer than the model's context ({max_pos})",
+                    field=where.split("[")[0].split(".")[0],
+                )
+
+
+# ---------------------------------------------------------------------- rollback
+
+
+class _Rollback:
+    """What :func:`edit` may change, captured before its first change, so a failure restores it exactly.
+
+    A fresh edit changes the model by injection (LDKE layers replace the MLP output projections, hooks,
+    ``peft_config`` and the routing state on the root, ``requires_grad`` flags); appending to a pack
+    changes the pack's config, its layers' slot tensors and router, and may wrap new layers. Restoring
+    swaps the original modules back and puts back the captured tensors (the objects themselves: no
+    copy of the base weights is ever made).
+    """
+
+    _ROOT_ATTRS = ("peft_config", "_ldke_routing_state")
+
+    def __init__(self, model: Any, pack: Any | None, adapter_name: str):
+        self.pack = pack
+        self.adapter_name = adapter_name
+        self.root = _root_model(pack if pack is not None else model)
+        self.training = [(m, m.training) for m in self.root.modules()]
+        self.requires_grad = [(p, p.requires_grad) for p in self.root.parameters()]
+        self.root_attrs = {a for a in self._ROOT_ATTRS if a in self.root.__dict__}
+        self.wrapped = {id(m) for m in self.root.modules() if isinstance(m, LDKELayer)}
+        self.layer_state: dict[int, dict[str, Any]] = {}
+        if pack is not None:
+            cfg = pack.peft_config[adapter_name]
+            self.cfg_fields = {k: copy.deepcopy(getattr(cfg, k))
+                               for k in ("slot_layers", "num_slots", "edits", "target_modules", "layers_to_transform")}
+            tuner = pack.base_model
+            self.tuner_lists = {k: list(getattr(tuner, k)) for k in ("targeted_module_names", "targeted_parameter_names")
+                                if isinstance(getattr(tuner, k, None), list)}
+            for m in self.root.modules():
+                if isinstance(m, LDKELayer):
+                    self.layer_state[id(m)] = {
+                        store: copy.deepcopy(getattr(m, store)[adapter_name])
+                        for store in ("ldke_A", "ldke_B", "ldke_slot_ids", "ldke_router")
+                        if adapter_name in getattr(m, store)
+                    }
+
+    def restore(self) -> None:
+        # 1. unwrap every layer this call wrapped (all of them for a fresh edit)
+        state = self.root.__dict__.get("_ldke_routing_state")
+        if self.pack is None and state is not None:
+            for h in state.hooks:
+                h.remove()
+            state.hooks.clear()
+            state.hooked_layers.clear()
+            state.slots.clear()
+            state.current, state.depth, state.pending_ids = None, 0, None
+            state.prompt_ids = state.prompt_mask = None
+        for name, m in list(self.root.named_modules()):
+            if isinstance(m, LDKELayer) and id(m) not in self.wrapped:
+                parent_name, _, child = name.rpartition(".")
+                parent = self.root.get_submodule(parent_name) if parent_name else self.root
+                setattr(parent, child, m.get_base_layer())
+        # 2. a grown pack: back to its previous slots
+        if self.pack is not None:
+            cfg = self.pack.peft_config[self.adapter_name]
+            for k, v in self.cfg_fields.items():
+                setattr(cfg, k, v)
+            for k, v in self.tuner_lists.items():
+                setattr(self.pack.base_model, k, v)
+            for m in self.root.modules():
+                if isinstance(m, LDKELayer) and id(m) in self.layer_state:
+                    saved = self.layer_state[id(m)]
+                    for store in ("ldke_A", "ldke_B", "ldke_slot_ids", "ldke_router"):
+                        container = getattr(m, store)
+                        if store in saved:
+                            container[self.adapter_name] = saved[store]
+                        elif self.adapter_name in container:
+                            del container[self.adapter_name]
+                    m._route_cache.pop(self.adapter_name, None)
+            if state is not None:
+                # an exception that is not an ``Exception`` (Ctrl-C) skips torch's always-call exit hooks,
+                # which would leave the entry depth counter raised and every later call seen as nested
+                state.slots.pop(self.adapter_name, None)
+                state.current, state.depth, state.pending_ids = None, 0, None
+        # 3. attributes, flags and modes
+        for attr in self._ROOT_ATTRS:
+            if attr not in self.root_attrs and attr in self.root.__dict__:
+                delattr(self.root, attr)
+        for p, flag in self.requires_grad:
+            p.requires_grad_(flag)
+        for m, mode in self.training:
+            m.training = mode
