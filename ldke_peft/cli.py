@@ -134,6 +134,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     from . import edit
     from .config import LDKEConfig
     from .hub import load_edits, save_edits
+    from .io import atomic_dir
 
     requests = load_requests(args.requests, image_root=args.image_root, fmt=args.format, limit=args.limit)
     overrides: dict[str, Any] = {}
@@ -162,9 +163,11 @@ def cmd_edit(args: argparse.Namespace) -> int:
         with open(os.path.join(args.append_to, "ldke_report.json"), encoding="utf-8") as fh:
             earlier = json.load(fh)  # reports of the slots already in the pack
     all_reports = earlier + [json.loads(json.dumps(dataclasses.asdict(r), default=_json_default)) for r in reports]
-    save_edits(peft_model, args.out, reports=all_reports)
-    with open(os.path.join(args.out, "ldke_report.json"), "w", encoding="utf-8") as fh:
-        json.dump(all_reports, fh, indent=1)
+    # one atomic step: the --out folder holds the old pack or the complete new one (with its report)
+    with atomic_dir(args.out) as stage:
+        save_edits(peft_model, stage, reports=all_reports)
+        with open(os.path.join(stage, "ldke_report.json"), "w", encoding="utf-8") as fh:
+            json.dump(all_reports, fh, indent=1)
     rows = [["slot", "prompt", "target", "layers", "fit steps", "fit acc", "router ok"]]
     edits = peft_model.peft_config["default"].edits
     for r in reports:
@@ -381,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", metavar="I,J", help="edit these decoder layers (implies --localization fixed)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--num-processes", type=int, metavar="N",
+                   help="shard the requests over N processes with accelerate (CPU or one GPU each); rank 0 "
+                   "merges the shards' packs into --out. Same as 'accelerate launch -m ldke_peft.distributed edit ...'")
     _common_model(p)
 
     p = add("eval", "measure an edit pack: reliability, generality, locality, coupled locality, portability",
@@ -395,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("requests", help="requests with their probes (.jsonl or EasyEdit .json)")
     _common_requests(p)
     p.add_argument("--limit", type=int, help="evaluate only the first N requests")
+    p.add_argument("--num-processes", type=int, metavar="N",
+                   help="shard the cases over N processes with accelerate and gather the metrics")
     p.add_argument("--json", action="store_true", help="print the full result (with per-request values) as JSON")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--no-generate", action="store_true", help="skip exact_match (greedy generation, the slowest part)")
@@ -440,6 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", metavar="FILE", help="metrics JSON from 'ldke eval --json' to show on the card")
     p.add_argument("--base-model-id", metavar="HUB_ID", help="Hub id of the base model, for the card's base_model field")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+
+    mp = sub.add_parser("merge", help="merge edit packs made separately for the same base model "
+                        "(see 'ldke merge --help')", add_help=False)
+    mp.add_argument("args", nargs=argparse.REMAINDER)
+    mp.set_defaults(func=None)
 
     if _bench_module():
         bp = sub.add_parser("bench", help="run the benchmark suites (see 'ldke bench --help')", add_help=False)
@@ -487,6 +500,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(head + ["bench"])
         _setup_logging(args.verbose)
         return _run(args, lambda: int(importlib.import_module(bench).main(rest) or 0))
+
+    first = next((i for i, a in enumerate(argv) if not a.startswith("-")), -1)
+    if first >= 0 and argv[first] == "merge":
+        # `ldke merge ...`: the merge command has its own parser (ldke_peft.merge)
+        from .merge import merge_main
+
+        args = build_parser().parse_args(argv[:first] + ["merge"])
+        _setup_logging(args.verbose)
+        return _run(args, lambda: int(merge_main(argv[first + 1 :]) or 0))
+    if first >= 0 and argv[first] in ("edit", "eval") and any(a.startswith("--num-processes") for a in argv):
+        # sharded over processes with accelerate (ldke_peft.distributed): each process edits/evaluates
+        # its shard, rank 0 merges the packs / gathers the metrics
+        from . import distributed
+
+        args = build_parser().parse_args(argv[:first] + ["demo"])
+        _setup_logging(args.verbose)
+        fn = distributed.edit_main if argv[first] == "edit" else distributed.eval_main
+        return _run(args, lambda: int(fn(argv[first + 1 :]) or 0))
 
     parser = build_parser()
     args = parser.parse_args(argv)
