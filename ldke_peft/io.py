@@ -1,0 +1,269 @@
+"""Atomic saves: an edit pack on disk is always a complete pack, the old one or the new one.
+
+``PeftModel.save_pretrained`` writes ``adapter_model.safetensors``, ``adapter_config.json`` and
+``README.md`` one after another, in place. A process killed in between (Ctrl-C, OOM killer, a
+preempted job) leaves a truncated weights file, or new weights next to an old config: the previous
+pack is gone and the new one does not load. For an edit pack that is worse than for a plain adapter,
+because a config from one save and weights from another can *load* (same shapes) and route inputs to
+the wrong deltas.
+
+So every save of an LDKE adapter goes through :func:`atomic_dir`:
+
+1. the files are written into a fresh staging folder *next to* the target (same filesystem), named
+   ``.<name>.ldke-tmp-XXXXXXXX``;
+2. files the target folder already holds and the save did not rewrite (a processor saved there,
+   another adapter's subfolder, ``ldke_report.json``) are hard-linked into the staging folder, so the
+   result is exactly what an in-place save would have produced;
+3. every file is ``fsync``-ed, then the staging folder and the target are swapped with one
+   ``renameat2(RENAME_EXCHANGE)`` system call (Linux >= 3.15) — atomic: at every instant the target
+   path is either the complete old folder or the complete new one — and the old copy is deleted.
+   Where the exchange is unavailable (other OSes, filesystems without it) the target is renamed aside
+   and the staging folder renamed into place: two renames back to back, so a crash in the
+   microseconds between them leaves the target missing but the previous pack complete in
+   ``.<name>.ldke-old-XXXXXXXX`` next to it (never a torn pack).
+
+A failed or killed save leaves only a staging folder (a hidden sibling of the target, never inside it).
+
+:func:`install_atomic_save_pretrained` (run by ``import ldke_peft``) makes ``PeftModel.save_pretrained``
+use this path whenever one of the adapters being saved is an LDKE adapter; other adapter types are
+saved by PEFT exactly as before. :func:`atomic_save` is the same thing as a function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import functools
+import inspect
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any, Iterator, Sequence
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["atomic_dir", "atomic_save", "install_atomic_save_pretrained"]
+
+_TMP_TAG = ".ldke-tmp-"
+_OLD_TAG = ".ldke-old-"
+#: Files ``PeftModel.save_pretrained`` updates rather than rewrites (it merges its model card into an
+#: existing ``README.md``): copied into the staging folder before the save, so the update sees them.
+_UPDATED_IN_PLACE = ("README.md",)
+
+
+# ---------------------------------------------------------------------- the primitive
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, *, keep_existing: bool = True,
+               copy_first: Sequence[str] = ()) -> Iterator[str]:
+    """Yield a staging folder; on a clean exit it replaces ``path`` atomically, on an error it is removed.
+
+    Args:
+        path: the folder to create or replace (its parent is created if needed).
+        keep_existing: keep files and subfolders of an existing ``path`` that the caller did not write
+            (hard links, no copy), as an in-place save would. ``False`` = the new folder holds only
+            what was written.
+        copy_first: names of files in an existing ``path`` copied (real copies) into the staging folder
+            *before* the caller writes, for writers that update a file instead of replacing it.
+
+    Raises:
+        NotADirectoryError: ``path`` exists and is not a folder.
+    """
+    target = os.path.realpath(os.fspath(path))
+    if os.path.lexists(target) and not os.path.isdir(target):
+        raise NotADirectoryError(f"cannot save to {os.fspath(path)!r}: it exists and is not a folder")
+    parent, name = os.path.split(target)
+    os.makedirs(parent, exist_ok=True)
+    stage = tempfile.mkdtemp(prefix=f".{name}{_TMP_TAG}", dir=parent)
+    try:
+        if os.path.isdir(target):
+            for fname in copy_first:
+                src = os.path.join(target, fname)
+                if os.path.isfile(src):
+                    shutil.copy2(src, os.path.join(stage, fname))
+        yield stage
+        if keep_existing and os.path.isdir(target):
+            _link_missing(target, stage)
+        _fsync_tree(stage)
+        _swap_into_place(stage, target)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def atomic_save(peft_model: Any, path: str | os.PathLike, *args: Any, **kwargs: Any) -> str:
+    """``peft_model.save_pretrained(path, *args, **kwargs)``, atomically (see the module docstring).
+
+    Works for any ``PeftModel``; after ``import ldke_peft`` a plain ``save_pretrained`` call does the same
+    for LDKE adapters. Returns ``path``.
+    """
+    with atomic_dir(path, copy_first=_UPDATED_IN_PLACE) as stage:
+        _original_save_pretrained()(peft_model, stage, *args, **kwargs)
+    return os.fspath(path)
+
+
+# ---------------------------------------------------------------------- PeftModel.save_pretrained
+
+
+def install_atomic_save_pretrained() -> None:
+    """Make ``PeftModel.save_pretrained`` atomic for LDKE adapters. Idempotent.
+
+    The wrapper acts only when an adapter being saved (``selected_adapters``, default all) is an LDKE
+    adapter, on the main process, and when the target is not an existing file (PEFT's own error is
+    kept for that). Everything else goes to PEFT's method unchanged.
+    """
+    from peft import PeftModel
+
+    current = PeftModel.__dict__["save_pretrained"]
+    if getattr(current, "_ldke_atomic", False):
+        return
+    signature = inspect.signature(current)
+
+    @functools.wraps(current)
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        try:
+            bound = signature.bind(self, save_directory, *args, **kwargs)
+        except TypeError:
+            return current(self, save_directory, *args, **kwargs)  # let PEFT report the bad call
+        selected = bound.arguments.get("selected_adapters")
+        main = bound.arguments.get("is_main_process", True)
+        if not main or os.path.isfile(os.fspath(save_directory)) or not _has_ldke_adapter(self, selected):
+            return current(self, save_directory, *args, **kwargs)
+        with atomic_dir(save_directory, copy_first=_UPDATED_IN_PLACE) as stage:
+            current(self, stage, *args, **kwargs)
+        return None
+
+    save_pretrained._ldke_atomic = True  # type: ignore[attr-defined]
+    PeftModel.save_pretrained = save_pretrained
+
+
+def _original_save_pretrained():
+    from peft import PeftModel
+
+    fn = PeftModel.__dict__["save_pretrained"]
+    return fn.__wrapped__ if getattr(fn, "_ldke_atomic", False) else fn
+
+
+def _has_ldke_adapter(peft_model: Any, selected: Sequence[str] | None) -> bool:
+    from .peft_type import LDKEPeftType
+
+    configs = getattr(peft_model, "peft_config", {}) or {}
+    names = list(configs) if selected is None else [n for n in selected if n in configs]
+    return any(getattr(configs[n], "peft_type", None) == LDKEPeftType.LDKE for n in names)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _link_missing(src_dir: str, dst_dir: str) -> None:
+    """Hard-link (copy where linking fails) every entry of ``src_dir`` that ``dst_dir`` lacks, recursively.
+
+    Runs *after* the new files were written, so nothing ever writes through a link into the old folder.
+    """
+    for entry in os.scandir(src_dir):
+        dst = os.path.join(dst_dir, entry.name)
+        if entry.is_dir(follow_symlinks=False):
+            if os.path.isdir(dst):
+                _link_missing(entry.path, dst)
+            elif not os.path.lexists(dst):
+                shutil.copytree(entry.path, dst, symlinks=True, copy_function=_link_or_copy)
+        elif not os.path.lexists(dst):
+            if entry.is_symlink():
+                os.symlink(os.readlink(entry.path), dst)
+            else:
+                _link_or_copy(entry.path, dst)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _fsync_tree(root: str) -> None:
+    """Flush every file and folder under ``root`` to disk (a power cut must not reorder the swap
+    before the data). Best effort where the OS cannot fsync a folder."""
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for fname in filenames:
+            path = os.path.join(dirpath, fname)
+            if os.path.islink(path):
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(dirpath)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _swap_into_place(stage: str, target: str) -> None:
+    parent = os.path.dirname(target)
+    if not os.path.lexists(target):
+        try:
+            os.rename(stage, target)
+        except OSError as exc:
+            # someone created the target meanwhile: fall through to a swap
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR):
+                raise
+        else:
+            _fsync_dir(parent)
+            return
+    if _exchange(stage, target):
+        # ``stage`` now holds the previous folder
+        shutil.rmtree(stage, ignore_errors=True)
+    else:
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}{_OLD_TAG}", dir=parent)
+        os.rmdir(old)  # a unique name, free again: renaming onto it must not need an empty-dir replace
+        os.rename(target, old)
+        os.rename(stage, target)
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(parent)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+_renameat2: Any = None
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap two paths with Linux ``renameat2(RENAME_EXCHANGE)``; False where unsupported."""
+    global _renameat2
+    if _renameat2 is None:
+        try:
+            fn = ctypes.CDLL(None, use_errno=True).renameat2
+            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            fn.restype = ctypes.c_int
+            _renameat2 = fn
+        except (OSError, AttributeError, TypeError):
+            _renameat2 = False
+    if _renameat2 is False:
+        return False
+    rc = _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err == errno.ENOSYS:  # kernel without renameat2
+        _renameat2 = False
+        return False
+    if err in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV):
+        # this filesystem cannot exchange (another one may): fall back for this call only
+        logger.debug("renameat2(RENAME_EXCHANGE) unsupported for %s (%s); using two renames", b, os.strerror(err))
+        return False
+    raise OSError(err, f"cannot swap {a!r} and {b!r}: {os.strerror(err)}")
