@@ -593,7 +593,9 @@ def fit_router(
         ztn = torch.cat([zt[sel & ~t_pos], zt[other & (t_label != t_label[a])]])
         cal = calibrate_slot(zvp, zvn, ztp, ztn, needs_image=r.image is not None, margin=cfg.router_margin)
         if not cfg.use_router:
-            cal.radius_v = cal.radius_t = float("inf")
+            # "always on" (the no-router ablation): a huge *finite* radius, so the pack still passes
+            # the loader's finiteness check
+            cal.radius_v = cal.radius_t = 1e30
         router.set_slot(s, key_v=cal.key_v, key_t=cal.key_t, radius_v=cal.radius_v, radius_t=cal.radius_t,
                         needs_image=cal.needs_image)
         cals.append(cal)

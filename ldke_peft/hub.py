@@ -261,12 +261,19 @@ def save_edits(
 
     ``base_model`` (a Hub id), when given, is also written as the config's
     ``base_model_name_or_path`` so ``AutoPeftModel`` can find the base. Returns the folder.
+
+    The save is atomic (:func:`ldke_peft.io.atomic_dir`): the folder holds either the previous pack or
+    the complete new one, whenever the process dies. Other files already in the folder are kept.
     """
+    from .io import atomic_dir
+
     config = _config_of(peft_model, adapter_name)
     save_directory = os.fspath(save_directory)
-    os.makedirs(save_directory, exist_ok=True)
     recorded = config.base_model_name_or_path
-    with tempfile.TemporaryDirectory(prefix="ldke-save-") as tmp:
+    card = model_card(
+        peft_model, repo_id, adapter_name=adapter_name, base_model=base_model or recorded, metrics=metrics, reports=reports
+    )
+    with atomic_dir(save_directory) as stage, tempfile.TemporaryDirectory(prefix="ldke-save-") as tmp:
         # LDKE never touches embeddings: no embedding-layer check (which would look the base up on the Hub)
         peft_model.save_pretrained(tmp, selected_adapters=[adapter_name], safe_serialization=True,
                                    save_embedding_layers=False)
@@ -276,13 +283,10 @@ def save_edits(
             path = os.path.join(src, fname)
             if not os.path.isfile(path):
                 raise AdapterLoadError(f"saving adapter {adapter_name!r} did not produce {fname}")
-            shutil.copyfile(path, os.path.join(save_directory, fname))
-    if base_model:
-        _set_base_model(save_directory, base_model)
-    card = model_card(
-        peft_model, repo_id, adapter_name=adapter_name, base_model=base_model or recorded, metrics=metrics, reports=reports
-    )
-    card.save(os.path.join(save_directory, "README.md"))
+            shutil.copyfile(path, os.path.join(stage, fname))
+        if base_model:
+            _set_base_model(stage, base_model)
+        card.save(os.path.join(stage, "README.md"))
     return save_directory
 
 

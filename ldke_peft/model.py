@@ -268,6 +268,10 @@ _DECODE_STEP = RoutingInputs(image_mask=None, prompt_mask=None, batch_size=0, pr
 
 def _make_root_pre_hook(state: RoutingState, family: Family, root: nn.Module):
     def hook(module: nn.Module, args: tuple, kwargs: dict):
+        if module is root:
+            # the root model is always the outermost entry: a stale depth (an exception or Ctrl-C
+            # skipped the exit hook) must not make this call look nested
+            state.depth = 0
         state.depth += 1
         if state.depth > 1:
             return None  # nested entry (the LM inside the root forward): the outer call decided

@@ -1,0 +1,168 @@
+"""Property tests of the Disentanglement Classifier's decision (:class:`ldke_peft.routing.RouterState`).
+
+Random routers (keys, radii, projections, text-only and image slots, dead slots with radius 0, merged
+packs with several projection groups) and random batches, checked against a float64 reference written
+from the documented rule, not from the implementation:
+
+* a row is routed to slot ``k`` only if it is inside ``k``'s scope: the textual distance within the
+  textual radius and, for an image slot, the visual distance within the visual radius too; an image
+  slot only takes rows with an image, a text-only slot only rows without one;
+* a row inside some slot's scope is routed, and to the best-scoring in-scope slot (score
+  ``max(d_v / r_v, d_t / r_t)`` for image slots, ``d_t / r_t`` for text-only ones);
+* rows are independent: permuting the batch permutes the decisions, and each row decides alone as
+  it does in the batch.
+
+The router computes in float32, the reference in float64: decisions within ``TOL`` of a radius or of a
+tie are not asserted either way.
+"""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ldke_peft.routing import NO_SLOT, RouterState
+
+TOL = 1e-3
+
+finite = st.floats(-3.0, 3.0, allow_nan=False, allow_infinity=False, allow_subnormal=False, width=32)
+radius = st.one_of(st.just(0.0), st.floats(0.0625, 4.0, width=32))
+
+
+@st.composite
+def routers(draw):
+    d = draw(st.integers(1, 4))  # d_model: visual features d, textual 2d
+    p = draw(st.integers(1, d))  # proj_dim <= d_model (the default projection is a QR of a d x p matrix)
+    K = draw(st.integers(1, 6))
+    G = draw(st.integers(1, 3))
+    router = RouterState(d, p, K, groups=G)
+
+    def tensor(*shape):
+        n = 1
+        for s in shape:
+            n *= s
+        return torch.tensor(draw(st.lists(finite, min_size=n, max_size=n)), dtype=torch.float32).reshape(shape)
+
+    router.set_projection(mu_v=tensor(d), proj_v=tensor(d, p), mu_t=tensor(2 * d), proj_t=tensor(2 * d, p))
+    for k in range(K):
+        router.set_slot(k, key_v=tensor(p), key_t=tensor(p), radius_v=draw(radius), radius_t=draw(radius),
+                        needs_image=draw(st.booleans()))
+    if G > 1:
+        router.proj_group.copy_(torch.tensor(draw(st.lists(st.integers(0, G - 1), min_size=K, max_size=K))))
+        router.extra_mu_v.copy_(tensor(G - 1, d))
+        router.extra_proj_v.copy_(tensor(G - 1, d, p))
+        router.extra_mu_t.copy_(tensor(G - 1, 2 * d))
+        router.extra_proj_t.copy_(tensor(G - 1, 2 * d, p))
+    B = draw(st.integers(1, 7))
+    visual = tensor(B, d)
+    textual = tensor(B, 2 * d)
+    has_image = torch.tensor(draw(st.lists(st.booleans(), min_size=B, max_size=B)))
+    # some rows sit exactly on a slot's keys (in projected space that is hard to hit by chance): pull a
+    # row towards slot k by solving for features that project onto its keys, when the projection allows
+    for b in range(B):
+        k = draw(st.integers(-1, K - 1))
+        if k >= 0:
+            g = int(router.proj_group[k]) if G > 1 else 0
+            mu_v, P_v, mu_t, P_t = _projection(router, g)
+            sol_v = torch.linalg.lstsq(P_v.T.double(), (router.keys_v[k]).double().unsqueeze(1)).solution.squeeze(1)
+            sol_t = torch.linalg.lstsq(P_t.T.double(), (router.keys_t[k]).double().unsqueeze(1)).solution.squeeze(1)
+            visual[b] = (sol_v + mu_v.double()).float()
+            textual[b] = (sol_t + mu_t.double()).float()
+    return router, visual, textual, has_image
+
+
+def _projection(router: RouterState, g: int):
+    if g == 0:
+        return router.mu_v, router.proj_v, router.mu_t, router.proj_t
+    return router.extra_mu_v[g - 1], router.extra_proj_v[g - 1], router.extra_mu_t[g - 1], router.extra_proj_t[g - 1]
+
+
+def reference_scores(router: RouterState, visual, textual, has_image) -> torch.Tensor:
+    """``(B, K)`` float64 scores from the documented rule; ``inf`` where the slot cannot take the row."""
+    B, K = visual.shape[0], router.num_slots
+    out = torch.full((B, K), float("inf"), dtype=torch.float64)
+    for k in range(K):
+        g = int(router.proj_group[k]) if router.num_groups > 1 else 0
+        mu_v, P_v, mu_t, P_t = (t.double() for t in _projection(router, g))
+        rv, rt = float(router.radius_v[k]), float(router.radius_t[k])
+        needs = bool(router.needs_image[k])
+        for b in range(B):
+            if needs != bool(has_image[b]) or rt <= 0 or (needs and rv <= 0):
+                continue
+            dt = torch.linalg.vector_norm((textual[b].double() - mu_t) @ P_t - router.keys_t[k].double())
+            score = float(dt) / rt
+            if needs:
+                dv = torch.linalg.vector_norm((visual[b].double() - mu_v) @ P_v - router.keys_v[k].double())
+                score = max(score, float(dv) / rv)
+            out[b, k] = score
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(case=routers())
+def test_routes_only_inside_scope_and_to_the_best_slot(case):
+    router, visual, textual, has_image = case
+    got = router.route(visual, textual, has_image)
+    ref = reference_scores(router, visual, textual, has_image)
+    assert got.shape == (visual.shape[0],) and got.dtype == torch.long
+    for b in range(visual.shape[0]):
+        k = int(got[b])
+        best = float(ref[b].min())
+        if k != NO_SLOT:
+            # never outside every radius: the chosen slot's own test passes (both parts for an image slot)
+            assert ref[b, k] <= 1.0 + TOL, (b, k, ref[b])
+            # compatible with the row's modality (text-only rows never reach image slots)
+            assert bool(router.needs_image[k]) == bool(has_image[b])
+            # and it is the best in-scope slot
+            assert ref[b, k] <= best + TOL, (b, k, ref[b])
+        else:
+            assert best >= 1.0 - TOL, (b, ref[b])
+
+
+@settings(max_examples=80, deadline=None)
+@given(case=routers(), data=st.data())
+def test_rows_are_independent(case, data):
+    router, visual, textual, has_image = case
+    B = visual.shape[0]
+    perm = torch.tensor(data.draw(st.permutations(list(range(B)))))
+    full = router.route(visual, textual, has_image)
+    permuted = router.route(visual[perm], textual[perm], has_image[perm])
+    assert torch.equal(permuted, full[perm])
+    for b in range(B):
+        alone = router.route(visual[b : b + 1], textual[b : b + 1], has_image[b : b + 1])
+        assert int(alone) == int(full[b])
+
+
+@settings(max_examples=50, deadline=None)
+@given(case=routers())
+def test_text_only_rows_never_reach_image_slots(case):
+    router, visual, textual, _ = case
+    B = visual.shape[0]
+    got = router.route(visual, textual, torch.zeros(B, dtype=torch.bool))
+    for k in got.tolist():
+        assert k == NO_SLOT or not bool(router.needs_image[k])
+    # and image rows never reach text-only slots
+    got = router.route(visual, textual, torch.ones(B, dtype=torch.bool))
+    for k in got.tolist():
+        assert k == NO_SLOT or bool(router.needs_image[k])
+
+
+def test_empty_router_routes_nothing():
+    router = RouterState(4, 2, 0)
+    out = router.route(torch.zeros(3, 4), torch.zeros(3, 8), torch.tensor([True, False, True]))
+    assert out.tolist() == [NO_SLOT] * 3
+
+
+def test_a_slot_is_dead_until_its_radii_are_set():
+    """A fresh slot (radius 0) never fires, even for a row exactly on its keys."""
+    router = RouterState(2, 2, 1)
+    router.set_projection(mu_v=torch.zeros(2), proj_v=torch.eye(2), mu_t=torch.zeros(4), proj_t=torch.eye(4)[:, :2])
+    v, t = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0, 0.0, 0.0]])
+    router.set_slot(0, key_v=[1.0, 0.0], key_t=[0.0, 1.0], radius_v=0.0, radius_t=0.0)
+    assert router.route(v, t, torch.tensor([True])).tolist() == [NO_SLOT]
+    router.set_slot(0, key_v=[1.0, 0.0], key_t=[0.0, 1.0], radius_v=0.1, radius_t=0.1)
+    assert router.route(v, t, torch.tensor([True])).tolist() == [0]
+    # both parts must match: the right image with a question outside the textual radius does not route
+    assert router.route(v, torch.tensor([[0.0, 1.5, 0.0, 0.0]]), torch.tensor([True])).tolist() == [NO_SLOT]
+    assert router.route(torch.tensor([[1.5, 0.0]]), t, torch.tensor([True])).tolist() == [NO_SLOT]
