@@ -52,15 +52,15 @@ RELATIONS: dict[str, Relation] = {
         ),
         Relation(
             "language",
-            "What is the official language of {country}?",
-            "What is the official language of this country?",
-            ("Which language do people speak in this country?", "Name the main language of this country."),
+            "What is the main language of {country}?",
+            "What is the main language of this country?",
+            ("Which language do people speak in this country?", "What is the official language of this country?"),
         ),
         Relation(
             "continent",
-            "On which continent is {country}?",
-            "On which continent is this country?",
-            ("Which continent is this country in?", "Name the continent where this country lies."),
+            "Which continent is {country} in?",
+            "Which continent is this country in?",
+            ("On which continent is this country?", "Name the continent where this country lies."),
         ),
         Relation(
             "currency",
