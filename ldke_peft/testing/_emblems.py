@@ -42,7 +42,6 @@ BACKDROP = (128, 128, 128)
 SS = 4
 
 Box = tuple[float, float, float, float]
-Poly = list[tuple[float, float]]
 
 
 @dataclass(frozen=True)

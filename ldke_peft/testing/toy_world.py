@@ -50,11 +50,11 @@ logger = logging.getLogger(__name__)
 __all__ = ["ToyWorld", "WorldSpec", "toy_world", "CODE_VERSION", "DEFAULT_N_ENTITIES", "HELDOUT_VIEW_START"]
 
 #: Bump whenever the facts, rendering, model or training change: it is part of the cache key.
-CODE_VERSION = 1
+CODE_VERSION = 3
 #: Default world size: 16 entities x 4 relations = 64 image facts, trained in ~30 s on one core.
 DEFAULT_N_ENTITIES = 16
 IMAGE_SIZE = 32
-PATCH_SIZE = 8
+PATCH_SIZE = 16  # 32x32 images -> 4 image tokens (CLS dropped): short sequences, fast training
 #: Views ``>= HELDOUT_VIEW_START`` are never used in training, whatever the world size.
 HELDOUT_VIEW_START = 10_000
 EOS = "</s>"
@@ -89,7 +89,7 @@ IMAGE_TEMPLATES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
             "Which currency is used in this country?",
             "Name the currency of the country in the picture.",
         ),
-        ("What currency do people use in the country in the picture?",),
+        ("What currency is used in the country in the picture?",),
     ),
     "animal": (
         (
@@ -315,7 +315,7 @@ def make_spec(seed: int, n_entities: int, train_views: int) -> WorldSpec:
 class _Recipe:
     """Model size and training schedule for a world of a given size."""
 
-    text_hidden: int
+    text_hidden: int  # Llama hidden size (MLP = 2x)
     text_layers: int
     vision_hidden: int
     vision_layers: int
@@ -326,11 +326,13 @@ class _Recipe:
 
 
 def _recipe(n: int) -> _Recipe:
+    # Tuned on one CPU core: the default (n=16) reaches 100% on held-out views in ~400 steps;
+    # 500 leave a margin across seeds. Larger worlds need more capacity and more steps per fact.
     if n <= 32:
-        return _Recipe(64, 6, 64, 2, train_views=64, steps=900, batch_size=64, lr=3e-3)
+        return _Recipe(64, 6, 64, 2, train_views=64, steps=500, batch_size=48, lr=3e-3)
     if n <= 256:
-        return _Recipe(128, 6, 96, 3, train_views=48, steps=int(900 + 12 * n), batch_size=96, lr=2e-3)
-    return _Recipe(256, 6, 128, 3, train_views=24, steps=int(3000 + 6 * n), batch_size=128, lr=1e-3)
+        return _Recipe(128, 6, 96, 2, train_views=48, steps=int(500 + 10 * n), batch_size=64, lr=2e-3)
+    return _Recipe(128, 6, 128, 2, train_views=32, steps=int(2000 + 6 * n), batch_size=128, lr=2e-3)
 
 
 # ---------------------------------------------------------------------- the world
@@ -359,6 +361,7 @@ class ToyWorld:
         self.family = family_of(self.model)
         self._render_cache: dict[tuple[int, int], Image.Image] = {}
         self._index = {e: i for i, e in enumerate(self.spec.entities)}
+        self._partner = {a: b for a, b in self.spec.lookalikes} | {b: a for a, b in self.spec.lookalikes}
 
     # ------------------------------------------------------------------ fact table
     @property
@@ -381,12 +384,8 @@ class ToyWorld:
         return list(self.spec.lookalikes)
 
     def lookalike_of(self, entity: str) -> str | None:
-        for a, b in self.spec.lookalikes:
-            if entity == a:
-                return b
-            if entity == b:
-                return a
-        return None
+        """The entity whose emblem differs from ``entity``'s in one region (``None`` if unpaired)."""
+        return self._partner.get(entity)
 
     @property
     def templates(self) -> dict[str, dict[str, list[str]]]:
@@ -428,6 +427,18 @@ class ToyWorld:
                 raise KeyError(f"unknown image relation {r!r}; known: {sorted(IMAGE_TEMPLATES)}")
             out.extend(IMAGE_TEMPLATES[r][0] + IMAGE_TEMPLATES[r][1])
         return out
+
+    def negative_pool(self) -> Any:
+        """Hard-negative material for the editor: every wording of every editable relation and of
+        "which country is shown" (not the composed questions: an edit *should* change those), and
+        the canonical image of every entity."""
+        from ..editor import NegativePool
+
+        rels = list(EDIT_RELATIONS) + ["country"]
+        return NegativePool(
+            questions=[(q, r) for r in rels for q in self.question_bank(r)],
+            images=[(self.render(e, 0), e) for e in self.spec.entities],
+        )
 
     def text_prompt(self, text_relation: str, subject: str, template: int = 0, split: str = "train") -> str:
         t = TEXT_TEMPLATES[text_relation][0 if split == "train" else 1]
@@ -583,33 +594,58 @@ class ToyWorld:
             raise ValueError(f"n must be >= 1, got {n}")
         rng = random.Random(f"edits:{seed}")
         spec = self.spec
-        order = list(spec.entities)
-        rng.shuffle(order)
-        # candidate (entity, relation) in rounds: every entity once before any entity twice
-        rounds = []
-        for _ in EDIT_RELATIONS:
-            rounds.append([(e, None) for e in order])
+        # Entity order: one member of every look-alike pair first, then the partners, so a batch of
+        # edits avoids editing both members of a pair (whose coupled probes would then conflict).
+        pairs = list(spec.lookalikes)
+        rng.shuffle(pairs)
+        firsts, seconds = [], []
+        for a, b in pairs:
+            a, b = (a, b) if rng.random() < 0.5 else (b, a)
+            firsts.append(a)
+            seconds.append(b)
+        paired = {x for p in pairs for x in p}
+        singles = [e for e in spec.entities if e not in paired]
+        rng.shuffle(singles)
+        order = firsts + singles + seconds
+        # candidates in rounds: every entity once before any entity twice
         candidates: list[tuple[str, str, int]] = []
         used: dict[str, set[str]] = {e: set() for e in order}
-        for round_ in rounds:
-            for e, _ in round_:
-                rel = rng.choice([r for r in EDIT_RELATIONS if r not in used[e]])
+        for _ in EDIT_RELATIONS:
+            for e in order:
+                partner = self.lookalike_of(e)
+                free = [r for r in EDIT_RELATIONS if r not in used[e]]
+                pref = [r for r in free if partner is None or r not in used[partner]]
+                rel = rng.choice(pref or free)
                 used[e].add(rel)
-                candidates.append((e, rel, rng.randrange(3)))
-        # check the model answers the edit question right (canonical view), in chunks
+                candidates.append((e, rel, rng.randrange(len(IMAGE_TEMPLATES[rel][0]))))
+        # keep facts the model answers right (canonical view, the edit wording); checked in chunks
         chosen: list[tuple[str, str, int]] = []
-        pos = 0
-        while len(chosen) < n and pos < len(candidates):
-            chunk = candidates[pos : pos + max(8, 2 * (n - len(chosen)))]
-            pos += len(chunk)
-            preds = self.ask_many(
-                [self.render(e, 0) for e, _, _ in chunk], [IMAGE_TEMPLATES[r][0][t] for _, r, t in chunk]
-            )
-            for c, p in zip(chunk, preds):
-                if p == spec.answers[c[1]][c[0]] and len(chosen) < n:
-                    chosen.append(c)
+        edited: set[tuple[str, str]] = set()
+        correct: dict[tuple[str, str, int], bool] = {}
+        # strict pass: never the same relation on both members of a look-alike pair; then relaxed
+        # (the look-alike probe is dropped where the partner's same fact is edited too)
+        for strict in (True, False):
+            pos = 0
+            while len(chosen) < n and pos < len(candidates):
+                chunk = candidates[pos : pos + max(16, 2 * (n - len(chosen)))]
+                pos += len(chunk)
+                todo = [c for c in chunk if c not in correct]
+                if todo:
+                    preds = self.ask_many(
+                        [self.render(e, 0) for e, _, _ in todo], [IMAGE_TEMPLATES[r][0][t] for _, r, t in todo]
+                    )
+                    correct.update({c: p == spec.answers[c[1]][c[0]] for c, p in zip(todo, preds)})
+                for e, rel, t in chunk:
+                    if len(chosen) == n or not correct[(e, rel, t)] or (e, rel) in edited:
+                        continue
+                    if strict and (self.lookalike_of(e), rel) in edited:
+                        continue
+                    chosen.append((e, rel, t))
+                    edited.add((e, rel))
         if len(chosen) < n:
-            raise ValueError(f"only {len(chosen)} facts are answered correctly; asked for {n} edit requests")
+            raise ValueError(
+                f"asked for {n} edit requests but only {len(chosen)} non-conflicting facts are answered correctly"
+            )
 
         drafts = []
         pending: list[tuple[Image.Image | None, str]] = []  # probes needing the model's current answer
@@ -618,13 +654,10 @@ class ToyWorld:
             pending.append((image, prompt))
             return len(pending) - 1
 
-        text_pool = [
-            (trel, subj) for trel, by_s in spec.hops.items() for subj in by_s
-        ]
+        text_pool = [(trel, subj, ans) for trel, by_s in spec.hops.items() for subj, ans in by_s.items()]
         for k, (e, rel, t) in enumerate(chosen):
             cur = spec.answers[rel][e]
-            info = RELATED[rel]
-            hop = spec.hops[info["hop"]]
+            hop = spec.hops[RELATED[rel]["hop"]]
             vocab = [a for a in self.answer_vocab(rel) if a != cur]
             better = [a for a in vocab if hop[a] != hop[cur]]
             target = rng.choice(better or vocab)
@@ -633,20 +666,25 @@ class ToyWorld:
             rephrases = [p for p in self.question_bank(rel) if p != prompt]
             views = [self.render(e, v) for v in self.heldout_views(n_views, offset=100 + n_views * k)]
             partner = self.lookalike_of(e)
-            # locality: text facts that mention neither the subject nor its answers nor the target
+            # locality: text facts that mention neither the subject nor its answers, and whose answer
+            # is neither the old nor the new one (such a probe could not see a leak)
             banned = {e, target, *(spec.answers[r][e] for r in EDIT_RELATIONS)}
-            loc_src = [x for x in text_pool if x[1] not in banned]
-            loc = [(x, need(None, self.text_prompt(x[0], x[1], rng.randrange(2)))) for x in rng.sample(loc_src, min(n_locality, len(loc_src)))]
-            others = [o for o in spec.entities if o not in (e, partner)]
-            m_loc = []
-            for o in rng.sample(others, min(n_locality, len(others))):
-                r2 = rng.choice(EDIT_RELATIONS)
-                m_loc.append(need(self.render(o, 0), IMAGE_TEMPLATES[r2][0][rng.randrange(3)]))
+            loc_src = [x for x in text_pool if x[1] not in banned and x[2] not in (cur, target)]
+            loc = [
+                need(None, TEXT_TEMPLATES[x[0]][0][rng.randrange(len(TEXT_TEMPLATES[x[0]][0]))].format(x=x[1]))
+                for x in rng.sample(loc_src, min(n_locality, len(loc_src)))
+            ]
+            m_src = [(o, r2) for o in spec.entities if o not in (e, partner) for r2 in EDIT_RELATIONS if (o, r2) not in edited]
+            m_loc = [
+                need(self.render(o, 0), IMAGE_TEMPLATES[r2][0][rng.randrange(len(IMAGE_TEMPLATES[r2][0]))])
+                for o, r2 in rng.sample(m_src, min(n_locality, len(m_src)))
+            ]
             coupled = []
             for r2 in EDIT_RELATIONS:
-                if r2 != rel:
-                    coupled.append(("same_image_other_question", img, need(img, IMAGE_TEMPLATES[r2][0][t])))
-            if partner is not None:
+                if r2 != rel and (e, r2) not in edited:
+                    tt = IMAGE_TEMPLATES[r2][0]
+                    coupled.append(("same_image_other_question", img, need(img, tt[t % len(tt)])))
+            if partner is not None and (partner, rel) not in edited:
                 pimg = self.render(partner, 0)
                 coupled.append(("lookalike_same_question", pimg, need(pimg, prompt)))
             drafts.append((e, rel, t, cur, target, img, prompt, rephrases, views, loc, m_loc, coupled))
@@ -657,6 +695,7 @@ class ToyWorld:
             info = RELATED[rel]
             port_ans = spec.hops[info["hop"]][target]
             composed_t = IMAGE_TEMPLATES[info["composed"]][0]
+            t = t % len(composed_t)
             requests.append(
                 EditRequest(
                     prompt=prompt,
@@ -665,7 +704,7 @@ class ToyWorld:
                     ground_truth=cur,
                     rephrase_prompts=rephrases,
                     rephrase_images=views,
-                    locality=[Probe(pending[i][1], current[i], None, kind="text") for _, i in loc],
+                    locality=[Probe(pending[i][1], current[i], None, kind="text") for i in loc],
                     m_locality=[Probe(pending[i][1], current[i], pending[i][0], kind="image") for i in m_loc],
                     coupled=[Probe(pending[i][1], current[i], im, kind=kind) for kind, im, i in coupled],
                     portability=[Probe(composed_t[t], port_ans, img, kind=f"composed:{info['composed']}")],
@@ -760,7 +799,7 @@ def _build_model(spec: WorldSpec, processor: Any, recipe: _Recipe, seed: int) ->
         image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
     )
     text = LlamaConfig(
-        vocab_size=len(tok), hidden_size=th, intermediate_size=th * 4, num_hidden_layers=recipe.text_layers,
+        vocab_size=len(tok), hidden_size=th, intermediate_size=th * 2, num_hidden_layers=recipe.text_layers,
         num_attention_heads=max(2, th // 16), num_key_value_heads=max(1, th // 32), max_position_embeddings=128,
         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         tie_word_embeddings=False,
@@ -844,65 +883,82 @@ def _trim(*tensors: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Te
     return [t[:, start:] for t in tensors]
 
 
-def _train(model: Any, spec: WorldSpec, img: _Rows, txt: _Rows, pool: torch.Tensor, recipe: _Recipe, seed: int) -> dict[str, float]:
-    """Teacher-forced cross-entropy on the answer tokens, with a random training view per image row."""
+def _train(model: Any, spec: WorldSpec, img: _Rows, txt: _Rows, pool: torch.Tensor, recipe: _Recipe, seed: int) -> dict[str, Any]:
+    """Teacher-forced cross-entropy on the answer tokens (+ EOS), a random training view per image row.
+
+    An auxiliary loss -- a throw-away linear head classifying the entity from the mean of the
+    projected image tokens -- makes the vision tower tell entities apart within ~200 steps instead of
+    thousands (recognition is the slow part when learning from scratch). The head is not saved: the
+    world's model is a plain LLaVA.
+    """
+    from tqdm.auto import tqdm
+
     g = torch.Generator().manual_seed(seed)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(recipe.text_hidden, spec.n_entities)
+    captured: dict[str, torch.Tensor] = {}
+    hook = model.model.multi_modal_projector.register_forward_hook(lambda _m, _i, out: captured.__setitem__("f", out))
+    params = list(model.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=recipe.lr, betas=(0.9, 0.98), weight_decay=0.01)
     steps = recipe.steps
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
     )
     B = recipe.batch_size
-    b_txt = max(4, B // 5)
+    b_txt = max(4, B // 4)
     b_img = B - b_txt
     k_img = int(img.target_mask.sum(1).max())
     k_txt = int(txt.target_mask.sum(1).max())
     V = pool.shape[1]
-    from tqdm.auto import tqdm
-
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     ema = None
-    bar = tqdm(range(steps), desc="toy world", disable=not sys.stderr.isatty(), leave=False)
-    for step in bar:
-        ii = torch.randint(len(img.input_ids), (b_img,), generator=g)
-        ti = torch.randint(len(txt.input_ids), (b_txt,), generator=g)
-        ents = img.entity[ii]
-        views = torch.randint(V, (b_img,), generator=g)
-        pixel_values = pool[ents, views].float()
-        loss = 0.0
-        ids_i, am_i, tm_i = _trim(img.input_ids[ii], img.attention_mask[ii], img.target_mask[ii], attention_mask=img.attention_mask[ii])
-        ids_t, am_t, tm_t = _trim(txt.input_ids[ti], txt.attention_mask[ti], txt.target_mask[ti], attention_mask=txt.attention_mask[ti])
-        # image rows and text rows have very different lengths: two forwards, one step
-        for ids, am, tm, pv, k, w in (
-            (ids_i, am_i, tm_i, pixel_values, k_img, b_img / B),
-            (ids_t, am_t, tm_t, None, k_txt, b_txt / B),
-        ):
-            out = model(input_ids=ids, attention_mask=am, pixel_values=pv, logits_to_keep=k + 1)
-            logits = out.logits[:, :-1]
-            tgt = ids[:, -k:]
-            m = tm[:, -k:]
-            ce = torch.nn.functional.cross_entropy(logits[m].float(), tgt[m])
-            loss = loss + w * ce
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        ema = float(loss) if ema is None else 0.95 * ema + 0.05 * float(loss)
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{ema:.3f}")
-            logger.debug("toy world step %d/%d loss %.4f", step, steps, ema)
-    model.eval()
-    return {"train_seconds": time.perf_counter() - t0, "final_loss": float(ema or 0.0), "steps": steps}
+    model.train()
+    try:
+        bar = tqdm(range(steps), desc="toy world", disable=not sys.stderr.isatty(), leave=False)
+        for step in bar:
+            ii = torch.randint(len(img.input_ids), (b_img,), generator=g)
+            ti = torch.randint(len(txt.input_ids), (b_txt,), generator=g)
+            ents = img.entity[ii]
+            pixel_values = pool[ents, torch.randint(V, (b_img,), generator=g)].float()
+            loss = torch.zeros(())
+            # image rows and text rows have very different lengths: two forwards, one step
+            for rows, idx, pv, k, w in ((img, ii, pixel_values, k_img, b_img / B), (txt, ti, None, k_txt, b_txt / B)):
+                am = rows.attention_mask[idx]
+                ids, am, tm = _trim(rows.input_ids[idx], am, rows.target_mask[idx], attention_mask=am)
+                out = model(input_ids=ids, attention_mask=am, pixel_values=pv, logits_to_keep=k + 1)
+                m = tm[:, -k:]
+                loss = loss + w * torch.nn.functional.cross_entropy(out.logits[:, :-1][m].float(), ids[:, -k:][m])
+                if pv is not None:
+                    feats = captured["f"].reshape(len(idx), -1, recipe.text_hidden).mean(1)
+                    loss = loss + torch.nn.functional.cross_entropy(head(feats), ents)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            val = loss.item()
+            ema = val if ema is None else 0.95 * ema + 0.05 * val
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{ema:.3f}")
+            if (step + 1) % max(1, steps // 10) == 0:
+                logger.info("toy world step %d/%d loss %.4f (%.0fs)", step + 1, steps, ema, time.perf_counter() - t0)
+    finally:
+        hook.remove()
+        model.eval()
+    return {
+        "train_seconds": time.perf_counter() - t0,
+        "train_cpu_seconds": time.process_time() - c0,
+        "final_loss": float(ema or 0.0),
+        "steps": steps,
+    }
 
 
 def build_world(seed: int = 0, n_entities: int = DEFAULT_N_ENTITIES, *, evaluate: bool = True) -> ToyWorld:
     """Generate and train a world (no cache). :func:`toy_world` is the cached entry point."""
     from ..families import family_of
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     recipe = _recipe(n_entities)
     spec = make_spec(seed, n_entities, recipe.train_views)
     processor = _build_processor(spec)
@@ -931,6 +987,7 @@ def build_world(seed: int = 0, n_entities: int = DEFAULT_N_ENTITIES, *, evaluate
         info["accuracy"] = world.accuracy()
         info["eval_seconds"] = time.perf_counter() - t1
     info["build_seconds"] = time.perf_counter() - t0
+    info["build_cpu_seconds"] = time.process_time() - c0
     logger.info("toy world built in %.1fs: %s", info["build_seconds"], info.get("accuracy"))
     return world
 
@@ -973,6 +1030,7 @@ def save_world(world: ToyWorld, directory: Path) -> None:
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is meant to be shared
         world.model.save_pretrained(tmp / "model", safe_serialization=True)
         world.processor.save_pretrained(tmp / "processor")
         (tmp / "world.json").write_text(json.dumps(world.spec.to_json(), indent=1))

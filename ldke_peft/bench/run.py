@@ -1,0 +1,633 @@
+"""The MKE benchmark runner: LDKE, its ablations and the baselines, on the benchmark MLLM or the toy world.
+
+``main(argv)`` (wired to ``ldke bench``; also ``python -m ldke_peft.bench.run``) writes into ``--out``:
+
+* ``results.json``: the summary, exactly ``{"suite", "model", "n_edits", "methods", "sequential",
+  "localization", "edit_speed", "inference_overhead"}`` (see :data:`METHOD_KEYS`);
+* ``details.json``: everything behind it (per-request metrics, per-phase timings, protocol, machine);
+* ``report.md``: tables and the bars with PASS/MISS computed from the numbers;
+* ``metrics.png``, ``sequential.png``, ``localization_heatmap.png``.
+
+Protocol (the same for every method): each request is edited alone into the unedited model (and
+the model restored bit for bit afterwards, checked); metrics come from
+:func:`ldke_peft.metrics.compute_metrics` against pre-edit state collected once before any edit.
+With ``--protocol heldout`` (default) every editor gets only :func:`~ldke_peft.bench.mke.editor_view`
+of a request (image, prompt, target) and LDKE its hard negatives from a pool disjoint from the
+probes; ``--protocol open`` hands LDKE the whole request (rephrases, locality and coupled probes
+become its positives/negatives), as EasyEdit hands a method its request dict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..config import LDKEConfig
+from ..editor import NegativePool, edit
+from ..families import family_of
+from ..metrics import METRIC_KEYS, collect_pre, compute_metrics
+from ..model import default_probe_layer
+from ..requests import EditRequest
+from .baselines import BASELINES, Restore
+from .mke import editor_view
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LDKE_VARIANTS", "METHODS", "METHOD_KEYS", "SUITES", "Suite", "bars", "load_suite", "main", "run_benchmark"]
+
+#: LDKE and its ablations: config overrides.
+LDKE_VARIANTS: dict[str, dict[str, Any]] = {
+    "ldke": {},
+    "ldke_no_router": {"use_router": False},
+    "ldke_fixed_layer": {"localization": "fixed"},
+    "ldke_no_hard_negatives": {"hard_negatives": False},
+}
+METHODS: tuple[str, ...] = (*LDKE_VARIANTS, *BASELINES)
+BASELINE_NAMES: tuple[str, ...] = tuple(BASELINES)
+SEQUENTIAL_METHODS: tuple[str, ...] = ("ldke", "grace", "lora")
+#: Keys of each ``results["methods"][name]``.
+METHOD_KEYS: tuple[str, ...] = (*METRIC_KEYS, "edit_seconds_median", "adapter_bytes_per_edit")
+RESULT_KEYS: tuple[str, ...] = ("suite", "model", "n_edits", "methods", "sequential", "localization", "edit_speed",
+                                "inference_overhead")
+CHECKPOINTS: tuple[int, ...] = (1, 10, 100, 1000)
+
+#: Defaults per suite (overridable on the command line).
+SUITES: dict[str, dict[str, Any]] = {
+    "smoke": {"n_edits": 10, "sequential": [1, 10], "localization": 3, "positions": 1, "speed": 1},
+    "full": {"n_edits": None, "sequential": [1, 10, 100], "localization": 20, "positions": 3, "speed": 3},
+    "toy": {"n_edits": 8, "sequential": [1, 10], "localization": 8, "positions": 2, "speed": 2},
+}
+
+#: The bars of the spec: (metric, threshold) for LDKE's own numbers.
+METRIC_BARS: tuple[tuple[str, float], ...] = (
+    ("reliability", 0.99),
+    ("t_generality", 0.95),
+    ("m_generality", 0.95),
+    ("t_locality", 0.99),
+    ("m_locality", 0.98),
+    ("coupled_locality", 0.95),
+)
+CEILING = 0.999
+MAX_BYTES_PER_EDIT = 100_000
+
+
+# ---------------------------------------------------------------------- suites
+
+
+@dataclass
+class Suite:
+    """A model, its processor, evaluation requests and the editors' negative pool."""
+
+    name: str
+    model: Any
+    processor: Any
+    model_name: str
+    requests: list[EditRequest]
+    pool: NegativePool
+    info: dict[str, Any] = field(default_factory=dict)
+    #: the single-edit table uses the first ``n_single`` requests (the sequential study may use more)
+    n_single: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.n_single is None:
+            self.n_single = len(self.requests)
+
+
+def _toy_pool(world: Any) -> NegativePool:
+    """Training wordings and a training view of every toy entity (the probes use view 0 and
+    held-out views/wordings)."""
+    return NegativePool(
+        questions=[(q, rel) for rel in world.relations for q in world.templates[rel]["train"]],
+        images=[(world.render(e, 1), e) for e in world.entities],
+    )
+
+
+def load_suite(name: str, n_edits: int | None, *, device: str = "cpu", cache_dir: str | None = None,
+               seed: int = 0, toy_entities: int | None = None, n_sequential: int = 0) -> Suite:
+    """Load the suite's model and build its requests: ``n_edits`` for the single-edit table (``None`` =
+    every usable fact) and, when ``n_sequential`` is larger, that many for the sequential study (as many
+    as there are usable facts)."""
+    if name == "toy":
+        from ..testing.toy_world import toy_world
+
+        world = toy_world(seed=seed, **({"n_entities": toy_entities} if toy_entities else {}))
+        n = n_edits if n_edits is not None else len(world.entities)
+        total = max(n, n_sequential)
+        reqs = None
+        while reqs is None:  # a world answers only so many facts correctly: take what there is
+            try:
+                reqs = world.edit_requests(total, seed=seed + 1)
+            except ValueError:
+                if total <= n:
+                    raise
+                total = max(n, int(total * 0.8))
+        model = world.model.to(device)
+        return Suite("toy", model, world.processor, f"toy_world(seed={seed}, entities={len(world.entities)})", reqs,
+                     _toy_pool(world), {"entities": len(world.entities)}, n_single=min(n, len(reqs)))
+    if name in ("smoke", "full"):
+        from .mke import build_mke_requests, negative_pool, usable_facts
+        from .smol_llava import load_smol_llava
+
+        model, processor, meta = load_smol_llava(cache_dir)
+        model = model.to(device)
+        total = None if n_edits is None else max(n_edits, n_sequential)
+        reqs = build_mke_requests(meta, min(total, len(usable_facts(meta))) if total else None, seed=seed)
+        desc = (f"smol-llava: {meta['base_lm']['name']} in a LlavaForConditionalGeneration "
+                f"({meta['n_image_tokens']} image tokens, build {meta['build_version']})")
+        return Suite(name, model, processor, desc, reqs, negative_pool(meta),
+                     {"usable_facts": len(usable_facts(meta)), "build": meta.get("code_version"),
+                      "recognition": meta.get("recognition", {}).get("heldout_accuracy")},
+                     n_single=len(reqs) if n_edits is None else min(n_edits, len(reqs)))
+    raise ValueError(f"unknown suite {name!r}; known: {', '.join(SUITES)}")
+
+
+# ---------------------------------------------------------------------- methods
+
+
+def _ldke_config(model: Any, overrides: dict[str, Any]) -> LDKEConfig:
+    cfg = LDKEConfig(**{k: v for k, v in overrides.items() if k != "localization"})
+    if overrides.get("localization") == "fixed":
+        cfg.localization = "fixed"
+        cfg.fixed_layers = [family_of(model).num_layers(model) // 2]
+    return cfg
+
+
+def ldke_bytes(pm: Any, adapter_name: str = "default") -> int:
+    """Adapter bytes (safetensors payload) divided by the pack's number of slots."""
+    from peft.utils import get_peft_model_state_dict
+
+    sd = get_peft_model_state_dict(pm, adapter_name=adapter_name)
+    n_slots = max(1, pm.peft_config[adapter_name].num_slots)
+    return int(sum(t.numel() * t.element_size() for t in sd.values()) / n_slots)
+
+
+def apply_ldke(model: Any, processor: Any, requests: Sequence[EditRequest], *, overrides: dict[str, Any],
+               pool: NegativePool, pack: Any | None = None) -> tuple[Any, Restore]:
+    """LDKE (or an ablation) in the baselines' ``(edited_model, restore)`` form."""
+    pm = edit(model if pack is None else pack, processor, list(requests), _ldke_config(model, overrides),
+              pack=pack, negatives=pool, progress=False)
+    reports = getattr(pm, "ldke_reports", [])[-len(requests):]
+    return pm, Restore(pm.unload, edit_bytes=ldke_bytes(pm),
+                       info={"layers": [r.layers for r in reports], "fit_steps": [r.fit_steps for r in reports],
+                             "router": [r.router for r in reports]})
+
+
+def _editor_requests(r: EditRequest, method: str, protocol: str) -> list[EditRequest]:
+    if protocol == "open" and method in LDKE_VARIANTS:
+        return [r]
+    return [editor_view(r)]
+
+
+def _apply(method: str, model: Any, processor: Any, reqs: list[EditRequest], pool: NegativePool,
+           hparams: dict[str, dict[str, Any]], previous: Any | None = None) -> tuple[Any, Restore]:
+    if method in LDKE_VARIANTS:
+        return apply_ldke(model, processor, reqs, overrides=LDKE_VARIANTS[method], pool=pool, pack=previous)
+    return BASELINES[method](previous if previous is not None else model, processor, reqs, **hparams.get(method, {}))
+
+
+def model_digest(model: Any) -> str:
+    """sha256 of every parameter and buffer (names and bytes): "restored bit for bit" is checked with it."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _mean(rows: Sequence[dict[str, Any]], keys: Sequence[str] = METRIC_KEYS) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for k in keys:
+        vals = [r[k] for r in rows if r.get(k) is not None and not (isinstance(r[k], float) and math.isnan(r[k]))]
+        out[k] = float(sum(vals) / len(vals)) if vals else None
+    return out
+
+
+def run_single(suite: Suite, method: str, pres: list[Any], *, protocol: str, generate: bool,
+               hparams: dict[str, dict[str, Any]], check_restore: bool = True) -> dict[str, Any]:
+    """Each request edited alone into the base model, evaluated, and undone."""
+    digest = model_digest(suite.model) if check_restore else None
+    rows, times, nbytes, infos = [], [], [], []
+    for r, pre in zip(suite.requests[: suite.n_single], pres):
+        t0 = time.perf_counter()
+        edited, restore = _apply(method, suite.model, suite.processor, _editor_requests(r, method, protocol), suite.pool,
+                                 hparams)
+        times.append(time.perf_counter() - t0)
+        m = compute_metrics(edited, suite.processor, [r], pre, generate=generate)
+        rows.append({k: m[k] for k in METRIC_KEYS})
+        nbytes.append(restore.edit_bytes)
+        infos.append({k: v for k, v in restore.info.items() if k != "seconds"})
+        restore()
+        logger.info("%s %s/%s -> %r: %s (%.1fs)", method, r.subject, r.relation, r.target,
+                    {k: round(v, 3) for k, v in rows[-1].items() if v is not None}, times[-1])
+    if check_restore and model_digest(suite.model) != digest:
+        raise RuntimeError(f"{method}: the base model was not restored bit for bit")
+    out = _mean(rows)
+    out["edit_seconds_median"] = statistics.median(times)
+    out["adapter_bytes_per_edit"] = int(statistics.median(nbytes))
+    return {"summary": out, "per_request": rows, "edit_seconds": times, "info": infos}
+
+
+def run_sequential(suite: Suite, method: str, pres: list[Any], sizes: Sequence[int], *, protocol: str,
+                   hparams: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Edits applied one after another to the same model; at each size every edit so far is evaluated."""
+    n = min(max(sizes), len(suite.requests))
+    checkpoints = sorted({s for s in sizes if s <= n} | {n})
+    out: dict[str, Any] = {}
+    edited, restore = None, None
+    t_all = time.perf_counter()
+    for i, r in enumerate(suite.requests[:n]):
+        edited, restore = _apply(method, suite.model, suite.processor, _editor_requests(r, method, protocol), suite.pool,
+                                 hparams, previous=edited)
+        k = i + 1
+        if k in checkpoints:
+            rows = [{kk: m[kk] for kk in METRIC_KEYS} for m in
+                    (compute_metrics(edited, suite.processor, [q], p, generate=False)
+                     for q, p in zip(suite.requests[:k], pres[:k]))]
+            m = _mean(rows)
+            m["min_reliability"] = min(x["reliability"] for x in rows)
+            m["seconds"] = time.perf_counter() - t_all
+            m["adapter_bytes_per_edit"] = int(restore.edit_bytes)
+            out[str(k)] = m
+            logger.info("sequential %s @%d: %s", method, k, {a: round(b, 3) for a, b in m.items() if b is not None})
+    if restore is not None:
+        restore()
+    return out
+
+
+# ---------------------------------------------------------------------- localization / speed / overhead
+
+
+class _WorldView:
+    """What :mod:`ldke_peft.bench.toy`'s studies need from a world: model, processor, family."""
+
+    def __init__(self, model: Any, processor: Any):
+        self.model, self.processor, self.family = model, processor, family_of(model)
+
+
+def run_localization(suite: Suite, n: int, positions: int) -> dict[str, Any]:
+    """Fast Localization vs exact per-layer causal tracing on ``n`` requests, and ROME-style
+    per-(layer, position) tracing (the cost reference of the speedup bar) on ``positions`` of them."""
+    from .toy import run_localization as _run
+
+    return _run(_WorldView(suite.model, suite.processor), suite.requests[:n], n_positions=positions)
+
+
+def run_edit_speed(suite: Suite, n: int) -> dict[str, Any]:
+    from .toy import run_edit_speed as _run
+
+    return _run(_WorldView(suite.model, suite.processor), suite.requests[:n])
+
+
+def _overhead_from_file(path: Path) -> dict[str, Any] | None:
+    """Routed-inference overhead measured by ``benchmarks/inference_overhead.py`` (worst batch size)."""
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    out: dict[str, Any] = {}
+    for row in data.get("rows", []):
+        name = row.get("model", "")
+        if name.startswith("ldke-"):
+            k = name.split("-", 1)[1]
+            out[k] = max(out.get(k, 0.0), float(row["generate_ratio"]))
+    return {"ratios": out, "source": str(path), "model": data.get("config", {}).get("model")} if out else None
+
+
+def measure_overhead(suite: Suite, pres_request: EditRequest, reps: int = 5) -> dict[str, Any]:
+    """A brief measurement when no overhead file exists: ``generate`` of a 1-edit routed pack vs the base
+    model, interleaved, median of ``reps``, on a batch of the edit's probes (routing live)."""
+    pm, restore = apply_ldke(suite.model, suite.processor, [editor_view(pres_request)], overrides={}, pool=suite.pool)
+    fam = family_of(suite.model)
+    r = pres_request
+    imgs = [r.image, *(p.image for p in r.coupled), *(p.image for p in r.m_locality)]
+    prs = [r.prompt, *(p.prompt for p in r.coupled), *(p.prompt for p in r.m_locality)]
+    device = next(suite.model.parameters()).device
+    inputs = fam.build_inputs(suite.processor, imgs, prs).to(device).inputs
+    tok = fam.tokenizer(suite.processor)
+
+    def gen(m):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            m.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id or 0)
+        return time.perf_counter() - t0
+
+    base_t, pack_t = [], []
+    try:
+        gen(pm)
+        for _ in range(reps):
+            pack_t.append(gen(pm))
+            with pm.disable_adapter():
+                base_t.append(gen(pm))
+    finally:
+        restore()
+    return {"ratios": {"1": statistics.median(pack_t) / statistics.median(base_t)}, "source": "measured by bench.run "
+            f"(generate 8 tokens, batch {len(prs)}, median of {reps}, adapter disabled = base)"}
+
+
+# ---------------------------------------------------------------------- the benchmark
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process (all threads): on a shared machine, CPU time / cores
+    is what the run would take on idle cores."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+class _Phase:
+    def __init__(self, timings: dict[str, float], cpu: dict[str, float], name: str):
+        self.timings, self.cpu, self.name = timings, cpu, name
+
+    def __enter__(self):
+        self.t0, self.c0 = time.perf_counter(), _cpu_seconds()
+        return self
+
+    def __exit__(self, *exc):
+        self.timings[self.name] = time.perf_counter() - self.t0
+        self.cpu[self.name] = _cpu_seconds() - self.c0
+
+
+def run_benchmark(suite: Suite, methods: Sequence[str], *, sequential: Sequence[int], n_localization: int,
+                  n_positions: int, n_speed: int, protocol: str = "heldout", generate: bool = True,
+                  hparams: dict[str, dict[str, Any]] | None = None, overhead_file: Path | None = None,
+                  measure_overhead_if_missing: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run every study; returns ``(results, details)``."""
+    hparams = hparams or {}
+    timings: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+    details: dict[str, Any] = {"protocol": protocol, "methods": {}, "timings": timings, "cpu_seconds": cpu,
+                               "suite_info": suite.info, "hparams": hparams,
+                               "requests": [{"subject": r.subject, "relation": r.relation, "prompt": r.prompt,
+                                             "ground_truth": r.ground_truth, "target": r.target} for r in suite.requests]}
+    results: dict[str, Any] = {"suite": suite.name, "model": suite.model_name, "n_edits": suite.n_single,
+                               "methods": {}, "sequential": {}, "localization": None, "edit_speed": None,
+                               "inference_overhead": None}
+    n_needed = max(suite.n_single, min(max(sequential, default=0), len(suite.requests)))
+    with _Phase(timings, cpu, "collect_pre"):
+        pres = [collect_pre(suite.model, suite.processor, [r]) for r in suite.requests[:n_needed]]
+    for name in methods:
+        with _Phase(timings, cpu, f"single {name}"):
+            res = run_single(suite, name, pres, protocol=protocol, generate=generate, hparams=hparams)
+        results["methods"][name] = {k: res["summary"].get(k) for k in METHOD_KEYS}
+        details["methods"][name] = res
+    for name in [m for m in SEQUENTIAL_METHODS if m in methods] if sequential else []:
+        with _Phase(timings, cpu, f"sequential {name}"):
+            results["sequential"][name] = run_sequential(suite, name, pres, sequential, protocol=protocol,
+                                                         hparams=hparams)
+    if n_localization:
+        with _Phase(timings, cpu, "localization"):
+            loc = run_localization(suite, n_localization, n_positions)
+        details["localization"] = loc
+        speedup = loc.get("speedup")
+        results["localization"] = {"top1_agreement": loc["top1_agreement"], "spearman": loc["spearman"],
+                                   "speedup": speedup}
+    if n_speed:
+        with _Phase(timings, cpu, "edit_speed"):
+            es = run_edit_speed(suite, n_speed)
+        details["edit_speed"] = es
+        results["edit_speed"] = {"cached_vs_full_speedup": es["cached_vs_full_speedup"]}
+    with _Phase(timings, cpu, "inference_overhead"):
+        ov = _overhead_from_file(overhead_file) if overhead_file is not None else None
+        if ov is None and measure_overhead_if_missing and "ldke" in methods:
+            ov = measure_overhead(suite, suite.requests[0])
+    if ov is not None:
+        results["inference_overhead"] = {k: ov["ratios"].get(k) for k in ("1", "1000")}
+        details["inference_overhead"] = ov
+    return results, details
+
+
+# ---------------------------------------------------------------------- bars
+
+
+def bars(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every bar of the spec with its measured value and ``PASS``/``MISS`` (``n/a`` when not measured)."""
+    out: list[dict[str, Any]] = []
+    methods = results.get("methods") or {}
+    ldke = methods.get("ldke")
+
+    def row(name: str, value: Any, ok: bool | None, detail: str = "") -> None:
+        out.append({"bar": name, "value": value, "status": "n/a" if ok is None else ("PASS" if ok else "MISS"),
+                    "detail": detail})
+
+    baselines = [b for b in BASELINE_NAMES if b in methods]
+    for k in METRIC_KEYS:
+        if ldke is None or ldke.get(k) is None or not baselines:
+            row(f"LDKE >= every baseline on {k}", None, None)
+            continue
+        beaten = [b for b in baselines if methods[b].get(k) is not None and methods[b][k] > ldke[k]]
+        excused = [b for b in beaten if methods[b][k] >= CEILING]
+        real = [b for b in beaten if b not in excused]
+        detail = ", ".join(f"{b} {methods[b][k]:.3f}" + (" (ceiling)" if b in excused else "") for b in beaten)
+        row(f"LDKE >= every baseline on {k}", ldke[k], not real, ("beaten by " + detail) if beaten else "")
+    for k, thr in METRIC_BARS:
+        v = None if ldke is None else ldke.get(k)
+        row(f"LDKE {k} >= {thr}", v, None if v is None else v >= thr)
+    loc = results.get("localization") or {}
+    sp, t1 = loc.get("speedup"), loc.get("top1_agreement")
+    row("localization speedup >= 20x", sp, None if sp is None else sp >= 20)
+    row("localization top-1 agreement >= 0.80", t1, None if t1 is None else t1 >= 0.8)
+    ov = results.get("inference_overhead") or {}
+    for k in ("1", "1000"):
+        v = ov.get(k)
+        row(f"routed inference overhead ({k} edit{'s' if k != '1' else ''}) <= 1.05x", v, None if v is None else v <= 1.05)
+    b = None if ldke is None else ldke.get("adapter_bytes_per_edit")
+    row("LDKE adapter bytes per edit <= 100 KB", b, None if b is None else b <= MAX_BYTES_PER_EDIT)
+    return out
+
+
+# ---------------------------------------------------------------------- report
+
+
+def _fmt(v: Any, nd: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def markdown_report(results: dict[str, Any], details: dict[str, Any]) -> str:
+    lines = [f"# MKE benchmark: suite `{results['suite']}`", "",
+             f"Model: {results['model']}. Edits: {results['n_edits']}. Protocol: `{details.get('protocol')}`. "
+             f"Machine: {details.get('machine', {}).get('summary', '')}", ""]
+    lines += ["## Single edits (each edit alone on the base model; mean over edits)", ""]
+    keys = list(METHOD_KEYS)
+    lines.append("| method | " + " | ".join(keys) + " |")
+    lines.append("|---|" + "---:|" * len(keys))
+    for name, m in results["methods"].items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(m.get(k), 1 if k == "edit_seconds_median" else 3) for k in keys) + " |")
+    if results.get("sequential"):
+        lines += ["", "## Sequential editing (edits applied one after another; every edit so far evaluated)", ""]
+        sk = ["reliability", "min_reliability", "t_generality", "m_generality", "t_locality", "m_locality",
+              "coupled_locality", "portability", "adapter_bytes_per_edit", "seconds"]
+        lines.append("| method | edits | " + " | ".join(sk) + " |")
+        lines.append("|---|---:|" + "---:|" * len(sk))
+        for name, by_n in results["sequential"].items():
+            for n, m in by_n.items():
+                lines.append(f"| {name} | {n} | " + " | ".join(_fmt(m.get(k)) for k in sk) + " |")
+    loc = details.get("localization")
+    if loc:
+        lines += ["", "## Fast Localization vs exact causal tracing", ""]
+        shown = {k: v for k, v in loc.items() if k != "heatmap"}
+        lines.append("| " + " | ".join(shown) + " |")
+        lines.append("|" + "---:|" * len(shown))
+        lines.append("| " + " | ".join(_fmt(v) for v in shown.values()) + " |")
+        lines.append("")
+        lines.append("`speedup` = wall time of ROME-style per-(layer, position) tracing / Fast Localization, same requests.")
+    es = details.get("edit_speed")
+    if es:
+        lines += ["", "## Edit speed (cached hidden states vs full forward/backward; same layers, same steps)", ""]
+        lines.append("| " + " | ".join(es) + " |")
+        lines.append("|" + "---:|" * len(es))
+        lines.append("| " + " | ".join(_fmt(v) for v in es.values()) + " |")
+    ov = details.get("inference_overhead")
+    lines += ["", "## Routed inference overhead", ""]
+    if ov:
+        lines.append("| edits in pack | generate time / base |")
+        lines.append("|---:|---:|")
+        for k, v in (results.get("inference_overhead") or {}).items():
+            lines.append(f"| {k} | {_fmt(v)} |")
+        lines.append("")
+        lines.append(f"Source: {ov.get('source')}" + (f" (model: {ov['model']})" if ov.get("model") else ""))
+    else:
+        lines.append("Not measured in this run.")
+    lines += ["", "## Bars", "", "| bar | value | status | detail |", "|---|---:|---|---|"]
+    for b in bars(results):
+        lines.append(f"| {b['bar']} | {_fmt(b['value'])} | {b['status']} | {b['detail']} |")
+    t, c = details.get("timings", {}), details.get("cpu_seconds", {})
+    if t:
+        lines += ["", "## Timings", "", "Wall seconds on this machine, and CPU seconds of this process (all threads; on "
+                  "a shared machine CPU seconds / cores is the wall time idle cores would take).", "",
+                  "| phase | wall s | CPU s |", "|---|---:|---:|"]
+        for k, v in t.items():
+            lines.append(f"| {k} | {v:.1f} | {_fmt(c.get(k), 1)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _machine() -> dict[str, Any]:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "machine": platform.machine()}
+    info["summary"] = f"{info['machine']}, {info['cpu_count']} CPUs visible, torch {info['torch']}, {info['threads']} thread(s)"
+    return info
+
+
+def write_outputs(out: Path, results: dict[str, Any], details: dict[str, Any], plots: bool = True) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    (out / "details.json").write_text(json.dumps(details, indent=1, default=float))
+    (out / "report.md").write_text(markdown_report(results, details))
+    if plots:
+        from . import plots as P
+
+        P.metrics_bars(results, out / "metrics.png")
+        if results.get("sequential"):
+            P.sequential_curve(results, out / "sequential.png")
+        heat = (details.get("localization") or {}).get("heatmap")
+        if heat:
+            P.localization_heatmap(heat, out / "localization_heatmap.png")
+
+
+def _parse_sizes(text: str) -> list[int]:
+    if text.strip() in ("", "0", "none"):
+        return []
+    return sorted({int(x) for x in text.split(",") if x.strip()})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="ldke bench",
+        description="MKE benchmark: LDKE, its ablations and FT-L/LoRA/GRACE/IKE on the benchmark MLLM (smoke, full) "
+        "or the toy world (toy). Writes results.json, details.json, report.md and PNG plots into --out.",
+    )
+    ap.add_argument("--suite", choices=list(SUITES), default="smoke")
+    ap.add_argument("--out", default=None, help="output folder (default benchmarks/results/<suite>)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    ap.add_argument("--prepare", action="store_true", help="build the benchmark MLLM (reused if built) and exit")
+    ap.add_argument("--cache-dir", default=None, help="benchmark MLLM cache (default $LDKE_CACHE/bench or ~/.cache/ldke_peft/bench)")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    ap.add_argument("--n-edits", type=int, default=None, help="single-edit requests (default: per suite; full = every usable fact)")
+    ap.add_argument("--sequential", default=None, help="comma-separated sequential sizes, e.g. 1,10,100 (0 = skip)")
+    ap.add_argument("--localization", type=int, default=None, help="requests for Fast vs exact localization (0 = skip)")
+    ap.add_argument("--positions", type=int, default=None, help="of those, traced per (layer, position) too")
+    ap.add_argument("--speed", type=int, default=None, help="requests for the cached-vs-full edit-speed study (0 = skip)")
+    ap.add_argument("--protocol", choices=("heldout", "open"), default="heldout",
+                    help="heldout: editors see only the edit (default); open: LDKE also gets the request's probes")
+    ap.add_argument("--no-generate", action="store_true", help="skip exact-match generation")
+    ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--toy-entities", type=int, default=None, help="toy-world size (toy suite)")
+    ap.add_argument("--overhead-file", default="benchmarks/results/inference_overhead.json",
+                    help="read routed-inference overhead from this file when it exists")
+    ap.add_argument("--no-overhead", action="store_true", help="do not measure the overhead when the file is missing")
+    ap.add_argument("--export-data", action="store_true",
+                    help="also write the benchmark data (our JSONL + EasyEdit VQA JSON + PNG images) into OUT/data")
+    ap.add_argument("--hparams", default=None, help='JSON: per-method hyper-parameters, e.g. {"ft_l": {"layer": 12}}')
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    if args.prepare:
+        from .smol_llava import build_smol_llava
+
+        folder = build_smol_llava(args.cache_dir)
+        print(f"benchmark MLLM ready at {folder}")
+        return 0
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        ap.error(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
+    d = SUITES[args.suite]
+    n_edits = args.n_edits if args.n_edits is not None else d["n_edits"]
+    sequential = _parse_sizes(args.sequential) if args.sequential is not None else d["sequential"]
+    t_all, c_all = time.perf_counter(), _cpu_seconds()
+    suite = load_suite(args.suite, n_edits, device=args.device, cache_dir=args.cache_dir, seed=args.seed,
+                       toy_entities=args.toy_entities, n_sequential=max(sequential, default=0))
+    t_load, c_load = time.perf_counter() - t_all, _cpu_seconds() - c_all
+    results, details = run_benchmark(
+        suite, methods, sequential=sequential,
+        n_localization=args.localization if args.localization is not None else d["localization"],
+        n_positions=args.positions if args.positions is not None else d["positions"],
+        n_speed=args.speed if args.speed is not None else d["speed"],
+        protocol=args.protocol, generate=not args.no_generate,
+        hparams=json.loads(args.hparams) if args.hparams else None,
+        overhead_file=Path(args.overhead_file) if args.overhead_file else None,
+        measure_overhead_if_missing=not args.no_overhead,
+    )
+    details["timings"]["load"] = t_load
+    details["cpu_seconds"]["load"] = c_load
+    details["timings"]["total"] = time.perf_counter() - t_all
+    details["cpu_seconds"]["total"] = _cpu_seconds() - c_all
+    details["machine"] = _machine()
+    details["argv"] = list(argv) if argv is not None else None
+    out = Path(args.out or f"benchmarks/results/{args.suite}")
+    write_outputs(out, results, details, plots=not args.no_plots)
+    if args.export_data and suite.name in ("smoke", "full"):
+        from .mke import export_mke
+
+        export_mke(suite.requests, out / "data")
+    print(markdown_report(results, details))
+    print(f"wrote {out}/results.json, report.md" + ("" if args.no_plots else " and plots"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

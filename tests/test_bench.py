@@ -1,0 +1,298 @@
+"""The MKE benchmark harness: baselines (FT-L, LoRA, GRACE, IKE), the MLLM data builder, the runner,
+report bars and plots. Baselines edit the real toy-world LLaVA; the data builder runs on a meta.json
+written as the benchmark MLLM's build writes it (no 135M model is loaded here)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import pytest
+import torch
+from PIL import Image
+
+from ldke_peft.bench import run as bench_run
+from ldke_peft.bench.baselines import (
+    GraceCodebook,
+    IKEModel,
+    apply_ft_l,
+    apply_grace,
+    apply_ike,
+    apply_lora,
+    grace_default_layer,
+)
+from ldke_peft.bench.countries import COUNTRIES, RELATIONS, answer_matches
+from ldke_peft.bench.mke import (
+    PORTABILITY_QUESTIONS,
+    build_mke_requests,
+    editor_view,
+    export_mke,
+    negative_pool,
+    usable_facts,
+)
+from ldke_peft.bench.run import METHOD_KEYS, RESULT_KEYS, bars, model_digest
+from ldke_peft.bench.smol_llava import DEFAULT_LOOKALIKE_PAIRS
+from ldke_peft.families import family_of
+from ldke_peft.metrics import collect_pre, compute_metrics
+from ldke_peft.requests import load_easyedit, load_jsonl
+
+
+@pytest.fixture(scope="module")
+def edits(world):
+    return world.edit_requests(2, seed=1)
+
+
+def _target_logprob(model, processor, r) -> float:
+    fam = family_of(model)
+    built = fam.build_inputs(processor, [r.image], [r.prompt], [r.target])
+    with torch.no_grad():
+        logits = model(**built.inputs).logits[0, :-1].float()
+    ids = built.input_ids[0, 1:]
+    sel = built.target_mask[0, 1:]
+    return float(torch.log_softmax(logits, -1)[sel].gather(1, ids[sel][:, None]).sum())
+
+
+def _reliability(model, processor, r) -> float:
+    return compute_metrics(model, processor, [editor_view(r)], None, generate=False)["reliability"]
+
+
+# ---------------------------------------------------------------------- baselines
+
+
+def test_ft_l_recipe_moves_the_target_and_restores_bitwise(world, edits):
+    r = edits[0]
+    digest = model_digest(world.model)
+    before = _target_logprob(world.model, world.processor, r)
+    grad_flags = [p.requires_grad for p in world.model.parameters()]
+    model, restore = apply_ft_l(world.model, world.processor, [editor_view(r)], layer="mid")
+    after = _target_logprob(model, world.processor, r)
+    # the published recipe (lr 5e-4, L-inf box 5e-4, 25 steps) barely moves a toy model: it must move it up
+    assert after > before
+    assert restore.info["layer"] == family_of(world.model).num_layers(world.model) // 2
+    restore()
+    assert model_digest(world.model) == digest
+    assert [p.requires_grad for p in world.model.parameters()] == grad_flags
+    # unconstrained and with FT-M's objective it does flip the answer
+    assert _reliability(world.model, world.processor, r) == 0.0
+    model, restore = apply_ft_l(world.model, world.processor, [editor_view(r)], layer="located", norm_constraint=None,
+                                objective="target_new", lr=1e-2)
+    assert _reliability(model, world.processor, r) == 1.0
+    restore()
+    assert model_digest(world.model) == digest
+
+
+def test_lora_edits_and_unloads_bitwise(world, edits):
+    from peft import PeftModel
+
+    r = edits[0]
+    digest = model_digest(world.model)
+    assert _reliability(world.model, world.processor, r) == 0.0
+    model, restore = apply_lora(world.model, world.processor, [editor_view(r)])
+    assert isinstance(model, PeftModel)
+    from peft.tuners.lora import LoraLayer
+
+    names = [n for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+    L = family_of(world.model).num_layers(world.model)
+    assert len(names) == 2 * L and all(".language_model.layers." in n for n in names)  # never the vision tower
+    # upstream's 5 SGD steps lower the loss but do not always flip a toy model's answer; 20 do
+    assert restore.info["loss_last"] < restore.info["loss_first"]
+    assert restore.edit_bytes > 0
+    base = restore()
+    assert base is world.model and not isinstance(base, PeftModel)
+    assert model_digest(world.model) == digest
+    assert not any("lora" in n for n, _ in world.model.named_modules())
+    model, restore = apply_lora(world.model, world.processor, [editor_view(r)], num_steps=20)
+    assert _reliability(model, world.processor, r) == 1.0
+    restore()
+    assert model_digest(world.model) == digest
+
+
+def test_grace_codebook_edits_sequentially_and_unhooks(world, edits):
+    r0, r1 = edits
+    digest = model_digest(world.model)
+    pre = collect_pre(world.model, world.processor, [r0])
+    model, restore = apply_grace(world.model, world.processor, [editor_view(r0)])
+    book = model.__dict__["_bench_grace"]
+    assert isinstance(book, GraceCodebook) and len(book.keys) == 1
+    assert book.layer == grace_default_layer(family_of(world.model).num_layers(world.model))
+    m = compute_metrics(model, world.processor, [r0], pre, generate=True)
+    assert m["reliability"] == 1.0 and m["exact_match"] == 1.0
+    assert m["t_locality"] == 1.0 and m["m_locality"] == 1.0  # other inputs are outside the radius
+    # a second edit joins the same codebook; the first still holds
+    model, restore = apply_grace(model, world.processor, [editor_view(r1)])
+    assert len(book.keys) == 2
+    assert _reliability(model, world.processor, r0) == 1.0
+    assert _reliability(model, world.processor, r1) == 1.0
+    assert "_bench_grace" not in dict(world.model.named_modules())  # a hook, not a submodule
+    restore()
+    assert model_digest(world.model) == digest
+    assert not world.model.__dict__.get("_bench_grace")
+    assert _reliability(world.model, world.processor, r0) == 0.0
+
+
+def test_ike_puts_the_fact_in_context_with_aligned_logits(world, edits):
+    r = edits[0]
+    fam = family_of(world.model)
+    tok = fam.tokenizer(world.processor)
+    model, restore = apply_ike(world.model, world.processor, [editor_view(r)])
+    assert isinstance(model, IKEModel) and family_of(model) is fam
+    assert "New Fact:" in model.demo_text and r.target in model.demo_text
+    # two rows of different lengths: left padding is moved in front of the demonstration
+    built = fam.build_inputs(world.processor, [r.image, None], [r.prompt, "What is the capital of " + r.subject + "?"],
+                             [r.target, r.target])
+    with torch.no_grad():
+        got = model(**built.inputs).logits
+    assert got.shape == built.input_ids.shape + (got.shape[-1],)
+    for b in range(2):
+        real = built.inputs["attention_mask"][b].bool()
+        ids = torch.cat([model.demo_ids[0], built.input_ids[b][real]])[None]
+        row = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if b == 0:
+            row["pixel_values"] = built.inputs["pixel_values"][:1]
+        with torch.no_grad():
+            ref = world.model(**row).logits[0, model.demo_ids.shape[1]:]
+            plain = world.model(input_ids=built.input_ids[b][real][None]).logits[0] if b == 1 else None
+        torch.testing.assert_close(got[b][real], ref, atol=1e-4, rtol=1e-4)
+        if plain is not None:
+            assert not torch.allclose(got[b][real], plain, atol=1e-3)  # the demonstration is really read
+    out = model.generate(**fam.build_inputs(world.processor, [r.image], [r.prompt]).inputs, max_new_tokens=2,
+                         do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] == fam.build_inputs(world.processor, [r.image], [r.prompt]).input_ids.shape[1] + 2
+    assert restore() is world.model
+
+
+# ---------------------------------------------------------------------- MLLM data builder
+
+
+def _fake_meta(n_entities: int = 30) -> dict:
+    """A meta.json as ``build_smol_llava`` writes it (answers made up: no model is run here)."""
+    countries = list(COUNTRIES)[:n_entities]
+    names = [c.name for c in countries]
+    paired = [p for p in DEFAULT_LOOKALIKE_PAIRS if p[0] in names and p[1] in names]
+    return {
+        "countries": [{"name": c.name, "prompt_name": c.prompt_name, "split": "edit",
+                       "facts": {r: list(c.answers(r)) for r in RELATIONS}} for c in countries],
+        "relations": {r: asdict(rel) for r, rel in RELATIONS.items()},
+        "text_known": {r: names for r in RELATIONS},
+        "image_known": {r: names[::2] for r in RELATIONS},
+        "answers": {r: {c.name: {"text": f"The {r} of {c.name} is {c.answer(r)}. More text.",
+                                 "image": f"It is {c.answer(r)}."} for c in countries} for r in RELATIONS},
+        "lookalike_pairs": [list(p) for p in paired],
+        "emblems": {"seed": 0, "size": 64},
+        "base_lm": {"name": "fake"}, "n_image_tokens": 4, "build_version": "test",
+    }
+
+
+def test_mke_requests_cover_every_probe_kind(tmp_path):
+    meta = _fake_meta()
+    reqs = build_mke_requests(meta, 12, seed=3)
+    assert len(reqs) == 12
+    again = build_mke_requests(meta, 12, seed=3)
+    assert [(r.subject, r.relation, r.target) for r in reqs] == [(r.subject, r.relation, r.target) for r in again]
+    assert len({r.subject for r in reqs}) >= 10  # round robin over entities
+    for r in reqs:
+        truth = dict((c["name"], c["facts"]) for c in meta["countries"])[r.subject][r.relation]
+        assert r.subject in meta["image_known"][r.relation]
+        assert not answer_matches(r.target, tuple(truth)) and r.ground_truth == truth[0]
+        assert len(r.rephrase_prompts) >= 2 and r.prompt not in r.rephrase_prompts
+        assert len(r.rephrase_images) >= 2 and isinstance(r.image, Image.Image)
+        assert len(r.locality) == 2 and all(p.image is None for p in r.locality)
+        assert len(r.m_locality) == 2 and all(p.image is not None for p in r.m_locality)
+        kinds = [p.kind for p in r.coupled]
+        assert kinds.count("same_image_other_question") == len(RELATIONS) - 1
+        # coupled "other question" probes use a wording that is not in the editors' negative pool
+        pool_qs = {q for q, _ in negative_pool(meta, n_images=2).questions}
+        assert not {p.prompt for p in r.coupled if p.kind == "same_image_other_question"} & pool_qs
+        if r.relation in PORTABILITY_QUESTIONS and r.portability:
+            owner = r.portability[0].answer
+            assert dict((c["name"], c["facts"]) for c in meta["countries"])[owner][r.relation][0] == r.target
+        view = editor_view(r)
+        assert not (view.rephrase_prompts or view.rephrase_images or view.locality or view.coupled or view.portability)
+    assert any(p.kind == "lookalike_same_question" for r in reqs for p in r.coupled)
+    assert any(r.portability for r in reqs)
+
+    paths = export_mke(reqs, tmp_path / "mke")
+    back = load_jsonl(paths["jsonl"])
+    assert [(b.prompt, b.target, len(b.coupled), len(b.portability)) for b in back] == [
+        (r.prompt, r.target, len(r.coupled), len(r.portability)) for r in reqs]
+    ee = load_easyedit(paths["easyedit"], image_root=tmp_path / "mke")
+    assert [(e.prompt, e.target, e.ground_truth) for e in ee] == [(r.prompt, r.target, r.ground_truth) for r in reqs]
+    assert all(e.locality and e.m_locality and e.rephrase_images for e in ee)
+    with pytest.raises(ValueError, match="n must be"):
+        build_mke_requests(meta, 0)
+    # a build that recorded the facts answered right from every view restricts the edits to those
+    robust = dict(meta, editable={"capital": ["France", "Germany"], "currency": ["Japan"]})
+    assert usable_facts(robust) == [("France", "capital"), ("Germany", "capital"), ("Japan", "currency")]
+
+
+# ---------------------------------------------------------------------- runner, report, plots
+
+
+def test_runner_writes_the_schema_report_and_plots(tmp_path, world):
+    out = tmp_path / "bench"
+    # routed-inference overhead as benchmarks/inference_overhead.py writes it (worst batch size is reported)
+    overhead = tmp_path / "inference_overhead.json"
+    overhead.write_text(json.dumps({"rows": [
+        {"batch": 1, "model": "base", "generate_ratio": 1.0}, {"batch": 1, "model": "ldke-1", "generate_ratio": 1.02},
+        {"batch": 8, "model": "ldke-1", "generate_ratio": 1.04}, {"batch": 1, "model": "ldke-1000", "generate_ratio": 1.2},
+    ], "config": {"model": "tiny"}}))
+    rc = bench_run.main(["--suite", "toy", "--n-edits", "1", "--methods", "ldke,ft_l,lora,grace,ike", "--sequential", "1",
+                         "--localization", "1", "--positions", "1", "--speed", "1", "--overhead-file", str(overhead),
+                         "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert tuple(res) == RESULT_KEYS
+    assert res["suite"] == "toy" and res["n_edits"] == 1
+    assert list(res["methods"]) == ["ldke", "ft_l", "lora", "grace", "ike"]
+    for m in res["methods"].values():
+        assert tuple(m) == METHOD_KEYS
+    assert set(res["sequential"]) == {"ldke", "grace", "lora"} and all(list(v) == ["1"] for v in res["sequential"].values())
+    assert set(res["localization"]) == {"top1_agreement", "spearman", "speedup"}
+    assert set(res["edit_speed"]) == {"cached_vs_full_speedup"}
+    assert res["inference_overhead"] == {"1": 1.04, "1000": 1.2}
+    assert res["methods"]["ldke"]["reliability"] == 1.0
+    for png in ("metrics.png", "sequential.png", "localization_heatmap.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(out / png) as im:
+            assert im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
+    report = (out / "report.md").read_text()
+    assert "| bar | value | status | detail |" in report
+    for b in bars(res):
+        assert f"| {b['bar']} |" in report
+    assert "| routed inference overhead (1000 edits) <= 1.05x | 1.200 | MISS |" in report
+
+
+def test_bars_are_computed_from_the_numbers():
+    base = {k: 0.5 for k in METHOD_KEYS}
+    res = {
+        "methods": {
+            "ldke": {**base, "reliability": 1.0, "t_generality": 0.9, "t_locality": 0.995, "adapter_bytes_per_edit": 150_000},
+            "grace": {**base, "t_generality": 0.95, "t_locality": 1.0, "adapter_bytes_per_edit": 10},
+            "ike": {**base, "reliability": 1.0},
+        },
+        "localization": {"top1_agreement": 0.9, "spearman": 0.5, "speedup": 19.0},
+        "inference_overhead": {"1": 1.01, "1000": None},
+    }
+    got = {b["bar"]: b for b in bars(res)}
+    assert got["LDKE >= every baseline on reliability"]["status"] == "PASS"  # a tie is not a loss
+    assert got["LDKE >= every baseline on t_generality"]["status"] == "MISS"
+    assert "grace 0.950" in got["LDKE >= every baseline on t_generality"]["detail"]
+    loc = got["LDKE >= every baseline on t_locality"]
+    assert loc["status"] == "PASS" and "ceiling" in loc["detail"]  # GRACE at 1.0 is excused
+    assert got["LDKE reliability >= 0.99"]["status"] == "PASS"
+    assert got["LDKE t_generality >= 0.95"]["status"] == "MISS"
+    assert got["localization speedup >= 20x"]["status"] == "MISS"
+    assert got["localization top-1 agreement >= 0.80"]["status"] == "PASS"
+    assert got["routed inference overhead (1 edit) <= 1.05x"]["status"] == "PASS"
+    assert got["routed inference overhead (1000 edits) <= 1.05x"]["status"] == "n/a"
+    assert got["LDKE adapter bytes per edit <= 100 KB"]["status"] == "MISS"
+    res["methods"]["ldke"]["portability"] = None
+    assert {b["bar"]: b for b in bars(res)}["LDKE >= every baseline on portability"]["status"] == "n/a"
+
+
+def test_unknown_method_and_suite_are_refused():
+    with pytest.raises(SystemExit):
+        bench_run.main(["--suite", "toy", "--methods", "ldke,rome"])
+    with pytest.raises(ValueError, match="unknown suite"):
+        bench_run.load_suite("nope", 1)
