@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(MAKE) test-only
 
 test-only:
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest -q --durations=15 tests
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q --durations=15 --timeout=900 tests
 
 bench-smoke: $(STAMP)
 	$(VENV)/bin/ldke bench --suite smoke --out benchmarks/results/smoke
