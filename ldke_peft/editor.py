@@ -410,10 +410,13 @@ def fit_delta(
                     f"{float(loss.detach())} (edit_lr={cfg.edit_lr}); lower edit_lr"
                 )
             with torch.no_grad():
-                hit = (logits.argmax(-1) == tgt_ids)[core]
+                hit_all = logits.argmax(-1) == tgt_ids
+                hit = hit_all[core]
                 acc = float(hit.float().mean())
                 p_min = float(torch.softmax(logits.float(), -1).gather(1, tgt_ids[:, None])[core].min())
-            if stop_early and bool(hit.all()) and p_min > 0.5:
+            # stop once the answer is confidently the target AND is followed by its end (else the old
+            # answer's tail can carry on in generation: "puro" -> "puro puet")
+            if stop_early and bool(hit.all()) and p_min > 0.5 and bool(hit_all.all()):
                 break
             opt.zero_grad(set_to_none=True)
             loss.backward()
