@@ -824,13 +824,7 @@ class _Rollback:
         # 1. unwrap every layer this call wrapped (all of them for a fresh edit)
         state = self.root.__dict__.get("_ldke_routing_state")
         if self.pack is None and state is not None:
-            for h in state.hooks:
-                h.remove()
-            state.hooks.clear()
-            state.hooked_layers.clear()
-            state.slots.clear()
-            state.current, state.depth, state.pending_ids = None, 0, None
-            state.prompt_ids = state.prompt_mask = None
+            state.remove_all()
         for name, m in list(self.root.named_modules()):
             if isinstance(m, LDKELayer) and id(m) not in self.wrapped:
                 parent_name, _, child = name.rpartition(".")
@@ -852,12 +846,11 @@ class _Rollback:
                             container[self.adapter_name] = saved[store]
                         elif self.adapter_name in container:
                             del container[self.adapter_name]
-                    m._route_cache.pop(self.adapter_name, None)
+                    m._plan_for = -1
             if state is not None:
-                # an exception that is not an ``Exception`` (Ctrl-C) skips torch's always-call exit hooks,
-                # which would leave the entry depth counter raised and every later call seen as nested
+                # an interrupted forward (Ctrl-C) can leave a half-recorded call behind
                 state.slots.pop(self.adapter_name, None)
-                state.current, state.depth, state.pending_ids = None, 0, None
+                state.reset_call()
         # 3. attributes, flags and modes
         for attr in self._ROOT_ATTRS:
             if attr not in self.root_attrs and attr in self.root.__dict__:

@@ -29,6 +29,10 @@ from .context import current_forced_slots
 from .routing import NO_SLOT, RouterState, RoutingState
 
 
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.float()
+
+
 class LDKELayer(BaseTunerLayer):
     adapter_layer_names = ("ldke_A", "ldke_B", "ldke_router")
     other_param_names = ("ldke_slot_ids", "rank", "scaling", "max_delta_norm")
@@ -43,9 +47,11 @@ class LDKELayer(BaseTunerLayer):
         self.ldke_B = nn.ParameterDict()
         self.ldke_router = nn.ModuleDict()
         self.ldke_slot_ids = BufferDict({}, persistent=True)
-        # adapter -> (decision tensor, its version, slot-id tensor, its version, rows, local): the
-        # rows/slots selected for the current decision, reused by every decode step of a generation
-        self._route_cache: dict[str, tuple] = {}
+        # the current routing decision's per-row delta factors, ``[(adapter, batch, A, B), ...]``, and
+        # the decision version they belong to: built at a decision's first call (the prefill), reused by
+        # every decode step (see ``forward``)
+        self._plan: list = []
+        self._plan_for = -1
         # shared, not a submodule: the model-level routing decisions
         object.__setattr__(self, "_routing", routing_state)
         self._disable_adapters = False
@@ -177,13 +183,6 @@ class LDKELinear(nn.Module, LDKELayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
-    def _slots_for(self, adapter_name: str, device: torch.device) -> torch.Tensor | None:
-        forced = current_forced_slots()
-        if forced is not None:
-            return forced.to(device)
-        slots = self._routing.slots.get(adapter_name)
-        return None if slots is None else slots.to(device)
-
     @staticmethod
     def _per_sample(t: torch.Tensor, batch: int) -> torch.Tensor | None:
         """``t`` as ``(batch, tokens, features)``, or ``None`` if it cannot be split per sample.
@@ -198,58 +197,105 @@ class LDKELinear(nn.Module, LDKELayer):
         return None
 
     def _routed_rows(self, name: str, slots: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """``(rows, local)``: the batch rows routed to a slot hosted here and that slot's local index.
-
-        The decision is made once per prefill and then reused by every decode step, so the result is
-        cached against the identity and version of the decision and slot-id tensors (a new decision,
-        an in-place edit or a resized pack recomputes it). Saves a handful of small tensor ops per
-        wrapped layer per generated token.
-        """
-        ids = self.ldke_slot_ids[name]
-        c = self._route_cache.get(name)
-        if c is not None and c[0] is slots and c[1] == slots._version and c[2] is ids and c[3] == ids._version:
-            return c[4], c[5]
-        ids_d = ids.to(slots.device)
-        match = slots.unsqueeze(1) == ids_d.unsqueeze(0)  # (B, K_l)
+        """``(rows, local)``: the batch rows routed to a slot hosted here and that slot's local index."""
+        ids = self.ldke_slot_ids[name].to(slots.device)
+        match = slots.unsqueeze(1) == ids.unsqueeze(0)  # (B, K_l)
         has = match.any(dim=1) & (slots != NO_SLOT)
-        if bool(has.any()):
-            rows = has.nonzero(as_tuple=True)[0]
-            local = match[rows].float().argmax(dim=1)
-        else:
-            rows = local = None
-        self._route_cache[name] = (slots, slots._version, ids, ids._version, rows, local)
-        return rows, local
+        if not bool(has.any()):
+            return None, None
+        rows = has.nonzero(as_tuple=True)[0]
+        return rows, match[rows].float().argmax(dim=1)
+
+    def _slot_factors(self, name: str, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per-row delta factors for a routing decision, or ``None`` if no row uses a slot hosted here.
+
+        ``(A, B)`` of shapes ``(batch, in, r)`` / ``(batch, r, out)`` in fp32, the scaling folded into
+        ``B``: row ``i`` holds its slot's factors, and rows routed elsewhere hold ``B = 0`` (their delta
+        is exactly zero, so their output stays exactly the base output). Built once per decision:
+        every decode step of a generation then costs two small ``bmm``, with no indexing.
+        """
+        A, B = self.ldke_A[name].detach(), self.ldke_B[name].detach()
+        ids, order = self.ldke_slot_ids[name].to(A.device).sort()  # global slot ids hosted here
+        slots = slots.to(A.device)
+        pos = torch.searchsorted(ids, slots).clamp_max(len(ids) - 1)
+        hit = ids[pos] == slots  # NO_SLOT (-1) is never a hosted id
+        if not bool(hit.any()):
+            return None
+        pos = order[pos] * hit
+        keep = (hit.float() * float(self.scaling[name])).view(-1, 1, 1)
+        return _f32(A[pos]), _f32(B[pos]) * keep
+
+    def _bounded(self, name: str, delta: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        """Scale each position's delta to at most ``max_delta_norm`` × the base output's norm there."""
+        bound = self.max_delta_norm[name]
+        if bound <= 0:
+            return delta
+        ref_n = ref.detach().float().norm(dim=-1, keepdim=True)
+        norm = delta.float().norm(dim=-1, keepdim=True)
+        return delta * torch.clamp(bound * ref_n / norm.clamp_min(1e-12), max=1.0).to(delta.dtype)
+
+    def _apply_plan(self, x: torch.Tensor, result: torch.Tensor, plan: list) -> torch.Tensor:
+        """``result`` plus each planned adapter's per-row delta (``B = 0`` rows add exactly zero)."""
+        for name, batch, pa, pb in plan:
+            x3 = self._per_sample(x, batch)
+            res3 = self._per_sample(result, batch)
+            if x3 is None or res3 is None:
+                continue
+            xa = torch.bmm(x3 if x3.dtype == torch.float32 else x3.float(), pa)
+            if self.max_delta_norm[name] <= 0 and res3.dtype == torch.float32:
+                # one fused op: res + xa @ B (what a decode step of an fp32 model pays)
+                out = torch.baddbmm(res3, xa, pb)
+            else:
+                delta = self._bounded(name, torch.bmm(xa, pb), res3)
+                out = res3 + delta.to(res3.dtype)
+            result = out if out.shape == result.shape else out.view(result.shape)
+        return result
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        if not self._routing.slots and current_forced_slots() is None:
-            return result  # no routing decision at all (e.g. before any LDKE forward): base only
-        if self.disable_adapters or self.merged:
+        forced = current_forced_slots()
+        if forced is None:
+            decisions = self._routing.slots
+            if not decisions.any_routed():
+                # no row of the current decision is routed to any slot (the common case): exactly the
+                # base layer, at the cost of one compare
+                return result
+            if self._plan_for == decisions.version and not torch.is_grad_enabled():
+                # a later call with the same decision (every decode step of a generation): the factors
+                # gathered at its first call, or nothing at all for a layer that hosts none of its slots
+                return self._apply_plan(x, result, self._plan) if self._plan else result
+        if self._disable_adapters or self.merged_adapters:
             return result
+        grad = torch.is_grad_enabled()
+        plan = []
         for name in self.active_adapters:
             if name not in self.ldke_A or self.ldke_A[name].shape[0] == 0:
                 continue
-            slots = self._slots_for(name, x.device)
+            slots = forced if forced is not None else self._routing.slots.get(name)
             if slots is None:
                 continue
-            x3 = self._per_sample(x, slots.shape[0])
-            res3 = self._per_sample(result, slots.shape[0])
-            if x3 is None or res3 is None:
+            slots = slots.to(x.device)
+            A, B = self.ldke_A[name], self.ldke_B[name]
+            if grad and (A.requires_grad or B.requires_grad):
+                # training a slot: only the routed rows, so gradients flow to their factors alone
+                x3 = self._per_sample(x, slots.shape[0])
+                res3 = self._per_sample(result, slots.shape[0])
+                rows, local = self._routed_rows(name, slots) if x3 is not None and res3 is not None else (None, None)
+                if rows is None:
+                    continue
+                # fp32 whatever the model dtype: a small delta added to a large activation in bf16
+                # loses most of its bits, and only the routed rows pay for the cast
+                delta = torch.bmm(torch.bmm(x3[rows].float(), A[local].float()), B[local].float()) * self.scaling[name]
+                delta = self._bounded(name, delta, res3[rows])
+                result = res3.index_add(0, rows, delta.to(result.dtype)).view(result.shape)
                 continue
-            rows, local = self._routed_rows(name, slots)
-            if rows is None:
-                continue
-            A = self.ldke_A[name][local]  # (n, in, r)
-            B = self.ldke_B[name][local]  # (n, r, out)
-            # fp32 whatever the model dtype: a small delta added to a large activation in bf16 loses most
-            # of its bits, and only the routed rows pay for the cast
-            delta = torch.bmm(torch.bmm(x3[rows].float(), A.float()), B.float()) * self.scaling[name]
-            bound = self.max_delta_norm[name]
-            if bound > 0:
-                ref = res3[rows].detach().float().norm(dim=-1, keepdim=True)
-                norm = delta.float().norm(dim=-1, keepdim=True)
-                delta = delta * torch.clamp(bound * ref / norm.clamp_min(1e-12), max=1.0).to(delta.dtype)
-            result = res3.index_add(0, rows, delta.to(result.dtype)).view(result.shape)
+            factors = self._slot_factors(name, slots)
+            if factors is not None:
+                plan.append((name, int(slots.shape[0]), *factors))
+        if plan:
+            result = self._apply_plan(x, result, plan)
+        if forced is None and not grad:
+            self._plan, self._plan_for = plan, self._routing.slots.version
         return result
 
     def __repr__(self) -> str:

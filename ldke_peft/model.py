@@ -159,43 +159,38 @@ class LDKEModel(BaseTuner):
         state = routing_state_of(model)
         if "root" not in state.hooked_layers:
             # Entry modules: the root model, and the language model, which some families' generate
-            # runs directly (BLIP-2: ``language_model.generate(inputs_embeds=...)``). Only the outermost
-            # running entry records the call's routing inputs.
-            entries = [model]
+            # runs directly (BLIP-2: ``language_model.generate(inputs_embeds=...)``). A root call marks
+            # the nested language-model call it makes, so the language model needs no exit hook (every
+            # hooked module takes torch's slower call path, once per decode step).
             try:
                 lm = family.language_model(model)
             except Exception:  # noqa: BLE001 - a family without a separate LM module
                 lm = None
-            if lm is not None and lm is not model:
-                entries.append(lm)
-            for entry in entries:
-                state.hooks.append(
-                    entry.register_forward_pre_hook(_make_root_pre_hook(state, family, model), with_kwargs=True)
-                )
-                state.hooks.append(entry.register_forward_hook(_make_exit_hook(state), always_call=True))
-            emb = model.get_input_embeddings()
-            if emb is not None:
-                state.hooks.append(emb.register_forward_pre_hook(_make_embedding_hook(state)))
+            has_lm = lm is not None and lm is not model
+            state.hooks.append(model.register_forward_pre_hook(
+                _make_entry_hook(state, family, model, is_root=True, has_lm=has_lm), with_kwargs=True))
+            # cheap once the root has a pre-hook (same slow path); also runs when the forward raised
+            # before reaching the language model, so a later direct LM call is not taken as nested
+            state.hooks.append(model.register_forward_hook(_make_root_exit_hook(state), always_call=True))
+            if has_lm:
+                state.hooks.append(lm.register_forward_pre_hook(
+                    _make_entry_hook(state, family, model, is_root=False, has_lm=True), with_kwargs=True))
+                emb = model.get_input_embeddings()
+                if emb is not None:
+                    state.hooks.append(emb.register_forward_pre_hook(_make_embedding_hook(state)))
             state.hooked_layers.add("root")
         layers = family.decoder_layers(model)
         for name, cfg in self.peft_config.items():
             p = cfg.probe_layer
-            if p is None or p in state.hooked_layers:
-                continue
-            h = layers[p].register_forward_hook(_make_probe_hook(state, layers[p]))
-            state.hooks.append(h)
-            state.hooked_layers.add(p)
+            if p is not None:
+                state.probe_layers[p] = layers[p]
+        # the LDKE layers inside each probe layer (routers live there); refreshed on every injection
+        state.probe_wrappers = {
+            p: [m for m in layer.modules() if isinstance(m, LDKELinear)] for p, layer in state.probe_layers.items()
+        }
 
     def _remove_hooks(self) -> None:
-        state = routing_state_of(self.model)
-        for h in state.hooks:
-            h.remove()
-        state.hooks.clear()
-        state.hooked_layers.clear()
-        state.slots.clear()
-        state.current = None
-        state.depth = 0
-        state.pending_ids = None
+        routing_state_of(self.model).remove_all()
 
     # ------------------------------------------------------------------ adapter management
     def delete_adapter(self, adapter_name: str) -> None:
@@ -246,9 +241,9 @@ class LDKEModel(BaseTuner):
         return routing_state_of(self.model).slots.get(adapter_name)
 
 
-def _make_exit_hook(state: RoutingState):
+def _make_root_exit_hook(state: RoutingState):
     def hook(module: nn.Module, args: tuple, output: Any):
-        state.depth = max(0, state.depth - 1)
+        state.expect_nested = False
         return None
 
     return hook
@@ -256,7 +251,7 @@ def _make_exit_hook(state: RoutingState):
 
 def _make_embedding_hook(state: RoutingState):
     def hook(module: nn.Module, args: tuple):
-        if state.depth == 0 and args and isinstance(args[0], torch.Tensor) and args[0].dim() == 2:
+        if not state.expect_nested and args and isinstance(args[0], torch.Tensor) and args[0].dim() == 2:
             state.pending_ids = args[0].detach()
         return None
 
@@ -266,30 +261,32 @@ def _make_embedding_hook(state: RoutingState):
 _DECODE_STEP = RoutingInputs(image_mask=None, prompt_mask=None, batch_size=0, prefill=False)
 
 
-def _make_root_pre_hook(state: RoutingState, family: Family, root: nn.Module):
+def _make_entry_hook(state: RoutingState, family: Family, root: nn.Module, *, is_root: bool, has_lm: bool):
+    """Pre-forward hook of an entry module: records what the router needs for this call."""
+
     def hook(module: nn.Module, args: tuple, kwargs: dict):
-        if module is root:
-            # the root model is always the outermost entry: a stale depth (an exception or Ctrl-C
-            # skipped the exit hook) must not make this call look nested
-            state.depth = 0
-        state.depth += 1
-        if state.depth > 1:
-            return None  # nested entry (the LM inside the root forward): the outer call decided
-        input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        prefill = _cache_length(cache) == 0
-        if not prefill:
+        if is_root:
+            # the language model's hook must not treat the call the root is about to make as a new one
+            state.expect_nested = has_lm
+        elif state.expect_nested:
+            state.expect_nested = False
+            return None  # nested in a root call, which already decided
+        cache = kwargs.get("past_key_values")
+        if cache is None:
+            cache = kwargs.get("cache")
+        if cache is not None and _cache_length(cache) > 0:
             # decode step: the prefill decision stands; nothing to compute (keeps generate cheap)
             state.pending_ids = None
             state.current = _DECODE_STEP
             return None
+        input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
         ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         if ref is None:
             state.current = None
             return None
         B, T = int(ref.shape[0]), int(ref.shape[1])
         pend = state.pending_ids
-        if input_ids is None and prefill and pend is not None and pend.shape[1] == T and B % pend.shape[0] == 0:
+        if input_ids is None and pend is not None and pend.shape[1] == T and B % pend.shape[0] == 0:
             # The prompt was embedded by the caller (BLIP-2 generate); its ids give the image positions.
             # generate expands rows for beams / num_return_sequences with repeat_interleave.
             input_ids = pend.to(ref.device).repeat_interleave(B // pend.shape[0], dim=0)
@@ -301,7 +298,7 @@ def _make_root_pre_hook(state: RoutingState, family: Family, root: nn.Module):
         else:
             am = kwargs.get("attention_mask")
             prompt_mask = am.bool() if isinstance(am, torch.Tensor) and am.dim() == 2 and tuple(am.shape) == (B, T) else None
-        if prefill and input_ids is not None and pm is None:
+        if input_ids is not None and pm is None:
             # A cache-less continuation of the last prompt (generate(use_cache=False), or a
             # teacher-forced pass over prompt + answer): pool over the original prompt only, so the
             # decision equals the one made for the prompt alone.
@@ -318,16 +315,19 @@ def _make_root_pre_hook(state: RoutingState, family: Family, root: nn.Module):
             else:
                 state.prompt_ids = input_ids.detach()
                 state.prompt_mask = prompt_mask if prompt_mask is not None else torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
-        if prefill:
-            state.slots.clear()
-        state.current = RoutingInputs(image_mask=image_mask, prompt_mask=prompt_mask, batch_size=B, prefill=prefill)
+        state.slots.clear()
+        state.current = RoutingInputs(image_mask=image_mask, prompt_mask=prompt_mask, batch_size=B, prefill=True)
+        state.install_probe_hooks(_make_probe_hook)
         return None
 
     return hook
 
 
-def _make_probe_hook(state: RoutingState, decoder_layer: nn.Module):
+def _make_probe_hook(state: RoutingState, idx: int):
+    """One-shot forward hook of probe layer ``idx``: pools features and stores each pack's decision."""
+
     def hook(module: nn.Module, args: tuple, output: Any):
+        state.remove_probe_hook(idx)
         cur = state.current
         if cur is None or not cur.prefill:
             return None
@@ -342,17 +342,16 @@ def _make_probe_hook(state: RoutingState, decoder_layer: nn.Module):
         if prompt_mask is None or tuple(prompt_mask.shape) != (B, T):
             prompt_mask = torch.ones(B, T, dtype=torch.bool, device=hidden.device)
         feats = None
-        for m in module.modules():
-            if not isinstance(m, LDKELinear) or m.disable_adapters:
-                continue
-            for name in m.active_adapters:
-                router = m.router(name)
-                if router is None:
+        with torch.no_grad():
+            for m in state.probe_wrappers.get(idx, ()):
+                if m.disable_adapters:
                     continue
-                if feats is None:
-                    with torch.no_grad():
+                for name in m.active_adapters:
+                    router = m.router(name)
+                    if router is None:
+                        continue
+                    if feats is None:
                         feats = pool_features(hidden.detach(), image_mask, prompt_mask)
-                with torch.no_grad():
                     state.slots[name] = router.route(*feats)
         return None
 

@@ -45,22 +45,22 @@ def pool_features(
     Each part is L2-normalised: residual streams share a large common component and outlier
     dimensions, and the direction (not the norm) is what identifies entity and relation.
     """
-    h = hidden.float()
-    image_mask = image_mask.to(h.device)
-    prompt_mask = prompt_mask.to(h.device)
+    h = hidden if hidden.dtype == torch.float32 else hidden.float()
+    B, T, _ = h.shape
+    if image_mask.device != h.device:
+        image_mask = image_mask.to(h.device)
+    if prompt_mask.device != h.device:
+        prompt_mask = prompt_mask.to(h.device)
     has_image = image_mask.any(dim=1)
-    im = image_mask.unsqueeze(-1).float()
-    visual = (h * im).sum(1) / im.sum(1).clamp_min(1.0)
-    text_mask = (prompt_mask & ~image_mask).unsqueeze(-1).float()
-    mean_text = (h * text_mask).sum(1) / text_mask.sum(1).clamp_min(1.0)
-    # last prompt position per row (prompt_mask may be left-padded or followed by answer tokens)
-    T = h.shape[1]
-    pos = torch.arange(T, device=h.device).expand_as(prompt_mask)
-    last = torch.where(prompt_mask, pos, torch.full_like(pos, -1)).amax(dim=1).clamp_min(0)
-    last_tok = h[torch.arange(h.shape[0], device=h.device), last]
-    visual = F.normalize(visual, dim=-1)
-    textual = torch.cat([F.normalize(mean_text, dim=-1), F.normalize(last_tok, dim=-1)], dim=-1)
-    return visual, textual, has_image
+    # One batched matmul pools all three parts: rows of ``w`` are the image-token mean, the prompt
+    # text-token mean and a one-hot on the last prompt position (prompt_mask may be left-padded or
+    # followed by answer tokens). This runs at every prefill, so it is written for few kernel calls.
+    means = torch.stack([image_mask, prompt_mask & ~image_mask], dim=1).float()  # (B, 2, T)
+    means = means / means.sum(-1, keepdim=True).clamp_min(1.0)
+    last = (prompt_mask.long() * torch.arange(1, T + 1, device=h.device)).argmax(dim=1)
+    w = torch.cat([means, F.one_hot(last, T).unsqueeze(1).float()], dim=1)  # (B, 3, T)
+    pooled = F.normalize(torch.bmm(w, h), dim=-1)  # (B, 3, d); a row without image tokens stays 0
+    return pooled[:, 0], pooled[:, 1:].reshape(B, -1), has_image
 
 
 class RouterState(nn.Module):
@@ -163,9 +163,30 @@ class RouterState(nn.Module):
     def project(self, visual: torch.Tensor, textual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Features in projection 0's space (the one new slots are fitted in)."""
         # router math in fp32 whatever the model dtype (bf16 distances are too coarse for radii)
-        zv = (visual.float() - self.mu_v.float()) @ self.proj_v.float()
-        zt = (textual.float() - self.mu_t.float()) @ self.proj_t.float()
+        zv = (_f32(visual) - _f32(self.mu_v)) @ _f32(self.proj_v)
+        zt = (_f32(textual) - _f32(self.mu_t)) @ _f32(self.proj_t)
         return zv, zt
+
+    def _slot_tables(self) -> tuple[torch.Tensor, ...]:
+        """Per-slot tensors the decision needs, derived from the buffers once and cached.
+
+        Routing runs at every prefill; deriving clamped radii and masks there each time is a dozen
+        small kernels. The cache is keyed on each buffer's identity and version, so ``set_slot``,
+        ``resize``, ``load_state_dict`` or any in-place write rebuilds it.
+        """
+        bufs = (self.keys_v, self.keys_t, self.radius_v, self.radius_t, self.needs_image)
+        key = tuple((id(b), b._version, b.device) for b in bufs)
+        cached = self.__dict__.get("_tables")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        needs = self.needs_image.bool()
+        tables = (
+            _f32(self.keys_v), _f32(self.keys_t),
+            _f32(self.radius_v).clamp_min(1e-12), _f32(self.radius_t).clamp_min(1e-12),
+            needs, (self.radius_t > 0) & ((self.radius_v > 0) | ~needs),
+        )
+        self.__dict__["_tables"] = (key, tables)
+        return tables
 
     def scores(self, visual: torch.Tensor, textual: torch.Tensor, has_image: torch.Tensor) -> torch.Tensor:
         """``(B, K)`` normalised distance (``<= 1`` means inside the slot's scope; ``inf`` = excluded).
@@ -174,22 +195,22 @@ class RouterState(nn.Module):
         text-only slot uses the textual part and only accepts text-only inputs; an image slot never
         accepts a text-only input.
         """
+        _, _, r_v, r_t, needs, live = self._slot_tables()
         dv, dt = self._distances(visual, textual)
-        dv = dv / self.radius_v.float().clamp_min(1e-12)
-        dt = dt / self.radius_t.float().clamp_min(1e-12)
-        needs = self.needs_image.bool().unsqueeze(0)
-        img = has_image.to(dv.device).bool().unsqueeze(1)
+        dv = dv / r_v
+        dt = dt / r_t
+        img = has_image.to(dv.device).bool()
         score = torch.where(needs, torch.maximum(dv, dt), dt)
-        compatible = torch.where(needs, img, ~img)
-        live = (self.radius_t > 0) & ((self.radius_v > 0) | ~self.needs_image.bool())
-        ok = compatible & live.unsqueeze(0)
-        return torch.where(ok, score, torch.full_like(score, float("inf")))
+        # an image slot takes image inputs only, a text-only slot text-only inputs only
+        ok = (needs.unsqueeze(0) == img.unsqueeze(1)) & live
+        return score.masked_fill(~ok, float("inf"))
 
     def _distances(self, visual: torch.Tensor, textual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, K)`` visual and textual distances of each row to each slot's keys, in the slot's own space."""
         if self.num_groups == 1:
+            keys_v, keys_t = self._slot_tables()[:2]
             zv, zt = self.project(visual, textual)
-            return torch.cdist(zv, self.keys_v.float()), torch.cdist(zt, self.keys_t.float())
+            return torch.cdist(zv, keys_v), torch.cdist(zt, keys_t)
         v, t = visual.float(), textual.float()
         B, K = v.shape[0], self.num_slots
         dv = torch.full((B, K), float("inf"), device=v.device)
@@ -238,6 +259,11 @@ class RouterState(nn.Module):
         self.needs_image[slot] = 1.0 if needs_image else 0.0
 
 
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as fp32 without a kernel call when it already is (the router runs at every prefill)."""
+    return t if t.dtype == torch.float32 else t.float()
+
+
 def _init_proj(d_in: int, p: int, seed: int) -> torch.Tensor:
     """Deterministic orthonormal-ish default projection (a fitted pack overwrites it)."""
     g = torch.Generator().manual_seed(seed)
@@ -256,6 +282,64 @@ class RoutingInputs:
     prefill: bool
 
 
+class Decisions(dict):
+    """``{adapter: (B,) slot decision}`` that knows whether *any* row is routed anywhere.
+
+    Every LDKE layer asks :meth:`any_routed` on every forward call (each decode step of every wrapped
+    layer), so the answer is cached against a version counter bumped by every mutation: most inputs
+    route nowhere, and for them a wrapped layer then costs one attribute compare on top of the base
+    layer instead of the per-adapter bookkeeping.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.version = 0
+        self._checked = -1
+        self._any = False
+
+    def _bump(self) -> None:
+        self.version += 1
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        self._bump()
+
+    def __delitem__(self, key) -> None:
+        super().__delitem__(key)
+        self._bump()
+
+    def pop(self, *args):
+        out = super().pop(*args)
+        self._bump()
+        return out
+
+    def popitem(self):
+        out = super().popitem()
+        self._bump()
+        return out
+
+    def clear(self) -> None:
+        if self:
+            super().clear()
+            self._bump()
+
+    def update(self, *args, **kwargs) -> None:
+        super().update(*args, **kwargs)
+        self._bump()
+
+    def setdefault(self, key, default=None):
+        out = super().setdefault(key, default)
+        self._bump()
+        return out
+
+    def any_routed(self) -> bool:
+        """True if some row of some adapter's decision is a slot (not :data:`NO_SLOT`)."""
+        if self._checked != self.version:
+            self._any = any(bool((t != NO_SLOT).any()) for t in self.values() if isinstance(t, torch.Tensor))
+            self._checked = self.version
+        return self._any
+
+
 @dataclass
 class RoutingState:
     """Shared between the hooks and every LDKE layer of one model.
@@ -265,15 +349,53 @@ class RoutingState:
     """
 
     current: RoutingInputs | None = None
-    slots: dict[str, torch.Tensor] = field(default_factory=dict)
+    slots: Decisions = field(default_factory=Decisions)
+    #: handles of the persistent entry hooks (root model, language model, input embeddings)
     hooks: list = field(default_factory=list)
     #: input ids / prompt mask of the last fresh prompt (to recognise cache-less continuations)
     prompt_ids: torch.Tensor | None = None
     prompt_mask: torch.Tensor | None = None
     hooked_layers: set = field(default_factory=set)
-    #: how many hooked entry modules (root model, language model) are currently running; only the
-    #: outermost one records the routing inputs of a call
-    depth: int = 0
-    #: input ids last embedded outside any entry module (BLIP-2's ``generate`` embeds the prompt
-    #: itself and runs the language model on ``inputs_embeds``; these give it its image mask)
+    #: probe decoder layers by index. Their forward hook is installed by the entry hook at each
+    #: prefill and removes itself when it has run: a permanent hook would put every decode step of
+    #: the layer on torch's slow hook path for nothing (decode steps reuse the prefill decision)
+    probe_layers: dict = field(default_factory=dict)
+    probe_handles: dict = field(default_factory=dict)
+    #: probe layer index -> the LDKE layers inside it (whose routers decide)
+    probe_wrappers: dict = field(default_factory=dict)
+    #: set by the root model's entry hook, cleared by the language model's: tells the language
+    #: model's hook that this call is nested in a root call that has already captured the routing
+    #: inputs (a flag cleared by the root's exit hook, not a depth counter over every entry)
+    expect_nested: bool = False
+    #: input ids last embedded outside any root call (BLIP-2's ``generate`` embeds the prompt itself
+    #: and runs the language model on ``inputs_embeds``; these give it its image mask)
     pending_ids: torch.Tensor | None = None
+
+    def install_probe_hooks(self, make_hook) -> None:
+        """(Re)install the one-shot forward hook on every probe layer (called at each prefill)."""
+        for idx, layer in self.probe_layers.items():
+            if idx not in self.probe_handles:
+                self.probe_handles[idx] = layer.register_forward_hook(make_hook(self, idx))
+
+    def remove_probe_hook(self, idx: int) -> None:
+        h = self.probe_handles.pop(idx, None)
+        if h is not None:
+            h.remove()
+
+    def reset_call(self) -> None:
+        """Forget the per-call state (after an interrupted forward or a rolled-back edit)."""
+        self.current, self.expect_nested, self.pending_ids = None, False, None
+
+    def remove_all(self) -> None:
+        """Remove every hook and forget every decision (the model is being unwrapped)."""
+        for h in self.hooks:
+            h.remove()
+        self.hooks.clear()
+        for idx in list(self.probe_handles):
+            self.remove_probe_hook(idx)
+        self.probe_layers.clear()
+        self.probe_wrappers.clear()
+        self.hooked_layers.clear()
+        self.slots.clear()
+        self.reset_call()
+        self.prompt_ids = self.prompt_mask = None

@@ -410,3 +410,25 @@ def test_grow_adapter_keeps_old_slots(model_type):
         assert torch.equal(logits(pm, built), base), "a new (zero) slot changed the output"
     with pytest.raises(ValueError, match="above the probe layer"):
         pm.base_model.grow_adapter("default", [[1]])
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_failed_call_does_not_disturb_the_next_generate(model_type):
+    """A forward that raises midway (here: image features that do not match the image tokens) must
+    leave no half-recorded call behind: the next ``generate`` routes and decodes exactly as on a fresh
+    model. BLIP-2's ``generate`` enters the language model directly, so a stale "nested call" mark from
+    the failed root call would make it skip routing."""
+    model, proc = build(model_type)
+    built = build_inputs(model, proc, [IN_A, UNRELATED])
+    hp = hand_pack(model, proc, [SlotSpec([2], IN_A)])
+    expected = generate(hp.model, built, 4)
+    assert hp.model.base_model.last_routing("default").tolist() == [0, -1]
+    bad = dict(build_inputs(model, proc, [Anchor(GREEN, "Q?")]).inputs)
+    pv = bad["pixel_values"]  # a malformed image (2 colour channels / a cut patch): the vision tower raises
+    bad["pixel_values"] = pv[:, :2] if pv.dim() == 4 else pv[..., :-1]
+    with pytest.raises(Exception):
+        with torch.no_grad():
+            hp.model(**bad)
+    again = generate(hp.model, built, 4)
+    assert hp.model.base_model.last_routing("default").tolist() == [0, -1]
+    assert torch.equal(again, expected)

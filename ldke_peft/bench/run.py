@@ -379,6 +379,13 @@ def run_benchmark(suite: Suite, methods: Sequence[str], *, sequential: Sequence[
     n_needed = max(suite.n_single, min(max(sequential, default=0), len(suite.requests)))
     with _Phase(timings, cpu, "collect_pre"):
         pres = [collect_pre(suite.model, suite.processor, [r]) for r in suite.requests[:n_needed]]
+    with _Phase(timings, cpu, "unedited reference"):
+        # the unedited model on the same probes: what a score is worth when nothing was edited (e.g. a
+        # multi-token portability answer whose later tokens the base model already predicts)
+        rows = [{k: m[k] for k in METRIC_KEYS} for m in (
+            compute_metrics(suite.model, suite.processor, [r], p, generate=generate)
+            for r, p in zip(suite.requests[: suite.n_single], pres))]
+        details["unedited"] = _mean(rows)
     for name in methods:
         with _Phase(timings, cpu, f"single {name}"):
             res = run_single(suite, name, pres, protocol=protocol, generate=generate, hparams=hparams)
@@ -476,6 +483,8 @@ def markdown_report(results: dict[str, Any], details: dict[str, Any]) -> str:
     lines.append("|---|" + "---:|" * len(keys))
     for name, m in results["methods"].items():
         lines.append(f"| {name} | " + " | ".join(_fmt(m.get(k), 1 if k == "edit_seconds_median" else 3) for k in keys) + " |")
+    if details.get("unedited"):
+        lines.append("| *(unedited model)* | " + " | ".join(_fmt(details["unedited"].get(k)) for k in keys) + " |")
     if results.get("sequential"):
         lines += ["", "## Sequential editing (edits applied one after another; every edit so far evaluated)", ""]
         sk = ["reliability", "min_reliability", "t_generality", "m_generality", "t_locality", "m_locality",
