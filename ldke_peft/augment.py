@@ -2,7 +2,8 @@
 
 * Image views (positives for M-Generality): mild random crops, shifts, small rotations, colour jitter
   and flips. Deliberately milder than "another object": a view must still show the same entity.
-* Templated rephrasings (positives for T-Generality) when a request has no rephrased prompts.
+* Templated rephrasings and rule-based paraphrases (positives for T-Generality) when a request has
+  no rephrased prompts of its own.
 * A generic question bank (hard negatives: same image + another question) of common VQA relations,
   used when the caller supplies no bank of its own.
 """
@@ -63,6 +64,66 @@ def templated_rephrasings(prompt: str, n: int = 2) -> list[str]:
     q = prompt.strip()
     ql = q[:1].lower() + q[1:]
     return [t.format(q=q, ql=ql) for t in _REPHRASE_TEMPLATES[:n]]
+
+
+# Generic English question rewrites: (pattern, replacements). Each keeps the question's content words
+# (what is asked, about what) and changes its form -- wh-word, imperative, contraction, deixis -- which
+# is how people rephrase a question. Applied to the question itself and to its deictic variants.
+_REWRITES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (r"^what is the (.+?)\?$", ("Which is the {0}?", "Name the {0}.", "Tell me the {0}.", "What's the {0}?",
+                                "Give the {0}.")),
+    (r"^what are the (.+?)\?$", ("Which are the {0}?", "Name the {0}.", "Tell me the {0}.")),
+    (r"^which (\w+) is (.+?) in\?$", ("In which {0} is {1}?", "What {0} is {1} in?", "Name the {0} {1} is in.")),
+    (r"^which (\w+) (.+?)\?$", ("What {0} {1}?", "Tell me which {0} {1}.")),
+    (r"^what (\w+) (.+?)\?$", ("Which {0} {1}?", "Tell me what {0} {1}.")),
+    (r"^(?:name|tell me|give) the (.+?)\.$", ("What is the {0}?", "Which is the {0}?")),
+    (r"^(?:who|where|when|how) .+\?$", ()),
+)
+_DEIXIS = (
+    (r"\bthis (\w+)", ("the {0} shown", "the {0} in the picture", "the {0} in this image")),
+    (r"\bthe (\w+) (?:shown|in the (?:picture|image|photo))", ("this {0}",)),
+)
+_HEDGES = r"\b(?:main|primary|principal) "
+
+
+def paraphrases(prompt: str, n: int = 8) -> list[str]:
+    """Up to ``n`` rule-based rephrasings of a question (never the question itself).
+
+    No model is needed and nothing is invented: the rewrites only move the question's own words between
+    common question forms ("What is the X of Y?" -> "Name the X of Y.", "Which X ...?" -> "What X
+    ...?", "this country" -> "the country shown", "the main language" -> "the language"). They are the
+    router's textual positives when a request brings no rephrasings of its own: fitted on one wording,
+    a scope would stop at the edges of that wording (the paper's causal misalignment).
+    """
+    import re
+
+    q = " ".join(prompt.strip().split())
+    if not q:
+        return []
+    bases = [q]
+    for pat, reps in _DEIXIS:
+        m = re.search(pat, q, flags=re.IGNORECASE)
+        if m:
+            bases += [q[: m.start()] + r.format(*m.groups()) + q[m.end():] for r in reps]
+    if re.search(_HEDGES, q, flags=re.IGNORECASE):
+        bases.append(re.sub(_HEDGES, "", q, count=1, flags=re.IGNORECASE))
+    groups: list[list[str]] = []
+    for b in bases:
+        g = [b]
+        for pat, reps in _REWRITES:
+            m = re.match(pat, b, flags=re.IGNORECASE)
+            if m:
+                g += [r.format(*m.groups()) for r in reps]
+                break
+        groups.append(g)
+    # alternate rewrites of the question itself with its deictic/hedge variants (each followed by its
+    # own rewrites), so a small ``n`` still mixes the kinds of rewrite; frame templates come last
+    own = groups[0][1:]
+    others = [g[i] for i in range(max([len(g) for g in groups[1:]], default=0)) for g in groups[1:] if i < len(g)]
+    out = [x for pair in zip(own, others) for x in pair]
+    out += own[len(others):] + others[len(own):] + templated_rephrasings(q, 2)
+    out = [o[:1].upper() + o[1:] for o in out]
+    return [o for o in dedupe(out) if o.strip().casefold() != q.casefold()][:n]
 
 
 def generic_question_bank() -> list[tuple[str, str]]:

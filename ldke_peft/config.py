@@ -72,6 +72,14 @@ class LDKEConfig(PeftConfig):
             "0.5 = midpoint."
         },
     )
+    router_paraphrases: int = field(
+        default=6,
+        metadata={
+            "help": "Rule-based rephrasings of each edit question added to the router's textual positives "
+            "(0 = only the request's own wordings). They widen the edit's scope to other ways of asking "
+            "the same question (T-Generality); the delta itself is fitted on the request's wordings."
+        },
+    )
     router_steps: int = field(default=300, metadata={"help": "Adam steps when learning the router projection."})
     router_lr: float = field(default=1e-2, metadata={"help": "Learning rate of the router projection."})
     num_edit_layers: int = field(default=1, metadata={"help": "How many localized layers each edit updates."})

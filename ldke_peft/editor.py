@@ -20,7 +20,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from .augment import dedupe, generic_question_bank, image_views, templated_rephrasings
+from .augment import dedupe, generic_question_bank, image_views, paraphrases, templated_rephrasings
 from .config import LDKEConfig
 from .context import forced_slots, prompt_mask_context
 from .errors import InvalidRequestError, LDKEError
@@ -533,8 +533,12 @@ def fit_router(
         if r.image is not None:
             for im in positive_views(r, seed=seed + n)[0]:
                 img_keys.setdefault(image_fingerprint(im), _entity_key(r))
+    n_para = int(getattr(cfg, "router_paraphrases", 0) or 0)
     for n, (r, s) in enumerate(zip(requests, slots)):
         imgs, prompts = positive_views(r, seed=seed + n)
+        if n_para:
+            # the scope must cover how else the question is asked, not only the wordings the delta saw
+            prompts = dedupe(prompts + paraphrases(r.prompt, n_para))
         others = [o for o in requests if o is not r]
         neg_q = negative_questions(r, pool, prompts, hard=hard)
         neg_i = negative_images(r, others, pool, hard=hard) if r.image is not None else []

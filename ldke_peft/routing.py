@@ -383,16 +383,17 @@ class RoutingState:
             h.remove()
 
     def reset_call(self) -> None:
-        """Forget the per-call state (after an interrupted forward or a rolled-back edit)."""
+        """Forget the per-call state (after an interrupted forward or a rolled-back edit), including a
+        one-shot probe hook whose forward never reached the probe layer."""
         self.current, self.expect_nested, self.pending_ids = None, False, None
+        for idx in list(self.probe_handles):
+            self.remove_probe_hook(idx)
 
     def remove_all(self) -> None:
         """Remove every hook and forget every decision (the model is being unwrapped)."""
         for h in self.hooks:
             h.remove()
         self.hooks.clear()
-        for idx in list(self.probe_handles):
-            self.remove_probe_hook(idx)
         self.probe_layers.clear()
         self.probe_wrappers.clear()
         self.hooked_layers.clear()

@@ -72,6 +72,7 @@ LDKE_KNOBS = (
     "probe_layer",
     "router_dim",
     "router_margin",
+    "router_paraphrases",
     "router_steps",
     "router_lr",
     "num_edit_layers",
@@ -160,6 +161,7 @@ class LDKEMultimodalHyperParams:
     probe_layer: Optional[int] = _config_default("probe_layer")
     router_dim: int = _config_default("router_dim")
     router_margin: float = _config_default("router_margin")
+    router_paraphrases: int = _config_default("router_paraphrases")
     router_steps: int = _config_default("router_steps")
     router_lr: float = _config_default("router_lr")
     num_edit_layers: int = _config_default("num_edit_layers")
@@ -382,6 +384,7 @@ def _check_values(hp: LDKEMultimodalHyperParams) -> None:
     for key in ("alpha", "router_lr", "edit_lr", "noise_scale"):
         need(getattr(hp, key) > 0, key, "must be > 0")
     need(hp.max_delta_norm >= 0, "max_delta_norm", "must be >= 0 (0 = no bound)")
+    need(hp.router_paraphrases >= 0, "router_paraphrases", "must be >= 0 (0 = only the request's own wordings)")
     need(0.0 <= hp.router_margin <= 1.0, "router_margin", "must be between 0 and 1")
     need(hp.probe_layer is None or hp.probe_layer >= 0, "probe_layer", "must be a layer index >= 0 or null")
     need(hp.localization in _LOCALIZATION, "localization", f"must be one of {', '.join(_LOCALIZATION)}")
