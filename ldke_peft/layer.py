@@ -20,9 +20,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from torch.nn.modules import module as _torch_module
 from transformers.pytorch_utils import Conv1D
 
 from .context import current_forced_slots
@@ -31,6 +33,11 @@ from .routing import NO_SLOT, RouterState, RoutingState
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float32 else t.float()
+
+
+def _global_hooks() -> bool:
+    """Whether torch has global module hooks registered (they must see every module call)."""
+    return bool(_torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks)
 
 
 class LDKELayer(BaseTunerLayer):
@@ -52,6 +59,7 @@ class LDKELayer(BaseTunerLayer):
         # every decode step (see ``forward``)
         self._plan: list = []
         self._plan_for = -1
+        self._hosted_cache: dict[str, tuple] = {}
         # shared, not a submodule: the model-level routing decisions
         object.__setattr__(self, "_routing", routing_state)
         self._disable_adapters = False
@@ -206,6 +214,17 @@ class LDKELinear(nn.Module, LDKELayer):
         rows = has.nonzero(as_tuple=True)[0]
         return rows, match[rows].float().argmax(dim=1)
 
+    def _hosts_any(self, name: str, slots: frozenset) -> bool:
+        """Whether any of ``slots`` (global ids) is hosted here; the hosted set is cached per id tensor."""
+        if not slots:
+            return False
+        ids = self.ldke_slot_ids[name]
+        c = self._hosted_cache.get(name)
+        if c is None or c[0] is not ids or c[1] != ids._version:
+            c = (ids, ids._version, frozenset(ids.tolist()))
+            self._hosted_cache[name] = c
+        return not c[2].isdisjoint(slots)
+
     def _slot_factors(self, name: str, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Per-row delta factors for a routing decision, or ``None`` if no row uses a slot hosted here.
 
@@ -251,8 +270,21 @@ class LDKELinear(nn.Module, LDKELayer):
             result = out if out.shape == result.shape else out.view(result.shape)
         return result
 
+    def _base_forward(self, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        base = self.base_layer
+        if (
+            type(base) is nn.Linear
+            and not args
+            and not kwargs
+            and not (base._forward_hooks or base._forward_pre_hooks or _global_hooks())
+        ):
+            # a plain linear layer without hooks: the same kernel without a second module call (this
+            # runs for every wrapped layer on every decode step)
+            return F.linear(x, base.weight, base.bias)
+        return base(x, *args, **kwargs)
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
+        result = self._base_forward(x, args, kwargs)
         forced = current_forced_slots()
         if forced is None:
             decisions = self._routing.slots
@@ -289,6 +321,8 @@ class LDKELinear(nn.Module, LDKELayer):
                 delta = self._bounded(name, delta, res3[rows])
                 result = res3.index_add(0, rows, delta.to(result.dtype)).view(result.shape)
                 continue
+            if forced is None and not self._hosts_any(name, self._routing.slots.routed_slots(name)):
+                continue  # none of this decision's slots lives here: no tensor work at all
             factors = self._slot_factors(name, slots)
             if factors is not None:
                 plan.append((name, int(slots.shape[0]), *factors))

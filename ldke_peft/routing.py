@@ -296,6 +296,7 @@ class Decisions(dict):
         self.version = 0
         self._checked = -1
         self._any = False
+        self._routed: dict = {}
 
     def _bump(self) -> None:
         self.version += 1
@@ -332,12 +333,27 @@ class Decisions(dict):
         self._bump()
         return out
 
+    def _refresh(self) -> None:
+        # one host sync per adapter and decision: the set of slots some row is routed to
+        self._routed = {
+            name: frozenset(int(k) for k in t[t != NO_SLOT].tolist()) if isinstance(t, torch.Tensor) else frozenset()
+            for name, t in self.items()
+        }
+        self._any = any(self._routed.values())
+        self._checked = self.version
+
     def any_routed(self) -> bool:
         """True if some row of some adapter's decision is a slot (not :data:`NO_SLOT`)."""
         if self._checked != self.version:
-            self._any = any(bool((t != NO_SLOT).any()) for t in self.values() if isinstance(t, torch.Tensor))
-            self._checked = self.version
+            self._refresh()
         return self._any
+
+    def routed_slots(self, name: str) -> frozenset:
+        """The slots some row of ``name``'s current decision is routed to (a layer hosting none of them
+        has nothing to add for this decision, and can tell without touching a tensor)."""
+        if self._checked != self.version:
+            self._refresh()
+        return self._routed.get(name, frozenset())
 
 
 @dataclass
