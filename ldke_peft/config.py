@@ -72,6 +72,14 @@ class LDKEConfig(PeftConfig):
             "0.5 = midpoint."
         },
     )
+    auto_views: int = field(
+        default=4,
+        metadata={
+            "help": "Augmented views of the edit image (crops, shifts, small rotations, colour jitter, flips) "
+            "added to the positives when a request brings fewer rephrase images. More views make the delta "
+            "and the visual key cover other pictures of the entity (M-Generality) at some edit time."
+        },
+    )
     router_paraphrases: int = field(
         default=6,
         metadata={

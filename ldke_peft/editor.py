@@ -236,13 +236,19 @@ def _edit(model, processor, requests, config, family, *, pack, adapter_name, neg
 # ---------------------------------------------------------------------- positives / negatives
 
 
-def positive_views(r: EditRequest, seed: int = 0, n_auto: int = 2) -> tuple[list[Any], list[str]]:
-    """Images and prompts that must trigger the edit (given ones first, automatic ones if too few)."""
+def positive_views(r: EditRequest, seed: int = 0, n_auto: int = 2, n_views: int | None = None) -> tuple[list[Any], list[str]]:
+    """Images and prompts that must trigger the edit (given ones first, automatic ones if too few).
+
+    ``n_auto`` tops up the prompts, ``n_views`` (default ``n_auto``) the images: a request without
+    rephrase images gets that many augmented views of its image, so the delta learns the entity and
+    not one picture of it (M-Generality).
+    """
+    n_views = n_auto if n_views is None else n_views
     imgs: list[Any] = []
     if r.image is not None:
         imgs = [r.image] + list(r.rephrase_images)
-        if len(imgs) < 1 + n_auto:
-            imgs += image_views(r.image, 1 + n_auto - len(imgs), seed=seed)
+        if len(imgs) < 1 + n_views:
+            imgs += image_views(r.image, 1 + n_views - len(imgs), seed=seed)
     prompts = dedupe([r.prompt] + list(r.rephrase_prompts))
     if len(prompts) < 1 + n_auto:
         prompts = dedupe(prompts + templated_rephrasings(r.prompt, 1 + n_auto - len(prompts)))
@@ -350,7 +356,7 @@ def fit_delta(
     slot_layers = cfg.slot_layers[slot]
     lo = min(slot_layers)
 
-    imgs, prompts = positive_views(request, seed=seed)
+    imgs, prompts = positive_views(request, seed=seed, n_views=cfg.auto_views)
     rows_img, rows_q = _positive_rows(imgs, prompts, request.image is not None)
     # fit the answer *and* the end of the answer: without the EOS the old answer's tail can carry on
     # after a shorter new target ("puro" -> "puro puet")
@@ -531,11 +537,11 @@ def fit_router(
     img_keys: dict[str, str] = {}
     for n, r in enumerate(requests):
         if r.image is not None:
-            for im in positive_views(r, seed=seed + n)[0]:
+            for im in positive_views(r, seed=seed + n, n_views=cfg.auto_views)[0]:
                 img_keys.setdefault(image_fingerprint(im), _entity_key(r))
     n_para = int(getattr(cfg, "router_paraphrases", 0) or 0)
     for n, (r, s) in enumerate(zip(requests, slots)):
-        imgs, prompts = positive_views(r, seed=seed + n)
+        imgs, prompts = positive_views(r, seed=seed + n, n_views=cfg.auto_views)
         if n_para:
             # the scope must cover how else the question is asked, not only the wordings the delta saw
             prompts = dedupe(prompts + paraphrases(r.prompt, n_para))
@@ -700,6 +706,10 @@ def _check_config(cfg: LDKEConfig | None) -> None:
         if not isinstance(value, int) or value < (1 if name in ("router_dim", "num_edit_layers") else 0):
             raise InvalidRequestError(f"config.{name} must be a non-negative integer (>= 1 for router_dim and "
                                       f"num_edit_layers), got {value!r}", field=name)
+    for knob in ("auto_views", "router_paraphrases"):
+        v = getattr(cfg, knob)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise InvalidRequestError(f"config.{knob} must be an integer >= 0, got {v!r}", field=knob)
     if not math.isfinite(float(cfg.max_delta_norm)) or cfg.max_delta_norm < 0:
         raise InvalidRequestError(f"config.max_delta_norm must be >= 0, got {cfg.max_delta_norm!r}", field="max_delta_norm")
 

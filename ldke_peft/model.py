@@ -244,6 +244,11 @@ class LDKEModel(BaseTuner):
 def _make_root_exit_hook(state: RoutingState):
     def hook(module: nn.Module, args: tuple, output: Any):
         state.expect_nested = False
+        if state.probe_handles:
+            # the call ended (or raised, or was cut short) before its probe layer ran: drop the
+            # one-shot hook rather than leave it for an unrelated later call
+            for idx in list(state.probe_handles):
+                state.remove_probe_hook(idx)
         return None
 
     return hook
