@@ -76,8 +76,16 @@ class LDKEConfig(PeftConfig):
         default=4,
         metadata={
             "help": "Augmented views of the edit image (crops, shifts, small rotations, colour jitter, flips) "
-            "added to the positives when a request brings fewer rephrase images. More views make the delta "
-            "and the visual key cover other pictures of the entity (M-Generality) at some edit time."
+            "the delta is fitted on when a request brings fewer rephrase images: the delta then answers for "
+            "other pictures of the entity, not for one picture (M-Generality), at some edit time."
+        },
+    )
+    router_views: int = field(
+        default=2,
+        metadata={
+            "help": "Augmented views of the edit image among the router's visual positives. Fewer than "
+            "auto_views on purpose: each one widens the slot's visual radius, and in a pack of many slots "
+            "wide radii add up to other entities' images (M-Locality)."
         },
     )
     router_paraphrases: int = field(

@@ -537,11 +537,13 @@ def fit_router(
     img_keys: dict[str, str] = {}
     for n, r in enumerate(requests):
         if r.image is not None:
-            for im in positive_views(r, seed=seed + n, n_views=cfg.auto_views)[0]:
+            for im in positive_views(r, seed=seed + n, n_views=cfg.router_views)[0]:
                 img_keys.setdefault(image_fingerprint(im), _entity_key(r))
     n_para = int(getattr(cfg, "router_paraphrases", 0) or 0)
     for n, (r, s) in enumerate(zip(requests, slots)):
-        imgs, prompts = positive_views(r, seed=seed + n, n_views=cfg.auto_views)
+        # fewer augmented views than the delta gets: each widens the visual radius, and in a pack of many
+        # slots wide radii add up to other entities' images (M-Locality)
+        imgs, prompts = positive_views(r, seed=seed + n, n_views=cfg.router_views)
         if n_para:
             # the scope must cover how else the question is asked, not only the wordings the delta saw
             prompts = dedupe(prompts + paraphrases(r.prompt, n_para))
@@ -706,7 +708,7 @@ def _check_config(cfg: LDKEConfig | None) -> None:
         if not isinstance(value, int) or value < (1 if name in ("router_dim", "num_edit_layers") else 0):
             raise InvalidRequestError(f"config.{name} must be a non-negative integer (>= 1 for router_dim and "
                                       f"num_edit_layers), got {value!r}", field=name)
-    for knob in ("auto_views", "router_paraphrases"):
+    for knob in ("auto_views", "router_views", "router_paraphrases"):
         v = getattr(cfg, knob)
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise InvalidRequestError(f"config.{knob} must be an integer >= 0, got {v!r}", field=knob)

@@ -74,6 +74,7 @@ LDKE_KNOBS = (
     "router_margin",
     "router_paraphrases",
     "auto_views",
+    "router_views",
     "router_steps",
     "router_lr",
     "num_edit_layers",
@@ -164,6 +165,7 @@ class LDKEMultimodalHyperParams:
     router_margin: float = _config_default("router_margin")
     router_paraphrases: int = _config_default("router_paraphrases")
     auto_views: int = _config_default("auto_views")
+    router_views: int = _config_default("router_views")
     router_steps: int = _config_default("router_steps")
     router_lr: float = _config_default("router_lr")
     num_edit_layers: int = _config_default("num_edit_layers")
@@ -388,6 +390,7 @@ def _check_values(hp: LDKEMultimodalHyperParams) -> None:
     need(hp.max_delta_norm >= 0, "max_delta_norm", "must be >= 0 (0 = no bound)")
     need(hp.router_paraphrases >= 0, "router_paraphrases", "must be >= 0 (0 = only the request's own wordings)")
     need(hp.auto_views >= 0, "auto_views", "must be >= 0 (0 = only the request's own images)")
+    need(hp.router_views >= 0, "router_views", "must be >= 0 (0 = only the request's own images)")
     need(0.0 <= hp.router_margin <= 1.0, "router_margin", "must be between 0 and 1")
     need(hp.probe_layer is None or hp.probe_layer >= 0, "probe_layer", "must be a layer index >= 0 or null")
     need(hp.localization in _LOCALIZATION, "localization", f"must be one of {', '.join(_LOCALIZATION)}")
