@@ -92,7 +92,10 @@ class LDKELayer(BaseTunerLayer):
                 self.ldke_router[adapter_name].resize(config.num_slots)
             else:
                 groups = int(getattr(config, "router_groups", 1))
-                self.ldke_router[adapter_name] = RouterState(d_model, config.router_dim, config.num_slots, groups=groups)
+                self.ldke_router[adapter_name] = RouterState(
+                    d_model, config.router_dim, config.num_slots, groups=groups,
+                    storage=getattr(config, "router_storage", "float32"),
+                )
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 

@@ -49,6 +49,7 @@ import torch
 
 from .config import LDKEConfig
 from .errors import CorruptAdapterError, FingerprintMismatchError, LDKEError
+from .routing import dequantize_projection
 
 logger = logging.getLogger(__name__)
 
@@ -161,11 +162,17 @@ class _Pack:
 
     def groups(self) -> list[tuple[torch.Tensor, ...]]:
         """The pack's projections, ``(mu_v, proj_v, mu_t, proj_t)`` per group."""
-        out = [tuple(self.router[n].float() for n in _PROJ)]
+        out = [tuple(self._dequantized(n) for n in _PROJ)]
         if "extra_proj_v" in self.router:
             for g in range(self.router["extra_proj_v"].shape[0]):
                 out.append(tuple(self.router["extra_" + n][g].float() for n in _PROJ))
         return out
+
+    def _dequantized(self, name: str) -> torch.Tensor:
+        t = self.router[name]
+        if t.dtype == torch.int8:  # int8 storage: the fp32 matrix the source pack routes with
+            return dequantize_projection(t, self.router[name + "_scale"])
+        return t.float()
 
     def slot_group(self, k: int) -> int:
         return int(self.router["proj_group"][k]) if "proj_group" in self.router else 0
@@ -524,6 +531,9 @@ def _assemble(packs: list[_Pack], kept: list[SlotRef]) -> tuple[LDKEConfig, dict
         alpha=alpha,
         router_dim=p_dim,
         router_groups=G,
+        # the projections above are the fp32 matrices each source routed with; re-quantizing them could
+        # move a slot's scores by an ulp, so a merged pack stores them as they are
+        router_storage="float32",
         layers_to_transform=layers,
         target_modules=[modules[l].removeprefix(_PEFT_PREFIX) for l in layers],
     )

@@ -25,6 +25,30 @@ from torch import nn
 
 NO_SLOT = -1
 
+#: How a pack stores its router projections (``LDKEConfig.router_storage``).
+ROUTER_STORAGE = ("int8", "float32")
+
+
+def quantize_projection(proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-column int8 quantization: ``(q int8 (d, p), scale fp32 (p,))``.
+
+    The projections are most of a single-edit pack's bytes (``3 d p`` floats against ``r (d + d_ff)``
+    for the delta). Stored as int8 they are 4x smaller, and nothing is approximated at routing time:
+    the editor quantizes the fitted projection *before* it places keys and radii, and routing always
+    uses :func:`dequantize_projection` of the stored bytes, so calibration and inference see the very
+    same matrix. What int8 changes is only which projection that is (a fitted one, perturbed by
+    under 0.4% of each column's largest entry).
+    """
+    p = proj.detach().float()
+    scale = p.abs().amax(dim=0).clamp_min(1e-30) / 127.0
+    q = torch.round(p / scale).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_projection(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The fp32 projection an int8-stored one stands for (the only formula used, so results are exact)."""
+    return q.float() * scale.float()
+
 
 def pool_features(
     hidden: torch.Tensor, image_mask: torch.Tensor, prompt_mask: torch.Tensor
@@ -73,6 +97,10 @@ class RouterState(nn.Module):
         ``radius_v (K,)``, ``radius_t (K,)``: acceptance radii.
         ``needs_image (K,)``: 1.0 for image edits (visual part required), 0.0 for text-only edits.
 
+    With ``storage="int8"`` (the default of :class:`~ldke_peft.LDKEConfig`) ``proj_v``/``proj_t`` are
+    int8 and ``proj_v_scale (p,)``/``proj_t_scale (p,)`` hold their per-column scales (see
+    :func:`quantize_projection`); the router computes with the dequantized fp32 matrices.
+
     **Projection groups.** A pack made by one :func:`~ldke_peft.edit` call has one projection, so all
     its keys live in one space. A pack *merged* from packs fitted separately
     (:func:`ldke_peft.merge.merge_packs`) keeps every source pack's projection instead of refitting:
@@ -92,18 +120,28 @@ class RouterState(nn.Module):
     """
 
     BUFFERS = ("mu_v", "proj_v", "mu_t", "proj_t", "keys_v", "keys_t", "radius_v", "radius_t", "needs_image")
+    #: Only present with int8 storage: the per-column scales of ``proj_v`` / ``proj_t``.
+    SCALE_BUFFERS = ("proj_v_scale", "proj_t_scale")
     #: Only present when ``groups > 1`` (a merged pack that keeps several source projections).
     GROUP_BUFFERS = ("proj_group", "extra_mu_v", "extra_proj_v", "extra_mu_t", "extra_proj_t")
 
-    def __init__(self, d_model: int, proj_dim: int, num_slots: int, groups: int = 1):
+    def __init__(self, d_model: int, proj_dim: int, num_slots: int, groups: int = 1, storage: str = "float32"):
         super().__init__()
         if groups < 1:
             raise ValueError(f"a router needs at least one projection group, got groups={groups}")
+        if storage not in ROUTER_STORAGE:
+            raise ValueError(f"router storage must be one of {ROUTER_STORAGE}, got {storage!r}")
         d_v, d_t = d_model, 2 * d_model
         self.register_buffer("mu_v", torch.zeros(d_v))
-        self.register_buffer("proj_v", _init_proj(d_v, proj_dim, seed=1))
         self.register_buffer("mu_t", torch.zeros(d_t))
-        self.register_buffer("proj_t", _init_proj(d_t, proj_dim, seed=2))
+        for name, d_in, seed in (("proj_v", d_v, 1), ("proj_t", d_t, 2)):
+            proj = _init_proj(d_in, proj_dim, seed=seed)
+            if storage == "int8":
+                q, scale = quantize_projection(proj)
+                self.register_buffer(name, q)
+                self.register_buffer(name + "_scale", scale)
+            else:
+                self.register_buffer(name, proj)
         self.register_buffer("keys_v", torch.zeros(num_slots, proj_dim))
         self.register_buffer("keys_t", torch.zeros(num_slots, proj_dim))
         # radius 0 = the slot never fires until the editor (or the user) sets it
@@ -140,6 +178,32 @@ class RouterState(nn.Module):
         return 1 + int(self.extra_proj_v.shape[0]) if "extra_proj_v" in self._buffers else 1
 
     @property
+    def storage(self) -> str:
+        """``"int8"`` or ``"float32"``: how the projections are stored (see :func:`quantize_projection`)."""
+        return "int8" if self.proj_v.dtype == torch.int8 else "float32"
+
+    def projections(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(proj_v, proj_t)`` as the fp32 matrices routing uses, dequantized once and cached.
+
+        The cache is keyed on the buffers' identity and version (like :meth:`_slot_tables`), so
+        ``set_projection`` or ``load_state_dict`` rebuilds it.
+        """
+        bufs = [self.proj_v, self.proj_t]
+        if self.storage == "int8":
+            bufs += [self.proj_v_scale, self.proj_t_scale]
+        key = tuple((id(b), b._version, b.device) for b in bufs)
+        cached = self.__dict__.get("_proj")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        if self.storage == "int8":
+            mats = (dequantize_projection(self.proj_v, self.proj_v_scale),
+                    dequantize_projection(self.proj_t, self.proj_t_scale))
+        else:
+            mats = (_f32(self.proj_v), _f32(self.proj_t))
+        self.__dict__["_proj"] = (key, mats)
+        return mats
+
+    @property
     def proj_dim(self) -> int:
         return int(self.proj_v.shape[1])
 
@@ -163,8 +227,9 @@ class RouterState(nn.Module):
     def project(self, visual: torch.Tensor, textual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Features in projection 0's space (the one new slots are fitted in)."""
         # router math in fp32 whatever the model dtype (bf16 distances are too coarse for radii)
-        zv = (_f32(visual) - _f32(self.mu_v)) @ _f32(self.proj_v)
-        zt = (_f32(textual) - _f32(self.mu_t)) @ _f32(self.proj_t)
+        proj_v, proj_t = self.projections()
+        zv = (_f32(visual) - _f32(self.mu_v)) @ proj_v
+        zt = (_f32(textual) - _f32(self.mu_t)) @ proj_t
         return zv, zt
 
     def _slot_tables(self) -> tuple[torch.Tensor, ...]:
@@ -240,12 +305,19 @@ class RouterState(nn.Module):
     # ------------------------------------------------------------------ direct access
     @torch.no_grad()
     def set_projection(self, *, mu_v=None, proj_v=None, mu_t=None, proj_t=None) -> None:
+        """Write the centring vectors / projections (fp32 values; int8 storage quantizes them here, so
+        fit keys and radii *after* this call, with :meth:`project`)."""
         for name, val in (("mu_v", mu_v), ("proj_v", proj_v), ("mu_t", mu_t), ("proj_t", proj_t)):
             if val is not None:
                 buf = getattr(self, name)
                 if tuple(val.shape) != tuple(buf.shape):
                     raise ValueError(f"{name}: expected shape {tuple(buf.shape)}, got {tuple(val.shape)}")
-                buf.copy_(val.to(buf))
+                if buf.dtype == torch.int8:
+                    q, scale = quantize_projection(val)
+                    buf.copy_(q)
+                    getattr(self, name + "_scale").copy_(scale)
+                else:
+                    buf.copy_(val.to(buf))
 
     @torch.no_grad()
     def set_slot(self, slot: int, *, key_v, key_t, radius_v: float, radius_t: float, needs_image: bool = True) -> None:

@@ -189,7 +189,15 @@ def _parse_key(key: str, layer_re: re.Pattern, targets: set[str] | None) -> tupl
 def _router_buffers() -> tuple[str, ...]:
     from .routing import RouterState
 
-    return RouterState.BUFFERS + RouterState.GROUP_BUFFERS
+    return RouterState.BUFFERS + RouterState.SCALE_BUFFERS + RouterState.GROUP_BUFFERS
+
+
+def _router_storage(config: Any) -> str:
+    return str(getattr(config, "router_storage", "float32") or "float32")
+
+
+#: Router projections, int8 when the config says ``router_storage="int8"``.
+_PROJ_TENSORS = (_ROUTER_PREFIX + "proj_v", _ROUTER_PREFIX + "proj_t")
 
 
 def _router_groups(config: Any) -> int:
@@ -253,6 +261,8 @@ def _expected_layout(config: Any) -> dict[tuple[int, str], tuple[int | None, ...
         "mu_v": ("d",), "proj_v": ("d", p), "mu_t": ("2d",), "proj_t": ("2d", p),
         "keys_v": (K, p), "keys_t": (K, p), "radius_v": (K,), "radius_t": (K,), "needs_image": (K,),
     }
+    if _router_storage(config) == "int8":  # int8 projections + per-column scales (routing.quantize_projection)
+        router_shapes.update({"proj_v_scale": (p,), "proj_t_scale": (p,)})
     G = _router_groups(config)
     if G > 1:  # a merged pack that keeps several source projections (see RouterState)
         router_shapes.update({
@@ -296,7 +306,12 @@ def _check_shapes(entries: dict[tuple[int, str], _Entry], expected: dict, config
                     f"({_dim_doc(tensor, dim)}; rank={config.rank}, num_slots={config.num_slots}, "
                     f"router_dim={config.router_dim})"
                 )
-        if tensor in _INDEX_TENSORS:
+        if tensor in _PROJ_TENSORS and _router_storage(config) == "int8":
+            if e.dtype.upper() != "I8":
+                raise CorruptAdapterError(
+                    f"tensor {e.key!r} has dtype {e.dtype}; the config says router_storage='int8' (expected I8)"
+                )
+        elif tensor in _INDEX_TENSORS:
             if not e.dtype.upper().startswith(("I", "U")):
                 raise CorruptAdapterError(f"tensor {e.key!r} has dtype {e.dtype}; slot/group ids must be integers")
         elif not e.dtype.upper().startswith(("F", "BF")):

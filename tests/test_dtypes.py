@@ -51,7 +51,11 @@ def test_tuner_on_half_model_keeps_router_and_deltas_fp32(world):
     layers = pm.base_model.ldke_layers("default")
     assert {layers[i].ldke_A["default"].dtype for i in (3, 4)} == {torch.float32}
     assert {layers[i].ldke_B["default"].dtype for i in (3, 4)} == {torch.float32}
-    assert {b.dtype for b in pm.base_model.router("default").buffers()} == {torch.float32}
+    router = pm.base_model.router("default")
+    # projections stay int8 (router_storage), every floating router buffer stays fp32
+    assert {n: b.dtype for n, b in router.named_buffers() if not b.is_floating_point()} == {
+        "proj_v": torch.int8, "proj_t": torch.int8}
+    assert {b.dtype for b in router.buffers() if b.is_floating_point()} == {torch.float32}
     assert layers[3].get_base_layer().weight.dtype == torch.float16  # the base is untouched
     pm.unload()
 

@@ -186,6 +186,15 @@ def _extra_slot_in_config(pack: Path) -> None:
     _edit_config(pack, fn)
 
 
+def _float_projection(pack: Path) -> None:
+    key = LAYER.format(1, "ldke_router.proj_v")
+    _edit_tensors(pack, lambda t: t.__setitem__(key, t[key].float()))
+
+
+def _missing_scale(pack: Path) -> None:
+    _edit_tensors(pack, lambda t: t.pop(LAYER.format(1, "ldke_router.proj_t_scale")))
+
+
 def _no_weights(pack: Path) -> None:
     (pack / WEIGHTS).unlink()
 
@@ -201,6 +210,8 @@ CORRUPTIONS = {
     "inconsistent_hidden": (_inconsistent_hidden, CorruptAdapterError, r"ldke_B.*\[1, 2, 48\].*hidden size: 48 vs 32"),
     "slot_ids_disagree": (_swapped_slot_ids, CorruptAdapterError, r"hosts slots \[1, 0\].*say \[0, 1\]"),
     "slot_count_disagrees": (_extra_slot_in_config, CorruptAdapterError, r"layers\.3\.mlp\.down_proj\.ldke_\w+.*shape \[1"),
+    "float_projection_in_int8_pack": (_float_projection, CorruptAdapterError, r"proj_v.*F32.*router_storage='int8'"),
+    "missing_projection_scale": (_missing_scale, CorruptAdapterError, r"missing tensor ldke_router\.proj_t_scale"),
     "no_safetensors": (_no_weights, CorruptAdapterError, r"has no adapter_model\.safetensors"),
 }
 
@@ -236,6 +247,38 @@ def test_unknown_config_fields_refused(pack, loader, field, value):
 def test_newer_pack_format_refused(pack, loader):
     _edit_config(pack, lambda cfg: cfg.__setitem__("pack_format_version", "2.0"))
     assert_refused(pack, loader, AdapterLoadError, r"pack format '2\.0' is not supported")
+
+
+def test_format_1_0_pack_with_fp32_projections_still_loads(good_pack, tmp_path):
+    """Packs written before ``router_storage`` existed (format 1.0) stored fp32 projections: they load
+    as such and route exactly like the int8 pack they are converted from."""
+    old = tmp_path / "old"
+    shutil.copytree(good_pack, old)
+    prefix = LAYER.format(1, "ldke_router.")
+
+    def to_fp32(t):
+        for part in ("v", "t"):
+            q, scale = t[f"{prefix}proj_{part}"], t.pop(f"{prefix}proj_{part}_scale")
+            t[f"{prefix}proj_{part}"] = q.float() * scale
+
+    _edit_tensors(old, to_fp32)
+
+    def to_v1_0(cfg):
+        cfg.pop("router_storage")
+        cfg["pack_format_version"] = "1.0"
+
+    _edit_config(old, to_v1_0)
+    assert LDKEConfig.from_pretrained(str(old)).router_storage == "float32"
+    assert LDKEConfig.from_pretrained(str(good_pack)).router_storage == "int8"
+    model, proc = build("llava")
+    built = build_inputs(model, proc, [Anchor(RED, PROMPT_A), Anchor(BLUE, PROMPT_B), Anchor(BLUE, PROMPT_A)])
+    new_pm = PeftModel.from_pretrained(model, str(good_pack))
+    want = logits(new_pm, built)
+    new_pm.unload()
+    model2, _ = build("llava")
+    old_pm = PeftModel.from_pretrained(model2, str(old))
+    assert old_pm.base_model.router("default").proj_v.dtype == torch.float32
+    assert torch.equal(logits(old_pm, built), want)
 
 
 class _Tripwire:

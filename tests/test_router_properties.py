@@ -36,7 +36,7 @@ def routers(draw):
     p = draw(st.integers(1, d))  # proj_dim <= d_model (the default projection is a QR of a d x p matrix)
     K = draw(st.integers(1, 6))
     G = draw(st.integers(1, 3))
-    router = RouterState(d, p, K, groups=G)
+    router = RouterState(d, p, K, groups=G, storage=draw(st.sampled_from(["float32", "int8"])))
 
     def tensor(*shape):
         n = 1
@@ -74,6 +74,9 @@ def routers(draw):
 
 def _projection(router: RouterState, g: int):
     if g == 0:
+        if router.proj_v.dtype == torch.int8:  # documented: int8 entries times their column's scale
+            return (router.mu_v, router.proj_v.double() * router.proj_v_scale.double(),
+                    router.mu_t, router.proj_t.double() * router.proj_t_scale.double())
         return router.mu_v, router.proj_v, router.mu_t, router.proj_t
     return router.extra_mu_v[g - 1], router.extra_proj_v[g - 1], router.extra_mu_t[g - 1], router.extra_proj_t[g - 1]
 
@@ -146,6 +149,30 @@ def test_text_only_rows_never_reach_image_slots(case):
     got = router.route(visual, textual, torch.ones(B, dtype=torch.bool))
     for k in got.tolist():
         assert k == NO_SLOT or bool(router.needs_image[k])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 4), st.integers(0, 2**31 - 1))
+def test_int8_projection_is_what_routing_uses(d, p, seed):
+    """``set_projection`` on an int8 router stores each column to within half its scale, and routing
+    projects with exactly the stored bytes (so keys fitted after ``set_projection`` stay exact); a
+    router loaded from that state_dict projects identically."""
+    p = min(p, d)  # the default projection is a QR of a d x p matrix
+    g = torch.Generator().manual_seed(seed)
+    P_v, P_t = torch.randn(d, p, generator=g), torch.randn(2 * d, p, generator=g)
+    router = RouterState(d, p, 2, storage="int8")
+    router.set_projection(mu_v=torch.zeros(d), proj_v=P_v, mu_t=torch.zeros(2 * d), proj_t=P_t)
+    assert router.proj_v.dtype == torch.int8 and router.storage == "int8"
+    for q, scale, full in ((router.proj_v, router.proj_v_scale, P_v), (router.proj_t, router.proj_t_scale, P_t)):
+        assert int(q.abs().max()) == 127
+        assert bool(((q.float() * scale - full).abs() <= scale / 2 + 1e-7).all())
+    v, t = torch.randn(3, d, generator=g), torch.randn(3, 2 * d, generator=g)
+    zv, zt = router.project(v, t)
+    assert torch.equal(zv, v @ (router.proj_v.float() * router.proj_v_scale))
+    assert torch.equal(zt, t @ (router.proj_t.float() * router.proj_t_scale))
+    fresh = RouterState(d, p, 2, storage="int8")
+    fresh.load_state_dict(router.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(fresh.project(v, t), (zv, zt)))
 
 
 def test_empty_router_routes_nothing():

@@ -71,6 +71,7 @@ LDKE_KNOBS = (
     "alpha",
     "probe_layer",
     "router_dim",
+    "router_storage",
     "router_margin",
     "router_paraphrases",
     "auto_views",
@@ -162,6 +163,7 @@ class LDKEMultimodalHyperParams:
     alpha: float = _config_default("alpha")
     probe_layer: Optional[int] = _config_default("probe_layer")
     router_dim: int = _config_default("router_dim")
+    router_storage: str = _config_default("router_storage")
     router_margin: float = _config_default("router_margin")
     router_paraphrases: int = _config_default("router_paraphrases")
     auto_views: int = _config_default("auto_views")
@@ -391,6 +393,7 @@ def _check_values(hp: LDKEMultimodalHyperParams) -> None:
     need(hp.router_paraphrases >= 0, "router_paraphrases", "must be >= 0 (0 = only the request's own wordings)")
     need(hp.auto_views >= 0, "auto_views", "must be >= 0 (0 = only the request's own images)")
     need(hp.router_views >= 0, "router_views", "must be >= 0 (0 = only the request's own images)")
+    need(hp.router_storage in ("int8", "float32"), "router_storage", "must be 'int8' or 'float32'")
     need(0.0 <= hp.router_margin <= 1.0, "router_margin", "must be between 0 and 1")
     need(hp.probe_layer is None or hp.probe_layer >= 0, "probe_layer", "must be a layer index >= 0 or null")
     need(hp.localization in _LOCALIZATION, "localization", f"must be one of {', '.join(_LOCALIZATION)}")
