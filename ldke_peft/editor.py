@@ -862,7 +862,7 @@ class _Rollback:
                             container[self.adapter_name] = saved[store]
                         elif self.adapter_name in container:
                             del container[self.adapter_name]
-                    m._plan_for = -1
+                    m.invalidate_plans()
             if state is not None:
                 # an interrupted forward (Ctrl-C) can leave a half-recorded call behind
                 state.slots.pop(self.adapter_name, None)

@@ -27,17 +27,12 @@ from torch import nn
 from torch.nn.modules import module as _torch_module
 from transformers.pytorch_utils import Conv1D
 
-from .context import current_forced_slots
+from .context import _FORCED_SLOT, current_forced_slots
 from .routing import NO_SLOT, RouterState, RoutingState
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float32 else t.float()
-
-
-def _global_hooks() -> bool:
-    """Whether torch has global module hooks registered (they must see every module call)."""
-    return bool(_torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks)
 
 
 class LDKELayer(BaseTunerLayer):
@@ -54,12 +49,22 @@ class LDKELayer(BaseTunerLayer):
         self.ldke_B = nn.ParameterDict()
         self.ldke_router = nn.ModuleDict()
         self.ldke_slot_ids = BufferDict({}, persistent=True)
+        # the same objects, reachable without nn.Module.__getattr__ (read on every forward call)
+        object.__setattr__(self, "_A_store", self.ldke_A)
+        object.__setattr__(self, "_base_ref", base_layer)
         # the current routing decision's per-row delta factors, ``[(adapter, batch, A, B), ...]``, and
         # the decision version they belong to: built at a decision's first call (the prefill), reused by
         # every decode step (see ``forward``)
         self._plan: list = []
         self._plan_for = -1
+        # the plan as one fused call, when it allows one: ``(batch, A, B)`` for a single fp32 adapter
+        # without a delta bound (what a decode step of an fp32 model pays: two kernels, no Python loop)
+        self._plan_fast: tuple | None = None
         self._hosted_cache: dict[str, tuple] = {}
+        # per adapter: {decision rows: (validity key, factors)}: a decision seen before (the same slot
+        # for a batch-1 request, the same mix of rows) reuses its gathered factors instead of
+        # gathering them again at its prefill
+        self._factor_cache: dict[str, dict] = {}
         # shared, not a submodule: the model-level routing decisions
         object.__setattr__(self, "_routing", routing_state)
         self._disable_adapters = False
@@ -217,16 +222,48 @@ class LDKELinear(nn.Module, LDKELayer):
         rows = has.nonzero(as_tuple=True)[0]
         return rows, match[rows].float().argmax(dim=1)
 
-    def _hosts_any(self, name: str, slots: frozenset) -> bool:
-        """Whether any of ``slots`` (global ids) is hosted here; the hosted set is cached per id tensor."""
-        if not slots:
-            return False
+    def _local_index(self, name: str) -> dict[int, int]:
+        """``{global slot id: local row}`` of the slots hosted here, cached per id tensor and version."""
         ids = self.ldke_slot_ids[name]
         c = self._hosted_cache.get(name)
         if c is None or c[0] is not ids or c[1] != ids._version:
-            c = (ids, ids._version, frozenset(ids.tolist()))
+            c = (ids, ids._version, {int(k): j for j, k in enumerate(ids.tolist())})
             self._hosted_cache[name] = c
-        return not c[2].isdisjoint(slots)
+        return c[2]
+
+    def invalidate_plans(self) -> None:
+        """Forget the gathered factors (after the deltas were swapped or rolled back wholesale)."""
+        self._plan, self._plan_for, self._plan_fast = [], -1, None
+        self._factor_cache.clear()
+        self._hosted_cache.clear()
+
+    #: decisions whose factors a layer remembers per adapter (a batch-1 server sees one per slot)
+    FACTOR_CACHE_SIZE = 64
+
+    def _row_factors(self, name: str, rows: tuple) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """:meth:`_slot_factors` for a decision given as host-side row slots (what :class:`Decisions`
+        already read back), cached per decision: no device work at all for a decision seen before."""
+        A, B, ids = self.ldke_A[name], self.ldke_B[name], self.ldke_slot_ids[name]
+        # valid while the very same tensors hold the same data (identity, not id(): a freed tensor's id
+        # can be reused) and the scaling is unchanged
+        held = (A, B, ids)
+        stamp = (A._version, B._version, ids._version, self.scaling[name])
+        cache = self._factor_cache.setdefault(name, {})
+        hit = cache.get(rows)
+        if hit is not None and hit[1] == stamp and all(a is b for a, b in zip(hit[0], held)):
+            return hit[2]
+        where = self._local_index(name)
+        local = [where.get(k, -1) for k in rows]
+        factors = None
+        if max(local, default=-1) >= 0:
+            idx = torch.tensor([j if j >= 0 else 0 for j in local], device=A.device)
+            scale = float(self.scaling[name])
+            keep = torch.tensor([scale if j >= 0 else 0.0 for j in local], device=A.device).view(-1, 1, 1)
+            factors = (_f32(A.detach().index_select(0, idx)), _f32(B.detach().index_select(0, idx)) * keep)
+        if len(cache) >= self.FACTOR_CACHE_SIZE:
+            cache.clear()
+        cache[rows] = (held, stamp, factors)
+        return factors
 
     def _slot_factors(self, name: str, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Per-row delta factors for a routing decision, or ``None`` if no row uses a slot hosted here.
@@ -273,32 +310,37 @@ class LDKELinear(nn.Module, LDKELayer):
             result = out if out.shape == result.shape else out.view(result.shape)
         return result
 
-    def _base_forward(self, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-        base = self.base_layer
-        if (
-            type(base) is nn.Linear
-            and not args
-            and not kwargs
-            and not (base._forward_hooks or base._forward_pre_hooks or _global_hooks())
-        ):
-            # a plain linear layer without hooks: the same kernel without a second module call (this
-            # runs for every wrapped layer on every decode step)
-            return F.linear(x, base.weight, base.bias)
-        return base(x, *args, **kwargs)
-
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self._base_forward(x, args, kwargs)
+        # Every wrapped layer runs this on every decode step, so the common paths come first and touch
+        # as little as possible (attributes via __dict__, no nn.Module.__getattr__, no helper calls).
+        base = self._base_ref
+        if type(base) is nn.Linear and not (
+            args or kwargs or base._forward_hooks or base._forward_pre_hooks
+            or _torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks
+        ):
+            # a plain linear layer without hooks: the same kernel without a second module call
+            params = base._parameters
+            result = F.linear(x, params["weight"], params["bias"])
+        else:
+            result = base(x, *args, **kwargs)
+        if not self._A_store:
+            return result  # hosts no delta of any adapter (a probe layer that only holds a router)
+        decisions = self._routing.slots
+        if self._plan_for == decisions.version and not torch.is_grad_enabled() and _FORCED_SLOT.get() is None:
+            # a later call with the same decision (every decode step of a generation): the factors
+            # gathered at its first call, or nothing at all when no row is routed to a slot hosted here
+            fast = self._plan_fast
+            if fast is not None and x.dim() == 3 and x.shape[0] == fast[0] and x.dtype is torch.float32 \
+                    and result.dtype is torch.float32:
+                return torch.baddbmm(result, torch.bmm(x, fast[1]), fast[2])
+            return self._apply_plan(x, result, self._plan) if self._plan else result
         forced = current_forced_slots()
-        if forced is None:
-            decisions = self._routing.slots
-            if not decisions.any_routed():
-                # no row of the current decision is routed to any slot (the common case): exactly the
-                # base layer, at the cost of one compare
-                return result
-            if self._plan_for == decisions.version and not torch.is_grad_enabled():
-                # a later call with the same decision (every decode step of a generation): the factors
-                # gathered at its first call, or nothing at all for a layer that hosts none of its slots
-                return self._apply_plan(x, result, self._plan) if self._plan else result
+        if forced is None and not decisions.any_routed():
+            # no row of the current decision is routed to any slot (the common case): exactly the base
+            # layer; remembered, so the decision's later calls stop at the compare above
+            if not torch.is_grad_enabled():
+                self._plan, self._plan_for, self._plan_fast = [], decisions.version, None
+            return result
         if self._disable_adapters or self.merged_adapters:
             return result
         grad = torch.is_grad_enabled()
@@ -324,15 +366,22 @@ class LDKELinear(nn.Module, LDKELayer):
                 delta = self._bounded(name, delta, res3[rows])
                 result = res3.index_add(0, rows, delta.to(result.dtype)).view(result.shape)
                 continue
-            if forced is None and not self._hosts_any(name, self._routing.slots.routed_slots(name)):
-                continue  # none of this decision's slots lives here: no tensor work at all
-            factors = self._slot_factors(name, slots)
+            if forced is None:
+                # the decision's rows were read back once per decision (Decisions); a layer hosting
+                # none of its slots does no tensor work, and a decision seen before reuses its factors
+                rows = self._routing.slots.rows(name)
+                factors = self._row_factors(name, rows) if rows is not None else self._slot_factors(name, slots)
+            else:
+                factors = self._slot_factors(name, slots)
             if factors is not None:
                 plan.append((name, int(slots.shape[0]), *factors))
         if plan:
             result = self._apply_plan(x, result, plan)
         if forced is None and not grad:
             self._plan, self._plan_for = plan, self._routing.slots.version
+            self._plan_fast = None
+            if len(plan) == 1 and self.max_delta_norm[plan[0][0]] <= 0:
+                self._plan_fast = plan[0][1:]
         return result
 
     def __repr__(self) -> str:

@@ -159,25 +159,26 @@ class LDKEModel(BaseTuner):
         state = routing_state_of(model)
         if "root" not in state.hooked_layers:
             # Entry modules: the root model, and the language model, which some families' generate
-            # runs directly (BLIP-2: ``language_model.generate(inputs_embeds=...)``). A root call marks
-            # the nested language-model call it makes, so the language model needs no exit hook (every
-            # hooked module takes torch's slower call path, once per decode step).
+            # runs directly (BLIP-2: ``language_model.generate(inputs_embeds=...)``). A root call
+            # suspends the language model's and the embeddings' hooks until its exit hook (which runs
+            # even when the forward raises): every hooked module takes torch's slower call path, and a
+            # root call has already decided.
             try:
                 lm = family.language_model(model)
             except Exception:  # noqa: BLE001 - a family without a separate LM module
                 lm = None
-            has_lm = lm is not None and lm is not model
             state.hooks.append(model.register_forward_pre_hook(
-                _make_entry_hook(state, family, model, is_root=True, has_lm=has_lm), with_kwargs=True))
-            # cheap once the root has a pre-hook (same slow path); also runs when the forward raised
-            # before reaching the language model, so a later direct LM call is not taken as nested
+                _make_entry_hook(state, family, model, is_root=True), with_kwargs=True))
             state.hooks.append(model.register_forward_hook(_make_root_exit_hook(state), always_call=True))
-            if has_lm:
-                state.hooks.append(lm.register_forward_pre_hook(
-                    _make_entry_hook(state, family, model, is_root=False, has_lm=True), with_kwargs=True))
+            if lm is not None and lm is not model:
+                inner = [(lm, _make_entry_hook(state, family, model, is_root=False), True)]
                 emb = model.get_input_embeddings()
                 if emb is not None:
-                    state.hooks.append(emb.register_forward_pre_hook(_make_embedding_hook(state)))
+                    inner.append((emb, _make_embedding_hook(state), False))
+                for module, hook, with_kwargs in inner:
+                    handle = module.register_forward_pre_hook(hook, with_kwargs=with_kwargs)
+                    state.hooks.append(handle)
+                    state.inner_hooks.append((module, handle.id, hook, with_kwargs))
             state.hooked_layers.add("root")
         layers = family.decoder_layers(model)
         for name, cfg in self.peft_config.items():
@@ -243,7 +244,7 @@ class LDKEModel(BaseTuner):
 
 def _make_root_exit_hook(state: RoutingState):
     def hook(module: nn.Module, args: tuple, output: Any):
-        state.expect_nested = False
+        state.resume_inner_hooks()
         if state.probe_handles:
             # the call ended (or raised, or was cut short) before its probe layer ran: drop the
             # one-shot hook rather than leave it for an unrelated later call
@@ -256,7 +257,7 @@ def _make_root_exit_hook(state: RoutingState):
 
 def _make_embedding_hook(state: RoutingState):
     def hook(module: nn.Module, args: tuple):
-        if not state.expect_nested and args and isinstance(args[0], torch.Tensor) and args[0].dim() == 2:
+        if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 2:
             state.pending_ids = args[0].detach()
         return None
 
@@ -266,16 +267,14 @@ def _make_embedding_hook(state: RoutingState):
 _DECODE_STEP = RoutingInputs(image_mask=None, prompt_mask=None, batch_size=0, prefill=False)
 
 
-def _make_entry_hook(state: RoutingState, family: Family, root: nn.Module, *, is_root: bool, has_lm: bool):
+def _make_entry_hook(state: RoutingState, family: Family, root: nn.Module, *, is_root: bool):
     """Pre-forward hook of an entry module: records what the router needs for this call."""
 
     def hook(module: nn.Module, args: tuple, kwargs: dict):
         if is_root:
-            # the language model's hook must not treat the call the root is about to make as a new one
-            state.expect_nested = has_lm
-        elif state.expect_nested:
-            state.expect_nested = False
-            return None  # nested in a root call, which already decided
+            # the inner (language model, embeddings) hooks must not treat the calls the root is about
+            # to make as new ones; the root's exit hook puts them back
+            state.suspend_inner_hooks()
         cache = kwargs.get("past_key_values")
         if cache is None:
             cache = kwargs.get("cache")

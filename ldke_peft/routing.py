@@ -76,14 +76,16 @@ def pool_features(
     if prompt_mask.device != h.device:
         prompt_mask = prompt_mask.to(h.device)
     has_image = image_mask.any(dim=1)
-    # One batched matmul pools all three parts: rows of ``w`` are the image-token mean, the prompt
-    # text-token mean and a one-hot on the last prompt position (prompt_mask may be left-padded or
-    # followed by answer tokens). This runs at every prefill, so it is written for few kernel calls.
-    means = torch.stack([image_mask, prompt_mask & ~image_mask], dim=1).float()  # (B, 2, T)
-    means = means / means.sum(-1, keepdim=True).clamp_min(1.0)
-    last = (prompt_mask.long() * torch.arange(1, T + 1, device=h.device)).argmax(dim=1)
-    w = torch.cat([means, F.one_hot(last, T).unsqueeze(1).float()], dim=1)  # (B, 3, T)
-    pooled = F.normalize(torch.bmm(w, h), dim=-1)  # (B, 3, d); a row without image tokens stays 0
+    # One batched matmul pools all three parts: rows of ``w`` select the image tokens, the prompt text
+    # tokens and the last prompt position (prompt_mask may be left-padded or followed by answer
+    # tokens). Sums, not means: each part is normalised right after, so the count cancels. This runs
+    # at every prefill, so it is written for few kernel calls and no host synchronisation.
+    last = (prompt_mask * torch.arange(1, T + 1, device=h.device)).argmax(dim=1, keepdim=True)
+    is_last = torch.arange(T, device=h.device) == last  # (B, T); position 0 when a row has no prompt
+    w = torch.stack([image_mask, prompt_mask & ~image_mask, is_last], dim=1).to(h.dtype)  # (B, 3, T)
+    pooled = torch.bmm(w, h)  # (B, 3, d); a row without image tokens stays 0
+    # F.normalize's rule (x / max(|x|, 1e-12)) without its Python-level dispatch
+    pooled = pooled / torch.linalg.vector_norm(pooled, dim=-1, keepdim=True).clamp_min(1e-12)
     return pooled[:, 0], pooled[:, 1:].reshape(B, -1), has_image
 
 
@@ -188,20 +190,16 @@ class RouterState(nn.Module):
         The cache is keyed on the buffers' identity and version (like :meth:`_slot_tables`), so
         ``set_projection`` or ``load_state_dict`` rebuilds it.
         """
-        bufs = [self.proj_v, self.proj_t]
-        if self.storage == "int8":
-            bufs += [self.proj_v_scale, self.proj_t_scale]
-        key = tuple((id(b), b._version, b.device) for b in bufs)
-        cached = self.__dict__.get("_proj")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        if self.storage == "int8":
-            mats = (dequantize_projection(self.proj_v, self.proj_v_scale),
-                    dequantize_projection(self.proj_t, self.proj_t_scale))
-        else:
-            mats = (_f32(self.proj_v), _f32(self.proj_t))
-        self.__dict__["_proj"] = (key, mats)
-        return mats
+        int8 = self.proj_v.dtype == torch.int8
+        bufs = (self.proj_v, self.proj_t) + ((self.proj_v_scale, self.proj_t_scale) if int8 else ())
+
+        def build():
+            if int8:
+                return (dequantize_projection(self.proj_v, self.proj_v_scale),
+                        dequantize_projection(self.proj_t, self.proj_t_scale))
+            return _f32(self.proj_v), _f32(self.proj_t)
+
+        return _cached(self, "_proj", bufs, build)
 
     @property
     def proj_dim(self) -> int:
@@ -227,10 +225,15 @@ class RouterState(nn.Module):
     def project(self, visual: torch.Tensor, textual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Features in projection 0's space (the one new slots are fitted in)."""
         # router math in fp32 whatever the model dtype (bf16 distances are too coarse for radii)
+        proj_v, proj_t, bias_v, bias_t = self._projection_tables()
+        return torch.addmm(bias_v, _f32(visual), proj_v), torch.addmm(bias_t, _f32(textual), proj_t)
+
+    def _projection_tables(self) -> tuple[torch.Tensor, ...]:
+        """``(proj_v, proj_t, -mu_v @ proj_v, -mu_t @ proj_t)``: projecting is then one ``addmm`` per part,
+        ``x @ P - mu @ P`` (the editor fits keys with this same :meth:`project`, so they agree exactly)."""
         proj_v, proj_t = self.projections()
-        zv = (_f32(visual) - _f32(self.mu_v)) @ proj_v
-        zt = (_f32(textual) - _f32(self.mu_t)) @ proj_t
-        return zv, zt
+        return _cached(self, "_ptables", (proj_v, proj_t, self.mu_v, self.mu_t), lambda: (
+            proj_v, proj_t, -(_f32(self.mu_v) @ proj_v), -(_f32(self.mu_t) @ proj_t)))
 
     def _slot_tables(self) -> tuple[torch.Tensor, ...]:
         """Per-slot tensors the decision needs, derived from the buffers once and cached.
@@ -240,17 +243,23 @@ class RouterState(nn.Module):
         ``resize``, ``load_state_dict`` or any in-place write rebuilds it.
         """
         bufs = (self.keys_v, self.keys_t, self.radius_v, self.radius_t, self.needs_image)
-        key = tuple((id(b), b._version, b.device) for b in bufs)
-        cached = self.__dict__.get("_tables")
-        if cached is not None and cached[0] == key:
-            return cached[1]
+        return _cached(self, "_tables", bufs, self._build_slot_tables)
+
+    def _build_slot_tables(self) -> tuple[torch.Tensor, ...]:
         needs = self.needs_image.bool()
+        live = (self.radius_t > 0) & ((self.radius_v > 0) | ~needs)
+        inf = torch.tensor(float("inf"), device=self.keys_v.device)
+        zero = torch.zeros((), device=self.keys_v.device)
         tables = (
             _f32(self.keys_v), _f32(self.keys_t),
             _f32(self.radius_v).clamp_min(1e-12), _f32(self.radius_t).clamp_min(1e-12),
-            needs, (self.radius_t > 0) & ((self.radius_v > 0) | ~needs),
+            needs, live,
+            # the decision's own tables: inverse radii (a text-only slot's visual part weighs 0), and
+            # the penalty that excludes a slot for image rows / for text-only rows
+            torch.where(needs, 1.0 / _f32(self.radius_v).clamp_min(1e-12), zero),
+            1.0 / _f32(self.radius_t).clamp_min(1e-12),
+            torch.where(live & needs, zero, inf), torch.where(live & ~needs, zero, inf),
         )
-        self.__dict__["_tables"] = (key, tables)
         return tables
 
     def scores(self, visual: torch.Tensor, textual: torch.Tensor, has_image: torch.Tensor) -> torch.Tensor:
@@ -258,38 +267,49 @@ class RouterState(nn.Module):
 
         The score of an image slot is ``max(d_v / r_v, d_t / r_t)``: both parts must be in scope. A
         text-only slot uses the textual part and only accepts text-only inputs; an image slot never
-        accepts a text-only input.
+        accepts a text-only input. Written for few kernel calls (it runs at every prefill): distances
+        are scaled by cached inverse radii (0 for a text-only slot's visual part), and exclusions are
+        a cached ``0 / inf`` penalty chosen per row by whether it has an image.
         """
-        _, _, r_v, r_t, needs, live = self._slot_tables()
+        inv_v, inv_t, pen_img, pen_txt = self._slot_tables()[6:]
         dv, dt = self._distances(visual, textual)
-        dv = dv / r_v
-        dt = dt / r_t
-        img = has_image.to(dv.device).bool()
-        score = torch.where(needs, torch.maximum(dv, dt), dt)
-        # an image slot takes image inputs only, a text-only slot text-only inputs only
-        ok = (needs.unsqueeze(0) == img.unsqueeze(1)) & live
-        return score.masked_fill(~ok, float("inf"))
+        img = has_image if has_image.dtype == torch.bool and has_image.device == dv.device else has_image.to(dv.device).bool()
+        score = torch.maximum(dv * inv_v, dt * inv_t)
+        return score + torch.where(img.unsqueeze(1), pen_img, pen_txt)
+
+    def _group_tables(self, g: int) -> tuple[torch.Tensor, ...]:
+        """``project``'s tables for projection group ``g`` (0 = ``mu_*``/``proj_*``)."""
+        if g == 0:
+            return self._projection_tables()
+        bufs = (self.extra_mu_v, self.extra_proj_v, self.extra_mu_t, self.extra_proj_t)
+
+        def build():
+            pv, pt = _f32(self.extra_proj_v[g - 1]), _f32(self.extra_proj_t[g - 1])
+            return pv, pt, -(_f32(self.extra_mu_v[g - 1]) @ pv), -(_f32(self.extra_mu_t[g - 1]) @ pt)
+
+        return _cached(self, f"_gtables{g}", bufs, build)
 
     def _distances(self, visual: torch.Tensor, textual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, K)`` visual and textual distances of each row to each slot's keys, in the slot's own space."""
+        """``(B, K)`` visual and textual distances of each row to each slot's keys, in the slot's own space.
+
+        Every group projects with the same formula (``addmm`` with its cached ``-mu @ P``), so a merged
+        pack scores each slot exactly as the source pack it came from did.
+        """
         if self.num_groups == 1:
             keys_v, keys_t = self._slot_tables()[:2]
             zv, zt = self.project(visual, textual)
             return torch.cdist(zv, keys_v), torch.cdist(zt, keys_t)
-        v, t = visual.float(), textual.float()
+        v, t = _f32(visual), _f32(textual)
         B, K = v.shape[0], self.num_slots
-        dv = torch.full((B, K), float("inf"), device=v.device)
-        dt = torch.full((B, K), float("inf"), device=v.device)
+        dv = torch.zeros((B, K), device=v.device)
+        dt = torch.zeros((B, K), device=v.device)
         group = self.proj_group.to(v.device)
         for g in range(self.num_groups):
             sel = (group == g).nonzero(as_tuple=True)[0]
             if len(sel) == 0:
                 continue
-            if g == 0:
-                zv, zt = self.project(v, t)
-            else:
-                zv = (v - self.extra_mu_v[g - 1].float()) @ self.extra_proj_v[g - 1].float()
-                zt = (t - self.extra_mu_t[g - 1].float()) @ self.extra_proj_t[g - 1].float()
+            pv, pt, bv, bt = self._group_tables(g)
+            zv, zt = torch.addmm(bv, v, pv), torch.addmm(bt, t, pt)
             dv[:, sel] = torch.cdist(zv, self.keys_v[sel].float())
             dt[:, sel] = torch.cdist(zt, self.keys_t[sel].float())
         return dv, dt
@@ -298,9 +318,8 @@ class RouterState(nn.Module):
         """``(B,)`` long: the best-scoring slot within scope per row, or :data:`NO_SLOT`."""
         if self.num_slots == 0:
             return torch.full((visual.shape[0],), NO_SLOT, dtype=torch.long, device=visual.device)
-        s = self.scores(visual, textual, has_image)
-        best, idx = s.min(dim=1)
-        return torch.where(best <= 1.0, idx, torch.full_like(idx, NO_SLOT))
+        best, idx = self.scores(visual, textual, has_image).min(dim=1)
+        return torch.where(best <= 1.0, idx, NO_SLOT)
 
     # ------------------------------------------------------------------ direct access
     @torch.no_grad()
@@ -329,6 +348,19 @@ class RouterState(nn.Module):
         self.radius_v[slot] = float(radius_v)
         self.radius_t[slot] = float(radius_t)
         self.needs_image[slot] = 1.0 if needs_image else 0.0
+
+
+def _cached(owner: nn.Module, slot: str, bufs: tuple, build):
+    """``build()``, cached in ``owner.__dict__[slot]`` while ``bufs`` are the very same tensors (held, so
+    their ids cannot be reused) at the same versions (an in-place write, ``set_slot`` or
+    ``load_state_dict`` bumps them; a device move makes new tensors)."""
+    versions = tuple([b._version for b in bufs])
+    hit = owner.__dict__.get(slot)
+    if hit is not None and hit[1] == versions and all([a is b for a, b in zip(hit[0], bufs)]):
+        return hit[2]
+    value = build()
+    owner.__dict__[slot] = (bufs, versions, value)
+    return value
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
@@ -369,6 +401,7 @@ class Decisions(dict):
         self._checked = -1
         self._any = False
         self._routed: dict = {}
+        self._rows: dict = {}
 
     def _bump(self) -> None:
         self.version += 1
@@ -406,11 +439,9 @@ class Decisions(dict):
         return out
 
     def _refresh(self) -> None:
-        # one host sync per adapter and decision: the set of slots some row is routed to
-        self._routed = {
-            name: frozenset(int(k) for k in t[t != NO_SLOT].tolist()) if isinstance(t, torch.Tensor) else frozenset()
-            for name, t in self.items()
-        }
+        # one host read-back per adapter and decision: each row's slot, and the set of routed slots
+        self._rows = {name: tuple(t.tolist()) for name, t in self.items() if isinstance(t, torch.Tensor) and t.dim() == 1}
+        self._routed = {name: frozenset(k for k in rows if k != NO_SLOT) for name, rows in self._rows.items()}
         self._any = any(self._routed.values())
         self._checked = self.version
 
@@ -419,6 +450,12 @@ class Decisions(dict):
         if self._checked != self.version:
             self._refresh()
         return self._any
+
+    def rows(self, name: str) -> tuple | None:
+        """``name``'s decision as a tuple of per-row slot ids (``None`` if it has no decision)."""
+        if self._checked != self.version:
+            self._refresh()
+        return self._rows.get(name)
 
     def routed_slots(self, name: str) -> frozenset:
         """The slots some row of ``name``'s current decision is routed to (a layer hosting none of them
@@ -451,10 +488,12 @@ class RoutingState:
     probe_handles: dict = field(default_factory=dict)
     #: probe layer index -> the LDKE layers inside it (whose routers decide)
     probe_wrappers: dict = field(default_factory=dict)
-    #: set by the root model's entry hook, cleared by the language model's: tells the language
-    #: model's hook that this call is nested in a root call that has already captured the routing
-    #: inputs (a flag cleared by the root's exit hook, not a depth counter over every entry)
-    expect_nested: bool = False
+    #: ``(module, hook id, hook, with_kwargs)`` of the *inner* entry hooks (language model, input
+    #: embeddings), which matter only for calls that enter there (BLIP-2's ``generate`` runs its
+    #: language model directly). A root call suspends them until it returns: it has already captured
+    #: the routing inputs, and unhooked modules take torch's fast call path at every decode step
+    inner_hooks: list = field(default_factory=list)
+    inner_suspended: bool = False
     #: input ids last embedded outside any root call (BLIP-2's ``generate`` embeds the prompt itself
     #: and runs the language model on ``inputs_embeds``; these give it its image mask)
     pending_ids: torch.Tensor | None = None
@@ -470,15 +509,38 @@ class RoutingState:
         if h is not None:
             h.remove()
 
+    def suspend_inner_hooks(self) -> None:
+        """Take the inner entry hooks off their modules (a root call is starting)."""
+        if self.inner_suspended:
+            return
+        for module, hid, _hook, with_kwargs in self.inner_hooks:
+            module._forward_pre_hooks.pop(hid, None)
+            if with_kwargs:
+                module._forward_pre_hooks_with_kwargs.pop(hid, None)
+        self.inner_suspended = True
+
+    def resume_inner_hooks(self) -> None:
+        """Put the inner entry hooks back, under their original ids (a root call has ended or raised)."""
+        if not self.inner_suspended:
+            return
+        for module, hid, hook, with_kwargs in self.inner_hooks:
+            module._forward_pre_hooks[hid] = hook
+            if with_kwargs:
+                module._forward_pre_hooks_with_kwargs[hid] = True
+        self.inner_suspended = False
+
     def reset_call(self) -> None:
         """Forget the per-call state (after an interrupted forward or a rolled-back edit), including a
         one-shot probe hook whose forward never reached the probe layer."""
-        self.current, self.expect_nested, self.pending_ids = None, False, None
+        self.current, self.pending_ids = None, None
+        self.resume_inner_hooks()
         for idx in list(self.probe_handles):
             self.remove_probe_hook(idx)
 
     def remove_all(self) -> None:
         """Remove every hook and forget every decision (the model is being unwrapped)."""
+        self.resume_inner_hooks()
+        self.inner_hooks.clear()
         for h in self.hooks:
             h.remove()
         self.hooks.clear()
