@@ -168,8 +168,24 @@ class LDKELayer(BaseTunerLayer):
         base = self.get_base_layer()
         return (w if isinstance(base, Conv1D) else w.T).to(base.weight.dtype)
 
+    # Anything that changes which deltas apply drops the gathered factors of the current decision
+    # (a decode step would otherwise keep applying them until the next prefill).
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        self.invalidate_plans()
+        super().set_adapter(adapter_names, inference_mode=inference_mode)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.invalidate_plans()
+        super().delete_adapter(adapter_name)
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self.invalidate_plans()
+        super().enable_adapters(enabled)
+
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         from peft.tuners.tuners_utils import check_adapters_to_merge
+
+        self.invalidate_plans()
 
         for name in check_adapters_to_merge(self, adapter_names):
             if name not in self.ldke_A:
@@ -182,6 +198,7 @@ class LDKELayer(BaseTunerLayer):
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
+        self.invalidate_plans()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             if name in self.ldke_A:
@@ -311,8 +328,29 @@ class LDKELinear(nn.Module, LDKELayer):
         return result
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        # Every wrapped layer runs this on every decode step, so the common paths come first and touch
-        # as little as possible (attributes via __dict__, no nn.Module.__getattr__, no helper calls).
+        # A decode step of a routed generation: this layer's gathered factors for the current decision,
+        # checked with a handful of compares. The fast plan is only made for a plain fp32 nn.Linear
+        # base without hooks and one adapter without a delta bound (see ``_forward``); anything else
+        # (a new decision, gradients, forced slots, another input shape) takes the general path.
+        fast = self._plan_fast
+        if (
+            fast is not None
+            and fast[1] == fast[0].version
+            and not args
+            and not kwargs
+            and x.dim() == 3
+            and x.shape[0] == fast[2]
+            and x.dtype is torch.float32
+            and not torch.is_grad_enabled()
+            and _FORCED_SLOT.get() is None
+        ):
+            params = fast[3]
+            return torch.baddbmm(F.linear(x, params["weight"], params["bias"]), torch.bmm(x, fast[4]), fast[5])
+        return self._forward(x, *args, **kwargs)
+
+    def _forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # the common paths come first and touch as little as possible (attributes via __dict__, no
+        # nn.Module.__getattr__, no helper calls)
         base = self._base_ref
         if type(base) is nn.Linear and not (
             args or kwargs or base._forward_hooks or base._forward_pre_hooks
@@ -329,10 +367,6 @@ class LDKELinear(nn.Module, LDKELayer):
         if self._plan_for == decisions.version and not torch.is_grad_enabled() and _FORCED_SLOT.get() is None:
             # a later call with the same decision (every decode step of a generation): the factors
             # gathered at its first call, or nothing at all when no row is routed to a slot hosted here
-            fast = self._plan_fast
-            if fast is not None and x.dim() == 3 and x.shape[0] == fast[0] and x.dtype is torch.float32 \
-                    and result.dtype is torch.float32:
-                return torch.baddbmm(result, torch.bmm(x, fast[1]), fast[2])
             return self._apply_plan(x, result, self._plan) if self._plan else result
         forced = current_forced_slots()
         if forced is None and not decisions.any_routed():
@@ -380,8 +414,18 @@ class LDKELinear(nn.Module, LDKELayer):
         if forced is None and not grad:
             self._plan, self._plan_for = plan, self._routing.slots.version
             self._plan_fast = None
-            if len(plan) == 1 and self.max_delta_norm[plan[0][0]] <= 0:
-                self._plan_fast = plan[0][1:]
+            base = self._base_ref
+            if (
+                len(plan) == 1
+                and self.max_delta_norm[plan[0][0]] <= 0
+                and type(base) is nn.Linear
+                and base.weight.dtype == torch.float32
+                and not (base._forward_hooks or base._forward_pre_hooks)
+                and not (_torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks)
+            ):
+                decisions = self._routing.slots
+                _, batch, pa, pb = plan[0]
+                self._plan_fast = (decisions, decisions.version, batch, base._parameters, pa, pb)
         return result
 
     def __repr__(self) -> str:
