@@ -16,7 +16,7 @@ A breakdown times the pieces LDKE adds: feature pooling at the probe layer, the 
 
 Usage::
 
-    OMP_NUM_THREADS=1 python benchmarks/inference_overhead.py [--reps 7] [--out results.json]
+    OMP_NUM_THREADS=1 python benchmarks/inference_overhead.py [--reps 21] [--out results.json]
 """
 
 from __future__ import annotations
@@ -118,6 +118,14 @@ def make_pack(base: Any, processor: Any, n_slots: int, anchor: tuple[Any, str], 
 # ---------------------------------------------------------------------- timing
 
 
+def _quantile(sorted_values: list[float], q: float) -> float:
+    """Linear-interpolated quantile of an already sorted list."""
+    pos = q * (len(sorted_values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
 def timed(fn: Callable[[], Any]) -> float:
     t0 = time.perf_counter()
     fn()
@@ -194,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slots", type=int, nargs="+", default=[1, 1000])
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--reps", type=int, default=21, help="interleaved rounds (the machine's noise is ~1%%)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--prefill-reps", type=int, default=3, help="prefill timings per generate timing")
     ap.add_argument("--rank", type=int, default=4)
@@ -255,6 +263,12 @@ def main(argv: list[str] | None = None) -> int:
                 row[f"{k}_ratio"] = med[name][k] / med["base"][k]
                 row[f"{k}_all_s"] = times[name][k]
             if name != "base":
+                # the same ratio per interleaved round (ldke and base timed back to back), whose median
+                # and quartiles show how much of a difference is the machine drifting
+                for k in ("generate", "generate_cpu"):
+                    per_round = sorted(a / b for a, b in zip(times[name][k], times["base"][k]))
+                    row[f"{k}_paired_ratio"] = statistics.median(per_round)
+                    row[f"{k}_paired_iqr"] = [_quantile(per_round, 0.25), _quantile(per_round, 0.75)]
                 row["routing"] = models[name].base_model.last_routing("default").tolist()
                 row["breakdown"] = breakdown(models[name], bs, int(inputs["input_ids"].shape[1]))
             results["rows"].append(row)
@@ -289,6 +303,14 @@ def main(argv: list[str] | None = None) -> int:
         cells = " | ".join(f"{1e3 * r[k + '_s']:.2f} | {r[k + '_ratio']:.3f}"
                            for k in ("generate", "generate_cpu", "prefill", "prefill_cpu"))
         print(f"| {r['batch']} | {r['model']} | {r['prompt_tokens']} | {cells} |")
+    print("\nPer-round generate ratios (each round times base and LDKE back to back): median [quartiles]\n")
+    print("| batch | model | wall × base | CPU × base |")
+    print("|---:|---|---|---|")
+    for r in results["rows"]:
+        if "generate_paired_ratio" in r:
+            cells = " | ".join(f"{r[k + '_paired_ratio']:.3f} [{r[k + '_paired_iqr'][0]:.3f}, {r[k + '_paired_iqr'][1]:.3f}]"
+                               for k in ("generate", "generate_cpu"))
+            print(f"| {r['batch']} | {r['model']} | {cells} |")
     try:
         load = os.getloadavg()
         results["config"]["loadavg_at_end"] = load

@@ -60,6 +60,7 @@ class LDKELayer(BaseTunerLayer):
         # the plan as one fused call, when it allows one: ``(batch, A, B)`` for a single fp32 adapter
         # without a delta bound (what a decode step of an fp32 model pays: two kernels, no Python loop)
         self._plan_fast: tuple | None = None
+        self._plan_stamps: tuple = ()
         self._hosted_cache: dict[str, tuple] = {}
         # per adapter: {decision rows: (validity key, factors)}: a decision seen before (the same slot
         # for a batch-1 request, the same mix of rows) reuses its gathered factors instead of
@@ -250,7 +251,7 @@ class LDKELinear(nn.Module, LDKELayer):
 
     def invalidate_plans(self) -> None:
         """Forget the gathered factors (after the deltas were swapped or rolled back wholesale)."""
-        self._plan, self._plan_for, self._plan_fast = [], -1, None
+        self._plan, self._plan_for, self._plan_fast, self._plan_stamps = [], -1, None, ()
         self._factor_cache.clear()
         self._hosted_cache.clear()
 
@@ -336,6 +337,8 @@ class LDKELinear(nn.Module, LDKELayer):
         if (
             fast is not None
             and fast[1] == fast[0].version
+            and fast[6]._version == fast[7]  # the slot factors were not written since they were gathered
+            and fast[8]._version == fast[9]
             and not args
             and not kwargs
             and x.dim() == 3
@@ -364,7 +367,12 @@ class LDKELinear(nn.Module, LDKELayer):
         if not self._A_store:
             return result  # hosts no delta of any adapter (a probe layer that only holds a router)
         decisions = self._routing.slots
-        if self._plan_for == decisions.version and not torch.is_grad_enabled() and _FORCED_SLOT.get() is None:
+        if (
+            self._plan_for == decisions.version
+            and not torch.is_grad_enabled()
+            and _FORCED_SLOT.get() is None
+            and all([t._version == v for t, v in self._plan_stamps])
+        ):
             # a later call with the same decision (every decode step of a generation): the factors
             # gathered at its first call, or nothing at all when no row is routed to a slot hosted here
             return self._apply_plan(x, result, self._plan) if self._plan else result
@@ -373,7 +381,7 @@ class LDKELinear(nn.Module, LDKELayer):
             # no row of the current decision is routed to any slot (the common case): exactly the base
             # layer; remembered, so the decision's later calls stop at the compare above
             if not torch.is_grad_enabled():
-                self._plan, self._plan_for, self._plan_fast = [], decisions.version, None
+                self._plan, self._plan_for, self._plan_fast, self._plan_stamps = [], decisions.version, None, ()
             return result
         if self._disable_adapters or self.merged_adapters:
             return result
@@ -413,6 +421,10 @@ class LDKELinear(nn.Module, LDKELayer):
             result = self._apply_plan(x, result, plan)
         if forced is None and not grad:
             self._plan, self._plan_for = plan, self._routing.slots.version
+            # the factors were gathered from these tensors at these versions: an in-place write (the
+            # editor's optimizer) makes the next call gather again
+            stores = [(self.ldke_A[e[0]], self.ldke_B[e[0]]) for e in plan]
+            self._plan_stamps = tuple((t, t._version) for pair in stores for t in pair)
             self._plan_fast = None
             base = self._base_ref
             if (
@@ -425,7 +437,8 @@ class LDKELinear(nn.Module, LDKELayer):
             ):
                 decisions = self._routing.slots
                 _, batch, pa, pb = plan[0]
-                self._plan_fast = (decisions, decisions.version, batch, base._parameters, pa, pb)
+                (A, a_ver), (B, b_ver) = self._plan_stamps
+                self._plan_fast = (decisions, decisions.version, batch, base._parameters, pa, pb, A, a_ver, B, b_ver)
         return result
 
     def __repr__(self) -> str:

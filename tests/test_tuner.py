@@ -432,3 +432,76 @@ def test_failed_call_does_not_disturb_the_next_generate(model_type):
     again = generate(hp.model, built, 4)
     assert hp.model.base_model.last_routing("default").tolist() == [0, -1]
     assert torch.equal(again, expected)
+
+
+# ---------------------------------------------------------------------- per-decision state
+
+
+@pytest.mark.parametrize("model_type", ["llava", "blip-2"])
+def test_inner_entry_hooks_are_off_during_a_root_call_and_back_after(model_type):
+    """A root call takes the language model's and the embeddings' entry hooks off while it runs (the
+    root's hook has decided; unhooked modules take torch's fast call path at every decode step) and
+    puts them back when it returns *or raises*: a later direct language-model call (BLIP-2's
+    ``generate``) must find them."""
+    model, proc = build(model_type)
+    hp = hand_pack(model, proc, [SlotSpec([2], IN_A)])
+    fam = ldke_peft.family_of(model)
+    lm, emb = fam.language_model(model), model.get_input_embeddings()
+    outside = (dict(lm._forward_pre_hooks), dict(emb._forward_pre_hooks))
+    assert outside[0] and outside[1]
+    during = []
+    spy = fam.decoder_layers(model)[0].register_forward_hook(
+        lambda m, a, o: during.append((dict(lm._forward_pre_hooks), dict(emb._forward_pre_hooks))))
+    try:
+        logits(hp.model, build_inputs(model, proc, [IN_A]))
+        assert during and all(not any(k in hooks for k in ids) for d in during for hooks, ids in zip(d, outside))
+        assert (dict(lm._forward_pre_hooks), dict(emb._forward_pre_hooks)) == outside
+        bad = dict(build_inputs(model, proc, [Anchor(GREEN, "Q?")]).inputs)
+        pv = bad["pixel_values"]
+        bad["pixel_values"] = pv[:, :2] if pv.dim() == 4 else pv[..., :-1]
+        with pytest.raises(Exception), torch.no_grad():
+            hp.model(**bad)
+        assert (dict(lm._forward_pre_hooks), dict(emb._forward_pre_hooks)) == outside
+    finally:
+        spy.remove()
+
+
+def test_a_decisions_gathered_factors_follow_adapter_changes():
+    """Decode steps reuse the factors gathered at the decision's first call. Anything that changes what
+    applies — disabling adapters, writing a slot's factors in place (the editor's optimizer does) —
+    must be seen by the very next call of the same decision, not only after the next prefill."""
+    model, proc = build("llava")
+    hp = hand_pack(model, proc, [SlotSpec([2], IN_A)])
+    logits(hp.model, build_inputs(model, proc, [IN_A]))
+    assert hp.model.base_model.last_routing("default").tolist() == [0]
+    layer = hp.model.base_model.ldke_layers("default")[2]
+    x = torch.randn(1, 3, layer.in_features)
+    with torch.no_grad():
+        base_out = layer.get_base_layer()(x)
+        routed = layer(x)
+        assert not torch.equal(routed, base_out)
+        assert torch.equal(layer(x), routed)  # the cached plan: same result
+        with hp.model.disable_adapter():
+            assert torch.equal(layer(x), base_out)
+        assert torch.equal(layer(x), routed)
+        A, B, j = layer.slot_delta("default", 0)
+        B[j].mul_(2.0)
+        doubled = layer(x)
+        expected = base_out + 2.0 * (routed - base_out)
+        assert torch.allclose(doubled, expected, atol=1e-5) and not torch.allclose(doubled, routed)
+
+
+def test_a_repeated_decision_reuses_its_factors():
+    """The same decision again (a batch-1 server sees one per slot) gathers nothing: the layer hands
+    back the factors it gathered for it before, and the logits are identical."""
+    model, proc = build("llava")
+    hp = hand_pack(model, proc, [SlotSpec([2], IN_A)])
+    built = build_inputs(model, proc, [IN_A])
+    first = logits(hp.model, built)
+    layer = hp.model.base_model.ldke_layers("default")[2]
+    factors = layer._plan[0][2:]
+    logits(hp.model, build_inputs(model, proc, [UNRELATED]))  # another decision in between
+    assert hp.model.base_model.last_routing("default").tolist() == [-1]
+    again = logits(hp.model, built)
+    assert torch.equal(again, first)
+    assert all(a is b for a, b in zip(layer._plan[0][2:], factors))
