@@ -269,6 +269,10 @@ def test_format_1_0_pack_with_fp32_projections_still_loads(good_pack, tmp_path):
 
     _edit_config(old, to_v1_0)
     assert LDKEConfig.from_pretrained(str(old)).router_storage == "float32"
+    # int8 projections: the int8 pack stores them in a quarter of the bytes
+    new_bytes, old_bytes = (good_pack / WEIGHTS).stat().st_size, (old / WEIGHTS).stat().st_size
+    proj_elems = sum(t.numel() for k, t in load_file(str(old / WEIGHTS)).items() if k.endswith(("proj_v", "proj_t")))
+    assert old_bytes - new_bytes >= 3 * proj_elems - 1024  # 4 -> 1 byte each, less the scales and their header entries
     assert LDKEConfig.from_pretrained(str(good_pack)).router_storage == "int8"
     model, proc = build("llava")
     built = build_inputs(model, proc, [Anchor(RED, PROMPT_A), Anchor(BLUE, PROMPT_B), Anchor(BLUE, PROMPT_A)])
