@@ -337,19 +337,42 @@ class LDKELinear(nn.Module, LDKELayer):
         if (
             fast is not None
             and fast[1] == fast[0].version
-            and fast[6]._version == fast[7]  # the slot factors were not written since they were gathered
-            and fast[8]._version == fast[9]
             and not args
             and not kwargs
-            and x.dim() == 3
-            and x.shape[0] == fast[2]
-            and x.dtype is torch.float32
             and not torch.is_grad_enabled()
             and _FORCED_SLOT.get() is None
         ):
-            params = fast[3]
-            return torch.baddbmm(F.linear(x, params["weight"], params["bias"]), torch.bmm(x, fast[4]), fast[5])
+            params = fast[2]
+            if fast[3] is None:
+                # nothing to add for this decision here (no row routed to a slot hosted here, or a
+                # probe layer that hosts none): the base layer's kernel
+                return F.linear(x, params["weight"], params["bias"])
+            if (
+                fast[6]._version == fast[7]  # the slot factors were not written since they were gathered
+                and fast[8]._version == fast[9]
+                and x.dim() == 3
+                and x.shape[0] == fast[3]
+                and x.dtype is torch.float32
+            ):
+                return torch.baddbmm(F.linear(x, params["weight"], params["bias"]), torch.bmm(x, fast[4]), fast[5])
         return self._forward(x, *args, **kwargs)
+
+    def _fast_plan(self, decisions: Any, factors: tuple | None) -> tuple | None:
+        """What :meth:`forward` checks first on the current decision's later calls, or ``None`` when the
+        general path must run: ``(decisions, version, base params, batch, A_rows, B_rows, A, A version,
+        B, B version)``, with ``batch = None`` when this layer adds nothing for the decision. Only for
+        a plain ``nn.Linear`` base without hooks (fp32 when a delta is added)."""
+        base = self._base_ref
+        if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks \
+                or _torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks:
+            return None
+        if factors is None:
+            return (decisions, decisions.version, base._parameters, None)
+        if base.weight.dtype != torch.float32:
+            return None
+        batch, pa, pb = factors
+        (A, a_ver), (B, b_ver) = self._plan_stamps
+        return (decisions, decisions.version, base._parameters, batch, pa, pb, A, a_ver, B, b_ver)
 
     def _forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         # the common paths come first and touch as little as possible (attributes via __dict__, no
@@ -364,9 +387,11 @@ class LDKELinear(nn.Module, LDKELayer):
             result = F.linear(x, params["weight"], params["bias"])
         else:
             result = base(x, *args, **kwargs)
-        if not self._A_store:
-            return result  # hosts no delta of any adapter (a probe layer that only holds a router)
         decisions = self._routing.slots
+        if not self._A_store:
+            # hosts no delta of any adapter (a probe layer that only holds a router)
+            self._plan_fast = self._fast_plan(decisions, None)
+            return result
         if (
             self._plan_for == decisions.version
             and not torch.is_grad_enabled()
@@ -381,7 +406,8 @@ class LDKELinear(nn.Module, LDKELayer):
             # no row of the current decision is routed to any slot (the common case): exactly the base
             # layer; remembered, so the decision's later calls stop at the compare above
             if not torch.is_grad_enabled():
-                self._plan, self._plan_for, self._plan_fast, self._plan_stamps = [], decisions.version, None, ()
+                self._plan, self._plan_for, self._plan_stamps = [], decisions.version, ()
+                self._plan_fast = self._fast_plan(decisions, None)
             return result
         if self._disable_adapters or self.merged_adapters:
             return result
@@ -425,20 +451,13 @@ class LDKELinear(nn.Module, LDKELayer):
             # editor's optimizer) makes the next call gather again
             stores = [(self.ldke_A[e[0]], self.ldke_B[e[0]]) for e in plan]
             self._plan_stamps = tuple((t, t._version) for pair in stores for t in pair)
-            self._plan_fast = None
-            base = self._base_ref
-            if (
-                len(plan) == 1
-                and self.max_delta_norm[plan[0][0]] <= 0
-                and type(base) is nn.Linear
-                and base.weight.dtype == torch.float32
-                and not (base._forward_hooks or base._forward_pre_hooks)
-                and not (_torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks)
-            ):
-                decisions = self._routing.slots
-                _, batch, pa, pb = plan[0]
-                (A, a_ver), (B, b_ver) = self._plan_stamps
-                self._plan_fast = (decisions, decisions.version, batch, base._parameters, pa, pb, A, a_ver, B, b_ver)
+            decisions = self._routing.slots
+            if not plan:
+                self._plan_fast = self._fast_plan(decisions, None)
+            elif len(plan) == 1 and self.max_delta_norm[plan[0][0]] <= 0:
+                self._plan_fast = self._fast_plan(decisions, plan[0][1:])
+            else:
+                self._plan_fast = None
         return result
 
     def __repr__(self) -> str:
