@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import re
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -154,6 +155,20 @@ class LDKEModel(BaseTuner):
     def _check_new_adapter_config(self, config: LDKEConfig) -> None:
         return None
 
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
+        """Entered by ``PeftModel.generate`` / ``PeftModel.forward`` around one request: the decision
+        made at the request's prefill holds for all of its calls, so once it is made the root's
+        hooks step aside until the request ends (returns or raises)."""
+        state = routing_state_of(self.model)
+        state.request_depth += 1
+        try:
+            yield
+        finally:
+            state.request_depth -= 1
+            if state.request_depth == 0:
+                state.end_request()
+
     # ------------------------------------------------------------------ hooks
     def _install_hooks(self, model: nn.Module, family: Family) -> None:
         state = routing_state_of(model)
@@ -167,9 +182,14 @@ class LDKEModel(BaseTuner):
                 lm = family.language_model(model)
             except Exception:  # noqa: BLE001 - a family without a separate LM module
                 lm = None
-            state.hooks.append(model.register_forward_pre_hook(
-                _make_entry_hook(state, family, model, is_root=True), with_kwargs=True))
-            state.hooks.append(model.register_forward_hook(_make_root_exit_hook(state), always_call=True))
+            entry = _make_entry_hook(state, family, model, is_root=True)
+            handle = model.register_forward_pre_hook(entry, with_kwargs=True)
+            state.hooks.append(handle)
+            state.root_hooks.append((model._forward_pre_hooks, model._forward_pre_hooks_with_kwargs, handle.id, entry))
+            leave = _make_root_exit_hook(state)
+            handle = model.register_forward_hook(leave, always_call=True)
+            state.hooks.append(handle)
+            state.root_hooks.append((model._forward_hooks, model._forward_hooks_always_called, handle.id, leave))
             if lm is not None and lm is not model:
                 inner = [(lm, _make_entry_hook(state, family, model, is_root=False), True)]
                 emb = model.get_input_embeddings()
@@ -244,6 +264,13 @@ class LDKEModel(BaseTuner):
 
 def _make_root_exit_hook(state: RoutingState):
     def hook(module: nn.Module, args: tuple, output: Any):
+        cur = state.current
+        if state.request_depth and cur is not None and cur.prefill and not state.probe_handles:
+            # the prefill of a request made through PeftModel has decided: the request's later calls
+            # are its decode steps, which reuse the decision; until the request ends they run with
+            # no LDKE hook at all (the inner hooks stay off too)
+            state.suspend_root_hooks()
+            return None
         state.resume_inner_hooks()
         if state.probe_handles:
             # the call ended (or raised, or was cut short) before its probe layer ran: drop the

@@ -494,6 +494,14 @@ class RoutingState:
     #: the routing inputs, and unhooked modules take torch's fast call path at every decode step
     inner_hooks: list = field(default_factory=list)
     inner_suspended: bool = False
+    #: ``(hook dict, flag dict or None, hook id, hook)`` of the root model's own entry and exit hooks.
+    #: Inside a request made through ``PeftModel`` (``generate``/``forward``, see
+    #: ``LDKEModel._enable_peft_forward_hooks``) the decision made at its prefill holds for all of its
+    #: later calls (its decode steps), so after the prefill they come off too, until the request ends
+    root_hooks: list = field(default_factory=list)
+    root_suspended: bool = False
+    #: depth of PeftModel requests in progress
+    request_depth: int = 0
     #: input ids last embedded outside any root call (BLIP-2's ``generate`` embeds the prompt itself
     #: and runs the language model on ``inputs_embeds``; these give it its image mask)
     pending_ids: torch.Tensor | None = None
@@ -529,18 +537,44 @@ class RoutingState:
                 module._forward_pre_hooks_with_kwargs[hid] = True
         self.inner_suspended = False
 
+    def suspend_root_hooks(self) -> None:
+        """Take the root's entry and exit hooks off (a request's prefill has decided)."""
+        if self.root_suspended:
+            return
+        for hooks, flags, hid, _hook in self.root_hooks:
+            hooks.pop(hid, None)
+            if flags is not None:
+                flags.pop(hid, None)
+        self.root_suspended = True
+
+    def resume_root_hooks(self) -> None:
+        """Put the root's hooks back under their original ids (the request has ended)."""
+        if not self.root_suspended:
+            return
+        for hooks, flags, hid, hook in self.root_hooks:
+            hooks[hid] = hook
+            if flags is not None:
+                flags[hid] = True
+        self.root_suspended = False
+
+    def end_request(self) -> None:
+        """Every hook back in place (the outermost request has returned or raised)."""
+        self.resume_root_hooks()
+        self.resume_inner_hooks()
+
     def reset_call(self) -> None:
         """Forget the per-call state (after an interrupted forward or a rolled-back edit), including a
         one-shot probe hook whose forward never reached the probe layer."""
         self.current, self.pending_ids = None, None
-        self.resume_inner_hooks()
+        self.end_request()
         for idx in list(self.probe_handles):
             self.remove_probe_hook(idx)
 
     def remove_all(self) -> None:
         """Remove every hook and forget every decision (the model is being unwrapped)."""
-        self.resume_inner_hooks()
+        self.end_request()
         self.inner_hooks.clear()
+        self.root_hooks.clear()
         for h in self.hooks:
             h.remove()
         self.hooks.clear()

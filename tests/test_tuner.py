@@ -505,3 +505,38 @@ def test_a_repeated_decision_reuses_its_factors():
     again = logits(hp.model, built)
     assert torch.equal(again, first)
     assert all(a is b for a, b in zip(layer._plan[0][2:], factors))
+
+
+def test_a_peft_generate_keeps_its_prefill_decision_without_hooks():
+    """Inside ``PeftModel.generate`` the decision made at the prefill holds for every decode step, so
+    after the prefill the root's LDKE hooks step aside (decode steps run exactly the base model's call
+    path plus the edited layers); they are back when ``generate`` returns, and when it raises."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    model, proc = build("llava")
+    built = build_inputs(model, proc, [IN_A, UNRELATED])
+    hp = hand_pack(model, proc, [SlotSpec([2], IN_A)])
+    outside = (dict(model._forward_pre_hooks), dict(model._forward_hooks))
+    assert outside[0] and outside[1]
+    seen = []
+    spy = ldke_peft.family_of(model).decoder_layers(model)[0].register_forward_hook(
+        lambda m, a, o: seen.append(len(model._forward_pre_hooks)))
+    try:
+        expected = generate(hp.model, built, 4)
+        assert seen[0] == len(outside[0]) and seen[1:] == [len(outside[0]) - 1] * 3
+        assert (dict(model._forward_pre_hooks), dict(model._forward_hooks)) == outside
+        assert torch.equal(expected, greedy_without_cache(hp.model, built, 4))
+
+        class Boom(LogitsProcessor):
+            def __call__(self, input_ids, scores):
+                if input_ids.shape[1] > built.input_ids.shape[1] + 1:
+                    raise RuntimeError("boom")
+                return scores
+
+        with pytest.raises(RuntimeError, match="boom"):
+            generate(hp.model, built, 4, logits_processor=LogitsProcessorList([Boom()]))
+        assert (dict(model._forward_pre_hooks), dict(model._forward_hooks)) == outside
+        assert torch.equal(generate(hp.model, built, 4), expected)
+        assert hp.model.base_model.last_routing("default").tolist() == [0, -1]
+    finally:
+        spy.remove()
