@@ -284,18 +284,59 @@ def _same_question(q: str, prompts: Sequence[str], fuzzy: bool = False) -> bool:
     return False
 
 
-def negative_questions(r: EditRequest, pool: NegativePool, pos_prompts: Sequence[str], cap: int = 16,
+def question_bank(pool: NegativePool) -> list[tuple[str, str | None]]:
+    """The caller's questions first, then the generic bank: a pool that names only a few relations
+    (the caller's own domain) still leaves the router many other questions to tell the edit from."""
+    seen: set[str] = set()
+    out: list[tuple[str, str | None]] = []
+    for q, rel in list(pool.questions) + generic_question_bank():
+        k = q.strip().casefold()
+        if k not in seen:
+            seen.add(k)
+            out.append((q, rel))
+    return out
+
+
+def negative_questions(r: EditRequest, pool: NegativePool, pos_prompts: Sequence[str], cap: int = 32,
                        hard: bool = True) -> list[str]:
     """Questions that must *not* trigger the edit on the edit's own image (other relations)."""
     qs: list[str] = []
     if hard:
         qs += [p.prompt for p in r.coupled if p.image is not None and _same_image(p.image, r.image)]
-        bank = pool.questions or generic_question_bank()
-        qs += [q for q, rel in bank if not (r.relation is not None and rel == r.relation)]
+        qs += [q for q, rel in question_bank(pool) if not (r.relation is not None and rel == r.relation)]
     qs += [p.prompt for p in r.locality]
     qs += [p.prompt for p in r.m_locality]
     qs = [q for q in dedupe(qs) if not _same_question(q, pos_prompts, fuzzy=r.relation is None)]
     return qs[:cap]
+
+
+def same_relation_questions(r: EditRequest, pool: NegativePool, n_para: int) -> list[str]:
+    """The question bank's wordings of ``r.relation`` (and ``n_para`` rephrasings of each): other ways
+    of asking what the edit changes, on the edit's own image. Empty for a request without a relation."""
+    if r.relation is None:
+        return []
+    same = [q for q, rel in question_bank(pool) if rel == r.relation]
+    return dedupe(same + [p for q in same for p in paraphrases(q, n_para)])
+
+
+#: Rule-based rephrasings of each negative question among the router's textual negatives.
+NEGATIVE_PARAPHRASES = 2
+
+
+def rephrased_negatives(neg_q: Sequence[str], pos_prompts: Sequence[str], n: int, *, fuzzy: bool) -> list[tuple[str, str]]:
+    """``(rephrasing, source question)`` for each negative question, by the same rules as the positives'.
+
+    The positives come in many forms (the edit question and its rule-based rephrasings), so negatives
+    in a single form would let the router learn *form* ("Name the ...", "the country shown") instead of
+    *content* (which relation is asked): rephrasing the negatives the same way leaves content as the
+    only thing that separates them.
+    """
+    out: list[tuple[str, str]] = []
+    for q in neg_q:
+        for p in paraphrases(q, n):
+            if not _same_question(p, pos_prompts, fuzzy=fuzzy):
+                out.append((p, q))
+    return out
 
 
 def negative_images(r: EditRequest, others: Sequence[EditRequest], pool: NegativePool, cap: int = 64,
@@ -547,8 +588,14 @@ def fit_router(
         if n_para:
             # the scope must cover how else the question is asked, not only the wordings the delta saw
             prompts = dedupe(prompts + paraphrases(r.prompt, n_para))
+            # the bank's own wordings of the edited relation are in scope too (and in their other forms):
+            # without them every positive is a rewrite of one sentence and the router learns its form
+            prompts = dedupe(prompts + same_relation_questions(r, pool, NEGATIVE_PARAPHRASES))
         others = [o for o in requests if o is not r]
         neg_q = negative_questions(r, pool, prompts, hard=hard)
+        neg_q_lab = [(q, q) for q in neg_q]
+        if n_para and hard:
+            neg_q_lab += rephrased_negatives(neg_q, prompts, NEGATIVE_PARAPHRASES, fuzzy=r.relation is None)
         neg_i = negative_images(r, others, pool, hard=hard) if r.image is not None else []
         ent = lab(_entity_key(r))
         # one textual class per relation: two slots editing the same relation of different entities ask
@@ -560,8 +607,8 @@ def fit_router(
                 for q in prompts:
                     rows.add(im, q, ent, rel, n, True, True)
             for im in imgs[:2]:
-                for q in neg_q:
-                    rows.add(im, q, ent, lab("q:" + _q_relation(q, pool)), n, True, False)
+                for q, src in neg_q_lab:
+                    rows.add(im, q, ent, lab("q:" + _q_relation(src, pool)), n, True, False)
             for k, im in enumerate(neg_i):
                 # the visual feature does not depend on the question (image tokens come first), so one
                 # question per negative image suffices; two for the closest (request-given) ones
@@ -570,8 +617,8 @@ def fit_router(
         else:
             for q in prompts:
                 rows.add(None, q, -1, rel, n, False, True)
-            for q in neg_q:
-                rows.add(None, q, -1, lab("q:" + _q_relation(q, pool)), n, False, False)
+            for q, src in neg_q_lab:
+                rows.add(None, q, -1, lab("q:" + _q_relation(src, pool)), n, False, False)
         per_req.append((start, len(rows.prompts)))
 
     v, t, has = collect_probe_features(peft_model, processor, cfg.probe_layer, rows.images, rows.prompts)
@@ -618,7 +665,7 @@ def fit_router(
 
 
 def _q_relation(q: str, pool: NegativePool) -> str:
-    for qq, rel in pool.questions or generic_question_bank():
+    for qq, rel in question_bank(pool):
         if qq == q and rel is not None:
             return rel
     return q.strip().casefold()

@@ -61,11 +61,17 @@ def fit_projection(
     steps: int = 300,
     lr: float = 1e-2,
     seed: int = 0,
+    weight_decay: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Learn ``(mu, P)`` so that ``(x - mu) @ P`` clusters ``feats`` by ``labels``.
 
     Loss: every sample within distance 0.5 of its class centroid, and at least 2.0 from every other
     class centroid (hinge). Scale is fixed by the hinges; initialised from PCA.
+
+    No weight decay by default: the features differ by little (one word of a long prompt), so ``P``
+    needs a large norm, and an L2 penalty on it (``1e-4`` was the old default) outweighed the hinges and
+    left relations overlapping -- paraphrases of the edit question fell outside the radius while other
+    questions fell inside. The hinges are flat once satisfied, so ``P`` does not grow without it.
     """
     x = feats.float()
     mu = x.mean(0)
@@ -89,7 +95,9 @@ def fit_projection(
         other = d.masked_fill(onehot.bool(), float("inf"))
         push = torch.relu(2.0 - other).pow(2)
         push = push[torch.isfinite(push)].mean() if torch.isfinite(push).any() else z.sum() * 0
-        loss = pull + push + 1e-4 * P.pow(2).sum()
+        loss = pull + push
+        if weight_decay:
+            loss = loss + weight_decay * P.pow(2).sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
