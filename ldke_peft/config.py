@@ -14,6 +14,8 @@ from .peft_type import LDKEPeftType
 #: Format version of the saved pack. Bumped on incompatible changes; a pack with a newer major
 #: version than this library understands is refused with a clear error.
 PACK_FORMAT_VERSION = "1.1"
+#: Subject corruptions Fast Localization and exact tracing know (``LDKEConfig.corruption``).
+CORRUPTIONS = ("mean", "noise")
 #: Format 1.1 added ``router_storage``; packs of format 1.0 stored their router projections in fp32.
 _FORMAT_WITHOUT_ROUTER_STORAGE = ("1.0",)
 
@@ -125,6 +127,15 @@ class LDKEConfig(PeftConfig):
     fixed_layers: Optional[list[int]] = field(
         default=None, metadata={"help": "Layers used when localization='fixed'."}
     )
+    corruption: str = field(
+        default="mean",
+        metadata={
+            "help": "How localization corrupts the subject (the image tokens; the question for a text-only edit): "
+            "'mean' replaces each subject embedding by the mean of the subject's embeddings (deterministic: the "
+            "entity is gone, the input stays in distribution; a one-token subject falls back to 'noise'), "
+            "'noise' adds Gaussian noise of noise_scale x the embedding std (ROME)."
+        },
+    )
     noise_scale: float = field(
         default=3.0, metadata={"help": "Std multiplier of the Gaussian corruption of the subject (image) embeddings."}
     )
@@ -155,6 +166,8 @@ class LDKEConfig(PeftConfig):
             raise ValueError(f"rank must be positive, got {self.rank}")
         if str(self.pack_format_version) in _FORMAT_WITHOUT_ROUTER_STORAGE:
             self.router_storage = "float32"  # written before the field existed: always fp32
+        if self.corruption not in CORRUPTIONS:
+            raise AdapterLoadError(f"LDKEConfig: corruption must be one of {CORRUPTIONS}, got {self.corruption!r}")
         if self.router_storage not in ("int8", "float32"):
             raise AdapterLoadError(f"LDKEConfig: router_storage must be 'int8' or 'float32', got {self.router_storage!r}")
         if int(self.router_groups) < 1:

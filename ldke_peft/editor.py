@@ -173,7 +173,7 @@ def _edit(model, processor, requests, config, family, *, pack, adapter_name, neg
         else:
             fn = locate if cfg.localization == "attribution" else trace
             loc = fn(loc_model, processor, r, num_layers=cfg.num_edit_layers, probe_layer=probe,
-                     noise_scale=cfg.noise_scale, seed=seed)
+                     noise_scale=cfg.noise_scale, corruption=cfg.corruption, seed=seed)
             layers = loc.layers
         locs.append(loc)
         slot_layers.append([int(i) for i in layers])

@@ -342,3 +342,10 @@ def test_interrupt_while_appending_to_a_pack_rolls_the_pack_back(llava):
     # the pack grows normally afterwards
     ldke_peft.edit(pack, proc, [second], pack=pack, progress=False)
     assert cfg.num_slots == 2 and cfg.slot_layers == [[2], [3]]
+
+
+def test_unknown_corruption_is_refused():
+    from ldke_peft.errors import AdapterLoadError
+
+    with pytest.raises(AdapterLoadError, match="corruption"):
+        LDKEConfig(corruption="blur")

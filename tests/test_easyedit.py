@@ -169,7 +169,7 @@ def test_to_ldke_config_carries_non_default_values():
         router_steps=17,
         router_lr=0.05,
         num_edit_layers=2, edit_steps=9, edit_lr=0.003, max_delta_norm=0.5, localization="fixed",
-        fixed_layers=[2, 3], noise_scale=2.0, hard_negatives=False, use_router=False,
+        fixed_layers=[2, 3], corruption="noise", noise_scale=2.0, hard_negatives=False, use_router=False,
     )
     assert set(values) == set(LDKE_KNOBS)
     hp = LDKEMultimodalHyperParams(alg_name="LDKE", model_name="m", **values)

@@ -134,3 +134,21 @@ def test_text_only_edit(world, world_pool):
         assert ask(world, pm, None, other) == ask(world, world.model, None, other)
     finally:
         pm.unload()
+
+
+def test_mean_corruption_is_deterministic_and_removes_the_entity(world):
+    """The default corruption (each image token replaced by the mean of the image's tokens) gives the
+    same scores for every seed and takes the fact away; Gaussian noise changes with the seed."""
+    r = world.edit_requests(1, seed=41)[0]
+    probe = default_probe_layer(world.family.num_layers(world.model))
+    a = locate(world.model, world.processor, r, probe_layer=probe, seed=0)
+    b = locate(world.model, world.processor, r, probe_layer=probe, seed=1)
+    assert torch.equal(a.scores, b.scores)
+    assert a.corrupt_prob < 0.5 * a.clean_prob
+    e = trace(world.model, world.processor, r, probe_layer=probe, seed=3)
+    assert e.corrupt_prob == pytest.approx(a.corrupt_prob, rel=1e-4)
+    n0 = locate(world.model, world.processor, r, probe_layer=probe, seed=0, corruption="noise")
+    n1 = locate(world.model, world.processor, r, probe_layer=probe, seed=1, corruption="noise")
+    assert not torch.equal(n0.scores, n1.scores)
+    with pytest.raises(ValueError, match="corruption"):
+        locate(world.model, world.processor, r, probe_layer=probe, corruption="blur")

@@ -84,6 +84,7 @@ LDKE_KNOBS = (
     "max_delta_norm",
     "localization",
     "fixed_layers",
+    "corruption",
     "noise_scale",
     "hard_negatives",
     "use_router",
@@ -176,6 +177,7 @@ class LDKEMultimodalHyperParams:
     max_delta_norm: float = _config_default("max_delta_norm")
     localization: str = _config_default("localization")
     fixed_layers: Optional[list[int]] = field(default=None)
+    corruption: str = _config_default("corruption")
     noise_scale: float = _config_default("noise_scale")
     hard_negatives: bool = _config_default("hard_negatives")
     use_router: bool = _config_default("use_router")

@@ -67,7 +67,7 @@ CHECKPOINTS: tuple[int, ...] = (1, 10, 100, 1000)
 
 #: Defaults per suite (overridable on the command line).
 SUITES: dict[str, dict[str, Any]] = {
-    "smoke": {"n_edits": 10, "sequential": [1, 10], "localization": 3, "positions": 1, "speed": 1},
+    "smoke": {"n_edits": 10, "sequential": [1, 10], "localization": 10, "positions": 1, "speed": 1},
     "full": {"n_edits": None, "sequential": [1, 10, 100], "localization": 20, "positions": 3, "speed": 3},
     "toy": {"n_edits": 8, "sequential": [1, 10], "localization": 8, "positions": 2, "speed": 2},
 }

@@ -1,0 +1,89 @@
+"""Fitting the Disentanglement Classifier: the projection and the material it is fitted on.
+
+The router tells the edit's relation from every other question by a projection learned per pack, so
+what it is fitted on decides what reaches the edit: these tests pin the three rules that made
+paraphrases route and other questions stay out on the benchmark MLLM.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ldke_peft.augment import GENERIC_QUESTIONS, paraphrases
+from ldke_peft.editor import (
+    NegativePool,
+    negative_questions,
+    question_bank,
+    rephrased_negatives,
+    same_relation_questions,
+)
+from ldke_peft.requests import EditRequest
+from ldke_peft.router_fit import fit_projection
+
+
+def _separation(x: torch.Tensor, lab: torch.Tensor, mu: torch.Tensor, P: torch.Tensor) -> tuple[float, float]:
+    """(farthest sample from its own class centroid, nearest sample to another class's centroid)."""
+    z = (x - mu) @ P
+    C = int(lab.max()) + 1
+    cent = torch.stack([z[lab == c].mean(0) for c in range(C)])
+    d = torch.cdist(z, cent)
+    own = d.gather(1, lab[:, None]).squeeze(1)
+    other = d.masked_fill(torch.nn.functional.one_hot(lab, C).bool(), float("inf")).min(1).values
+    return float(own.max()), float(other.min())
+
+
+def test_projection_separates_classes_that_differ_by_one_percent():
+    """Prompt features differ by a word in a long template: classes 1% of the norm apart must still end
+    up inside their own ball (0.5) and far from the others (the hinge asks 2.0). An L2 penalty on the
+    projection (the old 1e-4) stops well short of that: this test fails with it."""
+    g = torch.Generator().manual_seed(0)
+    d, C, n = 512, 8, 10
+    common = torch.randn(d, generator=g)
+    cls = torch.randn(C, d, generator=g) * 0.01
+    x = torch.cat([common + cls[c] + 0.003 * torch.randn(n, d, generator=g) for c in range(C)])
+    x = x / x.norm(dim=1, keepdim=True)
+    lab = torch.arange(C).repeat_interleave(n)
+    mu, P = fit_projection(x, lab, 16)
+    far_own, near_other = _separation(x, lab, mu, P)
+    assert far_own < 0.5 and near_other > 1.5, (far_own, near_other)
+    mu, P = fit_projection(x, lab, 16, weight_decay=1e-4)
+    assert _separation(x, lab, mu, P)[1] < 1.5  # what the penalty did
+
+
+def _req(relation="language"):
+    return EditRequest(prompt="What is the main language of this country?", target="Czech", relation=relation)
+
+
+def test_bank_wordings_of_the_edited_relation_are_positives():
+    pool = NegativePool(questions=[("Which tongue is used here?", "language"), ("What is the capital of this country?", "capital")])
+    pos = same_relation_questions(_req(), pool, 2)
+    bank_lang = [q for q, rel in GENERIC_QUESTIONS if rel == "language"]
+    assert "Which tongue is used here?" in pos and all(q in pos for q in bank_lang)
+    assert not any("capital" in q.casefold() for q in pos)
+    # rephrasings of the bank's wordings come along (other forms of the same question)
+    assert any(p in pos for p in paraphrases(bank_lang[0], 2))
+    # no relation: nothing can be said to ask the same thing
+    assert same_relation_questions(_req(None), pool, 2) == []
+
+
+def test_negatives_come_from_the_pool_and_the_generic_bank_and_never_ask_the_edit():
+    pool = NegativePool(questions=[("What is the capital of this country?", "capital")])
+    bank = question_bank(pool)
+    assert bank[0] == ("What is the capital of this country?", "capital")  # the caller's first
+    assert len(bank) == 1 + len(GENERIC_QUESTIONS)  # the generic ones still there
+    r = _req()
+    neg = negative_questions(r, pool, [r.prompt])
+    assert "What is the capital of this country?" in neg
+    assert not any(rel == "language" and q in neg for q, rel in bank)
+
+
+def test_rephrased_negatives_keep_their_source_and_skip_positives():
+    r = _req()
+    pos = [r.prompt, *paraphrases(r.prompt, 6)]
+    neg = ["What is the capital of this country?", "Which continent is this country in?"]
+    out = rephrased_negatives(neg, pos, 2, fuzzy=False)
+    assert out and {src for _, src in out} == set(neg)
+    for q, src in out:
+        assert q in paraphrases(src, 2) and q not in pos
+    # a negative whose rephrasing is one of the positives does not bring that rephrasing in
+    assert all(q.casefold() != p.casefold() for q, _ in rephrased_negatives([pos[1]], pos, 4, fuzzy=False) for p in pos)
