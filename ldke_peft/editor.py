@@ -537,8 +537,10 @@ class _Rows:
     slot: list[int] = field(default_factory=list)  # owner slot (index into new slots), -1 = shared
     v_pos: list[bool] = field(default_factory=list)
     t_pos: list[bool] = field(default_factory=list)
+    core: list[bool] = field(default_factory=list)  # a request's own wording (places the textual key)
 
-    def add(self, image, prompt, v_label, t_label, owner, v_pos, t_pos):
+    def add(self, image, prompt, v_label, t_label, owner, v_pos, t_pos, core=True):
+        self.core.append(core)
         self.images.append(image)
         self.prompts.append(prompt)
         self.v_label.append(v_label)
@@ -590,7 +592,11 @@ def fit_router(
             prompts = dedupe(prompts + paraphrases(r.prompt, n_para))
             # the bank's own wordings of the edited relation are in scope too (and in their other forms):
             # without them every positive is a rewrite of one sentence and the router learns its form
-            prompts = dedupe(prompts + same_relation_questions(r, pool, NEGATIVE_PARAPHRASES))
+            borrowed = [q for q in same_relation_questions(r, pool, NEGATIVE_PARAPHRASES) if q not in prompts]
+            prompts = dedupe(prompts + borrowed)
+        else:
+            borrowed = []
+        own = set(prompts) - set(borrowed)
         others = [o for o in requests if o is not r]
         neg_q = negative_questions(r, pool, prompts, hard=hard)
         neg_q_lab = [(q, q) for q in neg_q]
@@ -605,7 +611,7 @@ def fit_router(
         if r.image is not None:
             for im in imgs:
                 for q in prompts:
-                    rows.add(im, q, ent, rel, n, True, True)
+                    rows.add(im, q, ent, rel, n, True, True, q in own)
             for im in imgs[:2]:
                 for q, src in neg_q_lab:
                     rows.add(im, q, ent, lab("q:" + _q_relation(src, pool)), n, True, False)
@@ -616,7 +622,7 @@ def fit_router(
                     rows.add(im, q, lab(img_keys.get(image_fingerprint(im), "img:" + image_fingerprint(im))), rel, n, False, True)
         else:
             for q in prompts:
-                rows.add(None, q, -1, rel, n, False, True)
+                rows.add(None, q, -1, rel, n, False, True, q in own)
             for q, src in neg_q_lab:
                 rows.add(None, q, -1, lab("q:" + _q_relation(src, pool)), n, False, False)
         per_req.append((start, len(rows.prompts)))
@@ -644,6 +650,7 @@ def fit_router(
     cals = []
     v_pos = torch.tensor(rows.v_pos)
     t_pos = torch.tensor(rows.t_pos)
+    core = torch.tensor(rows.core)
     for n, ((a, b), r, s) in enumerate(zip(per_req, requests, slots)):
         sel = torch.zeros(len(rows.prompts), dtype=torch.bool)
         sel[a:b] = True
@@ -652,8 +659,9 @@ def fit_router(
         zvp = zv[sel & v_pos]
         zvn = torch.cat([zv[sel & ~v_pos & has], zv[other & has & (v_label != v_label[a])]])
         ztp = zt[sel & t_pos]
+        ztc = zt[sel & t_pos & core]
         ztn = torch.cat([zt[sel & ~t_pos], zt[other & (t_label != t_label[a])]])
-        cal = calibrate_slot(zvp, zvn, ztp, ztn, needs_image=r.image is not None, margin=cfg.router_margin)
+        cal = calibrate_slot(zvp, zvn, ztp, ztn, needs_image=r.image is not None, margin=cfg.router_margin, zt_core=ztc)
         if not cfg.use_router:
             # "always on" (the no-router ablation): a huge *finite* radius, so the pack still passes
             # the loader's finiteness check

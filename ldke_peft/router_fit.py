@@ -112,15 +112,21 @@ def calibrate_slot(
     *,
     needs_image: bool,
     margin: float = 0.5,
+    zt_core: torch.Tensor | None = None,
 ) -> SlotCalibration:
     """Key = centroid of positives; radius = farthest positive + ``margin`` × gap to the nearest negative.
+
+    ``zt_core`` (default: all textual positives) are the rows that place the textual key: the request's
+    own wordings. Wordings borrowed from a question bank widen the radius but do not move the key, so
+    the edit's own question stays at the centre even where a bank wording lands far away (a projection
+    fitted for earlier slots of the pack and kept for this one).
 
     When positives and negatives overlap (no gap) the radius is set just inside the nearest negative:
     LDKE prefers missing a paraphrase to firing on an unrelated input, and the overlap is logged.
     """
 
-    def one(pos: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, float, float, float]:
-        key = pos.mean(0)
+    def one(pos: torch.Tensor, neg: torch.Tensor, core: torch.Tensor | None = None) -> tuple[torch.Tensor, float, float, float]:
+        key = (core if core is not None and len(core) else pos).mean(0)
         far = float((pos - key).norm(dim=1).max()) if len(pos) else 0.0
         near = float((neg - key).norm(dim=1).min()) if len(neg) else float("inf")
         if near == float("inf"):
@@ -131,7 +137,7 @@ def calibrate_slot(
             radius = 0.98 * near
         return key, radius, far, near
 
-    key_t, r_t, far_t, near_t = one(zt_pos, zt_neg)
+    key_t, r_t, far_t, near_t = one(zt_pos, zt_neg, zt_core)
     if needs_image:
         key_v, r_v, far_v, near_v = one(zv_pos, zv_neg)
     else:

@@ -7,6 +7,7 @@ paraphrases route and other questions stay out on the benchmark MLLM.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ldke_peft.augment import GENERIC_QUESTIONS, paraphrases
@@ -87,3 +88,18 @@ def test_rephrased_negatives_keep_their_source_and_skip_positives():
         assert q in paraphrases(src, 2) and q not in pos
     # a negative whose rephrasing is one of the positives does not bring that rephrasing in
     assert all(q.casefold() != p.casefold() for q, _ in rephrased_negatives([pos[1]], pos, 4, fuzzy=False) for p in pos)
+
+
+def test_borrowed_wordings_widen_the_radius_but_do_not_move_the_key():
+    from ldke_peft.router_fit import calibrate_slot
+
+    own = torch.tensor([[0.0, 0.0], [0.1, 0.0], [0.0, 0.1]])
+    borrowed = torch.tensor([[1.0, 0.0]])
+    neg = torch.tensor([[3.0, 0.0], [0.0, -3.0]])
+    pos = torch.cat([own, borrowed])
+    cal = calibrate_slot(pos, neg, pos, neg, needs_image=False, zt_core=own)
+    assert torch.allclose(cal.key_t, own.mean(0))
+    assert cal.far_pos_t == pytest.approx(float((borrowed[0] - own.mean(0)).norm()), rel=1e-5)
+    assert cal.far_pos_t < cal.radius_t < cal.near_neg_t
+    moved = calibrate_slot(pos, neg, pos, neg, needs_image=False)
+    assert torch.allclose(moved.key_t, pos.mean(0))
