@@ -68,10 +68,12 @@ def fit_projection(
     Loss: every sample within distance 0.5 of its class centroid, and at least 2.0 from every other
     class centroid (hinge). Scale is fixed by the hinges; initialised from PCA.
 
-    No weight decay by default: the features differ by little (one word of a long prompt), so ``P``
-    needs a large norm, and an L2 penalty on it (``1e-4`` was the old default) outweighed the hinges and
-    left relations overlapping -- paraphrases of the edit question fell outside the radius while other
-    questions fell inside. The hinges are flat once satisfied, so ``P`` does not grow without it.
+    No weight decay by default: textual features differ by little (one word of a long prompt), so ``P``
+    needs a large norm, and an L2 penalty on it (``1e-4`` was the old default for both parts) outweighed
+    the hinges and left relations overlapping -- paraphrases of the edit question fell outside the radius
+    while other questions fell inside. The hinges are flat once satisfied, so ``P`` does not grow without
+    it. The editor keeps the penalty for the visual part (``editor.VISUAL_WEIGHT_DECAY``), where classes
+    are far apart and it keeps other views of an entity close.
     """
     x = feats.float()
     mu = x.mean(0)
