@@ -544,9 +544,11 @@ class _Rows:
     v_pos: list[bool] = field(default_factory=list)
     t_pos: list[bool] = field(default_factory=list)
     core: list[bool] = field(default_factory=list)  # a request's own wording (places the textual key)
+    anchor: list[bool] = field(default_factory=list)  # the edit's own image and question
 
-    def add(self, image, prompt, v_label, t_label, owner, v_pos, t_pos, core=True):
+    def add(self, image, prompt, v_label, t_label, owner, v_pos, t_pos, core=True, anchor=False):
         self.core.append(core)
+        self.anchor.append(anchor)
         self.images.append(image)
         self.prompts.append(prompt)
         self.v_label.append(v_label)
@@ -615,9 +617,9 @@ def fit_router(
         rel = lab("q:" + (r.relation if r.relation is not None else r.prompt.strip().casefold()))
         start = len(rows.prompts)
         if r.image is not None:
-            for im in imgs:
+            for k, im in enumerate(imgs):
                 for q in prompts:
-                    rows.add(im, q, ent, rel, n, True, True, q in own)
+                    rows.add(im, q, ent, rel, n, True, True, q in own, k == 0 and q == r.prompt)
             for im in imgs[:2]:
                 for q, src in neg_q_lab:
                     rows.add(im, q, ent, lab("q:" + _q_relation(src, pool)), n, True, False)
@@ -628,7 +630,7 @@ def fit_router(
                     rows.add(im, q, lab(img_keys.get(image_fingerprint(im), "img:" + image_fingerprint(im))), rel, n, False, True)
         else:
             for q in prompts:
-                rows.add(None, q, -1, rel, n, False, True, q in own)
+                rows.add(None, q, -1, rel, n, False, True, q in own, q == r.prompt)
             for q, src in neg_q_lab:
                 rows.add(None, q, -1, lab("q:" + _q_relation(src, pool)), n, False, False)
         per_req.append((start, len(rows.prompts)))
@@ -658,6 +660,7 @@ def fit_router(
     v_pos = torch.tensor(rows.v_pos)
     t_pos = torch.tensor(rows.t_pos)
     core = torch.tensor(rows.core)
+    anchor = torch.tensor(rows.anchor)
     for n, ((a, b), r, s) in enumerate(zip(per_req, requests, slots)):
         sel = torch.zeros(len(rows.prompts), dtype=torch.bool)
         sel[a:b] = True
@@ -667,8 +670,10 @@ def fit_router(
         zvn = torch.cat([zv[sel & ~v_pos & has], zv[other & has & (v_label != v_label[a])]])
         ztp = zt[sel & t_pos]
         ztc = zt[sel & t_pos & core]
+        anc = sel & anchor
         ztn = torch.cat([zt[sel & ~t_pos], zt[other & (t_label != t_label[a])]])
-        cal = calibrate_slot(zvp, zvn, ztp, ztn, needs_image=r.image is not None, margin=cfg.router_margin, zt_core=ztc)
+        cal = calibrate_slot(zvp, zvn, ztp, ztn, needs_image=r.image is not None, margin=cfg.router_margin, zt_core=ztc,
+                             zt_anchor=zt[anc], zv_anchor=zv[anc & has])
         if not cfg.use_router:
             # "always on" (the no-router ablation): a huge *finite* radius, so the pack still passes
             # the loader's finiteness check

@@ -115,6 +115,8 @@ def calibrate_slot(
     needs_image: bool,
     margin: float = 0.5,
     zt_core: torch.Tensor | None = None,
+    zt_anchor: torch.Tensor | None = None,
+    zv_anchor: torch.Tensor | None = None,
 ) -> SlotCalibration:
     """Key = centroid of positives; radius = farthest positive + ``margin`` × gap to the nearest negative.
 
@@ -124,11 +126,14 @@ def calibrate_slot(
     fitted for earlier slots of the pack and kept for this one).
 
     When positives and negatives overlap (no gap) the radius is set just inside the nearest negative:
-    LDKE prefers missing a paraphrase to firing on an unrelated input, and the overlap is logged.
+    LDKE prefers missing a paraphrase to firing on an unrelated input, and the overlap is logged. If that
+    radius would leave out the edit itself (``*_anchor``: the rows of the edit's own image and question),
+    the key moves onto the edit's rows and the radius is placed again from there: the edit must fire on
+    its own input, and paraphrases are what gives way (a projection kept from a pack's first edit can
+    place a later slot's wordings widely).
     """
 
-    def one(pos: torch.Tensor, neg: torch.Tensor, core: torch.Tensor | None = None) -> tuple[torch.Tensor, float, float, float]:
-        key = (core if core is not None and len(core) else pos).mean(0)
+    def place(pos: torch.Tensor, neg: torch.Tensor, key: torch.Tensor) -> tuple[float, float, float]:
         far = float((pos - key).norm(dim=1).max()) if len(pos) else 0.0
         near = float((neg - key).norm(dim=1).min()) if len(neg) else float("inf")
         if near == float("inf"):
@@ -137,11 +142,20 @@ def calibrate_slot(
             radius = far + margin * (near - far)
         else:
             radius = 0.98 * near
+        return radius, far, near
+
+    def one(pos: torch.Tensor, neg: torch.Tensor, core: torch.Tensor | None = None,
+            anchor: torch.Tensor | None = None) -> tuple[torch.Tensor, float, float, float]:
+        key = (core if core is not None and len(core) else pos).mean(0)
+        radius, far, near = place(pos, neg, key)
+        if anchor is not None and len(anchor) and float((anchor - key).norm(dim=1).max()) >= radius:
+            key = anchor.mean(0)
+            radius, far, near = place(pos, neg, key)
         return key, radius, far, near
 
-    key_t, r_t, far_t, near_t = one(zt_pos, zt_neg, zt_core)
+    key_t, r_t, far_t, near_t = one(zt_pos, zt_neg, zt_core, zt_anchor)
     if needs_image:
-        key_v, r_v, far_v, near_v = one(zv_pos, zv_neg)
+        key_v, r_v, far_v, near_v = one(zv_pos, zv_neg, None, zv_anchor)
     else:
         key_v, r_v, far_v, near_v = torch.zeros(zt_pos.shape[1]), 0.0, 0.0, 0.0
     cal = SlotCalibration(key_v, key_t, r_v, r_t, needs_image, far_v, near_v, far_t, near_t)

@@ -103,3 +103,18 @@ def test_borrowed_wordings_widen_the_radius_but_do_not_move_the_key():
     assert cal.far_pos_t < cal.radius_t < cal.near_neg_t
     moved = calibrate_slot(pos, neg, pos, neg, needs_image=False)
     assert torch.allclose(moved.key_t, pos.mean(0))
+
+
+def test_an_edit_always_routes_its_own_input():
+    """When a negative sits closer to the positives' centre than the edit's own question, the key moves
+    onto the edit's own rows: paraphrases may drop out, the edit itself may not."""
+    from ldke_peft.router_fit import calibrate_slot
+
+    edit_row = torch.tensor([[2.0, 0.0]])
+    pos = torch.cat([edit_row, torch.tensor([[-2.0, 0.0], [0.0, 0.3]])])
+    neg = torch.tensor([[0.0, -0.5], [-2.5, 0.0]])  # nearer the centroid (0, 0.1) than the edit row
+    plain = calibrate_slot(pos, neg, pos, neg, needs_image=False)
+    assert float((edit_row[0] - plain.key_t).norm()) > plain.radius_t  # without the anchor: edit left out
+    cal = calibrate_slot(pos, neg, pos, neg, needs_image=False, zt_anchor=edit_row)
+    assert torch.allclose(cal.key_t, edit_row[0])
+    assert float((neg - cal.key_t).norm(dim=1).min()) > cal.radius_t > 0
