@@ -22,6 +22,7 @@ from ldke_peft.bench.baselines import (
     grace_default_layer,
 )
 from ldke_peft.bench.countries import COUNTRIES, RELATIONS, answer_matches
+from ldke_peft.bench.merge import MergeError, merge_runs
 from ldke_peft.bench.mke import (
     PORTABILITY_QUESTIONS,
     build_mke_requests,
@@ -271,6 +272,52 @@ def test_runner_writes_the_schema_report_and_plots(tmp_path, world):
     assert res2["inference_overhead"] == {"1": 1.01, "1000": 1.03}
     assert {k: v for k, v in res2.items() if k != "inference_overhead"} == before
     assert "| routed inference overhead (1000 edits) <= 1.05x | 1.030 | PASS |" in (out / "report.md").read_text()
+
+
+def test_runs_made_in_parallel_merge_into_one_report(tmp_path):
+    """`--methods` split over processes, then `--merge`: one table, the same cases, nothing counted twice."""
+    common = ["--suite", "toy", "--localization", "0", "--speed", "0", "--no-overhead", "--no-plots", "--no-generate"]
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    assert bench_run.main([*common, "--n-edits", "2", "--methods", "ldke", "--sequential", "0", "--out", str(a)]) == 0
+    assert bench_run.main([*common, "--n-edits", "2", "--methods", "grace", "--sequential", "0", "--out", str(b)]) == 0
+    # a sequential-only run: its one single edit must not enter the 2-edit table
+    assert bench_run.main([*common, "--n-edits", "1", "--methods", "lora", "--sequential", "1,2", "--out", str(c)]) == 0
+    ra, rb, rc_ = (json.loads((d / "results.json").read_text()) for d in (a, b, c))
+
+    out = tmp_path / "merged"
+    assert bench_run.main(["--merge", str(a), str(b), str(c), "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert tuple(res) == RESULT_KEYS
+    assert res["n_edits"] == 2 and list(res["methods"]) == ["ldke", "grace"]
+    assert res["methods"]["ldke"] == ra["methods"]["ldke"] and res["methods"]["grace"] == rb["methods"]["grace"]
+    assert res["sequential"] == rc_["sequential"] and list(res["sequential"]["lora"]) == ["1", "2"]
+    details = json.loads((out / "details.json").read_text())
+    assert [m["dropped_methods"] for m in details["merged_from"]] == [[], [], ["lora"]]
+    report = (out / "report.md").read_text()
+    assert "## Runs merged into this report" in report and "| ldke | 2 |" not in report
+    assert {b["bar"]: b["value"] for b in bars(res)}["LDKE reliability >= 0.99"] == ra["methods"]["ldke"]["reliability"]
+    assert (out / "metrics.png").read_bytes()[:4] == b"\x89PNG" and (out / "sequential.png").is_file()
+
+    # refused: a method measured twice, another suite, other cases, a folder that is not a run
+    with pytest.raises(MergeError, match="more than one run"):
+        merge_runs([a, a])
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("results.json", "details.json"):
+        (other / name).write_text((b / name).read_text())
+    (other / "results.json").write_text(json.dumps({**rb, "suite": "smoke"}))
+    with pytest.raises(MergeError, match="differ in suite"):
+        merge_runs([a, other])
+    (other / "results.json").write_text(json.dumps(rb))
+    det = json.loads((b / "details.json").read_text())
+    det["requests"][0]["target"] = "somewhere else"
+    (other / "details.json").write_text(json.dumps(det))
+    with pytest.raises(MergeError, match="other cases"):
+        merge_runs([a, other])
+    with pytest.raises(MergeError, match="results.json is missing|details.json is missing"):
+        merge_runs([a, tmp_path / "nothing"])
+    with pytest.raises(SystemExit):  # the CLI turns it into a usage error
+        bench_run.main(["--merge", str(a), str(a), "--out", str(tmp_path / "x")])
 
 
 def test_bars_are_computed_from_the_numbers():

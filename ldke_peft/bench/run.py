@@ -524,6 +524,15 @@ def markdown_report(results: dict[str, Any], details: dict[str, Any]) -> str:
     lines += ["", "## Bars", "", "| bar | value | status | detail |", "|---|---:|---|---|"]
     for b in bars(results):
         lines.append(f"| {b['bar']} | {_fmt(b['value'])} | {b['status']} | {b['detail']} |")
+    merged = details.get("merged_from")
+    if merged:
+        lines += ["", "## Runs merged into this report", "",
+                  "| run | folder | single-edit rows | sequential | dropped single-edit rows (fewer edits) | command |",
+                  "|---:|---|---|---|---|---|"]
+        for i, m in enumerate(merged, 1):
+            cmd = " ".join(m.get("argv") or [])
+            lines.append(f"| {i} | {m['folder']} | {', '.join(m['methods']) or '–'} | {', '.join(m['sequential']) or '–'} "
+                         f"| {', '.join(m['dropped_methods']) or '–'} | `{cmd}` |")
     t, c = details.get("timings", {}), details.get("cpu_seconds", {})
     if t:
         lines += ["", "## Timings", "", "Wall seconds on this machine, and CPU seconds of this process (all threads; on "
@@ -596,6 +605,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="no benchmark: re-read DIR/results.json and details.json, take the routed-inference "
                     "overhead from --overhead-file (e.g. after re-measuring it on an idle machine) and rewrite "
                     "DIR's report and plots")
+    ap.add_argument("--merge", nargs="+", metavar="DIR", default=None,
+                    help="no benchmark: merge the output folders of runs made in parallel (same suite, model and "
+                    "protocol; e.g. --methods ldke in one process and --methods grace,lora,... in another) into "
+                    "--out; the single-edit table keeps the runs with the most edits")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -616,6 +629,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         details["inference_overhead"] = ov
         write_outputs(out, results, details, plots=not args.no_plots)
         print(f"rewrote {out}/report.md with the overhead of {args.overhead_file}")
+        return 0
+    if args.merge:
+        from .merge import MergeError, merge_runs
+
+        if not args.out:
+            ap.error("--merge needs --out")
+        try:
+            results, details = merge_runs(args.merge)
+        except MergeError as e:
+            ap.error(str(e))
+        write_outputs(Path(args.out), results, details, plots=not args.no_plots)
+        print(markdown_report(results, details))
+        print(f"merged {len(args.merge)} runs into {args.out}")
         return 0
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
