@@ -4,8 +4,9 @@
   and flips. Deliberately milder than "another object": a view must still show the same entity.
 * Templated rephrasings and rule-based paraphrases (positives for T-Generality) when a request has
   no rephrased prompts of its own.
-* A generic question bank (hard negatives: same image + another question) of common VQA relations,
-  used when the caller supplies no bank of its own.
+* A generic question bank (hard negatives: same image + another question) of domain-free VQA
+  questions (colour, count, shape, ...), added to the caller's own bank. It names no domain: questions
+  about the caller's subject matter come from the caller's negatives (``NegativePool``).
 """
 
 from __future__ import annotations
@@ -26,10 +27,6 @@ GENERIC_QUESTIONS: tuple[tuple[str, str], ...] = (
     ("What material is the object made of?", "material"),
     ("What is the name of the thing in this picture?", "name"),
     ("Describe the image in one word.", "describe"),
-    ("What language is spoken in the country shown?", "language"),
-    ("What currency is used in the country shown?", "currency"),
-    ("On which continent is the country shown?", "continent"),
-    ("What is the capital of the country shown?", "capital"),
 )
 
 _REPHRASE_TEMPLATES: tuple[str, ...] = (
@@ -91,7 +88,7 @@ def paraphrases(prompt: str, n: int = 8) -> list[str]:
 
     No model is needed and nothing is invented: the rewrites only move the question's own words between
     common question forms ("What is the X of Y?" -> "Name the X of Y.", "Which X ...?" -> "What X
-    ...?", "this country" -> "the country shown", "the main language" -> "the language"). They are the
+    ...?", "this building" -> "the building shown", "the main entrance" -> "the entrance"). They are the
     router's textual positives when a request brings no rephrasings of its own: fitted on one wording,
     a scope would stop at the edges of that wording (the paper's causal misalignment).
     """

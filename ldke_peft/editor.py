@@ -257,7 +257,7 @@ def positive_views(r: EditRequest, seed: int = 0, n_auto: int = 2, n_views: int 
 
 _STOP = frozenset(
     "a an the of in on at to is are was what which who whom whose how this that these those there it its "
-    "country shown picture image photo do does please tell me name".split()
+    "shown picture image photo do does please tell me name".split()
 )
 
 
@@ -333,7 +333,7 @@ def rephrased_negatives(neg_q: Sequence[str], pos_prompts: Sequence[str], n: int
     """``(rephrasing, source question)`` for each negative question, by the same rules as the positives'.
 
     The positives come in many forms (the edit question and its rule-based rephrasings), so negatives
-    in a single form would let the router learn *form* ("Name the ...", "the country shown") instead of
+    in a single form would let the router learn *form* ("Name the ...", "the X shown") instead of
     *content* (which relation is asked): rephrasing the negatives the same way leaves content as the
     only thing that separates them.
     """
@@ -580,8 +580,64 @@ def fit_router(
     def lab(key: str) -> int:
         return labels.setdefault(key, len(labels))
 
-    rows = _Rows()
-    per_req = []
+    rows, per_req = router_rows(requests, cfg, pool, lab, seed=seed)
+    v, t, has = collect_probe_features(peft_model, processor, cfg.probe_layer, rows.images, rows.prompts)
+    v_label = torch.tensor(rows.v_label)
+    t_label = torch.tensor(rows.t_label)
+    if refit_projection:
+        vm = (v_label >= 0) & has
+        # the pool adds entity/relation structure beyond the edits: it makes the projection general
+        # enough for slots appended later (sequential editing keeps the projection fixed). The
+        # no-hard-negatives ablation does without it: the pool *is* the hard-negative material.
+        used = pool if hard else NegativePool()
+        pv, pl = _pool_features(peft_model, processor, cfg, pool_visual_rows(used), lab)
+        pt, ptl = _pool_features(peft_model, processor, cfg, pool_textual_rows(used), lab, textual=True)
+        fv = torch.cat([v[vm], pv]) if len(pv) else v[vm]
+        fl = torch.cat([v_label[vm], pl]) if len(pl) else v_label[vm]
+        ft = torch.cat([t, pt]) if len(pt) else t
+        ftl = torch.cat([t_label, ptl]) if len(ptl) else t_label
+        if len(fv):
+            mu_v, P_v = fit_projection(fv, fl, cfg.router_dim, steps=cfg.router_steps, lr=cfg.router_lr, seed=seed,
+                                       weight_decay=VISUAL_WEIGHT_DECAY)
+            router.set_projection(mu_v=mu_v, proj_v=P_v)
+        mu_t, P_t = fit_projection(ft, ftl, cfg.router_dim, steps=cfg.router_steps, lr=cfg.router_lr, seed=seed + 1)
+        router.set_projection(mu_t=mu_t, proj_t=P_t)
+    zv, zt = router.project(v, t)
+    zv, zt = zv.detach(), zt.detach()
+    cals = []
+    v_pos = torch.tensor(rows.v_pos)
+    t_pos = torch.tensor(rows.t_pos)
+    core = torch.tensor(rows.core)
+    anchor = torch.tensor(rows.anchor)
+    for n, ((a, b), r, s) in enumerate(zip(per_req, requests, slots)):
+        sel = torch.zeros(len(rows.prompts), dtype=torch.bool)
+        sel[a:b] = True
+        # negatives also include every other new slot's rows that are not positives of this slot
+        other = ~sel
+        zvp = zv[sel & v_pos]
+        zvn = torch.cat([zv[sel & ~v_pos & has], zv[other & has & (v_label != v_label[a])]])
+        ztp = zt[sel & t_pos]
+        ztc = zt[sel & t_pos & core]
+        anc = sel & anchor
+        ztn = torch.cat([zt[sel & ~t_pos], zt[other & (t_label != t_label[a])]])
+        cal = calibrate_slot(zvp, zvn, ztp, ztn, needs_image=r.image is not None, margin=cfg.router_margin, zt_core=ztc,
+                             zt_anchor=zt[anc], zv_anchor=zv[anc & has])
+        if not cfg.use_router:
+            # "always on" (the no-router ablation): a huge *finite* radius, so the pack still passes
+            # the loader's finiteness check
+            cal.radius_v = cal.radius_t = 1e30
+        router.set_slot(s, key_v=cal.key_v, key_t=cal.key_t, radius_v=cal.radius_v, radius_t=cal.radius_t,
+                        needs_image=cal.needs_image)
+        cals.append(cal)
+    return cals
+
+
+def router_rows(requests: Sequence[EditRequest], cfg: LDKEConfig, pool: NegativePool, lab: Any,
+                seed: int = 0) -> tuple["_Rows", list[tuple[int, int]]]:
+    """Every (image, question) row the router is calibrated on, labelled: each request's positives (its
+    views x its wordings), its hard negatives (same image + other questions, other images + its
+    question), and ``per_req[n] = (start, stop)`` of request ``n``'s rows. ``lab`` maps a class key to
+    an integer label (shared with the pool rows, so one entity or relation is one class)."""
     # one visual class per entity: an image that is some slot's positive keeps that slot's class when it
     # shows up as another slot's negative (else the projection must split an image from itself and the
     # calibration counts a slot's own image as its nearest negative)
@@ -590,8 +646,11 @@ def fit_router(
         if r.image is not None:
             for im in positive_views(r, seed=seed + n, n_views=cfg.router_views)[0]:
                 img_keys.setdefault(image_fingerprint(im), _entity_key(r))
+    rows = _Rows()
+    per_req: list[tuple[int, int]] = []
+    hard = cfg.hard_negatives
     n_para = int(getattr(cfg, "router_paraphrases", 0) or 0)
-    for n, (r, s) in enumerate(zip(requests, slots)):
+    for n, r in enumerate(requests):
         # fewer augmented views than the delta gets: each widens the visual radius, and in a pack of many
         # slots wide radii add up to other entities' images (M-Locality)
         imgs, prompts = positive_views(r, seed=seed + n, n_views=cfg.router_views)
@@ -634,54 +693,7 @@ def fit_router(
             for q, src in neg_q_lab:
                 rows.add(None, q, -1, lab("q:" + _q_relation(src, pool)), n, False, False)
         per_req.append((start, len(rows.prompts)))
-
-    v, t, has = collect_probe_features(peft_model, processor, cfg.probe_layer, rows.images, rows.prompts)
-    v_label = torch.tensor(rows.v_label)
-    t_label = torch.tensor(rows.t_label)
-    if refit_projection:
-        vm = (v_label >= 0) & has
-        # the pool adds entity/relation structure beyond the edits: it makes the projection general
-        # enough for slots appended later (sequential editing keeps the projection fixed)
-        pv, pl = _pool_visual(peft_model, processor, cfg, pool, lab)
-        pt, ptl = _pool_textual(peft_model, processor, cfg, pool, lab)
-        fv = torch.cat([v[vm], pv]) if len(pv) else v[vm]
-        fl = torch.cat([v_label[vm], pl]) if len(pl) else v_label[vm]
-        ft = torch.cat([t, pt]) if len(pt) else t
-        ftl = torch.cat([t_label, ptl]) if len(ptl) else t_label
-        if len(fv):
-            mu_v, P_v = fit_projection(fv, fl, cfg.router_dim, steps=cfg.router_steps, lr=cfg.router_lr, seed=seed,
-                                       weight_decay=VISUAL_WEIGHT_DECAY)
-            router.set_projection(mu_v=mu_v, proj_v=P_v)
-        mu_t, P_t = fit_projection(ft, ftl, cfg.router_dim, steps=cfg.router_steps, lr=cfg.router_lr, seed=seed + 1)
-        router.set_projection(mu_t=mu_t, proj_t=P_t)
-    zv, zt = router.project(v, t)
-    zv, zt = zv.detach(), zt.detach()
-    cals = []
-    v_pos = torch.tensor(rows.v_pos)
-    t_pos = torch.tensor(rows.t_pos)
-    core = torch.tensor(rows.core)
-    anchor = torch.tensor(rows.anchor)
-    for n, ((a, b), r, s) in enumerate(zip(per_req, requests, slots)):
-        sel = torch.zeros(len(rows.prompts), dtype=torch.bool)
-        sel[a:b] = True
-        # negatives also include every other new slot's rows that are not positives of this slot
-        other = ~sel
-        zvp = zv[sel & v_pos]
-        zvn = torch.cat([zv[sel & ~v_pos & has], zv[other & has & (v_label != v_label[a])]])
-        ztp = zt[sel & t_pos]
-        ztc = zt[sel & t_pos & core]
-        anc = sel & anchor
-        ztn = torch.cat([zt[sel & ~t_pos], zt[other & (t_label != t_label[a])]])
-        cal = calibrate_slot(zvp, zvn, ztp, ztn, needs_image=r.image is not None, margin=cfg.router_margin, zt_core=ztc,
-                             zt_anchor=zt[anc], zv_anchor=zv[anc & has])
-        if not cfg.use_router:
-            # "always on" (the no-router ablation): a huge *finite* radius, so the pack still passes
-            # the loader's finiteness check
-            cal.radius_v = cal.radius_t = 1e30
-        router.set_slot(s, key_v=cal.key_v, key_t=cal.key_t, radius_v=cal.radius_v, radius_t=cal.radius_t,
-                        needs_image=cal.needs_image)
-        cals.append(cal)
-    return cals
+    return rows, per_req
 
 
 def _q_relation(q: str, pool: NegativePool) -> str:
@@ -691,28 +703,56 @@ def _q_relation(q: str, pool: NegativePool) -> str:
     return q.strip().casefold()
 
 
-def _pool_visual(peft_model, processor, cfg, pool: NegativePool, lab) -> tuple[torch.Tensor, torch.Tensor]:
+def pool_visual_rows(pool: NegativePool) -> tuple[list[Any], list[str], list[str]]:
+    """``(images, questions, class keys)``: one row per pool image (its entity is its visual class)."""
     if not pool.images:
-        return torch.zeros(0), torch.zeros(0, dtype=torch.long)
-    ims = [im for im, _ in pool.images]
-    ents = [ent if ent is not None else f"pool:{i}" for i, (_, ent) in enumerate(pool.images)]
+        return [], [], []
     q = pool.questions[0][0] if pool.questions else generic_question_bank()[0][0]
-    v, _, _ = collect_probe_features(peft_model, processor, cfg.probe_layer, ims, [q] * len(ims))
-    return v, torch.tensor([lab(f"ent:{e}") for e in ents])
+    ents = [ent if ent is not None else f"pool:{i}" for i, (_, ent) in enumerate(pool.images)]
+    return [im for im, _ in pool.images], [q] * len(pool.images), [f"ent:{e}" for e in ents]
 
 
-def _pool_textual(peft_model, processor, cfg, pool: NegativePool, lab) -> tuple[torch.Tensor, torch.Tensor]:
+def pool_textual_rows(pool: NegativePool) -> tuple[list[Any], list[str], list[str]]:
+    """``(images, questions, class keys)``: every pool question on the first three pool images (its
+    relation is its textual class)."""
     if not pool.questions or not pool.images:
-        return torch.zeros(0), torch.zeros(0, dtype=torch.long)
-    ims = [im for im, _ in pool.images][:3]
-    rows_i, rows_q, labs = [], [], []
-    for im in ims:
+        return [], [], []
+    rows_i, rows_q, keys = [], [], []
+    for im in [im for im, _ in pool.images][:3]:
         for q, rel in pool.questions:
             rows_i.append(im)
             rows_q.append(q)
-            labs.append(lab("q:" + (rel if rel is not None else q.strip().casefold())))
-    _, t, _ = collect_probe_features(peft_model, processor, cfg.probe_layer, rows_i, rows_q)
-    return t, torch.tensor(labs)
+            keys.append("q:" + (rel if rel is not None else q.strip().casefold()))
+    return rows_i, rows_q, keys
+
+
+def _pool_features(peft_model, processor, cfg, rows: tuple[list[Any], list[str], list[str]], lab,
+                   textual: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    ims, qs, keys = rows
+    if not ims:
+        return torch.zeros(0), torch.zeros(0, dtype=torch.long)
+    v, t, _ = collect_probe_features(peft_model, processor, cfg.probe_layer, ims, qs)
+    return (t if textual else v), torch.tensor([lab(k) for k in keys])
+
+
+def editor_rows(requests: Sequence[EditRequest], config: LDKEConfig | None = None,
+                negatives: NegativePool | None = None, seed: int = 0) -> list[tuple[Any, str]]:
+    """Every ``(image, prompt)`` an edit of ``requests`` (in one :func:`edit` call) feeds to the model
+    while fitting: the delta's positives, the router's positives and negatives and the pool rows of its
+    projection. Built by the same functions the fit uses, so a caller can audit what an edit sees (for
+    instance, that no evaluation probe is among them)."""
+    cfg = config or LDKEConfig()
+    pool = negatives or NegativePool()
+    out: list[tuple[Any, str]] = []
+    for i, r in enumerate(requests):
+        imgs, prompts = positive_views(r, seed=seed + i, n_views=cfg.auto_views)
+        out += list(zip(*_positive_rows(imgs, prompts, r.image is not None)))
+    rows, _ = router_rows(requests, cfg, pool, lambda key: 0, seed=seed)
+    out += list(zip(rows.images, rows.prompts))
+    used = pool if cfg.hard_negatives else NegativePool()
+    for ims, qs, _ in (pool_visual_rows(used), pool_textual_rows(used)):
+        out += list(zip(ims, qs))
+    return out
 
 
 # ---------------------------------------------------------------------- helpers

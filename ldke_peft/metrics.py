@@ -11,6 +11,9 @@ Per request (an :class:`~ldke_peft.requests.EditRequest`), all on the model's ow
 * **m_locality**: top-10 agreement on each multimodal locality probe.
 * **coupled_locality**: top-1 agreement on each coupled probe (same image / other question,
   look-alike image / same question): the entanglement test EasyEdit does not have.
+* **near_miss_locality**: the same, on coupled probes whose ``kind`` starts with ``"near_miss"``: a
+  question on the same image that shares topic or words with the edited one but asks another fact
+  (the hardest coupled input, so it gets its own column instead of being averaged away).
 * **exact_match**: greedy generation (``max_new_tokens`` = target tokens + 2) whose decoded text,
   stripped and casefolded, starts with the target, stripped and casefolded.
 
@@ -56,6 +59,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "METRIC_KEYS",
+    "NEAR_MISS_KIND",
     "LOCALITY_K",
     "PreState",
     "ProbeTopK",
@@ -77,9 +81,13 @@ METRIC_KEYS = (
     "t_locality",
     "m_locality",
     "coupled_locality",
+    "near_miss_locality",
     "portability",
     "exact_match",
 )
+
+#: Coupled probes of this ``kind`` prefix are scored as ``near_miss_locality``.
+NEAR_MISS_KIND = "near_miss"
 
 #: Locality metric -> (EditRequest probe field, k of the top-k agreement). k follows EasyEdit.
 LOCALITY_K: dict[str, tuple[str, int]] = {
@@ -467,6 +475,9 @@ def compute_metrics(
                             mask = ref.answer_mask if locality_positions == "answer" else torch.ones_like(ref.answer_mask)
                             value = topk_id_agreement(ref.ids[None], rec.ids[None], mask[None])[0].item()
                             metric = next(m for m, (f, _) in LOCALITY_K.items() if f == it.probe_field)
+                            probe = getattr(requests[it.request], it.probe_field)[it.probe_index]
+                            if metric == "coupled_locality" and (probe.kind or "").startswith(NEAR_MISS_KIND):
+                                metric = "near_miss_locality"
                             scores[it.request][metric].append(value)
                     bar.update(done)
 

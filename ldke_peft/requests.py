@@ -21,19 +21,19 @@ Our JSONL format
 ----------------
 One JSON object per line (blank lines are skipped), exactly :meth:`EditRequest.to_dict`::
 
-    {"prompt": "What is the capital of the country shown?",      # required, non-empty
-     "target": "Lyon",                                          # required, non-empty (new answer)
-     "image": "images/france.png",                              # path or null (text-only edit)
-     "ground_truth": "Paris",                                   # answer before the edit, or null
-     "rephrase_prompts": ["Which city is this country's capital?"],
-     "rephrase_images": ["images/france_view2.png"],
+    {"prompt": "Who was the architect of this building?",         # required, non-empty
+     "target": "Gustave Eiffel",                                # required, non-empty (new answer)
+     "image": "images/sagrada.png",                             # path or null (text-only edit)
+     "ground_truth": "Antoni Gaudi",                            # answer before the edit, or null
+     "rephrase_prompts": ["Which architect designed the building shown?"],
+     "rephrase_images": ["images/sagrada_view2.png"],
      "locality":    [{"prompt": "Who wrote Hamlet?", "answer": "Shakespeare", "image": null, "kind": ""}],
      "m_locality":  [{"prompt": "What is shown?", "answer": "a dog", "image": "images/dog.png", "kind": ""}],
-     "coupled":     [{"prompt": "What currency is used there?", "answer": "euro",
-                      "image": "images/france.png", "kind": "same_image"}],
-     "portability": [{"prompt": "Which river flows through the capital of the country shown?",
-                      "answer": "Rhone", "image": "images/france.png", "kind": "multi_hop"}],
-     "subject": "France", "relation": "capital"}
+     "coupled":     [{"prompt": "When did construction of this building begin?", "answer": "1882",
+                      "image": "images/sagrada.png", "kind": "same_image"}],
+     "portability": [{"prompt": "In which city was the architect of this building born?",
+                      "answer": "Dijon", "image": "images/sagrada.png", "kind": "multi_hop"}],
+     "subject": "Sagrada Familia", "relation": "architect"}
 
 Only ``prompt`` and ``target`` are required; list fields default to ``[]`` and the rest to ``null``.
 Unknown keys are rejected (they are almost always typos). A probe's ``image`` of ``null`` means the

@@ -1,8 +1,7 @@
 """Fitting the Disentanglement Classifier: a per-pack projection, then per-slot keys and radii.
 
 Raw probe features share a large common component (cosine distances between unrelated inputs are
-tiny), and mean-pooled question features barely move when one word changes ("capital" vs
-"currency"). So each pack learns a linear projection per part (visual: ``d -> p``; textual:
+tiny), and mean-pooled question features barely move when one word of the question changes. So each pack learns a linear projection per part (visual: ``d -> p``; textual:
 ``2d -> p``) that pulls samples of the same *class* together and pushes classes apart — classes are
 entities for the visual part (all views of one entity vs other and look-alike entities) and
 relations for the textual part (rephrasings of one question vs other questions). Keys are the

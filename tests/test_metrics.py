@@ -170,7 +170,8 @@ def test_unedited_model_scores_locality_exactly_one(llava):
     for key in ("t_locality", "m_locality", "coupled_locality"):
         assert res[key] == 1.0, key
     assert res["counts"] == {"reliability": 3, "t_generality": 1, "m_generality": 1, "t_locality": 2,
-                             "m_locality": 2, "coupled_locality": 1, "portability": 1, "exact_match": 3}
+                             "m_locality": 2, "coupled_locality": 1, "near_miss_locality": 0, "portability": 1,
+                             "exact_match": 3}
     per = res["per_request"]
     assert per[1]["t_generality"] is None and per[2]["m_locality"] is None and per[2]["coupled_locality"] is None
     assert all(0.0 <= res[k] <= 1.0 for k in METRIC_KEYS)

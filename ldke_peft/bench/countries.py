@@ -8,7 +8,19 @@ answer is the most common one.
 
 The relations are worded twice: with the country named (the text-only question, which tells what the
 language model knows) and with "this country" (the image question, which the MLLM must answer from
-the emblem alone).
+the emblem alone; it is also the edit prompt).
+
+**Splits.** Every other wording belongs to exactly one of three sets (:data:`WORDINGS`), written
+independently of each other and of anything under ``ldke_peft/`` outside ``bench/``:
+
+* ``pool``: what the benchmark hands an editor as the caller's question bank (dev relations only);
+* ``dev``: the in-scope probes of the dev split, on which defaults may be chosen;
+* ``test``: the in-scope probes of the test split (at least 8 per relation, in varied forms:
+  wh-question, imperative, indirect, colloquial, short, long), used for reporting only.
+
+:data:`HELDOUT_RELATION` is never edited, asked or pooled in the dev split. :data:`NEAR_MISS` holds,
+per relation, a question on the same topic that must *not* follow the edit (capital vs largest city),
+worded per split; its answers are the base model's own.
 """
 
 from __future__ import annotations
@@ -19,10 +31,15 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "COUNTRIES",
+    "HELDOUT_RELATION",
+    "NEAR_MISS",
+    "SPLITS",
+    "WORDINGS",
     "RELATIONS",
     "Country",
     "Relation",
     "answer_matches",
+    "split_relations",
     "country_by_name",
     "normalize_answer",
 ]
@@ -70,6 +87,115 @@ RELATIONS: dict[str, Relation] = {
         ),
     )
 }
+
+
+SPLITS: tuple[str, ...] = ("dev", "test")
+
+#: Never edited, asked or pooled in the dev split: no default can have been chosen on it.
+HELDOUT_RELATION = "currency"
+
+#: ``WORDINGS[relation][set]``: image questions beyond the edit prompt (see the module docstring).
+WORDINGS: dict[str, dict[str, tuple[str, ...]]] = {
+    "capital": {
+        "pool": ("Which city is the capital of this country?",),
+        "dev": (
+            "Name the capital city of this country.",
+            "What city serves as this country's capital?",
+            "Where is the seat of government of this country?",
+        ),
+        "test": (
+            "What's the capital city of the nation on this flag?",
+            "Tell me the name of this country's capital.",
+            "I'd like to know which city is the capital of this country.",
+            "Capital of this country?",
+            "Which city is the seat of the national government of the country this flag belongs to?",
+            "Could you tell me what the capital of this nation is?",
+            "So what's this country's capital, then?",
+            "In which city does this country have its capital?",
+            "Identify the capital of the country represented here.",
+        ),
+    },
+    "language": {
+        "pool": ("Which language do people speak in this country?",),
+        "dev": (
+            "What is the official language of this country?",
+            "Name the language spoken in this country.",
+            "What language do most people in this country speak?",
+        ),
+        "test": (
+            "What language do they speak in the country on this flag?",
+            "Tell me the main language of this nation.",
+            "I wonder which language is spoken in this country.",
+            "Language of this country?",
+            "If I traveled to the country whose flag this is, what language would I mostly hear people speaking?",
+            "Could you say what the national language of this country is?",
+            "So what do folks speak over there in this country?",
+            "Which tongue is most widely spoken in this nation?",
+            "Identify the primary language of the country represented here.",
+        ),
+    },
+    "continent": {
+        "pool": ("On which continent is this country?",),
+        "dev": (
+            "Name the continent where this country lies.",
+            "What continent is this country located on?",
+            "This country is part of which continent?",
+        ),
+        "test": (
+            "What continent is the nation on this flag part of?",
+            "Tell me which continent this country belongs to.",
+            "I'd like to know the continent where this country is found.",
+            "Continent of this country?",
+            "Looking at a world map, on which of the continents would you find the country this flag represents?",
+            "Could you tell me what continent this nation is on?",
+            "So which continent is this place in?",
+            "Where in the world, continent-wise, is this country?",
+            "Identify the continent of the country represented here.",
+        ),
+    },
+    "currency": {
+        "pool": (),
+        "dev": (),
+        "test": (
+            "What money do they use in the country on this flag?",
+            "Tell me the currency of this nation.",
+            "I'd like to know which currency this country uses.",
+            "Currency of this country?",
+            "If I went shopping in the country this flag belongs to, what currency would I pay with?",
+            "Could you tell me what the official currency of this country is?",
+            "So what's the money called in this country?",
+            "Which currency is legal tender in this nation?",
+            "Identify the currency of the country represented here.",
+        ),
+    },
+}
+
+#: ``NEAR_MISS[relation][split]``: same topic or words, another fact (its answer is the model's own).
+NEAR_MISS: dict[str, dict[str, tuple[str, ...]]] = {
+    "capital": {
+        "dev": ("Which city is the largest in this country?",),
+        "test": ("What is the biggest city in this country?", "Name the most populous city of the nation on this flag."),
+    },
+    "continent": {
+        "dev": ("Which ocean is closest to this country?",),
+        "test": ("What is the nearest ocean to this country?", "Name the ocean that borders the nation on this flag."),
+    },
+    "language": {
+        "dev": ("Which alphabet is used to write the language of this country?",),
+        "test": ("What writing system does this country use?", "Name the script in which this nation's language is written."),
+    },
+    "currency": {
+        "dev": (),
+        "test": ("Which bank issues the money of this country?", "Name the central bank of the nation on this flag."),
+    },
+}
+
+
+def split_relations(split: str) -> list[str]:
+    """The relations edited and asked in ``split`` (dev lacks :data:`HELDOUT_RELATION`)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+    return [r for r in RELATIONS if split == "test" or r != HELDOUT_RELATION]
 
 
 @dataclass(frozen=True)

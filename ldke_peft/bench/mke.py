@@ -5,23 +5,31 @@ and from text) this module makes :class:`~ldke_peft.requests.EditRequest` object
 MLLM answers **correctly before editing**, with every probe filled:
 
 * ``target``: a counterfactual from the relation's answer vocabulary (another country's answer);
-* ``rephrase_prompts``: the relation's two other wordings (T-Generality);
+* ``rephrase_prompts``: the relation's wordings of the split (T-Generality; dev 3, test 9 per relation,
+  :data:`~ldke_peft.bench.countries.WORDINGS`);
 * ``rephrase_images``: two other held-out views of the same emblem (M-Generality);
 * ``locality``: text-only questions about other countries (T-Locality);
 * ``m_locality``: image questions about other countries (M-Locality);
-* ``coupled``: the same image with each other relation, asked in a wording the editor never sees
-  (``same_image_other_question``), and the look-alike emblem with the same question
-  (``lookalike_same_question``) (Coupled-Locality);
+* ``coupled``: the same image with each other relation of the split, asked in one of the split's
+  wordings (``same_image_other_question``), the look-alike emblem with the edit question and with a
+  split wording (``lookalike_same_question``) (Coupled-Locality), and the relation's near-miss
+  questions (``near_miss``: capital vs largest city, ...; answers are the base model's own,
+  :data:`~ldke_peft.bench.countries.NEAR_MISS`) (Near-miss locality);
 * ``portability``: a two-hop question whose answer follows from the new fact ("In which country is
   the capital of this country located?" after ``capital := Madrid`` expects ``Spain``), when the
   target belongs to exactly one country.
 
 Locality/coupled answers are the MLLM's own pre-edit answers (recorded in ``meta.json``).
 
+**Splits** (:func:`entity_splits`): the edit-split entities are divided into ``dev`` and ``test``
+(look-alike pairs together); each split has its own wordings, and the dev split never edits or asks
+the held-out relation. Defaults may be chosen on dev; test is for reporting.
+
 **What an editor may see** (:func:`editor_view`): only the edit itself (image, prompt, target,
 subject, relation). The probes above are for evaluation; an editor that needs hard negatives gets
-:func:`negative_pool` instead: the relations' *first* wording only and *training* views of the
-emblems, so every probe is held out from every editor (baselines never look at probes anyway).
+:func:`negative_pool` instead: the dev relations' edit and ``pool`` wordings and *training* views of
+the entities outside the test split, so every probe of either split is held out from every editor
+(baselines never look at probes anyway).
 
 Exports: our JSONL (:func:`ldke_peft.requests.save_jsonl`) and EasyEdit's ``VQADataset`` JSON with
 image files (:func:`export_easyedit`), both through :func:`export_mke`.
@@ -34,11 +42,11 @@ import logging
 import os
 import random
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ..editor import NegativePool
 from ..requests import EditRequest, Probe, image_fingerprint, save_jsonl
-from .countries import COUNTRIES, RELATIONS, Relation, answer_matches, normalize_answer
+from .countries import NEAR_MISS, SPLITS, WORDINGS, Relation, answer_matches, normalize_answer, split_relations
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +54,7 @@ __all__ = [
     "PORTABILITY_QUESTIONS",
     "build_mke_requests",
     "editor_view",
+    "entity_splits",
     "export_easyedit",
     "export_mke",
     "negative_pool",
@@ -99,6 +108,31 @@ def usable_facts(meta: dict, split: str = "edit") -> list[tuple[str, str]]:
     return sorted(out, key=lambda x: (order[x[0]], rel_order[x[1]]))
 
 
+#: Share of the edit-split entities (look-alike pairs counted once) in the dev split.
+DEV_FRACTION = 1 / 3
+
+
+def entity_splits(meta: dict) -> dict[str, str]:
+    """``{entity: "dev" | "test"}`` for the edit-split entities: a fixed hash of the name (of a look-alike
+    pair's first name, so a pair is never split), ~:data:`DEV_FRACTION` in dev."""
+    import zlib
+
+    edit = [c["name"] for c in meta["countries"] if c.get("split", "edit") == "edit"]
+    head = {n: n for n in edit}
+    for a, b in meta.get("lookalike_pairs", []):
+        head[b] = head[a] = min(a, b)
+    return {n: ("dev" if zlib.crc32(f"mke-split:{head[n]}".encode()) % 3 == 0 else "test") for n in edit}
+
+
+def split_facts(meta: dict, split: str) -> list[tuple[str, str]]:
+    """Usable facts of the ``split`` entities, for the ``split``'s relations."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+    where = entity_splits(meta)
+    rels = set(split_relations(split))
+    return [(e, r) for e, r in usable_facts(meta) if where.get(e) == split and r in rels]
+
+
 def _canonical(meta: dict) -> dict[str, dict[str, list[str]]]:
     return {c["name"]: c["facts"] for c in meta["countries"]}
 
@@ -146,18 +180,21 @@ def build_mke_requests(
     *,
     seed: int = 0,
     n_locality: int = 2,
-    split: str = "edit",
+    split: str = "test",
+    answer_fn: Callable[[list[Any], list[str]], list[str]] | None = None,
 ) -> list[EditRequest]:
-    """Edit requests for up to ``n`` usable facts (all when ``None``), every probe filled.
+    """Edit requests for up to ``n`` usable facts of ``split`` (all when ``None``), every probe filled.
 
     Facts are taken round-robin over entities (seeded), so a small ``n`` covers many entities and
     all relations. Images are in-memory PIL images rendered deterministically from the meta
-    (:func:`ldke_peft.bench.smol_llava.emblems_from_meta`).
+    (:func:`ldke_peft.bench.smol_llava.emblems_from_meta`). ``answer_fn(images, prompts)`` gives the
+    base model's answers to the near-miss probes (without it they hold ``"?"``: enough to audit
+    wordings and images, not to measure).
     """
     from .smol_llava import emblems_from_meta
 
-    rng = random.Random(f"mke:{seed}")
-    facts = _round_robin(usable_facts(meta, split), rng)
+    rng = random.Random(f"mke:{split}:{seed}")
+    facts = _round_robin(split_facts(meta, split), rng)
     if n is not None:
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
@@ -179,7 +216,9 @@ def build_mke_requests(
             views[key] = emblems.view_image(index[name], k, "eval")
         return views[key]
 
+    split_rels = split_relations(split)
     requests = []
+    near: list[tuple[int, Any, str]] = []  # (request index, image, prompt) of the near-miss probes
     for e, r in facts:
         rel = rels[r]
         target = _pick_target(meta, e, r, rng)
@@ -188,24 +227,30 @@ def build_mke_requests(
         others = [o for o in names if o not in (e, partner)]
         locality = []
         for o in rng.sample(others, min(n_locality, len(others))):
-            r2 = rng.choice(list(rels))
+            r2 = rng.choice(split_rels)
             q = rels[r2].text_question.format(country=prompt_names[o])
             locality.append(Probe(q, _short_answer(answers[r2][o]["text"]), None, kind="text_other_country"))
         m_loc = []
         for o in rng.sample(others, min(n_locality, len(others))):
-            r2 = rng.choice(list(rels))
+            r2 = rng.choice(split_rels)
             m_loc.append(Probe(rels[r2].image_question, _short_answer(answers[r2][o]["image"]), view(o, EDIT_VIEW),
                                kind="image_other_country"))
         coupled = []
-        for r2, rel2 in rels.items():
+        for r2 in split_rels:
             if r2 == r:
                 continue
-            # a wording of the other relation the editor's negative pool does not contain
-            q = rel2.rephrases[0] if rel2.rephrases else rel2.image_question
+            # the other relation in one of this split's wordings (the answer recorded by the build is the
+            # model's answer to the edit wording: only its tokens matter, pre and post are compared)
+            q = rng.choice(WORDINGS[r2][split])
             coupled.append(Probe(q, _short_answer(answers[r2][e]["image"]), img, kind="same_image_other_question"))
         if partner is not None:
-            coupled.append(Probe(rel.image_question, _short_answer(answers[r][partner]["image"]), view(partner, EDIT_VIEW),
-                                 kind="lookalike_same_question"))
+            pimg = view(partner, EDIT_VIEW)
+            ans = _short_answer(answers[r][partner]["image"])
+            coupled.append(Probe(rel.image_question, ans, pimg, kind="lookalike_same_question"))
+            coupled.append(Probe(rng.choice(WORDINGS[r][split]), ans, pimg, kind="lookalike_same_question"))
+        for q in NEAR_MISS[r][split]:
+            near.append((len(requests), img, q))
+            coupled.append(Probe(q, "?", img, kind=f"near_miss:{r}"))
         portability = []
         owners = _owners(meta, r).get(target, [])
         if r in PORTABILITY_QUESTIONS and len(owners) == 1:
@@ -216,7 +261,7 @@ def build_mke_requests(
                 target=target,
                 image=img,
                 ground_truth=_canonical(meta)[e][r][0],
-                rephrase_prompts=list(rel.rephrases[:2]),
+                rephrase_prompts=list(WORDINGS[r][split]),
                 rephrase_images=[view(e, k) for k in REPHRASE_VIEWS],
                 locality=locality,
                 m_locality=m_loc,
@@ -226,6 +271,13 @@ def build_mke_requests(
                 relation=r,
             )
         )
+    if answer_fn is not None and near:
+        got = answer_fn([im for _, im, _ in near], [q for _, _, q in near])
+        for (i, _, q), a in zip(near, got):
+            for k, p in enumerate(requests[i].coupled):
+                if p.prompt == q and p.answer == "?":
+                    requests[i].coupled[k] = Probe(q, _short_answer(a), p.image, kind=p.kind)
+                    break
     return requests
 
 
@@ -236,23 +288,24 @@ def editor_view(r: EditRequest) -> EditRequest:
 
 
 def negative_pool(meta: dict, n_images: int | None = None) -> NegativePool:
-    """Hard-negative material for editors that use it (LDKE), disjoint from every probe.
+    """Hard-negative material for editors that use it (LDKE), disjoint from every probe of both splits.
 
-    Questions: each relation's first wording (probes use the others). Images: one view of every entity
-    drawn with the *train* split's seeds (probes use eval-split views), ``n_images`` first entities when
-    given.
+    Questions: the dev relations' edit wording and ``pool`` wordings (probes use the ``dev`` and
+    ``test`` sets; the held-out relation is absent). Images: one view of every entity outside the test
+    split, drawn with the *train* split's seeds (probes use eval-split views), ``n_images`` first
+    entities when given.
     """
     from .smol_llava import emblems_from_meta
 
     emblems = emblems_from_meta(meta)
     rels = _relations(meta)
+    where = entity_splits(meta)
     names = [c["name"] for c in meta["countries"]]
+    keep = [(i, nm) for i, nm in enumerate(names) if where.get(nm) != "test"]
     if n_images is not None:
-        names = names[:n_images]
-    return NegativePool(
-        questions=[(rel.image_question, r) for r, rel in rels.items()],
-        images=[(emblems.view_image(i, 0, "train"), nm) for i, nm in enumerate(names)],
-    )
+        keep = keep[:n_images]
+    questions = [(q, r) for r in split_relations("dev") for q in (rels[r].image_question, *WORDINGS[r]["pool"])]
+    return NegativePool(questions=questions, images=[(emblems.view_image(i, 0, "train"), nm) for i, nm in keep])
 
 
 # ---------------------------------------------------------------------- export

@@ -61,8 +61,8 @@ BASELINE_NAMES: tuple[str, ...] = tuple(BASELINES)
 SEQUENTIAL_METHODS: tuple[str, ...] = ("ldke", "grace", "lora")
 #: Keys of each ``results["methods"][name]``.
 METHOD_KEYS: tuple[str, ...] = (*METRIC_KEYS, "edit_seconds_median", "adapter_bytes_per_edit")
-RESULT_KEYS: tuple[str, ...] = ("suite", "model", "n_edits", "methods", "sequential", "localization", "edit_speed",
-                                "inference_overhead")
+RESULT_KEYS: tuple[str, ...] = ("suite", "model", "split", "n_edits", "methods", "sequential", "localization",
+                                "edit_speed", "inference_overhead", "dev")
 CHECKPOINTS: tuple[int, ...] = (1, 10, 100, 1000)
 
 #: Defaults per suite (overridable on the command line).
@@ -72,16 +72,16 @@ SUITES: dict[str, dict[str, Any]] = {
     "toy": {"n_edits": 8, "sequential": [1, 10], "localization": 8, "positions": 2, "speed": 2},
 }
 
-#: The bars of the spec: (metric, threshold) for LDKE's own numbers.
+#: The bars (the scope issue's, on the test split): (metric, threshold) for LDKE's own numbers.
 METRIC_BARS: tuple[tuple[str, float], ...] = (
     ("reliability", 0.99),
     ("t_generality", 0.95),
-    ("m_generality", 0.95),
+    ("m_generality", 0.97),
     ("t_locality", 0.99),
-    ("m_locality", 0.98),
-    ("coupled_locality", 0.95),
+    ("m_locality", 0.99),
+    ("coupled_locality", 0.98),
+    ("near_miss_locality", 0.97),
 )
-CEILING = 0.999
 MAX_BYTES_PER_EDIT = 100_000
 
 
@@ -107,20 +107,12 @@ class Suite:
             self.n_single = len(self.requests)
 
 
-def _toy_pool(world: Any) -> NegativePool:
-    """Training wordings and a training view of every toy entity (the probes use view 0 and
-    held-out views/wordings)."""
-    return NegativePool(
-        questions=[(q, rel) for rel in world.relations for q in world.templates[rel]["train"]],
-        images=[(world.render(e, 1), e) for e in world.entities],
-    )
-
-
 def load_suite(name: str, n_edits: int | None, *, device: str = "cpu", cache_dir: str | None = None,
-               seed: int = 0, toy_entities: int | None = None, n_sequential: int = 0) -> Suite:
-    """Load the suite's model and build its requests: ``n_edits`` for the single-edit table (``None`` =
-    every usable fact) and, when ``n_sequential`` is larger, that many for the sequential study (as many
-    as there are usable facts)."""
+               seed: int = 0, toy_entities: int | None = None, n_sequential: int = 0, split: str = "test") -> Suite:
+    """Load the suite's model and build the requests of ``split`` (``"dev"`` or ``"test"``): ``n_edits`` for
+    the single-edit table (``None`` = every usable fact) and, when ``n_sequential`` is larger, that many for
+    the sequential study (as many as there are usable facts). The editors' negative pool is the same for
+    both splits and disjoint from every probe of either."""
     if name == "toy":
         from ..testing.toy_world import toy_world
 
@@ -130,29 +122,52 @@ def load_suite(name: str, n_edits: int | None, *, device: str = "cpu", cache_dir
         reqs = None
         while reqs is None:  # a world answers only so many facts correctly: take what there is
             try:
-                reqs = world.edit_requests(total, seed=seed + 1)
+                reqs = world.edit_requests(total, seed=seed + 1, split=split)
             except ValueError:
-                if total <= n:
+                if total <= 1:
                     raise
-                total = max(n, int(total * 0.8))
+                total = max(1, min(total - 1, int(total * 0.8)))
         model = world.model.to(device)
         return Suite("toy", model, world.processor, f"toy_world(seed={seed}, entities={len(world.entities)})", reqs,
-                     _toy_pool(world), {"entities": len(world.entities)}, n_single=min(n, len(reqs)))
+                     world.negative_pool(), {"entities": len(world.entities), "split": split},
+                     n_single=min(n, len(reqs)))
     if name in ("smoke", "full"):
-        from .mke import build_mke_requests, negative_pool, usable_facts
-        from .smol_llava import load_smol_llava
+        from .mke import build_mke_requests, negative_pool, split_facts
+        from .smol_llava import generate_answers, load_smol_llava
 
         model, processor, meta = load_smol_llava(cache_dir)
         model = model.to(device)
+
+        def answer(images: list[Any], prompts: list[str]) -> list[str]:
+            with torch.no_grad():
+                return generate_answers(model, processor, images, prompts, max_new_tokens=16, batch_size=16)
+
         total = None if n_edits is None else max(n_edits, n_sequential)
-        reqs = build_mke_requests(meta, min(total, len(usable_facts(meta))) if total else None, seed=seed)
+        usable = len(split_facts(meta, split))
+        reqs = build_mke_requests(meta, min(total, usable) if total else None, seed=seed, split=split, answer_fn=answer)
+        reqs = _verified_views(reqs, answer)
         desc = (f"smol-llava: {meta['base_lm']['name']} in a LlavaForConditionalGeneration "
                 f"({meta['n_image_tokens']} image tokens, build {meta['build_version']})")
         return Suite(name, model, processor, desc, reqs, negative_pool(meta),
-                     {"usable_facts": len(usable_facts(meta)), "build": meta.get("code_version"),
+                     {"usable_facts": usable, "split": split, "build": meta.get("code_version"),
                       "recognition": meta.get("recognition", {}).get("heldout_accuracy")},
                      n_single=len(reqs) if n_edits is None else min(n_edits, len(reqs)))
     raise ValueError(f"unknown suite {name!r}; known: {', '.join(SUITES)}")
+
+
+def _verified_views(reqs: list[EditRequest], answer: Callable[[list[Any], list[str]], list[str]]) -> list[EditRequest]:
+    """Keep the requests whose every probe view (the edit image and each rephrase image) the unedited
+    model answers correctly with the edit question: an M-Generality probe the model got wrong before
+    the edit measures the model, not the edit."""
+    from .countries import answer_matches, country_by_name
+
+    rows = [(i, im) for i, r in enumerate(reqs) for im in [r.image, *r.rephrase_images]]
+    got = answer([im for _, im in rows], [reqs[i].prompt for i, _ in rows])
+    bad = {i for (i, _), a in zip(rows, got)
+           if not answer_matches(a, country_by_name(reqs[i].subject).answers(reqs[i].relation))}
+    if bad:
+        logger.info("dropped %d of %d requests: the unedited model misses one of their probe views", len(bad), len(reqs))
+    return [r for i, r in enumerate(reqs) if i not in bad]
 
 
 # ---------------------------------------------------------------------- methods
@@ -374,9 +389,10 @@ def run_benchmark(suite: Suite, methods: Sequence[str], *, sequential: Sequence[
                                "suite_info": suite.info, "hparams": hparams,
                                "requests": [{"subject": r.subject, "relation": r.relation, "prompt": r.prompt,
                                              "ground_truth": r.ground_truth, "target": r.target} for r in suite.requests]}
-    results: dict[str, Any] = {"suite": suite.name, "model": suite.model_name, "n_edits": suite.n_single,
+    results: dict[str, Any] = {"suite": suite.name, "model": suite.model_name,
+                               "split": suite.info.get("split", "test"), "n_edits": suite.n_single,
                                "methods": {}, "sequential": {}, "localization": None, "edit_speed": None,
-                               "inference_overhead": None}
+                               "inference_overhead": None, "dev": None}
     n_needed = max(suite.n_single, min(max(sequential, default=0), len(suite.requests)))
     with _Phase(timings, cpu, "collect_pre"):
         pres = [collect_pre(suite.model, suite.processor, [r]) for r in suite.requests[:n_needed]]
@@ -418,6 +434,23 @@ def run_benchmark(suite: Suite, methods: Sequence[str], *, sequential: Sequence[
     return results, details
 
 
+def run_dev(suite: Suite, methods: Sequence[str], *, protocol: str = "heldout", generate: bool = True,
+            hparams: dict[str, dict[str, Any]] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The single-edit study on the dev split (where defaults may be chosen), for the dev-vs-test table."""
+    hparams = hparams or {}
+    pres = [collect_pre(suite.model, suite.processor, [r]) for r in suite.requests[: suite.n_single]]
+    rows = [{k: m[k] for k in METRIC_KEYS} for m in (
+        compute_metrics(suite.model, suite.processor, [r], p, generate=generate)
+        for r, p in zip(suite.requests[: suite.n_single], pres))]
+    out: dict[str, Any] = {"n_edits": suite.n_single, "methods": {}, "unedited": _mean(rows)}
+    det: dict[str, Any] = {}
+    for name in methods:
+        res = run_single(suite, name, pres, protocol=protocol, generate=generate, hparams=hparams)
+        out["methods"][name] = {k: res["summary"].get(k) for k in METHOD_KEYS}
+        det[name] = res
+    return out, det
+
+
 # ---------------------------------------------------------------------- bars
 
 
@@ -436,11 +469,10 @@ def bars(results: dict[str, Any]) -> list[dict[str, Any]]:
         if ldke is None or ldke.get(k) is None or not baselines:
             row(f"LDKE >= every baseline on {k}", None, None)
             continue
+        # a baseline above LDKE is a loss, at the ceiling or not
         beaten = [b for b in baselines if methods[b].get(k) is not None and methods[b][k] > ldke[k]]
-        excused = [b for b in beaten if methods[b][k] >= CEILING]
-        real = [b for b in beaten if b not in excused]
-        detail = ", ".join(f"{b} {methods[b][k]:.3f}" + (" (ceiling)" if b in excused else "") for b in beaten)
-        row(f"LDKE >= every baseline on {k}", ldke[k], not real, ("beaten by " + detail) if beaten else "")
+        detail = ", ".join(f"{b} {methods[b][k]:.3f}" for b in beaten)
+        row(f"LDKE >= every baseline on {k}", ldke[k], not beaten, ("beaten by " + detail) if beaten else "")
     for k, thr in METRIC_BARS:
         v = None if ldke is None else ldke.get(k)
         row(f"LDKE {k} >= {thr}", v, None if v is None else v >= thr)
@@ -476,7 +508,8 @@ def _fmt(v: Any, nd: int = 3) -> str:
 
 def markdown_report(results: dict[str, Any], details: dict[str, Any]) -> str:
     lines = [f"# MKE benchmark: suite `{results['suite']}`", "",
-             f"Model: {results['model']}. Edits: {results['n_edits']}. Protocol: `{details.get('protocol')}`. "
+             f"Model: {results['model']}. Edits: {results['n_edits']}. Split: `{results.get('split', 'test')}`. "
+             f"Protocol: `{details.get('protocol')}`. "
              f"Machine: {details.get('machine', {}).get('summary', '')}", ""]
     lines += ["## Single edits (each edit alone on the base model; mean over edits)", ""]
     keys = list(METHOD_KEYS)
@@ -486,6 +519,18 @@ def markdown_report(results: dict[str, Any], details: dict[str, Any]) -> str:
         lines.append(f"| {name} | " + " | ".join(_fmt(m.get(k), 1 if k == "edit_seconds_median" else 3) for k in keys) + " |")
     if details.get("unedited"):
         lines.append("| *(unedited model)* | " + " | ".join(_fmt(details["unedited"].get(k)) for k in keys) + " |")
+    dev = results.get("dev")
+    if dev and dev.get("methods"):
+        lines += ["", f"## Dev vs test (single edits; dev: {dev['n_edits']} edits, test: {results['n_edits']})", "",
+                  "Defaults may be chosen on dev; test (the table above) is for reporting. The dev split never edits or "
+                  "asks the held-out relation.", ""]
+        lines.append("| method | split | " + " | ".join(METRIC_KEYS) + " |")
+        lines.append("|---|---|" + "---:|" * len(METRIC_KEYS))
+        for name, m in dev["methods"].items():
+            for split, row in (("dev", m), ("test", results["methods"].get(name, {}))):
+                lines.append(f"| {name} | {split} | " + " | ".join(_fmt(row.get(k)) for k in METRIC_KEYS) + " |")
+        for split, row in (("dev", dev.get("unedited") or {}), ("test", details.get("unedited") or {})):
+            lines.append(f"| *(unedited model)* | {split} | " + " | ".join(_fmt(row.get(k)) for k in METRIC_KEYS) + " |")
     if results.get("sequential"):
         lines += ["", "## Sequential editing (edits applied one after another; every edit so far evaluated)", ""]
         sk = ["reliability", "min_reliability", "t_generality", "m_generality", "t_locality", "m_locality",
@@ -591,6 +636,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--speed", type=int, default=None, help="requests for the cached-vs-full edit-speed study (0 = skip)")
     ap.add_argument("--protocol", choices=("heldout", "open"), default="heldout",
                     help="heldout: editors see only the edit (default); open: LDKE also gets the request's probes")
+    ap.add_argument("--split", choices=("dev", "test"), default="test",
+                    help="the split of the main tables (default test: entities, wordings and a relation that no "
+                    "default was chosen on); dev is where defaults may be tuned")
+    ap.add_argument("--dev-methods", default="ldke",
+                    help="with --split test: methods also run on the dev split for the dev-vs-test table "
+                    "(comma-separated; empty = none)")
     ap.add_argument("--no-generate", action="store_true", help="skip exact-match generation")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
@@ -652,8 +703,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     sequential = _parse_sizes(args.sequential) if args.sequential is not None else d["sequential"]
     t_all, c_all = time.perf_counter(), _cpu_seconds()
     suite = load_suite(args.suite, n_edits, device=args.device, cache_dir=args.cache_dir, seed=args.seed,
-                       toy_entities=args.toy_entities, n_sequential=max(sequential, default=0))
+                       toy_entities=args.toy_entities, n_sequential=max(sequential, default=0), split=args.split)
     t_load, c_load = time.perf_counter() - t_all, _cpu_seconds() - c_all
+    dev_methods = [m.strip() for m in args.dev_methods.split(",") if m.strip()] if args.split == "test" else []
+    unknown = [m for m in dev_methods if m not in METHODS]
+    if unknown:
+        ap.error(f"unknown --dev-methods {', '.join(unknown)}; known: {', '.join(METHODS)}")
     results, details = run_benchmark(
         suite, methods, sequential=sequential,
         n_localization=args.localization if args.localization is not None else d["localization"],
@@ -664,6 +719,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         overhead_file=Path(args.overhead_file) if args.overhead_file else None,
         measure_overhead_if_missing=not args.no_overhead,
     )
+    if dev_methods:
+        t_dev, c_dev = time.perf_counter(), _cpu_seconds()
+        dev_suite = load_suite(args.suite, n_edits, device=args.device, cache_dir=args.cache_dir, seed=args.seed,
+                               toy_entities=args.toy_entities, split="dev")
+        dev_suite.model, dev_suite.processor = suite.model, suite.processor  # one model in memory
+        results["dev"], details["dev"] = run_dev(dev_suite, dev_methods, protocol=args.protocol,
+                                                 generate=not args.no_generate,
+                                                 hparams=json.loads(args.hparams) if args.hparams else None)
+        details["dev"]["requests"] = [{"subject": r.subject, "relation": r.relation, "target": r.target}
+                                      for r in dev_suite.requests]
+        details["timings"]["dev split"] = time.perf_counter() - t_dev
+        details["cpu_seconds"]["dev split"] = _cpu_seconds() - c_dev
     details["timings"]["load"] = t_load
     details["cpu_seconds"]["load"] = c_load
     details["timings"]["total"] = time.perf_counter() - t_all

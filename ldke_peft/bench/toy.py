@@ -23,6 +23,7 @@ from ..editor import NegativePool, edit, fit_delta
 from ..localization import locate, trace
 from ..metrics import METRIC_KEYS, collect_pre, compute_metrics
 from ..model import default_probe_layer
+from .mke import editor_view
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,9 @@ def run_single(world: Any, requests: Sequence[Any], pool: NegativePool, override
     for r in requests:
         pre = collect_pre(world.model, world.processor, [r])
         t0 = time.perf_counter()
-        pm = edit(world.model, world.processor, [r], _config(world, **overrides), negatives=pool, progress=False)
+        # held-out protocol: the editor sees the edit alone (no probe) and the world's negative pool
+        pm = edit(world.model, world.processor, [editor_view(r)], _config(world, **overrides), negatives=pool,
+                  progress=False)
         times.append(time.perf_counter() - t0)
         m = compute_metrics(pm, world.processor, [r], pre, generate=generate)
         rows.append(m)
@@ -99,7 +102,7 @@ def run_sequential(world: Any, requests: Sequence[Any], pool: NegativePool, chec
     pres = [collect_pre(world.model, world.processor, [r]) for r in requests]
     t_all = time.perf_counter()
     for i, r in enumerate(requests):
-        pm = edit(world.model if pm is None else pm, world.processor, [r], LDKEConfig(), pack=pm,
+        pm = edit(world.model if pm is None else pm, world.processor, [editor_view(r)], LDKEConfig(), pack=pm,
                   negatives=pool, progress=False)
         n = i + 1
         if n in checkpoints or n == len(requests):
@@ -284,13 +287,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, Any] = {"suite": "toy", "model": "toy_world", "seed": args.seed, "n_edits": args.n_edits,
                                "n_entities": len(world.entities), "methods": {}}
     if args.n_edits:
-        reqs = world.edit_requests(args.n_edits, seed=args.edit_seed)
+        reqs = world.edit_requests(args.n_edits, seed=args.edit_seed, split="test")
         results["n_edits"] = len(reqs)
         for name in args.methods.split(","):
             logger.info("method %s", name)
             results["methods"][name] = run_single(world, reqs, pool, ABLATIONS[name], generate=not args.no_generate)
     if args.sequential:
-        reqs = world.edit_requests(args.sequential, seed=args.edit_seed + 100)
+        reqs = world.edit_requests(args.sequential, seed=args.edit_seed + 100, split="test")
         cps = [c for c in (1, 10, 100, 1000) if c <= len(reqs)]
         results["sequential"] = {"ldke": None}
         results["sequential"] = run_sequential(world, reqs, pool, cps)

@@ -66,6 +66,11 @@ EOS = "</s>"
 #: Relations an edit can change, in a fixed order.
 EDIT_RELATIONS = ("capital", "language", "currency", "animal")
 
+#: The held-out protocol's splits: ``dev`` (defaults may be chosen on it) and ``test`` (reported).
+SPLITS = ("dev", "test")
+#: Never edited, asked or pooled in the dev split.
+HELDOUT_RELATION = "animal"
+
 IMAGE_TEMPLATES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "capital": (
         (
@@ -428,16 +433,35 @@ class ToyWorld:
             out.extend(IMAGE_TEMPLATES[r][0] + IMAGE_TEMPLATES[r][1])
         return out
 
+    def pool_wordings(self, relation: str) -> list[str]:
+        """The wording of ``relation`` a caller hands the editor (its first training template); every
+        other wording of it is a probe."""
+        return [IMAGE_TEMPLATES[relation][0][0]]
+
+    def entity_split(self, entity: str) -> str:
+        """``"dev"`` or ``"test"`` (a fixed hash of the name; look-alike pairs stay together; ~1/3 dev)."""
+        import zlib
+
+        partner = self.lookalike_of(entity)
+        head = min(entity, partner) if partner is not None else entity
+        return "dev" if zlib.crc32(f"toy-split:{head}".encode()) % 3 == 0 else "test"
+
+    def split_relations(self, split: str | None) -> list[str]:
+        """The relations edited and asked in ``split`` (dev lacks :data:`HELDOUT_RELATION`)."""
+        if split is not None and split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+        return [r for r in EDIT_RELATIONS if split != "dev" or r != HELDOUT_RELATION]
+
     def negative_pool(self) -> Any:
-        """Hard-negative material for the editor: every wording of every editable relation and of
-        "which country is shown" (not the composed questions: an edit *should* change those), and
-        the canonical image of every entity."""
+        """Hard-negative material for the editor, disjoint from every probe of :meth:`edit_requests`: one
+        wording (:meth:`pool_wordings`) of each dev relation and of "which country is shown", and a
+        training view (view 1) of every entity outside the test split."""
         from ..editor import NegativePool
 
-        rels = list(EDIT_RELATIONS) + ["country"]
+        rels = self.split_relations("dev") + ["country"]
         return NegativePool(
-            questions=[(q, r) for r in rels for q in self.question_bank(r)],
-            images=[(self.render(e, 0), e) for e in self.spec.entities],
+            questions=[(q, r) for r in rels for q in self.pool_wordings(r)],
+            images=[(self.render(e, 1), e) for e in self.spec.entities if self.entity_split(e) != "test"],
         )
 
     def text_prompt(self, text_relation: str, subject: str, template: int = 0, split: str = "train") -> str:
@@ -572,20 +596,26 @@ class ToyWorld:
         return result
 
     # ------------------------------------------------------------------ edit requests
-    def edit_requests(self, n: int, seed: int = 0, n_locality: int = 2, n_views: int = 2) -> list[EditRequest]:
+    def edit_requests(self, n: int, seed: int = 0, n_locality: int = 2, n_views: int = 2,
+                      split: str | None = None) -> list[EditRequest]:
         """``n`` edit requests for facts the model currently answers correctly, with every probe filled.
 
-        Each request edits ``relation`` of ``subject`` (asked with the canonical view and one
-        training wording) to a ``target`` drawn from the relation's answer vocabulary, preferring
+        ``split`` (``"dev"``/``"test"``) keeps that split's entities and relations (``None``: all). No
+        probe is among what :meth:`negative_pool` hands an editor: probes use the wordings other than the
+        pool's and the edit's, and views other than the pool's.
+
+        Each request edits ``relation`` of ``subject`` (asked with the canonical view and the
+        relation's first training wording) to a ``target`` drawn from the relation's answer vocabulary, preferring
         targets whose second-hop answer differs from the current one (so the portability probe
         discriminates). Probes:
 
-        * ``rephrase_prompts``: the other wordings (training and held-out) of the question;
+        * ``rephrase_prompts``: the other wordings of the question, except the pool's;
         * ``rephrase_images``: ``n_views`` held-out views of the subject;
         * ``locality``: text-only facts unrelated to the subject (answer = the model's current one);
         * ``m_locality``: image questions about other entities (current answers);
-        * ``coupled``: the same image with every other relation (``same_image_other_question``) and
-          the look-alike's image with the same question (``lookalike_same_question``), current answers;
+        * ``coupled``: the same image with every other relation, in its held-out wording
+          (``same_image_other_question``), and the look-alike's image with the edit question and the
+          relation's held-out wording (``lookalike_same_question``), current answers;
         * ``portability``: the composed question on the subject's image, answer ``hop(target)``.
 
         Different requests edit different entities while there are entities left.
@@ -607,17 +637,22 @@ class ToyWorld:
         singles = [e for e in spec.entities if e not in paired]
         rng.shuffle(singles)
         order = firsts + singles + seconds
+        relations = self.split_relations(split)
+        if split is not None:
+            order = [e for e in order if self.entity_split(e) == split]
         # candidates in rounds: every entity once before any entity twice
         candidates: list[tuple[str, str, int]] = []
         used: dict[str, set[str]] = {e: set() for e in order}
-        for _ in EDIT_RELATIONS:
+        for _ in relations:
             for e in order:
                 partner = self.lookalike_of(e)
-                free = [r for r in EDIT_RELATIONS if r not in used[e]]
+                free = [r for r in relations if r not in used[e]]
                 pref = [r for r in free if partner is None or r not in used[partner]]
                 rel = rng.choice(pref or free)
                 used[e].add(rel)
-                candidates.append((e, rel, rng.randrange(len(IMAGE_TEMPLATES[rel][0]))))
+                # the edit is asked in the pool's wording (the canonical one): every other wording of the
+                # relation stays a probe, for this edit and for every other edit of a sequential pack
+                candidates.append((e, rel, 0))
         # keep facts the model answers right (canonical view, the edit wording); checked in chunks
         chosen: list[tuple[str, str, int]] = []
         edited: set[tuple[str, str]] = set()
@@ -663,7 +698,7 @@ class ToyWorld:
             target = rng.choice(better or vocab)
             img = self.render(e, 0)
             prompt = IMAGE_TEMPLATES[rel][0][t]
-            rephrases = [p for p in self.question_bank(rel) if p != prompt]
+            rephrases = [p for p in self.question_bank(rel) if p != prompt and p not in self.pool_wordings(rel)]
             views = [self.render(e, v) for v in self.heldout_views(n_views, offset=100 + n_views * k)]
             partner = self.lookalike_of(e)
             # locality: text facts that mention neither the subject nor its answers, and whose answer
@@ -674,19 +709,19 @@ class ToyWorld:
                 need(None, TEXT_TEMPLATES[x[0]][0][rng.randrange(len(TEXT_TEMPLATES[x[0]][0]))].format(x=x[1]))
                 for x in rng.sample(loc_src, min(n_locality, len(loc_src)))
             ]
-            m_src = [(o, r2) for o in spec.entities if o not in (e, partner) for r2 in EDIT_RELATIONS if (o, r2) not in edited]
+            m_src = [(o, r2) for o in spec.entities if o not in (e, partner) for r2 in relations if (o, r2) not in edited]
             m_loc = [
                 need(self.render(o, 0), IMAGE_TEMPLATES[r2][0][rng.randrange(len(IMAGE_TEMPLATES[r2][0]))])
                 for o, r2 in rng.sample(m_src, min(n_locality, len(m_src)))
             ]
             coupled = []
-            for r2 in EDIT_RELATIONS:
+            for r2 in relations:
                 if r2 != rel and (e, r2) not in edited:
-                    tt = IMAGE_TEMPLATES[r2][0]
-                    coupled.append(("same_image_other_question", img, need(img, tt[t % len(tt)])))
+                    coupled.append(("same_image_other_question", img, need(img, IMAGE_TEMPLATES[r2][1][0])))
             if partner is not None and (partner, rel) not in edited:
                 pimg = self.render(partner, 0)
                 coupled.append(("lookalike_same_question", pimg, need(pimg, prompt)))
+                coupled.append(("lookalike_same_question", pimg, need(pimg, IMAGE_TEMPLATES[rel][1][0])))
             drafts.append((e, rel, t, cur, target, img, prompt, rephrases, views, loc, m_loc, coupled))
 
         current = self.ask_many([p[0] for p in pending], [p[1] for p in pending])
