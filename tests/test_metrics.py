@@ -131,7 +131,8 @@ def _requests():
         locality=[Probe("Which language is spoken?", "euro"), Probe("Describe the image.", "A red flag")],
         m_locality=[Probe("Describe the image.", "A blue flag", image=blue)],
         coupled=[Probe("What currency is used there?", "pound", image=red),
-                 Probe("What is the capital of the country shown?", "London", image=green)],
+                 Probe("What is the capital of the country shown?", "London", image=green),
+                 Probe("Which city is the largest?", "Lyon", image=red, kind="near_miss:capital")],
         portability=[Probe("What currency is used in the capital?", "the euro", image=red)],
     )
     multi = EditRequest(
@@ -167,10 +168,10 @@ def test_unedited_model_scores_locality_exactly_one(llava):
     # another batch size for the accuracy passes: locality still reuses pre's batches -> exactly 1.0
     res = compute_metrics(model, processor, reqs, pre, batch_size=2)
     assert set(METRIC_KEYS) <= set(res) and res["n"] == 3
-    for key in ("t_locality", "m_locality", "coupled_locality"):
+    for key in ("t_locality", "m_locality", "coupled_locality", "near_miss_locality"):
         assert res[key] == 1.0, key
     assert res["counts"] == {"reliability": 3, "t_generality": 1, "m_generality": 1, "t_locality": 2,
-                             "m_locality": 2, "coupled_locality": 1, "near_miss_locality": 0, "portability": 1,
+                             "m_locality": 2, "coupled_locality": 1, "near_miss_locality": 1, "portability": 1,
                              "exact_match": 3}
     per = res["per_request"]
     assert per[1]["t_generality"] is None and per[2]["m_locality"] is None and per[2]["coupled_locality"] is None
@@ -197,7 +198,7 @@ def test_edit_raises_reliability_and_breaks_locality(llava):
     assert per[2]["reliability"] == pytest.approx(1 / 3)  # "the yen" -> Ġthe, Ġy, en
     assert per[0]["portability"] == pytest.approx(1 / 3)  # "the euro" -> Ġthe, Ġeur, o
     assert [p["exact_match"] for p in per] == [1.0, 0.0, 0.0]  # "the the the" starts with "the" only
-    for key in ("t_locality", "m_locality", "coupled_locality"):
+    for key in ("t_locality", "m_locality", "coupled_locality", "near_miss_locality"):
         assert res[key] < 0.5, key
     ans = compute_metrics(edited, processor, reqs, pre, generate=False, locality_positions="answer")
     assert ans["t_locality"] < 1 and ans["m_locality"] < 1 and ans["coupled_locality"] < 1

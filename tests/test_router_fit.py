@@ -56,13 +56,13 @@ def _req(relation="language"):
 
 
 def test_bank_wordings_of_the_edited_relation_are_positives():
-    pool = NegativePool(questions=[("Which tongue is used here?", "language"), ("What is the capital of this country?", "capital")])
+    bank_lang = ["Which tongue is used here?", "What language is spoken in the country shown?"]
+    pool = NegativePool(questions=[(q, "language") for q in bank_lang] + [("What is the capital of this country?", "capital")])
     pos = same_relation_questions(_req(), pool, 2)
-    bank_lang = [q for q, rel in GENERIC_QUESTIONS if rel == "language"]
-    assert "Which tongue is used here?" in pos and all(q in pos for q in bank_lang)
+    assert all(q in pos for q in bank_lang)
     assert not any("capital" in q.casefold() for q in pos)
     # rephrasings of the bank's wordings come along (other forms of the same question)
-    assert any(p in pos for p in paraphrases(bank_lang[0], 2))
+    assert any(p in pos for p in paraphrases(bank_lang[1], 2))
     # no relation: nothing can be said to ask the same thing
     assert same_relation_questions(_req(None), pool, 2) == []
 

@@ -59,6 +59,7 @@ def merge_runs(folders: Sequence[str | Path]) -> tuple[dict[str, Any], dict[str,
     suite = _same(runs, "suite", lambda r, d: r.get("suite"))
     model = _same(runs, "model", lambda r, d: r.get("model"))
     protocol = _same(runs, "protocol", lambda r, d: d.get("protocol"))
+    split = _same(runs, "split", lambda r, d: r.get("split", "test"))
 
     n_single = max(r.get("n_edits") or 0 for _, r, _ in runs if r.get("methods"))
     single_runs = [(f, r, d) for f, r, d in runs if r.get("methods") and r.get("n_edits") == n_single]
@@ -67,8 +68,9 @@ def merge_runs(folders: Sequence[str | Path]) -> tuple[dict[str, Any], dict[str,
         if _case_keys(d, n_single) != cases:
             raise MergeError(f"{f} edited other cases than {single_runs[0][0]} (different --seed or build?)")
 
-    results: dict[str, Any] = {"suite": suite, "model": model, "n_edits": n_single, "methods": {}, "sequential": {},
-                               "localization": None, "edit_speed": None, "inference_overhead": None}
+    results: dict[str, Any] = {"suite": suite, "model": model, "split": split, "n_edits": n_single, "methods": {},
+                               "sequential": {}, "localization": None, "edit_speed": None, "inference_overhead": None,
+                               "dev": None}
     details: dict[str, Any] = {"protocol": protocol, "methods": {}, "timings": {}, "cpu_seconds": {},
                                "suite_info": runs[0][2].get("suite_info"), "hparams": {},
                                "requests": single_runs[0][2].get("requests"), "unedited": single_runs[0][2].get("unedited"),
@@ -91,6 +93,15 @@ def merge_runs(folders: Sequence[str | Path]) -> tuple[dict[str, Any], dict[str,
                 raise MergeError(f"the sequential study of {name!r} is in more than one run (second: {folder})")
             results["sequential"][name] = curve
             source["sequential"].append(name)
+        if res.get("dev"):
+            if results["dev"] is None:
+                results["dev"] = {k: v for k, v in res["dev"].items() if k != "methods"} | {"methods": {}}
+                details["dev"] = {}
+            for name, row in res["dev"].get("methods", {}).items():
+                if name in results["dev"]["methods"]:
+                    raise MergeError(f"method {name!r} was measured on the dev split in more than one run (second: {folder})")
+                results["dev"]["methods"][name] = row
+                details["dev"][name] = (det.get("dev") or {}).get(name)
         for key in ("localization", "edit_speed", "inference_overhead"):
             if res.get(key) is not None:
                 if results[key] is None:

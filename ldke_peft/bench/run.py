@@ -640,8 +640,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="the split of the main tables (default test: entities, wordings and a relation that no "
                     "default was chosen on); dev is where defaults may be tuned")
     ap.add_argument("--dev-methods", default="ldke",
-                    help="with --split test: methods also run on the dev split for the dev-vs-test table "
-                    "(comma-separated; empty = none)")
+                    help="with --split test: those of --methods also run on the dev split for the dev-vs-test "
+                    "table (comma-separated; empty = none)")
     ap.add_argument("--no-generate", action="store_true", help="skip exact-match generation")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
@@ -709,6 +709,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [m for m in dev_methods if m not in METHODS]
     if unknown:
         ap.error(f"unknown --dev-methods {', '.join(unknown)}; known: {', '.join(METHODS)}")
+    dev_methods = [m for m in dev_methods if m in methods]  # a process running other methods leaves them out
     results, details = run_benchmark(
         suite, methods, sequential=sequential,
         n_localization=args.localization if args.localization is not None else d["localization"],
