@@ -511,6 +511,8 @@ def markdown_report(results: dict[str, Any], details: dict[str, Any]) -> str:
              f"Model: {results['model']}. Edits: {results['n_edits']}. Split: `{results.get('split', 'test')}`. "
              f"Protocol: `{details.get('protocol')}`. "
              f"Machine: {details.get('machine', {}).get('summary', '')}", ""]
+    if details.get("argv") is not None:
+        lines += [f"Produced by `ldke bench {' '.join(details['argv'])}` at commit `{details.get('commit') or 'unknown'}`.", ""]
     lines += ["## Single edits (each edit alone on the base model; mean over edits)", ""]
     keys = list(METHOD_KEYS)
     lines.append("| method | " + " | ".join(keys) + " |")
@@ -609,6 +611,20 @@ def write_outputs(out: Path, results: dict[str, Any], details: dict[str, Any], p
         heat = (details.get("localization") or {}).get("heatmap")
         if heat:
             P.localization_heatmap(heat, out / "localization_heatmap.png")
+
+
+def _git_commit() -> str | None:
+    """The checkout's commit (with ``+dirty`` when it has uncommitted changes), or ``None`` outside git."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "")
 
 
 def _parse_sizes(text: str) -> list[int]:
@@ -738,6 +754,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     details["cpu_seconds"]["total"] = _cpu_seconds() - c_all
     details["machine"] = _machine()
     details["argv"] = list(argv) if argv is not None else sys.argv[1:]
+    details["commit"] = _git_commit()
     out = Path(args.out or f"benchmarks/results/{args.suite}")
     write_outputs(out, results, details, plots=not args.no_plots)
     if args.export_data and suite.name in ("smoke", "full"):
