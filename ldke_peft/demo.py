@@ -176,7 +176,7 @@ def run_demo(
     from .context import prompt_mask_context
     from .families import family_of
     from .hub import save_edits
-    from .testing import toy_world as tw
+    from .testing import toy_world_module as tw
 
     o = stream or sys.stdout
     timings: dict[str, float] = {}
