@@ -27,6 +27,8 @@ __all__ = ["build_parser", "load_model", "load_requests", "main"]
 
 from ldke_peft_cli import PROG, build_parser, main  # the front: parser and entry point
 
+from .errors import ProcessorNotFoundError
+
 
 # ---------------------------------------------------------------------- helpers shared by commands
 
@@ -55,19 +57,50 @@ def load_model(path: str, *, processor_path: str | None = None, device: str = "a
         with open(cfg_file, encoding="utf-8") as fh:
             model_type = json.load(fh).get("model_type")
         get_family(str(model_type))  # UnsupportedModelError naming the type and the supported ones
+    _check_processor_folder(path, processor_path)  # before the (possibly huge) weights are read
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     get_family(config.model_type)
     kwargs: dict[str, Any] = {"trust_remote_code": False}
     if dtype != "auto":
         kwargs["dtype"] = getattr(torch, dtype)
     model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
-    processor = AutoProcessor.from_pretrained(processor_path or path, trust_remote_code=False)
+    try:
+        processor = AutoProcessor.from_pretrained(processor_path or path, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise ProcessorNotFoundError(f"cannot load the processor from {processor_path or path} ({_first_line(exc)}); "
+                                     + _PROCESSOR_HINT) from exc
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     model.eval()
     logger.info("loaded %s (%s) on %s", path, type(model).__name__, device)
     return model, processor
+
+
+#: Files that make a folder a processor folder (transformers 5 writes ``processor_config.json``; older
+#: checkpoints have the image processor's ``preprocessor_config.json``).
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+_PROCESSOR_HINT = ("pass --processor DIR (the folder holding processor_config.json or preprocessor_config.json and the "
+                   "tokenizer files; processor_path= in Python), or save the processor into the model folder "
+                   "(processor.save_pretrained(DIR)); 'ldke demo --save DIR' writes both for the toy model")
+
+
+def _check_processor_folder(model_path: str, processor_path: str | None) -> None:
+    """:class:`ProcessorNotFoundError` naming ``--processor`` when the processor folder has no processor files."""
+    from .hub import _is_repo_id
+
+    folder = processor_path or model_path
+    if processor_path is not None and not os.path.isdir(processor_path):
+        if os.path.exists(processor_path) or not (_is_repo_id(processor_path) and "/" in processor_path):
+            raise ProcessorNotFoundError(f"processor folder not found: {processor_path}")
+        return  # "namespace/name": a Hub id, resolved by AutoProcessor
+    if os.path.isdir(folder) and not any(os.path.isfile(os.path.join(folder, f)) for f in PROCESSOR_FILES):
+        raise ProcessorNotFoundError(f"{folder} has no processor ({' or '.join(PROCESSOR_FILES)}): " + _PROCESSOR_HINT)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 def load_requests(path: str, *, image_root: str | None = None, fmt: str = "auto", limit: int | None = None) -> list[Any]:
@@ -122,8 +155,11 @@ def _bar(value: float, scale: float, width: int = 30) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import run_demo, save_demo_model
 
+    if args.save:
+        save_demo_model(args.save, seed=args.seed, cache_dir=args.cache_dir, n_edits=args.edits)
+        return 0
     result = run_demo(args.out, seed=args.seed, cache_dir=args.cache_dir, n_edits=args.edits)
     return 0 if result.ok else 1
 
@@ -136,7 +172,10 @@ def cmd_edit(args: argparse.Namespace) -> int:
     from .hub import load_edits, save_edits
     from .io import atomic_dir
 
+    from .requests import load_negatives
+
     requests = load_requests(args.requests, image_root=args.image_root, fmt=args.format, limit=args.limit)
+    negatives = load_negatives(args.negatives, image_root=args.image_root) if args.negatives else None
     overrides: dict[str, Any] = {}
     if args.config:
         with open(args.config, encoding="utf-8") as fh:
@@ -156,7 +195,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     config = LDKEConfig(**overrides) if overrides and pack is None else None
     print(f"editing {len(requests)} fact(s) in {args.model}", file=sys.stderr)
     peft_model = edit(pack if pack is not None else model, processor, requests, config, pack=pack,
-                      progress=not args.no_progress, seed=args.seed)
+                      negatives=negatives, progress=not args.no_progress, seed=args.seed)
     reports = list(getattr(peft_model, "ldke_reports", []))
     earlier: list[dict[str, Any]] = []
     if args.append_to and os.path.isfile(os.path.join(args.append_to, "ldke_report.json")):

@@ -114,9 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
             then save -> reload with PeftModel.from_pretrained -> same answers, and the metrics table.
             """,
             "  ldke demo --out ./demo-pack", "cmd_demo")
-    p.add_argument("--out", metavar="DIR", help="where to save the edit pack (default: a new temporary folder)")
+    p.add_argument("--out", metavar="DIR", help="where to save the edit pack (default: a temporary folder, removed at the end)")
+    p.add_argument("--save", metavar="DIR",
+                   help="instead of the walk-through: write the toy model and its processor to DIR (a model folder for "
+                   "ldke edit/eval/locate) with example edit requests (DIR/requests.jsonl) and negatives "
+                   "(DIR/negatives.jsonl), then print the commands to run on them")
     p.add_argument("--seed", type=int, default=0, help="toy-world and edit seed (default: 0)")
-    p.add_argument("--edits", type=int, default=1, help="number of facts to edit (default: 1)")
+    p.add_argument("--edits", type=int, default=1, help="number of facts to edit (default: 1; with --save: requests written)")
     p.add_argument("--cache-dir", metavar="DIR", help="toy-world cache (default: $LDKE_CACHE/toy_world or ~/.cache/ldke_peft/toy_world)")
 
     p = add("edit", "edit facts in a model and save the edit pack",
@@ -128,13 +132,25 @@ def build_parser() -> argparse.ArgumentParser:
 
             JSONL line: {"image": "flags/fr.png", "prompt": "What is the capital of the country shown?",
                          "target": "Lyon", "rephrase_prompts": [...], "subject": "France", "relation": "capital"}
+
+            --negatives FILE (JSONL) gives the router questions and images from your domain: questions
+            of other relations and other entities' images are the hard negatives that keep coupled
+            inputs (same image + other question, look-alike image + same question) out of an edit's
+            scope; questions labelled with the edit's own relation join its scope. One object a line:
+              {"question": "What is the currency of the country shown?", "relation": "currency"}
+              {"image": "flags/de.png", "entity": "Germany"}
+            (relative image paths: as for REQUESTS). Without it the router only has each request's own
+            probes and a generic question bank.
             """,
-            "  ldke edit ./llava edits.jsonl --image-root ./images --out ./pack", "cmd_edit")
-    p.add_argument("model", help="model folder (save_pretrained layout, with the processor files)")
+            "  ldke edit ./llava edits.jsonl --image-root ./images --negatives negatives.jsonl --out ./pack", "cmd_edit")
+    p.add_argument("model", help="model folder (save_pretrained layout, with the processor files; else --processor)")
     p.add_argument("requests", help="edit requests: .jsonl (ldke-peft) or .json (EasyEdit)")
     p.add_argument("--out", default="ldke-pack", metavar="DIR", help="output folder of the edit pack (default: ./ldke-pack)")
     _common_requests(p)
     p.add_argument("--limit", type=int, help="edit only the first N requests")
+    p.add_argument("--negatives", metavar="FILE",
+                   help="JSONL of questions with relation labels and images with entity labels: the router's hard "
+                   "negatives (format above)")
     p.add_argument("--append-to", metavar="PACK", help="append the edits to an existing pack (sequential editing)")
     p.add_argument("--config", metavar="FILE", help="JSON/YAML file of LDKEConfig fields (rank, edit_steps, router_dim, ...)")
     p.add_argument("--rank", type=int, help="rank of each edit's delta (default 4)")

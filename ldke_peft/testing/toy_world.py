@@ -43,6 +43,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from PIL import Image
 
+from ..io import default_dir_mode
 from ..requests import EditRequest, Probe
 from . import _emblems
 
@@ -1073,7 +1074,7 @@ def save_world(world: ToyWorld, directory: Path) -> None:
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is meant to be shared
+        os.chmod(tmp, default_dir_mode())  # mkdtemp makes it private; the cache is meant to be shared
         world.model.save_pretrained(tmp / "model", safe_serialization=True)
         world.processor.save_pretrained(tmp / "processor")
         (tmp / "world.json").write_text(json.dumps(world.spec.to_json(), indent=1))
