@@ -1,7 +1,7 @@
 """Quickstart: edit one fact of a multimodal model, save the edit pack, load it back with plain PEFT.
 
 Runs offline on the toy world, a tiny LLaVA trained on invented countries (it is trained on the first
-run, about a minute or two on a laptop CPU, and cached afterwards). To edit your own model, replace
+run, about a minute on one CPU core, and cached afterwards). To edit your own model, replace
 the two ``toy_world`` lines with::
 
     from transformers import AutoModelForImageTextToText, AutoProcessor
