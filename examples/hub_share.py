@@ -43,10 +43,16 @@ def main(argv=None) -> int:
     parser.add_argument("--repo-id", default="org/ldke-toy-edits", help="Hub repo to push to")
     parser.add_argument("--endpoint", help="Hub endpoint (default: start a local fake Hub)")
     parser.add_argument("--token", help="Hub token (default: the logged-in user's; a dummy one for the fake Hub)")
-    parser.add_argument("--cache-dir", help="Hugging Face cache for the download (default: a temporary folder)")
+    parser.add_argument("--cache-dir", help="Hugging Face cache for the download (default: a temporary folder, removed at the end)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="ldke-hf-cache-")
+    if args.cache_dir:
+        return run(args, args.cache_dir)
+    with tempfile.TemporaryDirectory(prefix="ldke-hf-cache-") as cache_dir:  # removed at the end
+        return run(args, cache_dir)
+
+
+def run(args: argparse.Namespace, cache_dir: str) -> int:
 
     world = toy_world(args.seed)
     processor = world.processor

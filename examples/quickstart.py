@@ -1,7 +1,7 @@
 """Quickstart: edit one fact of a multimodal model, save the edit pack, load it back with plain PEFT.
 
 Runs offline on the toy world, a tiny LLaVA trained on invented countries (it is trained on the first
-run, about a minute or two on a laptop CPU, and cached afterwards). To edit your own model, replace
+run, about a minute on one CPU core, and cached afterwards). To edit your own model, replace
 the two ``toy_world`` lines with::
 
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -38,11 +38,17 @@ def answer(model, processor, image, question: str) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", help="folder for the edit pack (default: a temporary folder)")
+    parser.add_argument("--out", help="folder for the edit pack (default: a temporary folder, removed at the end)")
     parser.add_argument("--seed", type=int, default=0, help="toy-world seed")
     parser.add_argument("--entity", type=int, default=3, help="which country of the toy world to edit")
     args = parser.parse_args(argv)
-    out = args.out or tempfile.mkdtemp(prefix="ldke-quickstart-")
+    if args.out:
+        return run(args, args.out)
+    with tempfile.TemporaryDirectory(prefix="ldke-quickstart-") as out:  # removed at the end; --out keeps the pack
+        return run(args, out)
+
+
+def run(args: argparse.Namespace, out: str) -> int:
 
     # 1. A model and its processor. The toy world is a real LlavaForConditionalGeneration + LlavaProcessor.
     world = toy_world(args.seed)

@@ -27,9 +27,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--edits", type=int, default=4, help="number of facts to add, one per step (default: 4)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", help="folder for the final pack (default: a temporary folder)")
+    parser.add_argument("--out", help="folder for the final pack (default: a temporary folder, removed at the end)")
     args = parser.parse_args(argv)
-    out = args.out or tempfile.mkdtemp(prefix="ldke-sequential-")
+    if args.out:
+        return run(args, args.out)
+    with tempfile.TemporaryDirectory(prefix="ldke-sequential-") as out:  # removed at the end; --out keeps the pack
+        return run(args, out)
+
+
+def run(args: argparse.Namespace, out: str) -> int:
 
     world = toy_world(args.seed)
     processor = world.processor

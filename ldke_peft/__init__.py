@@ -7,6 +7,7 @@ loads LDKE edit packs.
 from __future__ import annotations
 
 import logging
+import warnings
 
 from .config import LDKEConfig
 from .errors import (
@@ -17,6 +18,7 @@ from .errors import (
     InvalidRequestError,
     LDKEError,
     MergeRefusedError,
+    ProcessorNotFoundError,
     UnsafeAdapterError,
     UnsupportedModelError,
 )
@@ -46,6 +48,10 @@ def evaluate(model_or_peft, processor, requests, pre=None, **kwargs):
 
 _register()
 logging.getLogger(__name__).addHandler(logging.NullHandler())
+# peft 0.21's PeftModel.__init__ reads transformers 5's deprecated ``is_gradient_checkpointing``: a
+# FutureWarning on every edit and every pack load that no user can act on (it would land in the middle
+# of printed results). Only that message is silenced.
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 __all__ = [
     "AdapterLoadError",
@@ -63,6 +69,7 @@ __all__ = [
     "LDKEPeftType",
     "MergeRefusedError",
     "Probe",
+    "ProcessorNotFoundError",
     "UnsafeAdapterError",
     "UnsupportedModelError",
     "edit",

@@ -233,6 +233,8 @@ def build_edit_parser(prog: str = "python -m ldke_peft.distributed edit") -> arg
     ap.add_argument("pos_requests", nargs="?", metavar="REQUESTS", help=argparse.SUPPRESS)
     ap.add_argument("--requests", help="edit requests: .jsonl (ldke-peft) or .json (EasyEdit)")
     ap.add_argument("--out", required=True, help="output folder: merged pack; shard packs under OUT/shards/rank<k>")
+    ap.add_argument("--negatives", help="JSONL of questions/relations and images/entities for the router's hard "
+                    "negatives (as 'ldke edit --negatives'; default for the toy world: its own pool)")
     ap.add_argument("--config", help="JSON/YAML file of LDKEConfig fields")
     ap.add_argument("--rank", type=int, help="rank of each edit's delta")
     ap.add_argument("--num-edit-layers", type=int)
@@ -294,6 +296,10 @@ def edit_main(argv: Sequence[str] | None = None) -> int:
             return {"n": len(requests), "indices": []}
         model, processor, pool = load_world_or_model(args.model, processor=args.processor, device=_device(args, state),
                                                       dtype=args.dtype)
+        if args.negatives:
+            from .requests import load_negatives
+
+            pool = load_negatives(args.negatives, image_root=args.image_root)
         pm = edit(model, processor, [requests[i] for i in mine], _edit_config(args), negatives=pool,
                   progress=False, seed=args.seed)
         edits = pm.peft_config["default"].edits

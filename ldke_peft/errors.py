@@ -16,6 +16,11 @@ class UnsupportedModelError(LDKEError, ValueError):
     """The model's ``config.model_type`` is not a family ldke-peft knows how to edit."""
 
 
+class ProcessorNotFoundError(LDKEError, FileNotFoundError):
+    """A model folder has no processor files (``processor_config.json`` / ``preprocessor_config.json``
+    and the tokenizer): the processor lives elsewhere, pass its folder (``--processor``)."""
+
+
 class InvalidRequestError(LDKEError, ValueError):
     """An :class:`~ldke_peft.requests.EditRequest` (or a record it was parsed from) is malformed.
 

@@ -39,12 +39,13 @@ import inspect
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from typing import Any, Iterator, Sequence
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["atomic_dir", "atomic_save", "install_atomic_save_pretrained"]
+__all__ = ["atomic_dir", "atomic_save", "default_dir_mode", "install_atomic_save_pretrained"]
 
 _TMP_TAG = ".ldke-tmp-"
 _OLD_TAG = ".ldke-old-"
@@ -79,6 +80,9 @@ def atomic_dir(path: str | os.PathLike, *, keep_existing: bool = True,
     os.makedirs(parent, exist_ok=True)
     stage = tempfile.mkdtemp(prefix=f".{name}{_TMP_TAG}", dir=parent)
     try:
+        # mkdtemp makes the folder private (0700); the result gets the mode of the folder it replaces,
+        # or the one a plain mkdir would give (0777 minus the umask)
+        os.chmod(stage, stat.S_IMODE(os.stat(target).st_mode) if os.path.isdir(target) else default_dir_mode())
         if os.path.isdir(target):
             for fname in copy_first:
                 src = os.path.join(target, fname)
@@ -92,6 +96,24 @@ def atomic_dir(path: str | os.PathLike, *, keep_existing: bool = True,
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+
+
+def default_dir_mode() -> int:
+    """The mode ``os.mkdir`` gives a new folder: ``0o777`` minus the process's umask."""
+    return 0o777 & ~_umask()
+
+
+def _umask() -> int:
+    try:  # Linux >= 4.7 reports it without changing it
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read it by setting it, then put it back
+    os.umask(mask)
+    return mask
 
 
 def atomic_save(peft_model: Any, path: str | os.PathLike, *args: Any, **kwargs: Any) -> str:

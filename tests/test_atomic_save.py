@@ -247,3 +247,18 @@ def test_save_edits_is_atomic_and_keeps_the_report(tmp_path):
     assert "LDKE edit pack" in (target / "README.md").read_text()
     base, _ = tiny_model("llava")
     assert ldke_peft.hub.load_edits(base, str(target)).peft_config["default"].num_slots == 2
+
+
+def test_pack_folders_get_the_umask_mode_not_0700(tmp_path):
+    """mkdtemp's private mode must not leak into the pack folder; a replaced folder keeps its own mode."""
+    old = os.umask(0o027)
+    try:
+        with atomic_dir(tmp_path / "pack") as stage:
+            open(os.path.join(stage, "f"), "w").close()
+        assert (tmp_path / "pack").stat().st_mode & 0o777 == 0o750
+        os.chmod(tmp_path / "pack", 0o705)
+        with atomic_dir(tmp_path / "pack") as stage:
+            open(os.path.join(stage, "g"), "w").close()
+        assert (tmp_path / "pack").stat().st_mode & 0o777 == 0o705
+    finally:
+        os.umask(old)

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import huggingface_hub
 import pytest
@@ -16,7 +17,7 @@ from PIL import Image
 
 from ldke_peft import EditRequest, Probe
 from ldke_peft.cli import build_parser, main
-from ldke_peft.errors import ImageError
+from ldke_peft.errors import ImageError, ProcessorNotFoundError
 from ldke_peft.requests import save_jsonl
 from ldke_peft.testing.fake_hub import FakeHub
 from ldke_peft.testing.tiny import tiny_model
@@ -228,12 +229,72 @@ def test_usage_errors_exit_2(capsys):
 
 
 @pytest.mark.slow
-def test_demo_runs_offline_and_reloads(tmp_path, capsys):
-    out = tmp_path / "demo-pack"
-    assert main(["demo", "--out", str(out)]) == 0
+def test_demo_runs_offline_and_reloads(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the demo's temporary pack folder goes
+    assert main(["demo"]) == 0
     text = capsys.readouterr().out
     assert "answers identical" in text and "MISMATCH" not in text
     for probe in ("edit question", "rephrased question", "another view", "coupled: same image", "unrelated"):
         assert probe in text
     assert "reliability" in text and "coupled_locality" in text
-    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(os.listdir(out))
+    assert "adapter_config.json, adapter_model.safetensors" in text and "removed at the end" in text
+    assert not list(tmp_path.iterdir()), "the demo must remove its temporary pack folder"
+
+
+@pytest.mark.slow
+def test_demo_save_gives_a_model_folder_and_negatives_reach_the_router(world, tmp_path, capsys):
+    """`ldke demo --save DIR` is a model folder `ldke edit` takes; `--negatives` gives the CLI edit the
+    router the same edit gets in Python with the same pool (and without it, another one)."""
+    from ldke_peft import edit
+    from ldke_peft.cli import load_model, load_requests
+
+    folder = tmp_path / "toy"
+    assert main(["demo", "--save", str(folder)]) == 0
+    assert f"ldke edit {folder}" in capsys.readouterr().out
+    assert {"config.json", "model.safetensors", "processor_config.json", "requests.jsonl", "negatives.jsonl"} <= set(
+        os.listdir(folder))
+    requests = str(folder / "requests.jsonl")
+
+    def cli_router(*extra: str) -> dict:
+        out = tmp_path / f"pack{len(extra)}"
+        assert main(["edit", str(folder), requests, "--out", str(out), "--no-progress", *extra]) == 0
+        return json.loads((out / "ldke_report.json").read_text())[0]["router"]
+
+    with_file = cli_router("--negatives", str(folder / "negatives.jsonl"))
+    model, processor = load_model(str(folder), device="cpu")
+    in_python = edit(model, processor, load_requests(requests), negatives=world.negative_pool(), progress=False)
+    assert with_file == in_python.ldke_reports[0].router
+    assert with_file["separable"]
+    assert cli_router() != with_file
+
+
+def test_missing_processor_names_the_option(workdir, tmp_path, capsys):
+    bare = tmp_path / "weights-only"
+    shutil.copytree(workdir / "model", bare, ignore=shutil.ignore_patterns("*processor*", "*token*", "chat_template*"))
+    assert main(["locate", str(bare), str(workdir / "requests.jsonl")]) == 2
+    line = _error_line(capsys)
+    assert line.startswith("ldke: error: ") and "has no processor" in line and "--processor DIR" in line
+    assert main(["locate", str(bare), str(workdir / "requests.jsonl"), "--processor", str(tmp_path / "nope")]) == 2
+    assert "processor folder not found" in _error_line(capsys)
+    assert main(["locate", str(bare), str(workdir / "requests.jsonl"), "--processor", str(workdir / "model"), "--json"]) == 0
+    with pytest.raises(ProcessorNotFoundError):
+        main(["locate", str(bare), str(workdir / "requests.jsonl"), "--debug"])
+
+
+def test_bad_negatives_file_is_one_line_with_its_line_number(workdir, tmp_path, capsys):
+    bad = tmp_path / "negatives.jsonl"
+    bad.write_text('{"question": "What is shown?", "relation": "object"}\n\n{"image": "nowhere.png", "entity": "X"}\n')
+    rc = main(["edit", str(workdir / "model"), str(workdir / "requests.jsonl"), "--negatives", str(bad),
+               "--out", str(tmp_path / "p")])
+    assert rc == 2
+    line = _error_line(capsys)
+    assert line.startswith(f"ldke: error: line 3 of {bad}: image: image file not found") and "nowhere.png" in line
+    assert not (tmp_path / "p").exists()
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys, ldke_peft_cli\ntry:\n    ldke_peft_cli.main(['edit', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'peft', 'ldke_peft') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "--negatives" in proc.stdout and proc.stdout.strip().splitlines()[-1] == "[]"

@@ -18,10 +18,12 @@ from ldke_peft.requests import (
     load_easyedit,
     load_image,
     load_jsonl,
+    load_negatives,
     parse_easyedit_record,
     parse_request,
     requests_from_easyedit_dicts,
     save_jsonl,
+    save_negatives,
     validate_requests,
 )
 
@@ -310,7 +312,7 @@ def test_jsonl_image_root(tmp_path):
     saved = json.loads((tmp_path / "a" / "e.jsonl").read_text())
     assert saved["rephrase_images"][0] == os.path.join("pics", "flag.png")
     assert saved["image"].startswith(os.path.join("a", "images"))
-    with pytest.raises(ImageError, match="record 0"):
+    with pytest.raises(ImageError, match="^line 1 of "):
         load_jsonl(tmp_path / "a" / "e.jsonl")  # paths are relative to tmp_path, not a/
     (back,) = load_jsonl(tmp_path / "a" / "e.jsonl", image_root=tmp_path)
     assert _pixels(back) == _pixels(req)
@@ -339,11 +341,62 @@ def test_jsonl_malformed_records(tmp_path, line, field, error):
     good = json.dumps({"prompt": "q?", "target": "a"})
     path = tmp_path / "e.jsonl"
     path.write_text(f"{good}\n\n{good}\n{line}\n")
+    _raises_at_line(load_jsonl, path, error, field, line=4, index=2)
+
+
+def _raises_at_line(load, path, error, field, *, line: int, index: int) -> None:
+    """``load(path)`` raises ``error`` naming ``field`` and the line a user's editor shows (from 1, blank
+    lines counted); ``exc.index`` is the record index (from 0, blank lines not counted)."""
     with pytest.raises(error) as info:
-        load_jsonl(path)
+        load(path)
     assert info.value.field == field
-    assert str(info.value).startswith("record 2: ")
-    assert "line 4" in str(info.value)
+    assert str(info.value).startswith(f"line {line} of {path}: ")
+    assert info.value.line == line and info.value.index == index
+
+
+def test_negatives_round_trip_and_relative_images(tmp_path):
+    from ldke_peft.editor import NegativePool
+
+    red = Image.new("RGB", (8, 8), (255, 0, 0))
+    pool = NegativePool(questions=[("What is the currency?", "currency"), ("What is shown?", None)],
+                        images=[(red, "Redland"), (Image.new("RGB", (8, 8), (0, 0, 255)), None)])
+    save_negatives(pool, tmp_path / "n" / "negatives.jsonl")
+    lines = [json.loads(t) for t in (tmp_path / "n" / "negatives.jsonl").read_text().splitlines()]
+    assert lines[0] == {"question": "What is the currency?", "relation": "currency"}
+    assert lines[2]["entity"] == "Redland" and not os.path.isabs(lines[2]["image"])
+    back = load_negatives(tmp_path / "n" / "negatives.jsonl")
+    assert back.questions == pool.questions
+    assert [e for _, e in back.images] == ["Redland", None]
+    assert back.images[0][0].tobytes() == red.tobytes()
+    with pytest.raises(ImageError, match="^line 3 of "):  # relative to --image-root when given
+        load_negatives(tmp_path / "n" / "negatives.jsonl", image_root=tmp_path)
+
+
+@pytest.mark.parametrize(
+    "line, field, error",
+    [
+        ('{"question": "", "relation": "r"}', "question", InvalidRequestError),
+        ('{"question": "q?", "relation": 3}', "relation", InvalidRequestError),
+        ('{"question": "q?", "entity": "E"}', "entity", InvalidRequestError),
+        ('{"question": "q?", "image": "a.png"}', "image", InvalidRequestError),
+        ('{"relation": "r"}', None, InvalidRequestError),
+        ('{"image": "missing.png", "entity": "E"}', "image", ImageError),
+        ('{"image": 7}', "image", ImageError),
+        ('["q?", "r"]', None, InvalidRequestError),
+        ('{"question": ', None, InvalidRequestError),
+    ],
+)
+def test_negatives_malformed_lines(tmp_path, line, field, error):
+    path = tmp_path / "negatives.jsonl"
+    path.write_text(f'{{"question": "q?", "relation": "r"}}\n\n{line}\n')
+    _raises_at_line(load_negatives, path, error, field, line=3, index=1)
+
+
+def test_negatives_file_without_negatives(tmp_path):
+    path = tmp_path / "negatives.jsonl"
+    path.write_text("\n\n")
+    with pytest.raises(InvalidRequestError, match="holds no negatives"):
+        load_negatives(path)
 
 
 def test_validate_requests_names_index():

@@ -17,7 +17,7 @@ import torch
 from ldke_peft.families import family_of
 from ldke_peft.requests import EditRequest, image_fingerprint
 from ldke_peft.testing import _emblems
-from ldke_peft.testing import toy_world as tw
+from ldke_peft.testing import toy_world_module as tw
 
 
 @pytest.fixture(scope="session")
@@ -86,6 +86,46 @@ def test_bad_arguments(tmp_path):
         d.mkdir()
         (d / "world.json").write_text(json.dumps({**tw.make_spec(0, 4, 2).to_json(), "code_version": -1}))
         tw.load_world(d)
+
+
+def test_documented_import_gives_the_function():
+    from ldke_peft.testing import toy_world, toy_world_module
+
+    assert callable(toy_world) and toy_world is tw.toy_world
+    assert toy_world_module is tw and tw.__name__ == "ldke_peft.testing.toy_world"
+    from ldke_peft.testing.toy_world import cache_key  # the dotted module path keeps working
+
+    assert cache_key is tw.cache_key
+
+
+def test_build_does_not_depend_on_the_thread_count():
+    """The same weights whatever the caller's thread count (the smallest world, a few steps: a build
+    left on the caller's threads already differs here), and the caller's setting is restored."""
+    before = torch.get_num_threads()
+    states = {}
+    try:
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            world = tw.build_world(0, 2, evaluate=False, steps=3)
+            assert torch.get_num_threads() == threads, "the caller's thread count must be restored"
+            assert world.spec.build_info["torch_threads"] == 1
+            states[threads] = world.model.state_dict()
+    finally:
+        torch.set_num_threads(before)
+    assert states[2].keys() == states[1].keys()
+    different = [k for k in states[1] if not torch.equal(states[2][k], states[1][k])]
+    assert not different, f"weights differ between 2 and 1 caller threads: {different[:5]}"
+
+
+def test_one_thread_restores_on_error():
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError, match="boom"):
+        with tw.one_thread():
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("boom")
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="steps"):
+        tw.build_world(0, 2, evaluate=False, steps=0)
 
 
 # ---------------------------------------------------------------------- the trained world

@@ -1,11 +1,12 @@
 """Testing helpers: tiny random models of every family and the trained toy world.
 
-The toy world's entry point is ``ldke_peft.testing.toy_world.toy_world`` (the submodule is not
-shadowed by the function here, so ``from ldke_peft.testing import toy_world as tw`` keeps giving
-the module that ``tw.toy_world(...)``, ``tw.cache_key(...)`` etc. live in).
+``from ldke_peft.testing import toy_world`` gives the function (``world = toy_world()``). The module it
+lives in stays importable as ``ldke_peft.testing.toy_world_module`` (and by its dotted name:
+``from ldke_peft.testing.toy_world import cache_key, ...``).
 """
 
+from . import toy_world as toy_world_module
 from .tiny import tiny_model, tiny_model_types
-from .toy_world import ToyWorld
+from .toy_world import ToyWorld, toy_world
 
-__all__ = ["ToyWorld", "tiny_model", "tiny_model_types"]
+__all__ = ["ToyWorld", "tiny_model", "tiny_model_types", "toy_world", "toy_world_module"]

@@ -26,6 +26,7 @@ about a second.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -42,15 +43,21 @@ from typing import Any, Iterator, Sequence
 import torch
 from PIL import Image
 
+from ..io import default_dir_mode
 from ..requests import EditRequest, Probe
 from . import _emblems
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ToyWorld", "WorldSpec", "toy_world", "CODE_VERSION", "DEFAULT_N_ENTITIES", "HELDOUT_VIEW_START"]
+__all__ = [
+    "ToyWorld", "WorldSpec", "toy_world", "build_world", "one_thread", "CODE_VERSION", "DEFAULT_N_ENTITIES",
+    "HELDOUT_VIEW_START",
+]
 
 #: Bump whenever the facts, rendering, model or training change: it is part of the cache key.
-CODE_VERSION = 3
+#: 4: the build pins torch to one thread itself (the weights no longer depend on ``OMP_NUM_THREADS``;
+#: a v3 cache may hold a default-thread build, so it is not reused). v4 weights = v3 one-thread weights.
+CODE_VERSION = 4
 #: Default world size: 16 entities x 4 relations = 64 image facts, trained in ~30 s on one core.
 DEFAULT_N_ENTITIES = 16
 IMAGE_SIZE = 32
@@ -949,8 +956,10 @@ def _train(model: Any, spec: WorldSpec, img: _Rows, txt: _Rows, pool: torch.Tens
     t0, c0 = time.perf_counter(), time.process_time()
     ema = None
     model.train()
+    # a bar on a terminal; elsewhere (CI logs, pipes) an INFO line every 10% of the steps
+    bar = tqdm(range(steps), desc="training the toy world", unit="step", disable=not _terminal(sys.stderr), leave=False)
+    every = max(1, steps // 10)
     try:
-        bar = tqdm(range(steps), desc="toy world", disable=not sys.stderr.isatty(), leave=False)
         for step in bar:
             ii = torch.randint(len(img.input_ids), (b_img,), generator=g)
             ti = torch.randint(len(txt.input_ids), (b_txt,), generator=g)
@@ -974,11 +983,13 @@ def _train(model: Any, spec: WorldSpec, img: _Rows, txt: _Rows, pool: torch.Tens
             sched.step()
             val = loss.item()
             ema = val if ema is None else 0.95 * ema + 0.05 * val
-            if step % 50 == 0:
-                bar.set_postfix(loss=f"{ema:.3f}")
-            if (step + 1) % max(1, steps // 10) == 0:
-                logger.info("toy world step %d/%d loss %.4f (%.0fs)", step + 1, steps, ema, time.perf_counter() - t0)
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{ema:.3f}", refresh=False)
+            if (step + 1) % every == 0:
+                logger.log(logging.DEBUG if not bar.disable else logging.INFO, "toy world step %d/%d loss %.4f (%.0fs)",
+                           step + 1, steps, ema, time.perf_counter() - t0)
     finally:
+        bar.close()
         hook.remove()
         model.eval()
     return {
@@ -989,12 +1000,53 @@ def _train(model: Any, spec: WorldSpec, img: _Rows, txt: _Rows, pool: torch.Tens
     }
 
 
-def build_world(seed: int = 0, n_entities: int = DEFAULT_N_ENTITIES, *, evaluate: bool = True) -> ToyWorld:
-    """Generate and train a world (no cache). :func:`toy_world` is the cached entry point."""
+def _terminal(stream: Any) -> bool:
+    """Can a progress bar be drawn on ``stream``? A terminal with a width (a pseudo-terminal without a
+    size, as under ``script``, would show an empty bar)."""
+    try:
+        return bool(stream.isatty()) and os.get_terminal_size(stream.fileno()).columns > 0
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one intra-op thread inside the block; the caller's thread count is restored after.
+
+    The toy world is built this way whatever ``OMP_NUM_THREADS`` says: its models are so small that
+    extra threads only add overhead (2 cores: 927 s with torch's default vs 54 s with one thread), and
+    the thread count changes the order of floating-point reductions, so the trained weights.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def build_world(
+    seed: int = 0, n_entities: int = DEFAULT_N_ENTITIES, *, evaluate: bool = True, steps: int | None = None
+) -> ToyWorld:
+    """Generate and train a world (no cache). :func:`toy_world` is the cached entry point.
+
+    Runs on one torch thread (:func:`one_thread`), so the weights are the same whatever the caller's
+    thread settings. ``steps`` overrides the recipe's number of training steps (tests of the build
+    itself; a world trained for fewer steps does not know its facts).
+    """
+    with one_thread():
+        return _build_world(seed, n_entities, evaluate=evaluate, steps=steps)
+
+
+def _build_world(seed: int, n_entities: int, *, evaluate: bool, steps: int | None) -> ToyWorld:
     from ..families import family_of
 
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
     t0, c0 = time.perf_counter(), time.process_time()
     recipe = _recipe(n_entities)
+    if steps is not None:
+        recipe = dataclasses.replace(recipe, steps=int(steps))
     spec = make_spec(seed, n_entities, recipe.train_views)
     processor = _build_processor(spec)
     model = _build_model(spec, processor, recipe, seed)
@@ -1013,6 +1065,7 @@ def build_world(seed: int = 0, n_entities: int = DEFAULT_N_ENTITIES, *, evaluate
     )
     info = _train(model, spec, img_rows, txt_rows, pool, recipe, seed)
     info["prep_seconds"] = t_prep
+    info["torch_threads"] = torch.get_num_threads()
     info["params"] = sum(p.numel() for p in model.parameters())
     info["recipe"] = recipe.__dict__
     spec.build_info = info
@@ -1065,7 +1118,7 @@ def save_world(world: ToyWorld, directory: Path) -> None:
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is meant to be shared
+        os.chmod(tmp, default_dir_mode())  # mkdtemp makes it private; the cache is meant to be shared
         world.model.save_pretrained(tmp / "model", safe_serialization=True)
         world.processor.save_pretrained(tmp / "processor")
         (tmp / "world.json").write_text(json.dumps(world.spec.to_json(), indent=1))
