@@ -1,7 +1,8 @@
 """The ``ldke`` command: demo, edit, eval, locate, push (and bench, when a benchmark suite is installed).
 
-The commands' code. Parsing, help texts and the entry point live in :mod:`ldke_peft_cli` (which imports
-no torch, so ``ldke --help`` is instant); ``build_parser`` and ``main`` are re-exported here.
+The commands' code. Parsing, help texts and the entry point live in :mod:`ldke_peft.cli_front` (the
+parser imports nothing heavy; this module is imported only to run a command); ``build_parser`` and
+``main`` are re-exported here.
 
 Every subcommand works on local folders (``save_pretrained`` layout: model + processor in one folder)
 and never runs remote code (no ``trust_remote_code``). Which model class to instantiate is decided
@@ -25,7 +26,7 @@ logger = logging.getLogger("ldke_peft.cli")
 
 __all__ = ["build_parser", "load_model", "load_requests", "main"]
 
-from ldke_peft_cli import PROG, build_parser, main  # the front: parser and entry point
+from ldke_peft.cli_front import PROG, build_parser, main  # the front: parser and entry point
 
 from .errors import ProcessorNotFoundError
 

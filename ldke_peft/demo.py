@@ -1,15 +1,16 @@
 """``ldke demo``: one knowledge edit, end to end, fully offline, in under a minute once cached.
 
 The demo runs on the *toy world* (:mod:`ldke_peft.testing.toy_world`): a tiny real LLaVA trained on
-invented countries, so it answers questions about their flags correctly and an edit has something
-to change. It shows what LDKE promises on concrete questions:
+invented entities, so it answers questions about their emblems correctly and an edit has something
+to change. The edit sees only the edit itself and the world's negative pool; every question and image
+the demo then asks about is one the editor never saw. It shows what LDKE promises on concrete questions:
 
 1. the model's answer to an image question before the edit;
 2. the edit (:func:`ldke_peft.edit`): Fast Localization picks a layer, a low-rank delta is fitted,
    the router is calibrated;
 3. the new answer, and the answers to a rephrased question (a wording never trained), another view
    of the image, unrelated questions and *coupled* ones (same image + other relation, look-alike
-   flag + same question) that must keep their old answers;
+   emblem + same question) that must keep their old answers;
 4. the edit pack saved (safetensors + model card) and reloaded with plain
    ``PeftModel.from_pretrained`` on a freshly loaded base model, which must give the same answers;
 5. the EasyEdit-style metrics table.
@@ -109,28 +110,28 @@ def _rows(world: Any, req: Any) -> list[_Row]:
         return owner.get(image_fingerprint(image), "?") if image is not None else "(no image)"
 
     subject = req.subject or who(req.image)
-    rows = [_Row("edit question", f"{subject} flag", req.image, req.prompt, req.target, True)]
+    rows = [_Row("edit question", f"{subject} emblem", req.image, req.prompt, req.target, True)]
     heldout = [p for p in req.rephrase_prompts if p in set(world.templates.get(req.relation, {}).get("eval", []))]
     rephrase = (heldout or req.rephrase_prompts or [None])[-1]
     if rephrase:
-        rows.append(_Row("rephrased question", f"{subject} flag", req.image, rephrase, req.target, True))
+        rows.append(_Row("rephrased question", f"{subject} emblem", req.image, rephrase, req.target, True))
     if req.rephrase_images:
-        rows.append(_Row("another view of the flag", f"{subject}, unseen view", req.rephrase_images[0], req.prompt, req.target, True))
+        rows.append(_Row("another view of the emblem", f"{subject}, unseen view", req.rephrase_images[0], req.prompt, req.target, True))
     same = [p for p in req.coupled if p.kind == "same_image_other_question"]
     look = [p for p in req.coupled if p.kind == "lookalike_same_question"]
     if same:
-        rows.append(_Row("coupled: same image, other relation", f"{subject} flag", same[0].image, same[0].prompt, same[0].answer, False))
+        rows.append(_Row("coupled: same image, other relation", f"{subject} emblem", same[0].image, same[0].prompt, same[0].answer, False))
     if look:
-        rows.append(_Row("coupled: look-alike flag, same question", f"{who(look[0].image)} flag", look[0].image, look[0].prompt, look[0].answer, False))
+        rows.append(_Row("coupled: look-alike emblem, same question", f"{who(look[0].image)} emblem", look[0].image, look[0].prompt, look[0].answer, False))
     if req.m_locality:
         p = req.m_locality[0]
-        rows.append(_Row("unrelated: other country", f"{who(p.image)} flag", p.image, p.prompt, p.answer, False))
+        rows.append(_Row("unrelated: other entity", f"{who(p.image)} emblem", p.image, p.prompt, p.answer, False))
     if req.locality:
         p = req.locality[0]
         rows.append(_Row("unrelated: text-only fact", "(no image)", None, p.prompt, p.answer, False))
     if req.portability:
         p = req.portability[0]
-        rows.append(_Row("multi-hop (portability)", f"{subject} flag", p.image, p.prompt, p.answer, True))
+        rows.append(_Row("multi-hop (portability)", f"{subject} emblem", p.image, p.prompt, p.answer, True))
     return rows
 
 
@@ -191,20 +192,23 @@ def run_demo(
     model, processor = world.model, world.processor
     n_layers = family_of(model).num_layers(model)
     print(
-        f"[1/6] Toy world: a {n_layers}-layer LLaVA that knows the capitals, languages, currencies and animals of "
-        f"{len(world.entities)} invented countries from their flags ({'loaded' if cached else 'built'} in {timings['world']:.1f} s).",
+        f"[1/6] Toy world: a {n_layers}-layer LLaVA that knows {len(world.relations)} facts ({', '.join(world.relations)}) "
+        f"about each of {len(world.entities)} invented entities from their emblems "
+        f"({'loaded' if cached else 'built'} in {timings['world']:.1f} s).",
         file=o,
     )
 
     requests = world.edit_requests(n_edits, seed=seed)
     req = requests[0]
     rows = _rows(world, req)
-    print(f'[2/6] Edit request: on the flag of {req.subject}, "{req.prompt}"  {req.ground_truth} -> {req.target}', file=o)
+    print(f'[2/6] Edit request: on the emblem of {req.subject}, "{req.prompt}"  {req.ground_truth} -> {req.target}', file=o)
     for r in rows:
         r.before = ask(model, processor, r.image, r.prompt)
 
     t0 = time.perf_counter()
-    peft_model = edit(model, processor, requests, negatives=_negative_pool(world), progress=n_edits > 1)
+    # the editor gets the edit alone (held out: every rephrasing, view and coupled question shown below is new to it)
+    peft_model = edit(model, processor, [r.without_probes() for r in requests], negatives=_negative_pool(world),
+                      progress=n_edits > 1)
     timings["edit"] = time.perf_counter() - t0
     rep = peft_model.ldke_reports[0]
     router = "router separates positives from negatives" if rep.router.get("separable") else "router NOT separable"

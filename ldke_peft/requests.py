@@ -215,6 +215,12 @@ class EditRequest:
     def needs_image(self) -> bool:
         return self.image is not None
 
+    def without_probes(self) -> "EditRequest":
+        """The edit alone (image, prompt, target, ground truth, subject, relation): what an editor may see
+        when the request's probes are kept for evaluation."""
+        return EditRequest(prompt=self.prompt, target=self.target, image=self.image, ground_truth=self.ground_truth,
+                           subject=self.subject, relation=self.relation)
+
     def fingerprint(self) -> str:
         """A short stable id of the edit (prompt, target, image bytes) for reports and model cards."""
         h = hashlib.sha256()
@@ -515,9 +521,9 @@ def load_negatives(path: str | os.PathLike, image_root: str | os.PathLike | None
     One JSON object per line (blank lines are skipped), either a question with the relation it asks
     for, or an image with the entity it shows (the labels may be ``null`` when unknown)::
 
-        {"question": "What is the currency of the country shown?", "relation": "currency"}
-        {"question": "Which city is the capital of this country?", "relation": "capital"}
-        {"image": "flags/germany.png", "entity": "Germany"}
+        {"question": "When was this building completed?", "relation": "completion year"}
+        {"question": "Which architect designed this building?", "relation": "architect"}
+        {"image": "buildings/notre_dame.png", "entity": "Notre-Dame de Paris"}
 
     Questions of *other* relations and images of *other* entities become the router's hard negatives;
     questions labelled with an edit's own relation are other wordings of it (they join its scope).

@@ -32,7 +32,7 @@ from ldke_peft.bench.mke import build_mke_requests, editor_view, negative_pool, 
 from ldke_peft.config import LDKEConfig
 from ldke_peft.editor import editor_rows
 from ldke_peft.requests import image_fingerprint
-from ldke_peft.testing import toy_world as tw
+from ldke_peft.testing import toy_world_module as tw
 
 META = Path(__file__).parent / "data" / "smol_llava_meta.json"
 LIBRARY = Path(ldke_peft.__file__).parent

@@ -283,8 +283,7 @@ def build_mke_requests(
 
 def editor_view(r: EditRequest) -> EditRequest:
     """What an editor is given: the edit alone (image, prompt, target, subject, relation), no probes."""
-    return EditRequest(prompt=r.prompt, target=r.target, image=r.image, ground_truth=r.ground_truth,
-                       subject=r.subject, relation=r.relation)
+    return r.without_probes()
 
 
 def negative_pool(meta: dict, n_images: int | None = None) -> NegativePool:

@@ -1,11 +1,9 @@
 """The ``ldke`` command's front: argument parsing, help texts, logging setup, one-line errors.
 
-This module imports neither torch, transformers, peft nor :mod:`ldke_peft` (whose import registers the
-PEFT type, so pulls in peft and torch: seconds of CPU), so ``ldke --help``, ``ldke <command> --help``
-and usage errors answer at once. A command's code (:mod:`ldke_peft.cli`) is imported only to run it.
-
-It is a top-level module, not ``ldke_peft.<something>``: importing anything inside the ``ldke_peft``
-package runs ``ldke_peft/__init__.py`` first.
+The parser imports nothing heavy itself; a command's code (:mod:`ldke_peft.cli`) is imported only to
+run it. Reaching this module still runs ``ldke_peft/__init__.py``, whose import registers the PEFT type
+(peft and torch: a few seconds of CPU before ``ldke --help`` answers). A faster front would have to live
+outside the package, and the project's top level is fixed.
 """
 
 from __future__ import annotations
@@ -108,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("demo", "offline walk-through: edit a fact in a toy model and check what changed",
             """
-            Offline walk-through on the toy world (a tiny LLaVA trained on invented countries; trained on
-            the first run, then cached): the answer before the edit, the edit, the answers to the edit
+            Offline walk-through on the toy world (a tiny LLaVA trained on invented entities and their
+            facts; trained on the first run, then cached): the answer before the edit, the edit, the answers to the edit
             question, a rephrasing, another view of the image, coupled and unrelated questions after it,
             then save -> reload with PeftModel.from_pretrained -> same answers, and the metrics table.
             """,
@@ -130,15 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
             edit pack (adapter_config.json, adapter_model.safetensors, README.md model card,
             ldke_report.json) to --out. The base weights are not modified.
 
-            JSONL line: {"image": "flags/fr.png", "prompt": "What is the capital of the country shown?",
-                         "target": "Lyon", "rephrase_prompts": [...], "subject": "France", "relation": "capital"}
+            JSONL line: {"image": "img/sagrada.png", "prompt": "Who was the architect of this building?",
+                         "target": "Gustave Eiffel", "rephrase_prompts": [...], "subject": "Sagrada Familia",
+                         "relation": "architect"}
 
             --negatives FILE (JSONL) gives the router questions and images from your domain: questions
             of other relations and other entities' images are the hard negatives that keep coupled
             inputs (same image + other question, look-alike image + same question) out of an edit's
             scope; questions labelled with the edit's own relation join its scope. One object a line:
-              {"question": "What is the currency of the country shown?", "relation": "currency"}
-              {"image": "flags/de.png", "entity": "Germany"}
+              {"question": "When was this building completed?", "relation": "completion year"}
+              {"image": "img/notre_dame.png", "entity": "Notre-Dame de Paris"}
             (relative image paths: as for REQUESTS). Without it the router only has each request's own
             probes and a generic question bank.
             """,
@@ -215,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
             loading snippet) to the Hub repo REPO_ID, creating it if needed. --metrics adds the JSON written
             by 'ldke eval --json' to the card. Token: --token, $HF_TOKEN or 'hf auth login'.
             """,
-            "  ldke push ./llava ./pack you/llava-capital-edits --base-model-id llava-hf/llava-1.5-7b-hf", "cmd_push")
+            "  ldke push ./llava ./pack you/llava-landmark-edits --base-model-id llava-hf/llava-1.5-7b-hf", "cmd_push")
     p.add_argument("model", help="base model folder the pack was made for")
     p.add_argument("adapter", help="edit pack folder")
     p.add_argument("repo_id", help="Hub repo id, 'namespace/name'")
