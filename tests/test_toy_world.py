@@ -241,7 +241,9 @@ def test_edit_requests_are_complete_and_correct(fresh):
                 assert image_fingerprint(p.image) == fp and p.prompt != r.prompt
             else:
                 partner = fresh.lookalike_of(r.subject)
-                assert p.prompt == r.prompt and image_fingerprint(p.image) == image_fingerprint(fresh.render(partner, 0))
+                # the edit question, and the relation's held-out wording, on the look-alike's image
+                assert p.prompt in (r.prompt, *fresh.templates[r.relation]["eval"])
+                assert image_fingerprint(p.image) == image_fingerprint(fresh.render(partner, 0))
                 assert (partner, r.relation) not in edited
                 diff = np.abs(_pixels(p.image) - _pixels(r.image))
                 assert 0.03 < (diff.max(-1) > 30).mean() < 0.6
@@ -254,8 +256,14 @@ def test_edit_requests_are_complete_and_correct(fresh):
     # every locality / coupled answer is the model's current answer
     current = fresh.ask_many([p[0] for p in probes], [p[1] for p in probes])
     assert current == [p[2] for p in probes]
+    # the pool: one wording per dev relation and "country", a training view of every non-test entity,
+    # none of them a probe (tests/test_leakage.py checks every row an edit fits on)
     pool = fresh.negative_pool()
-    assert len(pool.images) == len(fresh.entities) and len(pool.questions) >= 5 * 4
+    dev_entities = [e for e in fresh.entities if fresh.entity_split(e) != "test"]
+    assert [e for _, e in pool.images] == dev_entities and 0 < len(dev_entities) < len(fresh.entities)
+    assert len(pool.questions) == len(fresh.split_relations("dev")) + 1
+    probe_images = {image_fingerprint(p.image) for r in reqs for p in (*r.m_locality, *r.coupled) if p.image is not None}
+    assert not probe_images & {image_fingerprint(im) for im, _ in pool.images}
 
 
 def test_many_edit_requests_relax_gracefully(fresh):
