@@ -227,7 +227,7 @@ def greedy_without_cache(model: Any, built: Any, steps: int) -> torch.Tensor:
                 out = model(**inputs, use_cache=False).logits[:, -1]
             tok = out.argmax(-1, keepdim=True)
             new.append(tok)
-            for key in fam.sequence_keys:
+            for key in built.sequence_keys:
                 if key not in inputs:
                     continue
                 ext = tok if key == "input_ids" else torch.full((B, 1), fam._target_fill_value(key), dtype=inputs[key].dtype)

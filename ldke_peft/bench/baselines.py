@@ -286,7 +286,7 @@ def apply_lora(model: nn.Module, processor: Any, requests: Sequence[EditRequest]
     else:
         family = family_of(model)
         grad_state = _requires_grad_state(model)
-        targets = [f"{family.layers_path}.{i}.{s}" for i in range(family.num_layers(model)) for s in cfg.target_suffixes]
+        targets = [f"{family.layers_path_of(model)}.{i}.{s}" for i in range(family.num_layers(model)) for s in cfg.target_suffixes]
         lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, bias="none")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
