@@ -12,7 +12,7 @@ _IMAGE_ONLY_CLASSES: dict[type, type] = {}
 def image_only_processor(processor_cls: type, **components: Any) -> Any:
     """Build a real ``processor_cls`` (e.g. ``Qwen2VLProcessor``) without its video processor.
 
-    Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision processors declare a ``video_processor`` whose every
+    Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, InternVL and SmolVLM processors declare a ``video_processor`` whose every
     implementation needs torchvision, and ``ProcessorMixin`` refuses ``video_processor=None`` (its
     type check itself imports the video-processor registry, which needs torchvision). Image
     editing never touches video, so we subclass the processor with an ``__init__`` whose signature
@@ -67,6 +67,8 @@ def _init_without_video(processor_cls: type) -> Any:
         image_token=_UNSET,
         video_token=_UNSET,
         vision_aspect_ratio=_UNSET,
+        image_seq_length=_UNSET,
+        image_seq_len=_UNSET,
         **kwargs: Any,
     ) -> None:
         given = {k: v for k, v in locals().items() if k in params and v is not _UNSET}
@@ -84,4 +86,6 @@ _KNOWN_PROCESSOR_PARAMS = (
     "image_token",
     "video_token",
     "vision_aspect_ratio",
+    "image_seq_length",
+    "image_seq_len",
 )

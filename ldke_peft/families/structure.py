@@ -175,7 +175,11 @@ def _mlp_out(layer: nn.Module, idx: int, hidden: int, kind: str) -> str:
                 f"{where} has cross-attention ({name}): the image reaches the language model through "
                 "cross-attention, not as tokens of the input sequence, so there are no image positions to route on"
             )
-    ffn = [(n, c) for n, c in layer.named_children() if _marked(n, c, _FFN_MARKS) and not _marked(n, c, _MIXER_MARKS)]
+    ffn = [
+        (n, c)
+        for n, c in layer.named_children()
+        if _marked(n, c, _FFN_MARKS) and not _marked(n, c, _MIXER_MARKS + ("norm",)) and any(True for _ in c.parameters())
+    ]
     if ffn:
         name, block = ffn[-1]
         if any(p.dim() >= 3 for p in block.parameters()):
