@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from ..families import image_only_processor
 from ._tokenizer import bpe_tokenizer
 from .tiny import _CORPUS, _QWEN_SPECIALS, TINY_TEXT, _builder, _special_ids, qwen_vision_ids
@@ -122,7 +124,11 @@ def _tiny_gemma3(seed: int):
         text_config=text, mm_tokens_per_image=4,
         boi_token_index=tok.boi_token_id, eoi_token_index=tok.eoi_token_id, image_token_index=tok.image_token_id,
     )
-    return Gemma3ForConditionalGeneration(cfg), proc
+    model = Gemma3ForConditionalGeneration(cfg)
+    # transformers initialises the projector's matrix to zeros (real checkpoints train it): every image
+    # would become the same embedding, so give the tiny model a random one
+    torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.05)
+    return model, proc
 
 
 # ---------------------------------------------------------------------- LLaVA-NeXT
@@ -238,7 +244,12 @@ def _tiny_idefics2(seed: int):
         text_config=dict(_text(tok), model_type="mistral"),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
     )
-    return Idefics2ForConditionalGeneration(cfg), proc
+    model = Idefics2ForConditionalGeneration(cfg)
+    # the resampler's random latents (std 1) swamp what one random cross-attention layer reads from the
+    # image, so every image would come out nearly the same: shrink them (real checkpoints train them)
+    with torch.no_grad():
+        model.model.connector.perceiver_resampler.latents.mul_(0.05)
+    return model, proc
 
 
 # ---------------------------------------------------------------------- Mistral 3
