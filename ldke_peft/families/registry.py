@@ -44,8 +44,8 @@ def get_family(model_type: str) -> Family:
         return fam
     if not is_image_text_to_text(str(model_type)):
         raise UnsupportedModelError(
-            f"model_type {model_type!r} is not an image-text-to-text model type of this transformers (it has no "
-            "AutoModelForImageTextToText class); ldke-peft edits multimodal LLMs whose language model reads "
+            f"model_type {model_type!r} is not supported by ldke-peft: it is not an image-text-to-text model type of "
+            "this transformers (it has no AutoModelForImageTextToText class); ldke-peft edits multimodal LLMs whose language model reads "
             "image tokens, e.g. " + ", ".join(sorted(_REGISTRY)[:4] + ["llava", "qwen3_vl", "gemma3"])
         )
     default = _default_config(model_type)

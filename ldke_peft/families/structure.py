@@ -166,6 +166,11 @@ def _marked(name: str, module: nn.Module, marks: tuple[str, ...]) -> bool:
     return any(m in text for m in marks)
 
 
+def _fused(block: nn.Module) -> bool:
+    """Whether ``block`` holds stacked (3-D) expert weights: a mixture of experts with fused experts."""
+    return any(p.dim() >= 3 for p in block.parameters())
+
+
 def _mlp_out(layer: nn.Module, idx: int, hidden: int, kind: str) -> str:
     """Path inside ``layer`` of its MLP output projection (see the module docstring)."""
     where = f"{kind}: decoder layer {idx} ({type(layer).__name__})"
@@ -178,11 +183,11 @@ def _mlp_out(layer: nn.Module, idx: int, hidden: int, kind: str) -> str:
     ffn = [
         (n, c)
         for n, c in layer.named_children()
-        if _marked(n, c, _FFN_MARKS) and not _marked(n, c, _MIXER_MARKS + ("norm",)) and any(True for _ in c.parameters())
+        if _marked(n, c, _FFN_MARKS) and not _marked(n, c, _MIXER_MARKS + ("norm",)) and (_holds_linear(c) or _fused(c))
     ]
     if ffn:
         name, block = ffn[-1]
-        if any(p.dim() >= 3 for p in block.parameters()):
+        if _fused(block):
             raise UnsupportedModelError(
                 f"{where}: its feed-forward block {name} ({type(block).__name__}) is a mixture of experts with fused "
                 "expert weights; there is no single linear MLP output projection to edit"

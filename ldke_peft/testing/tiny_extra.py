@@ -104,10 +104,8 @@ GEMMA3_CHAT_TEMPLATE = simple_chat_template(
 )
 
 
-@_builder("gemma3")
-def _tiny_gemma3(seed: int):
-    """Gemma 3: SigLIP + pooled projector, Gemma 3 text model with sliding/global layers."""
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
+def _gemma3_parts():
+    from transformers import Gemma3Processor
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
     tok = bpe_tokenizer(
@@ -118,17 +116,43 @@ def _tiny_gemma3(seed: int):
     ip = Gemma3ImageProcessorPil(size={"height": 32, "width": 32}, do_pan_and_scan=False)
     # 32x32 images, patch 8 -> 4x4 patches, pooled to 2x2 = 4 image tokens
     proc = Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=4, chat_template=GEMMA3_CHAT_TEMPLATE)
-    text = _text(tok, head_dim=8, sliding_window=16, layer_types=["sliding_attention", "full_attention"] * 2)
-    cfg = Gemma3Config(
+    kwargs = dict(
         vision_config=dict(_VISION, image_size=32, patch_size=8, model_type="siglip_vision_model"),
-        text_config=text, mm_tokens_per_image=4,
+        text_config=_text(tok, head_dim=8, sliding_window=16, layer_types=["sliding_attention", "full_attention"] * 2),
+        mm_tokens_per_image=4,
         boi_token_index=tok.boi_token_id, eoi_token_index=tok.eoi_token_id, image_token_index=tok.image_token_id,
     )
+    return proc, kwargs
+
+
+def _gemma3_model(cfg: Any) -> Any:
+    from transformers import Gemma3ForConditionalGeneration
+
     model = Gemma3ForConditionalGeneration(cfg)
     # transformers initialises the projector's matrix to zeros (real checkpoints train it): every image
     # would become the same embedding, so give the tiny model a random one
     torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.05)
-    return model, proc
+    return model
+
+
+@_builder("gemma3")
+def _tiny_gemma3(seed: int):
+    """Gemma 3: SigLIP + pooled projector, Gemma 3 text model with sliding/global layers."""
+    from transformers import Gemma3Config
+
+    proc, kwargs = _gemma3_parts()
+    return _gemma3_model(Gemma3Config(**kwargs)), proc
+
+
+@_builder("shieldgemma2")
+def _tiny_shieldgemma2(seed: int):
+    """ShieldGemma 2: a Gemma 3 (``Gemma3ForConditionalGeneration``) under its own config type. Its
+    processor adds safety-policy prompts around Gemma 3's; the tiny model uses ``Gemma3Processor``
+    (the same image and chat format) for free-form prompts."""
+    from transformers import ShieldGemma2Config
+
+    proc, kwargs = _gemma3_parts()
+    return _gemma3_model(ShieldGemma2Config(**kwargs)), proc
 
 
 # ---------------------------------------------------------------------- LLaVA-NeXT
@@ -159,6 +183,28 @@ def _tiny_llava_next(seed: int):
         num_additional_image_tokens=1, chat_template=MISTRAL_INST_TEMPLATE,
     )
     return LlavaNextForConditionalGeneration(cfg), proc
+
+
+@_builder("vipllava")
+def _tiny_vipllava(seed: int):
+    """VipLLaVA: LLaVA with a projector over several CLIP layers; LLaVA's processor and prompt format."""
+    from transformers import CLIPVisionConfig, LlavaProcessor, VipLlavaConfig, VipLlavaForConditionalGeneration
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from .tiny import LLAVA_CHAT_TEMPLATE
+
+    tok = bpe_tokenizer(_CORPUS, vocab_size=400)
+    cfg = VipLlavaConfig(
+        vision_config=CLIPVisionConfig(**_VISION, image_size=32, patch_size=16),
+        text_config=dict(_text(tok), model_type="llama"),
+        image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=[-2, -1],
+    )
+    ip = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    proc = LlavaProcessor(
+        image_processor=ip, tokenizer=tok, patch_size=16, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    return VipLlavaForConditionalGeneration(cfg), proc
 
 
 # ---------------------------------------------------------------------- InternVL
