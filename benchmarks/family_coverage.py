@@ -106,10 +106,7 @@ def check(model_type: str) -> Row:
         return row
     row.structure = True
     if not has_builder:
-        row.reason = (
-            "structure derived, not edited: no offline tiny processor for this type (its tokenizer and "
-            "processor files come from the Hub; ldke_peft.testing.tiny has no builder for it)"
-        )
+        row.reason = f"structure derived, not edited: {_no_processor_reason(model_type)}"
         return row
     del model
     torch.manual_seed(0)
@@ -121,6 +118,21 @@ def check(model_type: str) -> Row:
         return row
     row.edits, row.reloads, row.reason = result.edits, result.reloads, result.reason
     return row
+
+
+def _no_processor_reason(model_type: str) -> str:
+    """Why there is no tiny processor (so no inputs) for a type without a hand-made builder."""
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    processor = PROCESSOR_MAPPING_NAMES.get(model_type)
+    image = IMAGE_PROCESSOR_MAPPING_NAMES.get(model_type)
+    if not processor:
+        return "transformers maps no processor class to this type (inputs come from model-specific code)"
+    if isinstance(image, dict) and "pil" not in image:
+        return f"its image processor ({image.get('torchvision')}) exists only as a torchvision class, not installed here"
+    return (f"no tiny builder for its processor ({processor}) in ldke_peft.testing yet; the real tokenizer and "
+            "processor files are on the Hub, not offline")
 
 
 def _why_unsupported(fn: Any, arg: Any) -> str:

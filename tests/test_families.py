@@ -29,14 +29,16 @@ pytestmark = [
 
 ORIGINAL = ["llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "blip-2", "idefics3", "paligemma"]
 #: the families added with the structural adapter (no family code of their own)
-NEW = ["qwen3_vl", "qwen3_5", "gemma3", "llava_next", "internvl", "smolvlm", "mistral3", "idefics2", "aya_vision"]
+NEW = ["qwen3_vl", "qwen3_5", "gemma3", "llava_next", "internvl", "smolvlm", "mistral3", "idefics2", "aya_vision",
+       "shieldgemma2", "vipllava", "deepseek_vl", "glm4v"]
 FAMILIES = ORIGINAL + NEW
 #: families whose real checkpoints ship a chat template (the tiny processors carry a copy)
 WITH_CHAT_TEMPLATE = {"llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", *NEW}
 #: families whose generation prompt ends in a non-space ("ASSISTANT:", "Answer:", "Assistant:", "[/INST]"):
 #: the answer starts with a space; the others end in a newline ("<|im_start|>assistant\n", PaliGemma's
 #: "prompt\n", Gemma 3's "<start_of_turn>model\n")
-ANSWER_AFTER_SPACE = {"llava", "blip-2", "idefics3", "llava_next", "smolvlm", "mistral3", "idefics2", "aya_vision"}
+ANSWER_AFTER_SPACE = {"llava", "blip-2", "idefics3", "llava_next", "smolvlm", "mistral3", "idefics2", "aya_vision",
+                      "vipllava", "deepseek_vl"}
 
 PROMPTS = ["What is the capital of the country shown?", "Which language is spoken there?", "Describe the image."]
 TARGETS = ["Paris", "euro pound yen", "A red flag with a blue stripe"]
@@ -156,7 +158,9 @@ def test_decoder_layers_and_mlp_outputs_live_in_the_language_model(model_type):
     # the vision tower, which is why the names are full paths
     suffix = fam.structure(model).mlp_out[0]
     in_vision = [nm for nm, m in model.named_modules() if nm.endswith("." + suffix) and id(m) in vision_modules]
-    assert bool(in_vision) == (model_type in ("blip-2", "qwen2_5_vl", "idefics2"))  # Idefics2: the perceiver's MLPs
+    # the vision side has modules with the same short name: BLIP-2 (ViT fc2), Qwen2.5-VL and GLM-4V (vision blocks),
+    # Idefics2 (the perceiver)
+    assert bool(in_vision) == (model_type in ("blip-2", "qwen2_5_vl", "idefics2", "glm4v"))
     assert fam.max_positions(model) and fam.input_embeddings(model) is model.get_input_embeddings()
     with pytest.raises(IndexError, match="out of range"):
         fam.mlp_out_name(model, n)

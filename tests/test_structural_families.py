@@ -37,8 +37,9 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"),
 ]
 
-#: the families added with the structural adapter (besides these, ShieldGemma 2 and VipLLaVA have tiny builders)
-NEW = ["qwen3_vl", "qwen3_5", "gemma3", "llava_next", "internvl", "smolvlm", "mistral3", "idefics2", "aya_vision"]
+#: the families added with the structural adapter
+NEW = ["qwen3_vl", "qwen3_5", "gemma3", "llava_next", "internvl", "smolvlm", "mistral3", "idefics2", "aya_vision",
+       "shieldgemma2", "vipllava", "deepseek_vl", "glm4v"]
 
 @pytest.mark.parametrize("model_type", tiny_model_types())
 def test_edit_save_reload_route_and_generate(model_type):

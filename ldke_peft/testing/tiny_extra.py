@@ -363,3 +363,61 @@ def _tiny_aya_vision(seed: int):
         vision_feature_select_strategy="full", vision_feature_layer=-1,
     )
     return AyaVisionForConditionalGeneration(cfg), proc
+
+
+# ---------------------------------------------------------------------- DeepSeek-VL
+
+#: deepseek-community/deepseek-vl-1.3b-chat: "User: <image_placeholder>...\n\nAssistant:"
+DEEPSEEK_VL_CHAT_TEMPLATE = simple_chat_template("User: ", "<image_placeholder>", "\n\n", "Assistant:")
+
+
+@_builder("deepseek_vl")
+def _tiny_deepseek_vl(seed: int):
+    """DeepSeek-VL: SigLIP + aligner MLP, Llama LM; ``num_image_tokens`` ``<image_placeholder>`` per image."""
+    from transformers import DeepseekVLConfig, DeepseekVLForConditionalGeneration, DeepseekVLProcessor
+    from transformers.models.deepseek_vl.image_processing_pil_deepseek_vl import DeepseekVLImageProcessorPil
+
+    tok = bpe_tokenizer(_CORPUS, vocab_size=400, named_special={"image_token": "<image_placeholder>"})
+    ip = DeepseekVLImageProcessorPil(size={"height": 32, "width": 32})
+    # 32x32 images, patch 16 -> 4 image tokens
+    proc = DeepseekVLProcessor(image_processor=ip, tokenizer=tok, num_image_tokens=4,
+                               chat_template=DEEPSEEK_VL_CHAT_TEMPLATE)
+    cfg = DeepseekVLConfig(
+        vision_config=dict(_VISION, image_size=32, patch_size=16, model_type="siglip_vision_model"),
+        text_config=dict(_text(tok), model_type="llama"), image_token_id=tok.image_token_id,
+    )
+    return DeepseekVLForConditionalGeneration(cfg), proc
+
+
+# ---------------------------------------------------------------------- GLM-4.1V
+
+#: zai-org/GLM-4.1V-*: "[gMASK]<sop><|user|>\n<|begin_of_image|><|image|><|end_of_image|>...<|assistant|>\n"
+GLM4V_CHAT_TEMPLATE = simple_chat_template(
+    "<|user|>\n", "<|begin_of_image|><|image|><|end_of_image|>", "", "<|assistant|>\n", bos="[gMASK]<sop>"
+)
+
+
+@_builder("glm4v")
+def _tiny_glm4v(seed: int):
+    """GLM-4.1V: a Qwen2-VL-style native-resolution ViT with M-RoPE, GLM-4 LM (fused gate/up MLP)."""
+    from transformers import Glm4vConfig, Glm4vForConditionalGeneration, Glm4vProcessor
+    from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
+
+    specials = ["[gMASK]", "<sop>", "<|user|>", "<|assistant|>", "<|begin_of_image|>", "<|end_of_image|>",
+                "<|image|>", "<|video|>", "<|begin_of_video|>", "<|end_of_video|>"]
+    tok = bpe_tokenizer(_CORPUS, vocab_size=400, extra_special=specials)
+    ip = Glm4vImageProcessorPil(size={"shortest_edge": 56 * 56, "longest_edge": 112 * 112}, patch_size=14,
+                                merge_size=2, temporal_patch_size=2)
+    proc = image_only_processor(Glm4vProcessor, image_processor=ip, tokenizer=tok, chat_template=GLM4V_CHAT_TEMPLATE)
+    ids = {k: tok.convert_tokens_to_ids(t) for k, t in (
+        ("image_token_id", "<|image|>"), ("video_token_id", "<|video|>"), ("image_start_token_id", "<|begin_of_image|>"),
+        ("image_end_token_id", "<|end_of_image|>"), ("video_start_token_id", "<|begin_of_video|>"),
+        ("video_end_token_id", "<|end_of_video|>"))}
+    cfg = Glm4vConfig(
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, image_size=56),
+        text_config=_text(tok, rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1],
+                                                 "partial_rotary_factor": 1.0}),
+        **ids,
+    )
+    return Glm4vForConditionalGeneration(cfg), proc
