@@ -580,6 +580,11 @@ class IKEModel(nn.Module):
     def get_output_embeddings(self):
         return self.model.get_output_embeddings()
 
+    def get_decoder(self):
+        """The wrapped model's language model: the structural family adapter finds the decoder layers
+        (and checks the model) through the wrapper as through the model itself."""
+        return self.model.get_decoder()
+
     def _extend(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], int]:
         ids = inputs["input_ids"]
         B, T = ids.shape
