@@ -204,11 +204,18 @@ def _commit() -> str:
         return "unknown"
 
 
-def _yes(flag: bool) -> str:
-    return "yes" if flag else "no"
+_STAGES = ("supported", "builds", "structure", "edits", "reloads")
 
 
-def write(rows: list[dict[str, Any]], out_dir: Path, command: str) -> dict[str, Any]:
+def _cells(row: dict[str, Any]) -> list[str]:
+    """builds / structure / edits / reloads as yes / no, and "-" where an earlier stage stopped the row."""
+    out = []
+    for before, stage in zip(_STAGES, _STAGES[1:]):
+        out.append("-" if not row[before] else ("yes" if row[stage] else "no"))
+    return out
+
+
+def write(rows: list[dict[str, Any]], out_dir: Path, command: str, commit: str) -> dict[str, Any]:
     import torch
     import transformers
 
@@ -224,7 +231,7 @@ def write(rows: list[dict[str, Any]], out_dir: Path, command: str) -> dict[str, 
     }
     meta = {
         "command": command,
-        "commit": _commit(),
+        "commit": commit,
         "transformers": transformers.__version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -245,7 +252,8 @@ def write(rows: list[dict[str, Any]], out_dir: Path, command: str) -> dict[str, 
         f"{counts['structure_ok']} have their structure derived with no family code or a quirk family.",
         "",
         "builder: `tiny` = hand-made tiny model with its real processor (`ldke_peft.testing.tiny`); "
-        "`shrunk` = the type's default config shrunk (model only, no processor offline).",
+        "`shrunk` = the type's default config shrunk (model only, no processor offline). "
+        "`-` = not tried (an earlier stage stopped the row; the reason says why).",
         "",
         "| model_type | class | builder | builds | structure | edits | reloads | reason |",
         "|---|---|---|---|---|---|---|---|",
@@ -254,10 +262,8 @@ def write(rows: list[dict[str, Any]], out_dir: Path, command: str) -> dict[str, 
                                         not r["supported"], r["model_type"]))
     for r in order:
         reason = r["reason"].replace("|", "\\|") or "-"
-        lines.append(
-            f"| {r['model_type']} | {r['model_class']} | {r['builder'] or '-'} | {_yes(r['builds'])} | "
-            f"{_yes(r['structure'])} | {_yes(r['edits'])} | {_yes(r['reloads'])} | {reason} |"
-        )
+        cells = " | ".join(_cells(r))
+        lines.append(f"| {r['model_type']} | {r['model_class']} | {r['builder'] or '-'} | {cells} | {reason} |")
     (out_dir / "family_coverage.md").write_text("\n".join(lines) + "\n")
     return payload
 
@@ -278,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "OMP_NUM_THREADS=%s python benchmarks/family_coverage.py %s" % (
         os.environ.get("OMP_NUM_THREADS", "?"), " ".join(sys.argv[1:] if argv is None else argv)
     )
-    payload = write(run(types, args.timeout), args.out, command.strip())
+    commit = _commit()  # the code that runs, whatever happens to the checkout meanwhile
+    payload = write(run(types, args.timeout), args.out, command.strip(), commit)
     logger.info("%s", json.dumps(payload["counts"]))
     return 0
 
