@@ -43,7 +43,7 @@ def load_model(path: str, *, processor_path: str | None = None, device: str = "a
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-    from .families import get_family
+    from .families import family_for_config, get_family
 
     if not os.path.isdir(path):
         from .hub import _is_repo_id
@@ -57,10 +57,10 @@ def load_model(path: str, *, processor_path: str | None = None, device: str = "a
             raise FileNotFoundError(f"{path} is not a model folder: it has no config.json")
         with open(cfg_file, encoding="utf-8") as fh:
             model_type = json.load(fh).get("model_type")
-        get_family(str(model_type))  # UnsupportedModelError naming the type and the supported ones
+        get_family(str(model_type))  # UnsupportedModelError saying why the type cannot be edited
     _check_processor_folder(path, processor_path)  # before the (possibly huge) weights are read
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    get_family(config.model_type)
+    family_for_config(config)  # the real config: encoder-decoder, cross-attention, no image token -> why
     kwargs: dict[str, Any] = {"trust_remote_code": False}
     if dtype != "auto":
         kwargs["dtype"] = getattr(torch, dtype)

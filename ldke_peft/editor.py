@@ -27,6 +27,7 @@ from .errors import InvalidRequestError, LDKEError
 from .families import Family, base_model_of, family_of
 from .localization import LocalizationResult, locate, trace
 from .layer import LDKELayer
+from .layer_replay import capture_replay
 from .model import LDKEModel, collect_probe_features, default_probe_layer, _root_model
 from .requests import EditRequest, image_fingerprint
 from .routing import NO_SLOT
@@ -58,10 +59,6 @@ class SlotReport:
     fit_accuracy: float
     router: dict[str, float]
     seconds: float
-
-
-class _StopForward(Exception):
-    pass
 
 
 class EditDivergedError(LDKEError, RuntimeError):
@@ -398,7 +395,6 @@ def fit_delta(
     tuner: LDKEModel = peft_model.base_model
     root = _root_model(peft_model)
     family = family_of(root)
-    layers = family.decoder_layers(root)
     device = next(root.parameters()).device
     slot_layers = cfg.slot_layers[slot]
     lo = min(slot_layers)
@@ -436,16 +432,12 @@ def fit_delta(
     n_steps = steps if steps is not None else cfg.edit_steps
     slot_vec = torch.full((B,), slot, dtype=torch.long)
 
-    cached = _capture_layer_inputs(root, layers[lo], built) if cache_hidden else None
+    replay = capture_replay(root, family, lo, built, pred_pos) if cache_hidden else None
 
     def logits_at_targets() -> torch.Tensor:
         with forced_slots(slot_vec), prompt_mask_context(built.prompt_mask):
-            if cached is not None:
-                h, args, kwargs = cached
-                for l in range(lo, len(layers)):
-                    out = layers[l](h, *args, **kwargs)
-                    h = out[0] if isinstance(out, (tuple, list)) else out
-                return family.logits_from_hidden(root, h[pred_pos])
+            if replay is not None:
+                return family.logits_from_hidden(root, replay.run()[pred_pos])
             out = root(**built.inputs, use_cache=False)
             return out.logits[pred_pos]
 
@@ -503,32 +495,6 @@ def _positive_rows(imgs: list[Any], prompts: list[str], has_image: bool) -> tupl
             rows_i.append(im)
             rows_q.append(q)
     return rows_i, rows_q
-
-
-@torch.no_grad()
-def _capture_layer_inputs(root: nn.Module, layer: nn.Module, built: Any) -> tuple[torch.Tensor, tuple, dict]:
-    """Hidden states (and the other call arguments) entering ``layer``, with every delta off."""
-    captured: dict[str, Any] = {}
-
-    def grab(m, args, kwargs):
-        if args:
-            captured["h"], captured["args"] = args[0].detach(), tuple(args[1:])
-        else:
-            captured["h"], captured["args"] = kwargs["hidden_states"].detach(), ()
-            kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        raise _StopForward
-
-    h = layer.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with forced_slots(torch.full((len(built),), NO_SLOT, dtype=torch.long)), prompt_mask_context(built.prompt_mask):
-            try:
-                root(**built.inputs, use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        h.remove()
-    return captured["h"], captured["args"], captured["kwargs"]
 
 
 # ---------------------------------------------------------------------- router fit

@@ -84,7 +84,7 @@ class LDKEModel(BaseTuner):
         if bad:
             raise UnsupportedModelError(f"LDKE pack refers to decoder layers {bad}; this model has {n} layers")
         peft_config.layers_to_transform = layers
-        peft_config.layers_pattern = family.layers_path
+        peft_config.layers_pattern = family.layers_path_of(self.model)
         peft_config.target_modules = [family.mlp_out_name(self.model, i) for i in layers]
         return peft_config
 

@@ -18,6 +18,7 @@ from ldke_peft import LDKEConfig
 from ldke_peft.families import base_model_of, family_of
 from ldke_peft.layer import LDKELinear
 from ldke_peft.model import collect_probe_features
+from ldke_peft.testing.roundtrip import greedy_without_cache  # noqa: F401  (re-exported for the tests)
 from ldke_peft.testing.tiny import tiny_model
 
 #: Families every tuner test runs on (one Llama-style LLaVA, one M-RoPE Qwen2-VL, one OPT BLIP-2).
@@ -206,34 +207,6 @@ def build_inputs(model: Any, processor: Any, rows: Sequence[Anchor]):
 
 def supports_text_only(model: Any) -> bool:
     return family_of(model).supports_text_only
-
-
-def greedy_without_cache(model: Any, built: Any, steps: int) -> torch.Tensor:
-    """Greedy decoding with a full forward per token (no KV cache), pooling the router over the prompt.
-
-    Every sequence-aligned input is extended over the new tokens with the family's fill value, the
-    way :meth:`Family.build_inputs` extends them over appended targets. Returns the new tokens.
-    """
-    from ldke_peft.context import prompt_mask_context
-
-    fam = family_of(model)
-    inputs = dict(built.inputs)
-    prompt_mask = built.prompt_mask
-    B = prompt_mask.shape[0]
-    new = []
-    with torch.no_grad():
-        for _ in range(steps):
-            with prompt_mask_context(prompt_mask):
-                out = model(**inputs, use_cache=False).logits[:, -1]
-            tok = out.argmax(-1, keepdim=True)
-            new.append(tok)
-            for key in fam.sequence_keys:
-                if key not in inputs:
-                    continue
-                ext = tok if key == "input_ids" else torch.full((B, 1), fam._target_fill_value(key), dtype=inputs[key].dtype)
-                inputs[key] = torch.cat([inputs[key], ext.to(inputs[key].dtype)], dim=1)
-            prompt_mask = torch.cat([prompt_mask, torch.zeros(B, 1, dtype=torch.bool)], dim=1)
-    return torch.cat(new, dim=1)
 
 
 def generate(model: Any, built: Any, steps: int, **kwargs: Any) -> torch.Tensor:

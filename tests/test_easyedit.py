@@ -125,7 +125,9 @@ _EASYEDIT_SUBSTRING = {"qwen2vl-7b": "qwen2-vl", "llavaov-7b": "llava-onevision"
 
 
 def test_shipped_files():
-    assert {"tiny", "qwen2vl-7b", "llavaov-7b", "qwen3vl-4b", "qwen2.5vl-7b"} <= set(shipped_hparams())
+    assert {"tiny", "qwen2vl-7b", "llavaov-7b", "qwen3vl-4b", "qwen2.5vl-7b", "gemma3-4b", "internvl3-2b"} <= set(
+        shipped_hparams()
+    )
 
 
 @pytest.mark.parametrize("name", shipped_hparams())
@@ -260,6 +262,30 @@ def test_hparams_are_mutable_as_easyedit_needs(hparams):
 
 
 # ---------------------------------------------------------------------- apply: single edit
+
+
+#: shipped YAMLs of families with no family code of their own -> a tiny model of that family
+_YAML_FAMILY = {"qwen3vl-4b": "qwen3_vl", "gemma3-4b": "gemma3", "internvl3-2b": "internvl"}
+
+
+@pytest.mark.parametrize("name, model_type", sorted(_YAML_FAMILY.items()))
+def test_shipped_yaml_edits_a_tiny_model_of_its_family(name, model_type):
+    """The YAML's own knobs on a tiny model of its family, through the apply function. Only the device
+    and dtype (CPU, fp32) and the probe layer (the tiny language model has 4 layers, not 28-36) are
+    overridden."""
+    hp = LDKEMultimodalHyperParams.from_hparams(name, device="cpu", dtype="float32", probe_layer=0)
+    model, processor = tiny_model(model_type)
+    req = _request(0)
+    pre = easyedit_metrics(model, processor, req)
+    snap = _snapshot(model)
+    edited, restore = apply_ldke_to_multimodal_model(model, processor, [req], hp)
+    post = easyedit_metrics(edited, processor, req)
+    assert post["rewrite_acc"] == 1.0 > pre["rewrite_acc"]
+    assert torch.equal(post["locality_output"], pre["locality_output"])
+    assert torch.equal(post["multimodal_locality_output"], pre["multimodal_locality_output"])
+    restore()
+    _assert_same(model, snap)
+
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)

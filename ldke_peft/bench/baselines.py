@@ -286,7 +286,7 @@ def apply_lora(model: nn.Module, processor: Any, requests: Sequence[EditRequest]
     else:
         family = family_of(model)
         grad_state = _requires_grad_state(model)
-        targets = [f"{family.layers_path}.{i}.{s}" for i in range(family.num_layers(model)) for s in cfg.target_suffixes]
+        targets = [f"{family.layers_path_of(model)}.{i}.{s}" for i in range(family.num_layers(model)) for s in cfg.target_suffixes]
         lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, bias="none")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
@@ -579,6 +579,11 @@ class IKEModel(nn.Module):
 
     def get_output_embeddings(self):
         return self.model.get_output_embeddings()
+
+    def get_decoder(self):
+        """The wrapped model's language model: the structural family adapter finds the decoder layers
+        (and checks the model) through the wrapper as through the model itself."""
+        return self.model.get_decoder()
 
     def _extend(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], int]:
         ids = inputs["input_ids"]

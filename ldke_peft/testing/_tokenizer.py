@@ -3,7 +3,7 @@ the tiny random models. Both become ``PreTrainedTokenizerFast`` so processors ac
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -32,8 +32,20 @@ def word_tokenizer(words: Iterable[str], extra_special: Sequence[str] = ()) -> P
     return _wrap(tk, specials)
 
 
-def bpe_tokenizer(corpus: Iterable[str], vocab_size: int = 512, extra_special: Sequence[str] = ()) -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained on ``corpus`` in milliseconds."""
+def bpe_tokenizer(
+    corpus: Iterable[str],
+    vocab_size: int = 512,
+    extra_special: Sequence[str] = (),
+    named_special: Mapping[str, str] | None = None,
+) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on ``corpus`` in milliseconds.
+
+    ``named_special`` maps attribute names to special tokens (``{"boi_token": "<start_of_image>"}``):
+    processors such as Gemma 3's read ``tokenizer.boi_token`` / ``tokenizer.boi_token_id``, as the
+    real checkpoints' tokenizers define them.
+    """
+    named = dict(named_special or {})
+    extra_special = list(extra_special) + [t for t in named.values() if t not in extra_special]
     specials = list(DEFAULT_SPECIALS) + [s for s in extra_special if s not in DEFAULT_SPECIALS]
     tk = Tokenizer(models.BPE(unk_token="<unk>"))
     tk.normalizer = normalizers.NFKC()
@@ -46,10 +58,11 @@ def bpe_tokenizer(corpus: Iterable[str], vocab_size: int = 512, extra_special: S
         show_progress=False,
     )
     tk.train_from_iterator(list(corpus), trainer=trainer)
-    return _wrap(tk, specials)
+    return _wrap(tk, specials, named)
 
 
-def _wrap(tk: Tokenizer, specials: Sequence[str]) -> PreTrainedTokenizerFast:
+def _wrap(tk: Tokenizer, specials: Sequence[str], named: Mapping[str, str] | None = None) -> PreTrainedTokenizerFast:
+    extra = {"extra_special_tokens": dict(named)} if named else {}
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tk,
         pad_token="<pad>",
@@ -57,6 +70,7 @@ def _wrap(tk: Tokenizer, specials: Sequence[str]) -> PreTrainedTokenizerFast:
         eos_token="</s>",
         unk_token="<unk>",
         additional_special_tokens=[s for s in specials if s not in ("<pad>", "<s>", "</s>", "<unk>")],
+        **extra,
     )
     fast.padding_side = "left"
     return fast

@@ -194,13 +194,17 @@ def _qwen_tokenizer_and_processor(processor_cls):
     # 56x56 .. 112x112 pixels -> 4x4 .. 8x8 patches of 14 -> 4 .. 16 image tokens after the 2x2 merge
     ip = Qwen2VLImageProcessorPil(size={"shortest_edge": 56 * 56, "longest_edge": 112 * 112})
     proc = image_only_processor(processor_cls, image_processor=ip, tokenizer=tok, chat_template=QWEN2_VL_CHAT_TEMPLATE)
-    ids = {
+    return tok, proc, qwen_vision_ids(tok)
+
+
+def qwen_vision_ids(tok) -> dict[str, int]:
+    """The Qwen-VL config's vision token ids, read from the tokenizer."""
+    return {
         "image_token_id": tok.convert_tokens_to_ids("<|image_pad|>"),
         "video_token_id": tok.convert_tokens_to_ids("<|video_pad|>"),
         "vision_start_token_id": tok.convert_tokens_to_ids("<|vision_start|>"),
         "vision_end_token_id": tok.convert_tokens_to_ids("<|vision_end|>"),
     }
-    return tok, proc, ids
 
 
 def _qwen_text(tok) -> dict[str, Any]:
@@ -319,3 +323,7 @@ def _tiny_paligemma(seed: int):
         text_config=text, projection_dim=32, image_token_index=tok.convert_tokens_to_ids("<image>"),
     )
     return PaliGemmaForConditionalGeneration(cfg), proc
+
+
+# the families added beyond the original seven register their builders on import
+from . import tiny_extra  # noqa: E402,F401  (after _builder and the shared helpers exist)
