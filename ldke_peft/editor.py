@@ -499,7 +499,7 @@ def fit_delta(
                         break
                     if stale % FIT_STALL_STEPS == 0:
                         for g in opt.param_groups:
-                            g["lr"] = min(g["lr"] * 2, cfg.edit_lr * 16)
+                            g["lr"] = min(g["lr"] * 2, cfg.edit_lr * FIT_LR_CAP)
                 loss = loss + _argmax_hinge(logits.float(), tgt_ids)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -538,6 +538,9 @@ FIT_PATIENCE = 150
 #: Phase 2 doubles the learning rate after this many steps without a new best (up to 16x ``edit_lr``):
 #: a fit that stalls is usually one whose delta must grow large to tell nearly equal inputs apart.
 FIT_STALL_STEPS = 50
+
+#: The most phase 2 multiplies ``edit_lr`` by.
+FIT_LR_CAP = 16
 
 #: Phase 2 of :func:`fit_delta` may run this many extra steps per target token (answer + end token).
 FIT_STEPS_PER_TOKEN = 100
@@ -760,22 +763,29 @@ def fit_router(
     if not refit_projection and cfg.use_router and not all(c.separable for c in cals):
         # Appending to a pack: projection 0 was fitted for the pack's first edits and need not separate
         # this edit's scope from its negatives (then the radius stops inside the nearest negative and the
-        # edit's rephrasings fall outside: "slots after the first do not generalise"). Fit a projection on
-        # this call's rows, as the same edit made alone would get, and score these slots in it.
-        mu_v, P_v, mu_t, P_t = fit_projections()
-        if P_v is None:
-            mu_v, P_v = router.mu_v.float(), router.projections()[0]
-        zv2 = ((v.float() - mu_v) @ P_v).detach()
-        zt2 = ((t.float() - mu_t) @ P_t).detach()
-        cals2 = calibrate(zv2, zt2)
-        if sum(c.separable for c in cals2) > sum(c.separable for c in cals):
-            group = router.add_group(mu_v=mu_v, proj_v=P_v, mu_t=mu_t, proj_t=P_t)
-            cfg.router_groups = router.num_groups
-            # keys and radii in the stored projection's own arithmetic (the router scores with it)
-            zv, zt = (z.detach() for z in router.project_group(group, v, t))
-            cals = calibrate(zv, zt)
-            logger.info("router: slot(s) %s get their own projection (group %d): the pack's first projection "
-                        "does not separate their scope", list(slots), group)
+        # edit's rephrasings fall outside: "slots after the first do not generalise"). A projection added
+        # for an earlier appended slot may do; else fit one on this call's rows, as the same edit made alone
+        # would get, and score these slots in it.
+        for g in range(1, router.num_groups):
+            zg = tuple(z.detach() for z in router.project_group(g, v, t))
+            cg = calibrate(*zg)
+            if all(c.separable for c in cg):
+                group, cals, (zv, zt) = g, cg, zg
+                break
+        else:
+            mu_v, P_v, mu_t, P_t = fit_projections()
+            if P_v is None:
+                mu_v, P_v = router.mu_v.float(), router.projections()[0]
+            cals2 = calibrate(((v.float() - mu_v) @ P_v).detach(), ((t.float() - mu_t) @ P_t).detach())
+            if sum(c.separable for c in cals2) > sum(c.separable for c in cals):
+                group = router.add_group(mu_v=mu_v, proj_v=P_v, mu_t=mu_t, proj_t=P_t)
+                cfg.router_groups = router.num_groups
+                # keys and radii in the stored projection's own arithmetic (the router scores with it)
+                zv, zt = (z.detach() for z in router.project_group(group, v, t))
+                cals = calibrate(zv, zt)
+        if group:
+            logger.info("router: slot(s) %s are scored in projection %d: the pack's first projection does not "
+                        "separate their scope", list(slots), group)
     for cal, s in zip(cals, slots):
         if not cfg.use_router:
             # "always on" (the no-router ablation): a huge *finite* radius, so the pack still passes
