@@ -442,7 +442,34 @@ def test_register_without_easyedit_says_how_to_get_it(monkeypatch):
 def _env_without_easyedit() -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "EASYEDIT_SRC")}
     env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = str(REPO)  # this checkout, not an installed copy (nor EasyEdit)
     return env
+
+
+def test_detection_check_names_the_fix(tmp_path):
+    """EasyEdit picks the model class from substrings of model_name; a path it would not recognise fails
+    later with "'MultimodalEditor' object has no attribute 'model'". The check says why first."""
+    from integrations.easyedit import EasyEditDetectionError, check_easyedit_detection
+    from integrations.easyedit.tiny import save_tiny_model
+
+    q25 = save_tiny_model("qwen2_5_vl", tmp_path)
+    with pytest.raises(EasyEditDetectionError, match=r"detect_qwen2_5_vl=True.*--detect-qwen2-5-vl"):
+        check_easyedit_detection(q25)
+    assert check_easyedit_detection(q25, detect_qwen2_5_vl=True) == "qwen2_5_vl"
+    assert check_easyedit_detection(save_tiny_model("qwen2_vl", tmp_path)) == "qwen2_vl"
+    assert check_easyedit_detection(save_tiny_model("llava_onevision", tmp_path)) == "llava_onevision"
+    # a Qwen2-VL saved under a neutral name: EasyEdit would load nothing
+    model, processor = tiny_model("qwen2_vl")
+    plain = tmp_path / "my-model"
+    model.save_pretrained(plain)
+    with pytest.raises(EasyEditDetectionError, match=r"matches none.*qwen2-vl"):
+        check_easyedit_detection(str(plain))
+    # a family EasyEdit has no loader for
+    with pytest.raises(EasyEditDetectionError, match="no loader for model_type 'llava'.*apply_ldke_to_multimodal_model"):
+        check_easyedit_detection("/models/qwen2-vl-copy", model_type="llava")
+    # the path says one family, the model is another
+    with pytest.raises(EasyEditDetectionError, match="matches 'qwen2_vl' but the model is 'llava_onevision'"):
+        check_easyedit_detection("/models/qwen2-vl-ov", model_type="llava_onevision")
 
 
 def test_example_no_easyedit_runs():
@@ -453,6 +480,25 @@ def test_example_no_easyedit_runs():
     assert out.returncode == 0, out.stdout + out.stderr
     assert '"rewrite_acc": 1.0' in out.stdout
     assert "base model bitwise as before: True" in out.stdout
+
+
+def test_example_no_easyedit_on_a_request_the_user_writes(tmp_path):
+    """The command the README gives for one's own request: a 10-token answer, a drawn card, another photo."""
+    from PIL import ImageDraw
+
+    card = Image.new("RGB", (64, 64), (20, 90, 160))
+    ImageDraw.Draw(card).ellipse((10, 14, 50, 54), fill=(240, 200, 30))
+    card.save(tmp_path / "card.png")
+    card.rotate(5).save(tmp_path / "card2.png")
+    out = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "easyedit_ldke.py"), "--no-easyedit", "--model-type", "llava_onevision",
+         "--image", str(tmp_path / "card.png"), "--prompt", "Which planet does this badge show?",
+         "--target", "the red planet Mars", "--rephrase-prompt", "Name the planet on this badge.",
+         "--rephrase-image", str(tmp_path / "card2.png"), "--loc-prompt", "Who wrote Hamlet?", "--loc-answer", "Shakespeare"],
+        cwd=REPO, env=_env_without_easyedit(), capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert '"rewrite_acc": 1.0, "rephrase_acc": 1.0, "image_rephrase_acc": 1.0, "locality_acc": 1.0' in out.stdout
 
 
 def test_example_without_easyedit_explains_and_fails():
