@@ -455,7 +455,9 @@ def fit_delta(
             out = root(**built.inputs, use_cache=False)
             return out.logits[pred_pos]
 
-    bound = n_steps if steps is not None or not stop_early else fit_step_bound(n_steps, int(tgt_mask.sum(1).max()))
+    # an explicit ``steps`` (timing studies), no early stop, or edit_steps=0 (no fit) keep the exact step count
+    exact = steps is not None or not stop_early or n_steps == 0
+    bound = n_steps if exact else fit_step_bound(n_steps, int(tgt_mask.sum(1).max()))
     taken, acc, reached = 0, 0.0, False
     best: tuple[int, list[torch.Tensor]] | None = None  # (targets hit, parameters) of the best step after phase 1
     stale = 0
