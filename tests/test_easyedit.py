@@ -621,3 +621,53 @@ def test_easyedit_edit_dataset(easyedit, tiny_qwen2_vl_dir, tmp_path):
         print("EasyEdit edit_dataset, pre:", float(m["pre"]["rewrite_acc"]), "post:",
               {k: float(v) for k, v in m["post"].items() if k.endswith("_acc")})
         assert float(m["post"]["rewrite_acc"]) == 1.0
+
+
+@pytest.mark.parametrize("mode", ["single", "sequential", "dataset"])
+def test_easyedit_targets_of_1_to_16_tokens(easyedit, tiny_qwen2_vl_dir, tmp_path, mode):
+    """Targets of 1, 4, 8 and 16 tokens (written in tests/test_long_targets.py), through upstream EasyEdit's
+    MultimodalEditor in all three modes: every case reaches rewrite 1.0, rephrase and image-rephrase >= 0.95,
+    and leaves both locality probes alone."""
+    import json
+
+    from test_long_targets import make_requests
+
+    _, processor = tiny_model("qwen2_vl")
+    reqs = make_requests(processor.tokenizer)
+    paths = {}
+    for k, r in enumerate(reqs):
+        for key, im in (("e", r["image"][0]), ("r", r["image_rephrase"][0]), ("m", r["multimodal_locality_image"][0])):
+            paths[(key, k)] = f"{key}{k}.png"
+            im.save(tmp_path / paths[(key, k)])
+    hp = LDKEMultimodalHyperParams.from_hparams("tiny", model_name=tiny_qwen2_vl_dir, coco_image=str(tmp_path),
+                                                rephrase_image=str(tmp_path))
+    editor = easyedit.MultimodalEditor.from_hparams(hp)
+    if mode == "dataset":
+        records = [{"src": r["prompt"], "pred": "x", "alt": r["target"], "rephrase": r["rephrase_prompt"],
+                    "image": paths[("e", k)], "image_rephrase": paths[("r", k)], "loc": r["locality_prompt"],
+                    "loc_ans": r["locality_ground_truth"], "m_loc": paths[("m", k)],
+                    "m_loc_q": r["multimodal_locality_prompt"], "m_loc_a": r["multimodal_locality_ground_truth"]}
+                   for k, r in enumerate(reqs)]
+        (tmp_path / "vqa.json").write_text(json.dumps(records))
+        metrics, _, _ = editor.edit_dataset(easyedit.VQADataset(str(tmp_path / "vqa.json"), config=hp),
+                                            keep_original_weight=False, verbose=False)
+    else:
+        metrics, _, _ = editor.edit(
+            prompts=[r["prompt"] for r in reqs], targets=[r["target"] for r in reqs],
+            image=[str(tmp_path / paths[("e", k)]) for k in range(len(reqs))],
+            rephrase_prompts=[r["rephrase_prompt"] for r in reqs],
+            rephrase_image=[str(tmp_path / paths[("r", k)]) for k in range(len(reqs))],
+            locality_inputs={"text": {"prompt": [r["locality_prompt"] for r in reqs],
+                                      "ground_truth": [r["locality_ground_truth"] for r in reqs]},
+                             "vision": {"image": [str(tmp_path / paths[("m", k)]) for k in range(len(reqs))],
+                                        "prompt": [r["multimodal_locality_prompt"] for r in reqs],
+                                        "ground_truth": [r["multimodal_locality_ground_truth"] for r in reqs]}},
+            keep_original_weight=mode == "single", verbose=False, sequential_edit=mode == "sequential",
+        )
+    assert len(metrics) == len(reqs)
+    for k, m in enumerate(metrics):
+        post = {key: float(v) for key, v in m["post"].items() if key.endswith("_acc")}
+        print(f"EasyEdit {mode}, case {k}:", post)
+        assert post["rewrite_acc"] == 1.0, (k, post)
+        assert post["rephrase_acc"] >= 0.95 and post["image_rephrase_acc"] >= 0.95, (k, post)
+        assert post["locality_acc"] >= 0.99 and post["multimodal_locality_acc"] >= 0.99, (k, post)
