@@ -12,11 +12,14 @@ With EasyEdit on PYTHONPATH (see integrations/easyedit/README.md):
     # smoke test of the EasyEdit setup: a tiny random Qwen2-VL, CPU, seconds
     python examples/easyedit_ldke.py --tiny
 
-Without EasyEdit, the same apply function EasyEdit calls, on a tiny random model:
+Without EasyEdit, the same apply function EasyEdit calls, on a tiny random model (or --model-name DIR):
 
-    python examples/easyedit_ldke.py --no-easyedit [--model-type llava_onevision]
+    python examples/easyedit_ldke.py --no-easyedit [--model-type llava_onevision|qwen2_5_vl]
+    python examples/easyedit_ldke.py --no-easyedit --image card.png --prompt "Which animal is painted on this card?" \
+        --target "a spotted snow leopard" --rephrase-prompt "Tell me what animal this card shows."
 
-The exit status is 0 when every edit reaches reliability 1.0 (EasyEdit's rewrite_acc).
+The exit status is 0 when every edit reaches reliability 1.0 (EasyEdit's rewrite_acc), 1 when one does not,
+2 for a setup problem (EasyEdit missing, a model path EasyEdit would not recognise).
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ import numpy as np
 from PIL import Image
 
 from integrations.easyedit import (
+    EasyEditDetectionError,
     EasyEditNotFoundError,
     LDKEMultimodalHyperParams,
     apply_ldke_to_multimodal_model,
+    check_easyedit_detection,
     easyedit_locality,
     easyedit_metrics,
     register,
@@ -62,7 +67,7 @@ def _demo_requests() -> list[dict]:
         },
         {
             "prompt": "What is written on the sign in this picture?",
-            "target": "Rome",
+            "target": "The sign says Rome",  # a 12-token answer in the tiny tokenizers
             "image": _noise_image(2),  # a bare PIL image works too
             "locality_prompt": "Who wrote Hamlet?",
             "locality_ground_truth": "Shakespeare",
@@ -78,14 +83,40 @@ def _show(i: int, pre: dict, post: dict) -> float:
     return post["rewrite_acc"]
 
 
-def run_without_easyedit(args: argparse.Namespace) -> int:
-    """The apply function EasyEdit calls, driven by hand on a tiny random model (no EasyEdit)."""
-    from ldke_peft.testing.tiny import tiny_model
+def _user_request(args: argparse.Namespace) -> dict:
+    """The request given on the command line, shaped as EasyEdit hands it to a method."""
+    r = {"prompt": args.prompt, "target": args.target, "image": args.image, "file_type": "image"}
+    if args.rephrase_prompt:
+        r["rephrase_prompt"] = args.rephrase_prompt
+    if args.rephrase_image:
+        r["image_rephrase"] = args.rephrase_image
+    if args.loc_prompt:
+        r.update(locality_prompt=args.loc_prompt, locality_ground_truth=args.loc_answer or "")
+    if args.mloc_image:
+        r.update(multimodal_locality_image=args.mloc_image, multimodal_locality_prompt=args.mloc_prompt,
+                 multimodal_locality_ground_truth=args.mloc_answer or "")
+    return r
 
+
+def run_without_easyedit(args: argparse.Namespace) -> int:
+    """The apply function EasyEdit calls, driven by hand (no EasyEdit): on a tiny random model, or on
+    the model in ``--model-name``; on the demo requests, or on the one given with ``--image/--prompt/--target``."""
     hparams = LDKEMultimodalHyperParams.from_hparams(args.hparams or "tiny")
-    model, processor = tiny_model(args.model_type)
+    if args.model_name:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        model = AutoModelForImageTextToText.from_pretrained(args.model_name, dtype=hparams.torch_dtype())
+        processor = AutoProcessor.from_pretrained(args.model_name)
+        model.eval()
+    else:
+        from ldke_peft.testing.tiny import tiny_model
+
+        model, processor = tiny_model(args.model_type)
+    if any((args.image, args.prompt, args.target)) and not all((args.image, args.prompt, args.target)):
+        print("give all of --image, --prompt and --target (or none, for the demo requests)", file=sys.stderr)
+        return 2
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    requests = _demo_requests()
+    requests = [_user_request(args)] if args.image else _demo_requests()
     pres = [easyedit_metrics(model, processor, r) for r in requests]  # "pre" before editing
     worst = 1.0
     restore = None
@@ -102,8 +133,14 @@ def run_without_easyedit(args: argparse.Namespace) -> int:
 
 
 def run_with_easyedit(args: argparse.Namespace) -> int:
+    detect = args.detect_qwen2_5_vl
+    if args.tiny and args.model_type == "qwen2_5_vl" and not detect:
+        # the tiny Qwen2.5-VL is ours: teach EasyEdit to detect it rather than fail
+        print("--tiny --model-type qwen2_5_vl: registering with detect_qwen2_5_vl=True (upstream EasyEdit does not "
+              "detect Qwen2.5-VL paths)", file=sys.stderr)
+        detect = True
     try:
-        register(detect_qwen2_5_vl=args.detect_qwen2_5_vl)
+        register(detect_qwen2_5_vl=detect)
     except EasyEditNotFoundError as exc:
         print(exc, file=sys.stderr)
         print("\n(Or run `python examples/easyedit_ldke.py --no-easyedit` to try LDKE's apply function alone.)", file=sys.stderr)
@@ -128,6 +165,11 @@ def run_with_easyedit(args: argparse.Namespace) -> int:
         print("--hparams is required (a YAML path or a shipped name: qwen2vl-7b, llavaov-7b, ...)", file=sys.stderr)
         return 2
     hparams = LDKEMultimodalHyperParams.from_hparams(args.hparams, **overrides)
+    try:
+        check_easyedit_detection(hparams.model_name, detect_qwen2_5_vl=detect)
+    except EasyEditDetectionError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     editor = MultimodalEditor.from_hparams(hparams)
 
     if args.data:

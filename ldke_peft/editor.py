@@ -59,6 +59,9 @@ class SlotReport:
     fit_accuracy: float
     router: dict[str, float]
     seconds: float
+    #: False when the delta fit ended (bound or no progress) before every target token of every positive was
+    #: the argmax; ``fit_accuracy`` then says how far it got (and the log has said so)
+    fit_reached: bool = True
 
 
 class EditDivergedError(LDKEError, RuntimeError):
@@ -204,7 +207,7 @@ def _edit(model, processor, requests, config, family, *, pack, adapter_name, neg
             SlotReport(
                 slot=s, layers=slot_layers[i], localization=None if locs[i] is None else locs[i].to_dict(),
                 fit_steps=steps, fit_seconds=time.perf_counter() - t0, fit_accuracy=acc, router={},
-                seconds=t_loc[i] + time.perf_counter() - t0,
+                seconds=t_loc[i] + time.perf_counter() - t0, fit_reached=acc >= 1.0,
             )
         )
         bar.update(1)
@@ -212,20 +215,23 @@ def _edit(model, processor, requests, config, family, *, pack, adapter_name, neg
 
     # 4. Disentanglement Classifier
     t0 = time.perf_counter()
+    old_memory = None if fresh else getattr(peft_model, "ldke_scope_memory", None)
+    memory = old_memory.copy() if isinstance(old_memory, ScopeMemory) else ScopeMemory()
     cals = fit_router(peft_model, processor, requests, new_slots, adapter_name=adapter_name, pool=pool,
-                      refit_projection=fresh, seed=seed)
+                      refit_projection=fresh, seed=seed, memory=memory)
     t_router = (time.perf_counter() - t0) / max(1, len(requests))
     for rep, cal in zip(reports, cals):
         rep.router = {
             "radius_v": cal.radius_v, "radius_t": cal.radius_t, "far_pos_v": cal.far_pos_v,
             "near_neg_v": cal.near_neg_v, "far_pos_t": cal.far_pos_t, "near_neg_t": cal.near_neg_t,
-            "separable": cal.separable,
+            "separable": cal.separable, "leak_cuts": cal.leak_cuts,
         }
         rep.seconds += t_router
     for s, rep in zip(new_slots, reports):
         cfg.edits[s]["layers"] = rep.layers
     prev = getattr(peft_model, "ldke_reports", [])
     peft_model.ldke_reports = list(prev) + reports
+    peft_model.ldke_scope_memory = memory
     peft_model.eval()
     return peft_model
 
@@ -441,11 +447,16 @@ def fit_delta(
             out = root(**built.inputs, use_cache=False)
             return out.logits[pred_pos]
 
-    taken, acc = 0, 0.0
+    # an explicit ``steps`` (timing studies), no early stop, or edit_steps=0 (no fit) keep the exact step count
+    exact = steps is not None or not stop_early or n_steps == 0
+    bound = n_steps if exact else fit_step_bound(n_steps, int(tgt_mask.sum(1).max()))
+    taken, acc, reached = 0, 0.0, False
+    best: tuple[int, list[torch.Tensor]] | None = None  # (targets hit, parameters) of the best step after phase 1
+    stale = 0
     was_training = root.training
     root.eval()  # no dropout: the fit must see what inference sees
     try:
-        for step in range(n_steps):
+        for step in range(bound):
             logits = logits_at_targets()
             ce = torch.nn.functional.cross_entropy(logits.float(), tgt_ids, reduction="none")
             loss = ce[core].mean() + (0.25 * ce[~core].mean() if bool((~core).any()) else 0.0)
@@ -462,15 +473,43 @@ def fit_delta(
             # stop once the answer is confidently the target AND is followed by its end (else the old
             # answer's tail can carry on in generation: "puro" -> "puro puet")
             if stop_early and bool(hit.all()) and p_min > 0.5 and bool(hit_all.all()):
+                reached = True
                 break
+            if step >= n_steps:
+                # phase 2 (past the configured steps, up to a bound that grows with the target): keep going
+                # until every target token of every positive is the argmax, and keep the best step seen.
+                # Where the model cannot reach p > 0.5 at all (a tiny random model whose final norm bounds
+                # every logit), this is what ends the fit.
+                n_hit = int(hit_all.sum())
+                if bool(hit_all.all()):
+                    reached = True
+                    break
+                if best is None or n_hit > best[0]:
+                    best, stale = (n_hit, [p.detach().clone() for p in params]), 0
+                else:
+                    stale += 1
+                    if stale >= FIT_PATIENCE:
+                        reached = False
+                        break
+                    if stale % FIT_STALL_STEPS == 0:
+                        for g in opt.param_groups:
+                            g["lr"] = min(g["lr"] * 2, cfg.edit_lr * FIT_LR_CAP)
+                loss = loss + _argmax_hinge(logits.float(), tgt_ids)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             taken = step + 1
         else:
+            reached = False
+        if not reached:
+            # the loop ran out (or gave up) after a step: score the deltas it ends with, or the best ones seen
             with torch.no_grad():
-                logits = logits_at_targets()
-                acc = float((logits.argmax(-1) == tgt_ids)[core].float().mean())
+                hit_all = logits_at_targets().argmax(-1) == tgt_ids
+                if best is not None and int(hit_all.sum()) < best[0]:
+                    for p, v in zip(params, best[1]):
+                        p.copy_(v)
+                    hit_all = logits_at_targets().argmax(-1) == tgt_ids
+                acc = float(hit_all[core].float().mean())
     finally:
         root.train(was_training)
         for p in params:
@@ -481,9 +520,41 @@ def fit_delta(
             f"after {taken} steps (edit_lr={cfg.edit_lr}); lower edit_lr"
         )
     if acc < 1.0:
-        logger.warning("edit %r -> %r: positives reach %.0f%% target accuracy after %d steps",
-                       request.prompt, request.target, 100 * acc, taken)
+        logger.warning("edit %r -> %r: NOT REACHED: positives reach %.1f%% target accuracy after %d steps (bound %d); "
+                       "the edit will not always answer its target (a larger rank or more edited layers gives the "
+                       "delta more room)", request.prompt, request.target, 100 * acc, taken, bound)
     return taken, acc
+
+
+#: Steps without a new best (more target tokens right) before phase 2 of :func:`fit_delta` gives up.
+FIT_PATIENCE = 150
+
+#: Phase 2 doubles the learning rate after this many steps without a new best (up to 16x ``edit_lr``):
+#: a fit that stalls is usually one whose delta must grow large to tell nearly equal inputs apart.
+FIT_STALL_STEPS = 50
+
+#: The most phase 2 multiplies ``edit_lr`` by.
+FIT_LR_CAP = 16
+
+#: Phase 2 of :func:`fit_delta` may run this many extra steps per target token (answer + end token).
+FIT_STEPS_PER_TOKEN = 100
+
+
+def fit_step_bound(edit_steps: int, target_tokens: int) -> int:
+    """The most steps :func:`fit_delta` takes: ``edit_steps`` (phase 1, stops once every target token is
+    confidently right), then up to :data:`FIT_STEPS_PER_TOKEN` per target token more (phase 2, until every
+    target token is the argmax): a 16-token answer needs many more steps than one word."""
+    return int(edit_steps) + FIT_STEPS_PER_TOKEN * max(1, int(target_tokens))
+
+
+def _argmax_hinge(logits: torch.Tensor, tgt_ids: torch.Tensor) -> torch.Tensor:
+    """Mean hinge on (best other logit - target logit + margin): pushes exactly the tokens that are not yet
+    the argmax. The margin is a tenth of each position's logit spread, so it means the same on a model
+    whose logits span 1 (a tiny random one) as on one whose logits span 30."""
+    z_t = logits.gather(1, tgt_ids[:, None]).squeeze(1)
+    other = logits.scatter(1, tgt_ids[:, None], float("-inf")).amax(-1)
+    margin = 0.1 * logits.detach().std(-1)
+    return torch.relu(other - z_t + margin).mean()
 
 
 def _positive_rows(imgs: list[Any], prompts: list[str], has_image: bool) -> tuple[list[Any], list[str]]:
@@ -534,8 +605,14 @@ def fit_router(
     pool: NegativePool | None = None,
     refit_projection: bool = True,
     seed: int = 0,
+    memory: "ScopeMemory | None" = None,
 ) -> list[SlotCalibration]:
-    """Fit the pack's projection (when ``refit_projection``) and the keys/radii of ``slots``."""
+    """Fit the pack's projection (when ``refit_projection``) and the keys/radii of ``slots``.
+
+    With ``memory`` (what earlier calls on the same pack recorded) every new slot's radii are also checked
+    against the locality probes of every request the pack was edited with, and every earlier slot's
+    against this call's probes (:func:`guard_leaks`); ``memory`` is then extended with this call's slots.
+    """
     cfg: LDKEConfig = peft_model.peft_config[adapter_name]
     tuner: LDKEModel = peft_model.base_model
     router = tuner.router(adapter_name)
@@ -550,7 +627,7 @@ def fit_router(
     v, t, has = collect_probe_features(peft_model, processor, cfg.probe_layer, rows.images, rows.prompts)
     v_label = torch.tensor(rows.v_label)
     t_label = torch.tensor(rows.t_label)
-    if refit_projection:
+    def fit_projections() -> tuple[torch.Tensor, ...]:
         vm = (v_label >= 0) & has
         # the pool adds entity/relation structure beyond the edits: it makes the projection general
         # enough for slots appended later (sequential editing keeps the projection fixed). The
@@ -562,39 +639,91 @@ def fit_router(
         fl = torch.cat([v_label[vm], pl]) if len(pl) else v_label[vm]
         ft = torch.cat([t, pt]) if len(pt) else t
         ftl = torch.cat([t_label, ptl]) if len(ptl) else t_label
+        mu_v, P_v = None, None
         if len(fv):
             mu_v, P_v = fit_projection(fv, fl, cfg.router_dim, steps=cfg.router_steps, lr=cfg.router_lr, seed=seed,
                                        weight_decay=VISUAL_WEIGHT_DECAY)
-            router.set_projection(mu_v=mu_v, proj_v=P_v)
         mu_t, P_t = fit_projection(ft, ftl, cfg.router_dim, steps=cfg.router_steps, lr=cfg.router_lr, seed=seed + 1)
+        return mu_v, P_v, mu_t, P_t
+
+    if refit_projection:
+        mu_v, P_v, mu_t, P_t = fit_projections()
+        if P_v is not None:
+            router.set_projection(mu_v=mu_v, proj_v=P_v)
         router.set_projection(mu_t=mu_t, proj_t=P_t)
-    zv, zt = router.project(v, t)
-    zv, zt = zv.detach(), zt.detach()
-    cals = []
     v_pos = torch.tensor(rows.v_pos)
     t_pos = torch.tensor(rows.t_pos)
     core = torch.tensor(rows.core)
     anchor = torch.tensor(rows.anchor)
-    for n, ((a, b), r, s) in enumerate(zip(per_req, requests, slots)):
-        sel = torch.zeros(len(rows.prompts), dtype=torch.bool)
-        sel[a:b] = True
-        # negatives also include every other new slot's rows that are not positives of this slot
-        other = ~sel
-        zvp = zv[sel & v_pos]
-        zvn = torch.cat([zv[sel & ~v_pos & has], zv[other & has & (v_label != v_label[a])]])
-        ztp = zt[sel & t_pos]
-        ztc = zt[sel & t_pos & core]
-        anc = sel & anchor
-        ztn = torch.cat([zt[sel & ~t_pos], zt[other & (t_label != t_label[a])]])
-        cal = calibrate_slot(zvp, zvn, ztp, ztn, needs_image=r.image is not None, margin=cfg.router_margin, zt_core=ztc,
-                             zt_anchor=zt[anc], zv_anchor=zv[anc & has])
+
+    def calibrate(zv: torch.Tensor, zt: torch.Tensor) -> list[SlotCalibration]:
+        cals = []
+        for n, ((a, b), r) in enumerate(zip(per_req, requests)):
+            sel = torch.zeros(len(rows.prompts), dtype=torch.bool)
+            sel[a:b] = True
+            # negatives also include every other new slot's rows that are not positives of this slot
+            other = ~sel
+            zvp = zv[sel & v_pos]
+            zvn = torch.cat([zv[sel & ~v_pos & has], zv[other & has & (v_label != v_label[a])]])
+            ztp = zt[sel & t_pos]
+            ztc = zt[sel & t_pos & core]
+            anc = sel & anchor
+            ztn = torch.cat([zt[sel & ~t_pos], zt[other & (t_label != t_label[a])]])
+            cals.append(calibrate_slot(zvp, zvn, ztp, ztn, needs_image=r.image is not None, margin=cfg.router_margin,
+                                       zt_core=ztc, zt_anchor=zt[anc], zv_anchor=zv[anc & has]))
+        return cals
+
+    zv, zt = (z.detach() for z in router.project(v, t))
+    cals = calibrate(zv, zt)
+    group = 0
+    if not refit_projection and cfg.use_router and not all(c.separable for c in cals):
+        # Appending to a pack: projection 0 was fitted for the pack's first edits and need not separate
+        # this edit's scope from its negatives (then the radius stops inside the nearest negative and the
+        # edit's rephrasings fall outside: "slots after the first do not generalise"). A projection added
+        # for an earlier appended slot may do; else fit one on this call's rows, as the same edit made alone
+        # would get, and score these slots in it.
+        for g in range(1, router.num_groups):
+            zg = tuple(z.detach() for z in router.project_group(g, v, t))
+            cg = calibrate(*zg)
+            if all(c.separable for c in cg):
+                group, cals, (zv, zt) = g, cg, zg
+                break
+        else:
+            mu_v, P_v, mu_t, P_t = fit_projections()
+            if P_v is None:
+                mu_v, P_v = router.mu_v.float(), router.projections()[0]
+            cals2 = calibrate(((v.float() - mu_v) @ P_v).detach(), ((t.float() - mu_t) @ P_t).detach())
+            if sum(c.separable for c in cals2) > sum(c.separable for c in cals):
+                group = router.add_group(mu_v=mu_v, proj_v=P_v, mu_t=mu_t, proj_t=P_t)
+                cfg.router_groups = router.num_groups
+                # keys and radii in the stored projection's own arithmetic (the router scores with it)
+                zv, zt = (z.detach() for z in router.project_group(group, v, t))
+                cals = calibrate(zv, zt)
+        if group:
+            logger.info("router: slot(s) %s are scored in projection %d: the pack's first projection does not "
+                        "separate their scope", list(slots), group)
+    for cal, s in zip(cals, slots):
         if not cfg.use_router:
             # "always on" (the no-router ablation): a huge *finite* radius, so the pack still passes
             # the loader's finiteness check
             cal.radius_v = cal.radius_t = 1e30
         router.set_slot(s, key_v=cal.key_v, key_t=cal.key_t, radius_v=cal.radius_v, radius_t=cal.radius_t,
                         needs_image=cal.needs_image)
-        cals.append(cal)
+        router.set_slot_group(s, group)
+    if memory is not None and cfg.use_router:
+        protected = []
+        for (a, b), r in zip(per_req, requests):
+            given_i = {image_fingerprint(im) for im in [r.image] + list(r.rephrase_images) if im is not None}
+            given_q = [r.prompt] + list(r.rephrase_prompts)
+            idx = [i for i in range(a, b) if rows.v_pos[i] and rows.t_pos[i]
+                   and (rows.images[i] is None or image_fingerprint(rows.images[i]) in given_i)
+                   and any(rows.prompts[i] == q for q in given_q)]
+            protected.append(torch.tensor(idx, dtype=torch.long))
+        shrunk = guard_leaks(peft_model, processor, router, cfg.probe_layer, requests, slots,
+                             [(v[i], t[i], has[i]) for i in protected], memory)
+        for cal, s in zip(cals, slots):
+            cal.radius_v, cal.radius_t = float(router.radius_v[s]), float(router.radius_t[s])
+            cal.leak_cuts = shrunk.get(s, 0)
     return cals
 
 
@@ -660,6 +789,147 @@ def router_rows(requests: Sequence[EditRequest], cfg: LDKEConfig, pool: Negative
                 rows.add(None, q, -1, lab("q:" + _q_relation(src, pool)), n, False, False)
         per_req.append((start, len(rows.prompts)))
     return rows, per_req
+
+
+# ---------------------------------------------------------------------- pack-level leak guard
+
+
+@dataclass
+class ScopeMemory:
+    """What a pack's slots must reject and keep, recorded in memory by each :func:`edit` call on the pack
+    (not saved with it): raw router features of every request's locality probes, and of each slot's own
+    inputs (its image(s) with its question and rephrasings). A slot appended later must not take an earlier
+    request's locality probe, and an earlier slot must not take a later request's (cross-slot leaks: each
+    slot is calibrated only against its own request's negatives)."""
+
+    probe_v: torch.Tensor | None = None
+    probe_t: torch.Tensor | None = None
+    probe_has: torch.Tensor | None = None
+    #: (image fingerprint or None, prompt) per probe row
+    probe_keys: list[tuple[str | None, str]] = field(default_factory=list)
+    #: slot -> (visual, textual, has_image) of the rows the slot must keep
+    protected: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    #: slot -> (its given image fingerprints, its given wordings): probes equal to these are positives
+    given: dict[int, tuple[set, list[str]]] = field(default_factory=dict)
+
+    def copy(self) -> "ScopeMemory":
+        return ScopeMemory(self.probe_v, self.probe_t, self.probe_has, list(self.probe_keys), dict(self.protected),
+                           dict(self.given))
+
+
+#: A radius shrunk to keep a probe out stops this fraction of the way to it.
+LEAK_RADIUS_FACTOR = 0.98
+
+
+def _probes_of(r: EditRequest) -> list[tuple[Any, str]]:
+    return [(p.image, p.prompt) for p in list(r.locality) + list(r.m_locality) + list(r.coupled)]
+
+
+def guard_leaks(peft_model: Any, processor: Any, router: Any, probe_layer: int, requests: Sequence[EditRequest],
+                slots: Sequence[int], protected: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                memory: ScopeMemory) -> dict[int, int]:
+    """Shrink radii so no slot of the pack takes a locality probe of another request (a cross-slot leak).
+
+    Checks every new slot against the probes in ``memory`` and this call's, and every slot in ``memory``
+    against this call's probes. A probe inside a slot's scope (both parts within their radii) is put out by
+    shrinking the one part whose cut keeps all of the slot's own rows (``protected``) inside, preferring the
+    smaller cut; a probe that cannot be put out that way is logged. ``memory`` is extended in place.
+    Returns ``{slot: number of radius cuts}``.
+    """
+    keys, ims, qs = [], [], []
+    seen = set(memory.probe_keys)
+    for r in requests:
+        for im, q in _probes_of(r):
+            k = (image_fingerprint(im) if im is not None else None, q.strip())
+            if k not in seen:
+                seen.add(k)
+                keys.append(k)
+                ims.append(im)
+                qs.append(q)
+    if qs:
+        nv, nt, nh = collect_probe_features(peft_model, processor, probe_layer, ims, qs)
+    else:
+        nv = nt = nh = None
+    for s, r, (pv, pt, ph) in zip(slots, requests, protected):
+        given_i = {image_fingerprint(im) for im in [r.image] + list(r.rephrase_images) if im is not None}
+        memory.given[s] = (given_i, [r.prompt] + list(r.rephrase_prompts))
+        memory.protected[s] = (pv, pt, ph)
+    old_v, old_t, old_h, old_keys = memory.probe_v, memory.probe_t, memory.probe_has, list(memory.probe_keys)
+
+    def cat(a, b):
+        return b if a is None else (a if b is None else torch.cat([a, b]))
+
+    all_v, all_t, all_h, all_keys = cat(old_v, nv), cat(old_t, nt), cat(old_h, nh), old_keys + keys
+    shrunk: dict[int, int] = {}
+    new_slots = set(slots)
+    for s, (pv, pt, ph) in memory.protected.items():
+        if s >= router.num_slots:
+            continue
+        if s in new_slots:
+            fv, ft, fh, fk = all_v, all_t, all_h, all_keys
+        else:
+            fv, ft, fh, fk = nv, nt, nh, keys
+        if fv is None or not len(fk):
+            continue
+        given_i, given_q = memory.given.get(s, (set(), []))
+        own = torch.tensor([(fp in given_i if fp is not None else not given_i) and _same_question(q, given_q, fuzzy=True)
+                            for fp, q in fk], dtype=torch.bool)
+        n = _shrink_to_exclude(router, s, fv[~own], ft[~own], fh[~own], pv, pt, ph)
+        if n:
+            shrunk[s] = n
+    memory.probe_v, memory.probe_t, memory.probe_has, memory.probe_keys = all_v, all_t, all_h, all_keys
+    return shrunk
+
+
+@torch.no_grad()
+def _shrink_to_exclude(router: Any, s: int, v: torch.Tensor, t: torch.Tensor, has: torch.Tensor,
+                       pv: torch.Tensor, pt: torch.Tensor, ph: torch.Tensor) -> int:
+    """Cut slot ``s``'s radii until none of the rows ``(v, t, has)`` routes to it; keep ``(pv, pt, ph)`` in."""
+    if not len(v):
+        return 0
+    g = router.slot_group(s)
+    needs = bool(router.needs_image[s] > 0)
+    key_v, key_t = router.keys_v[s].float(), router.keys_t[s].float()
+    zv, zt = router.project_group(g, v, t)
+    dv, dt = (zv - key_v).norm(dim=1), (zt - key_t).norm(dim=1)
+    if len(pv):
+        qv, qt = router.project_group(g, pv, pt)
+        keep_v = float((qv - key_v).norm(dim=1)[ph.bool()].max()) if needs and bool(ph.any()) else 0.0
+        keep_t = float((qt - key_t).norm(dim=1).max())
+    else:
+        keep_v = keep_t = 0.0
+    eligible = has.bool() if needs else ~has.bool()
+    cuts = 0
+    rv, rt = float(router.radius_v[s]), float(router.radius_t[s])
+    for _ in range(len(v)):
+        inside = eligible & (dt <= rt) & ((dv <= rv) if needs else torch.ones_like(eligible))
+        if not bool(inside.any()):
+            break
+        i = int(torch.nonzero(inside)[0])
+        options = []
+        if needs and LEAK_RADIUS_FACTOR * float(dv[i]) > keep_v:
+            options.append((LEAK_RADIUS_FACTOR * float(dv[i]) / rv, "v"))
+        if LEAK_RADIUS_FACTOR * float(dt[i]) > keep_t:
+            options.append((LEAK_RADIUS_FACTOR * float(dt[i]) / rt, "t"))
+        if not options:
+            logger.warning("router: slot %d takes a locality probe of another request and cannot be cut without "
+                           "losing its own inputs (the probe is as close as they are)", s)
+            eligible = eligible.clone()
+            eligible[i] = False
+            continue
+        _, part = max(options)
+        if part == "v":
+            rv = LEAK_RADIUS_FACTOR * float(dv[i])
+        else:
+            rt = LEAK_RADIUS_FACTOR * float(dt[i])
+        cuts += 1
+    if cuts:
+        logger.info("router: slot %d's radii cut %d time(s) to keep other requests' locality probes out "
+                    "(radius_v %.3f -> %.3f, radius_t %.3f -> %.3f)", s, cuts, float(router.radius_v[s]), rv,
+                    float(router.radius_t[s]), rt)
+        router.radius_v[s] = rv
+        router.radius_t[s] = rt
+    return cuts
 
 
 def _q_relation(q: str, pool: NegativePool) -> str:
@@ -897,7 +1167,8 @@ class _Rollback:
         if pack is not None:
             cfg = pack.peft_config[adapter_name]
             self.cfg_fields = {k: copy.deepcopy(getattr(cfg, k))
-                               for k in ("slot_layers", "num_slots", "edits", "target_modules", "layers_to_transform")}
+                               for k in ("slot_layers", "num_slots", "edits", "target_modules", "layers_to_transform",
+                                         "router_groups")}
             tuner = pack.base_model
             self.tuner_lists = {k: list(getattr(tuner, k)) for k in ("targeted_module_names", "targeted_parameter_names")
                                 if isinstance(getattr(tuner, k, None), list)}

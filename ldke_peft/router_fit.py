@@ -31,6 +31,8 @@ class SlotCalibration:
     near_neg_v: float = 0.0
     far_pos_t: float = 0.0
     near_neg_t: float = 0.0
+    #: radius cuts made afterwards to keep other requests' locality probes out (``editor.guard_leaks``)
+    leak_cuts: int = 0
 
     @property
     def separable(self) -> bool:

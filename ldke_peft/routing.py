@@ -339,6 +339,49 @@ class RouterState(nn.Module):
                     buf.copy_(val.to(buf))
 
     @torch.no_grad()
+    def add_group(self, *, mu_v: torch.Tensor, proj_v: torch.Tensor, mu_t: torch.Tensor, proj_t: torch.Tensor) -> int:
+        """Append a projection (fp32, as a merged pack stores its extra ones); returns its group index.
+
+        A pack that grows (sequential editing) keeps projection 0, fitted for its first edits; a slot whose
+        scope that projection cannot separate gets a projection fitted on its own rows instead, so it
+        routes as the same edit made alone would. Put slots into it with :meth:`set_slot_group`.
+        """
+        dev = self.keys_v.device
+        new = {"mu_v": mu_v, "proj_v": proj_v, "mu_t": mu_t, "proj_t": proj_t}
+        ref = {"mu_v": self.mu_v, "proj_v": self.proj_v, "mu_t": self.mu_t, "proj_t": self.proj_t}
+        for name, val in new.items():
+            if tuple(val.shape) != tuple(ref[name].shape):
+                raise ValueError(f"{name}: expected shape {tuple(ref[name].shape)}, got {tuple(val.shape)}")
+        if "extra_proj_v" not in self._buffers:
+            self.register_buffer("proj_group", torch.zeros(self.num_slots, dtype=torch.long, device=dev))
+            for name, val in new.items():
+                self.register_buffer("extra_" + name, val.detach().float().to(dev)[None].clone())
+        else:
+            for name, val in new.items():
+                old = getattr(self, "extra_" + name)
+                setattr(self, "extra_" + name, torch.cat([old, val.detach().float().to(old.device)[None]]))
+        return self.num_groups - 1
+
+    @torch.no_grad()
+    def set_slot_group(self, slot: int, group: int) -> None:
+        """Score slot ``slot`` in projection ``group`` (its keys must be in that projection's space)."""
+        if not 0 <= slot < self.num_slots:
+            raise IndexError(f"slot {slot} out of range (pack has {self.num_slots} slots)")
+        if not 0 <= group < self.num_groups:
+            raise IndexError(f"projection group {group} out of range (router has {self.num_groups})")
+        if "proj_group" in self._buffers:
+            self.proj_group[slot] = int(group)
+
+    def slot_group(self, slot: int) -> int:
+        """The projection group slot ``slot`` is scored in (0 unless the pack holds several)."""
+        return int(self.proj_group[slot]) if "proj_group" in self._buffers else 0
+
+    def project_group(self, group: int, visual: torch.Tensor, textual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features in projection ``group``'s space (``project`` for group 0)."""
+        pv, pt, bv, bt = self._group_tables(group)
+        return torch.addmm(bv, _f32(visual), pv), torch.addmm(bt, _f32(textual), pt)
+
+    @torch.no_grad()
     def set_slot(self, slot: int, *, key_v, key_t, radius_v: float, radius_t: float, needs_image: bool = True) -> None:
         """Write one slot's keys/radii directly (keys are in *projected* space)."""
         if not 0 <= slot < self.num_slots:

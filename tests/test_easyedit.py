@@ -468,7 +468,34 @@ def test_register_without_easyedit_says_how_to_get_it(monkeypatch):
 def _env_without_easyedit() -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "EASYEDIT_SRC")}
     env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = str(REPO)  # this checkout, not an installed copy (nor EasyEdit)
     return env
+
+
+def test_detection_check_names_the_fix(tmp_path):
+    """EasyEdit picks the model class from substrings of model_name; a path it would not recognise fails
+    later with "'MultimodalEditor' object has no attribute 'model'". The check says why first."""
+    from integrations.easyedit import EasyEditDetectionError, check_easyedit_detection
+    from integrations.easyedit.tiny import save_tiny_model
+
+    q25 = save_tiny_model("qwen2_5_vl", tmp_path)
+    with pytest.raises(EasyEditDetectionError, match=r"detect_qwen2_5_vl=True.*--detect-qwen2-5-vl"):
+        check_easyedit_detection(q25)
+    assert check_easyedit_detection(q25, detect_qwen2_5_vl=True) == "qwen2_5_vl"
+    assert check_easyedit_detection(save_tiny_model("qwen2_vl", tmp_path)) == "qwen2_vl"
+    assert check_easyedit_detection(save_tiny_model("llava_onevision", tmp_path)) == "llava_onevision"
+    # a Qwen2-VL saved under a neutral name: EasyEdit would load nothing
+    model, processor = tiny_model("qwen2_vl")
+    plain = tmp_path / "my-model"
+    model.save_pretrained(plain)
+    with pytest.raises(EasyEditDetectionError, match=r"matches none.*qwen2-vl"):
+        check_easyedit_detection(str(plain))
+    # a family EasyEdit has no loader for
+    with pytest.raises(EasyEditDetectionError, match="no loader for model_type 'llava'.*apply_ldke_to_multimodal_model"):
+        check_easyedit_detection("/models/qwen2-vl-copy", model_type="llava")
+    # the path says one family, the model is another
+    with pytest.raises(EasyEditDetectionError, match="matches 'qwen2_vl' but the model is 'llava_onevision'"):
+        check_easyedit_detection("/models/qwen2-vl-ov", model_type="llava_onevision")
 
 
 def test_example_no_easyedit_runs():
@@ -479,6 +506,25 @@ def test_example_no_easyedit_runs():
     assert out.returncode == 0, out.stdout + out.stderr
     assert '"rewrite_acc": 1.0' in out.stdout
     assert "base model bitwise as before: True" in out.stdout
+
+
+def test_example_no_easyedit_on_a_request_the_user_writes(tmp_path):
+    """The command the README gives for one's own request: a 10-token answer, a drawn card, another photo."""
+    from PIL import ImageDraw
+
+    card = Image.new("RGB", (64, 64), (20, 90, 160))
+    ImageDraw.Draw(card).ellipse((10, 14, 50, 54), fill=(240, 200, 30))
+    card.save(tmp_path / "card.png")
+    card.rotate(5).save(tmp_path / "card2.png")
+    out = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "easyedit_ldke.py"), "--no-easyedit", "--model-type", "llava_onevision",
+         "--image", str(tmp_path / "card.png"), "--prompt", "Which planet does this badge show?",
+         "--target", "the red planet Mars", "--rephrase-prompt", "Name the planet on this badge.",
+         "--rephrase-image", str(tmp_path / "card2.png"), "--loc-prompt", "Who wrote Hamlet?", "--loc-answer", "Shakespeare"],
+        cwd=REPO, env=_env_without_easyedit(), capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert '"rewrite_acc": 1.0, "rephrase_acc": 1.0, "image_rephrase_acc": 1.0, "locality_acc": 1.0' in out.stdout
 
 
 def test_example_without_easyedit_explains_and_fails():
@@ -601,3 +647,53 @@ def test_easyedit_edit_dataset(easyedit, tiny_qwen2_vl_dir, tmp_path):
         print("EasyEdit edit_dataset, pre:", float(m["pre"]["rewrite_acc"]), "post:",
               {k: float(v) for k, v in m["post"].items() if k.endswith("_acc")})
         assert float(m["post"]["rewrite_acc"]) == 1.0
+
+
+@pytest.mark.parametrize("mode", ["single", "sequential", "dataset"])
+def test_easyedit_targets_of_1_to_16_tokens(easyedit, tiny_qwen2_vl_dir, tmp_path, mode):
+    """Targets of 1, 4, 8 and 16 tokens (written in tests/test_long_targets.py), through upstream EasyEdit's
+    MultimodalEditor in all three modes: every case reaches rewrite 1.0, rephrase and image-rephrase >= 0.95,
+    and leaves both locality probes alone."""
+    import json
+
+    from test_long_targets import make_requests
+
+    _, processor = tiny_model("qwen2_vl")
+    reqs = make_requests(processor.tokenizer)
+    paths = {}
+    for k, r in enumerate(reqs):
+        for key, im in (("e", r["image"][0]), ("r", r["image_rephrase"][0]), ("m", r["multimodal_locality_image"][0])):
+            paths[(key, k)] = f"{key}{k}.png"
+            im.save(tmp_path / paths[(key, k)])
+    hp = LDKEMultimodalHyperParams.from_hparams("tiny", model_name=tiny_qwen2_vl_dir, coco_image=str(tmp_path),
+                                                rephrase_image=str(tmp_path))
+    editor = easyedit.MultimodalEditor.from_hparams(hp)
+    if mode == "dataset":
+        records = [{"src": r["prompt"], "pred": "x", "alt": r["target"], "rephrase": r["rephrase_prompt"],
+                    "image": paths[("e", k)], "image_rephrase": paths[("r", k)], "loc": r["locality_prompt"],
+                    "loc_ans": r["locality_ground_truth"], "m_loc": paths[("m", k)],
+                    "m_loc_q": r["multimodal_locality_prompt"], "m_loc_a": r["multimodal_locality_ground_truth"]}
+                   for k, r in enumerate(reqs)]
+        (tmp_path / "vqa.json").write_text(json.dumps(records))
+        metrics, _, _ = editor.edit_dataset(easyedit.VQADataset(str(tmp_path / "vqa.json"), config=hp),
+                                            keep_original_weight=False, verbose=False)
+    else:
+        metrics, _, _ = editor.edit(
+            prompts=[r["prompt"] for r in reqs], targets=[r["target"] for r in reqs],
+            image=[str(tmp_path / paths[("e", k)]) for k in range(len(reqs))],
+            rephrase_prompts=[r["rephrase_prompt"] for r in reqs],
+            rephrase_image=[str(tmp_path / paths[("r", k)]) for k in range(len(reqs))],
+            locality_inputs={"text": {"prompt": [r["locality_prompt"] for r in reqs],
+                                      "ground_truth": [r["locality_ground_truth"] for r in reqs]},
+                             "vision": {"image": [str(tmp_path / paths[("m", k)]) for k in range(len(reqs))],
+                                        "prompt": [r["multimodal_locality_prompt"] for r in reqs],
+                                        "ground_truth": [r["multimodal_locality_ground_truth"] for r in reqs]}},
+            keep_original_weight=mode == "single", verbose=False, sequential_edit=mode == "sequential",
+        )
+    assert len(metrics) == len(reqs)
+    for k, m in enumerate(metrics):
+        post = {key: float(v) for key, v in m["post"].items() if key.endswith("_acc")}
+        print(f"EasyEdit {mode}, case {k}:", post)
+        assert post["rewrite_acc"] == 1.0, (k, post)
+        assert post["rephrase_acc"] >= 0.95 and post["image_rephrase_acc"] >= 0.95, (k, post)
+        assert post["locality_acc"] >= 0.99 and post["multimodal_locality_acc"] >= 0.99, (k, post)

@@ -30,11 +30,21 @@ from .hparams import (
     hparams_dir,
     shipped_hparams,
 )
-from .register import HOW_TO_GET_EASYEDIT, EasyEditNotFoundError, is_easyedit_available, register
+from .register import (
+    EASYEDIT_PATH_SUBSTRINGS,
+    HOW_TO_GET_EASYEDIT,
+    EasyEditDetectionError,
+    EasyEditNotFoundError,
+    check_easyedit_detection,
+    is_easyedit_available,
+    register,
+)
 
 __all__ = [
     "ALG_NAME",
+    "EASYEDIT_PATH_SUBSTRINGS",
     "EasyEditCopyError",
+    "EasyEditDetectionError",
     "EasyEditNotFoundError",
     "HOW_TO_GET_EASYEDIT",
     "InvalidHyperParamsError",
@@ -43,6 +53,7 @@ __all__ = [
     "PromptMaskHook",
     "RestoreBaseModel",
     "apply_ldke_to_multimodal_model",
+    "check_easyedit_detection",
     "easyedit_inputs",
     "easyedit_locality",
     "easyedit_logits",

@@ -13,13 +13,23 @@ snapshot); it runs from a clone on ``PYTHONPATH``, see :data:`HOW_TO_GET_EASYEDI
 from __future__ import annotations
 
 import importlib
+import json
+import os
 
 from ldke_peft.errors import LDKEError
 
 from .apply import apply_ldke_to_multimodal_model
 from .hparams import ALG_NAME
 
-__all__ = ["HOW_TO_GET_EASYEDIT", "EasyEditNotFoundError", "is_easyedit_available", "register"]
+__all__ = [
+    "EASYEDIT_PATH_SUBSTRINGS",
+    "HOW_TO_GET_EASYEDIT",
+    "EasyEditDetectionError",
+    "EasyEditNotFoundError",
+    "check_easyedit_detection",
+    "is_easyedit_available",
+    "register",
+]
 
 HOW_TO_GET_EASYEDIT = (
     "EasyEdit is not importable. It is not installable from PyPI in a working form; run it from a clone:\n"
@@ -35,6 +45,75 @@ HOW_TO_GET_EASYEDIT = (
 
 class EasyEditNotFoundError(LDKEError, ImportError):
     """``easyeditor`` cannot be imported; the message says how to put EasyEdit on the path."""
+
+
+class EasyEditDetectionError(LDKEError, ValueError):
+    """EasyEdit's ``MultimodalEditor`` would not recognise the model family from ``hparams.model_name``.
+
+    Upstream EasyEdit then loads no model and fails much later with
+    ``AttributeError: 'MultimodalEditor' object has no attribute 'model'``; this error says why and what
+    to do instead, before EasyEdit is called."""
+
+
+#: ``config.model_type`` -> substrings of ``model_name`` (lower-cased) from which upstream EasyEdit's
+#: ``MultimodalEditor`` loads that family. Qwen2.5-VL is detected only after ``register(detect_qwen2_5_vl=True)``.
+EASYEDIT_PATH_SUBSTRINGS: dict[str, tuple[str, ...]] = {
+    "qwen2_vl": ("qwen2-vl", "qwen2_vl", "qwen2vl"),
+    "llava_onevision": ("llava-onevision",),
+    "qwen3_vl": ("qwen3-vl",),
+    "qwen3_5": ("qwen3.5",),
+    "qwen2_5_vl": ("qwen2.5-vl", "qwen2_5_vl", "qwen2.5vl", "qwen2_5-vl"),
+}
+_NEEDS_REGISTRATION = {"qwen2_5_vl"}
+
+
+def _model_type_at(model_name: str) -> str | None:
+    path = os.path.join(os.fspath(model_name), "config.json")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_easyedit_detection(model_name: str, *, model_type: str | None = None, detect_qwen2_5_vl: bool = False) -> str:
+    """The family EasyEdit's ``MultimodalEditor`` will load for ``model_name``, or a clear error.
+
+    ``model_type`` defaults to the ``config.json`` inside ``model_name`` when that is a local folder.
+    Raises :class:`EasyEditDetectionError` naming the substrings EasyEdit looks for, and for Qwen2.5-VL
+    ``register(detect_qwen2_5_vl=True)`` (``--detect-qwen2-5-vl`` in ``examples/easyedit_ldke.py``), when
+    EasyEdit would load nothing (or another family) from that path.
+    """
+    name = os.fspath(model_name).lower()
+    model_type = model_type or _model_type_at(os.fspath(model_name))
+    usable = {t: subs for t, subs in EASYEDIT_PATH_SUBSTRINGS.items() if detect_qwen2_5_vl or t not in _NEEDS_REGISTRATION}
+    found = next((t for t, subs in usable.items() if any(x in name for x in subs)), None)
+    if model_type is not None and model_type not in EASYEDIT_PATH_SUBSTRINGS:
+        raise EasyEditDetectionError(
+            f"EasyEdit's MultimodalEditor has no loader for model_type {model_type!r} (model_name {model_name!r}); "
+            "call integrations.easyedit.apply_ldke_to_multimodal_model(model, processor, requests, hparams) "
+            "directly, or use ldke_peft.edit"
+        )
+    if model_type in _NEEDS_REGISTRATION and not detect_qwen2_5_vl:
+        raise EasyEditDetectionError(
+            f"upstream EasyEdit does not detect Qwen2.5-VL from model_name {model_name!r} (it would load no model "
+            "and fail later with \"'MultimodalEditor' object has no attribute 'model'\"): call "
+            "register(detect_qwen2_5_vl=True) (examples/easyedit_ldke.py: --detect-qwen2-5-vl), keeping "
+            f"one of {', '.join(EASYEDIT_PATH_SUBSTRINGS['qwen2_5_vl'])} in the path"
+        )
+    wanted = model_type or found
+    if wanted is None or found != wanted:
+        subs = EASYEDIT_PATH_SUBSTRINGS.get(wanted) if wanted else None
+        what = (f"a path containing one of {', '.join(subs)}" if subs else
+                "a path containing one of " + ", ".join(x for v in usable.values() for x in v))
+        raise EasyEditDetectionError(
+            f"EasyEdit's MultimodalEditor picks the model class from substrings of model_name, and "
+            f"{model_name!r} {'matches ' + repr(found) if found else 'matches none'}"
+            f"{' but the model is ' + repr(model_type) if model_type and found else ''}: it would load no model (or the "
+            f"wrong class) and fail later with \"'MultimodalEditor' object has no attribute 'model'\". Save or link "
+            f"the model under {what}"
+        )
+    return wanted
 
 
 def _import_easyedit():
