@@ -985,6 +985,8 @@ def editor_rows(requests: Sequence[EditRequest], config: LDKEConfig | None = Non
         out += list(zip(*_positive_rows(imgs, prompts, r.image is not None)))
     rows, _ = router_rows(requests, cfg, pool, lambda key: 0, seed=seed)
     out += list(zip(rows.images, rows.prompts))
+    for r in requests:  # the pack-level leak guard reads the requests' own locality probes
+        out += _probes_of(r)
     used = pool if cfg.hard_negatives else NegativePool()
     for ims, qs, _ in (pool_visual_rows(used), pool_textual_rows(used)):
         out += list(zip(ims, qs))
