@@ -53,10 +53,11 @@ def metric_values(result: dict[str, Any]) -> dict[str, Any]:
     return {k: result[k] for k in METRIC_KEYS}
 
 
-def assert_metrics_close(a: dict[str, Any], b: dict[str, Any], tol: float = 1e-6, what: str = "") -> None:
+def assert_metrics_close(a: dict[str, Any], b: dict[str, Any], tol: float = 1e-6, what: str = "",
+                         keys: Any = None) -> None:
     from ldke_peft.metrics import METRIC_KEYS
 
-    for k in METRIC_KEYS:
+    for k in keys or METRIC_KEYS:
         x, y = a[k], b[k]
         assert (x is None) == (y is None), f"{what}{k}: {x} vs {y}"
         if x is not None:
