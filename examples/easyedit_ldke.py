@@ -15,8 +15,8 @@ With EasyEdit on PYTHONPATH (see integrations/easyedit/README.md):
 Without EasyEdit, the same apply function EasyEdit calls, on a tiny random model (or --model-name DIR):
 
     python examples/easyedit_ldke.py --no-easyedit [--model-type llava_onevision|qwen2_5_vl]
-    python examples/easyedit_ldke.py --no-easyedit --image card.png --prompt "Which animal is painted on this card?" \
-        --target "a spotted snow leopard" --rephrase-prompt "Tell me what animal this card shows."
+    python examples/easyedit_ldke.py --no-easyedit --image card.png --prompt "Which planet does this badge show?" \
+        --target "the red planet Mars" --rephrase-prompt "Name the planet on this badge."
 
 The exit status is 0 when every edit reaches reliability 1.0 (EasyEdit's rewrite_acc), 1 when one does not,
 2 for a setup problem (EasyEdit missing, a model path EasyEdit would not recognise).
