@@ -536,7 +536,7 @@ def markdown_report(results: dict[str, Any], details: dict[str, Any]) -> str:
     if results.get("sequential"):
         lines += ["", "## Sequential editing (edits applied one after another; every edit so far evaluated)", ""]
         sk = ["reliability", "min_reliability", "t_generality", "m_generality", "t_locality", "m_locality",
-              "coupled_locality", "portability", "adapter_bytes_per_edit", "seconds"]
+              "coupled_locality", "near_miss_locality", "portability", "adapter_bytes_per_edit", "seconds"]
         lines.append("| method | edits | " + " | ".join(sk) + " |")
         lines.append("|---|---:|" + "---:|" * len(sk))
         for name, by_n in results["sequential"].items():
@@ -718,6 +718,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     n_edits = args.n_edits if args.n_edits is not None else d["n_edits"]
     sequential = _parse_sizes(args.sequential) if args.sequential is not None else d["sequential"]
     t_all, c_all = time.perf_counter(), _cpu_seconds()
+    commit = _git_commit()  # now: the checkout may move on while a long run goes
     suite = load_suite(args.suite, n_edits, device=args.device, cache_dir=args.cache_dir, seed=args.seed,
                        toy_entities=args.toy_entities, n_sequential=max(sequential, default=0), split=args.split)
     t_load, c_load = time.perf_counter() - t_all, _cpu_seconds() - c_all
@@ -754,7 +755,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     details["cpu_seconds"]["total"] = _cpu_seconds() - c_all
     details["machine"] = _machine()
     details["argv"] = list(argv) if argv is not None else sys.argv[1:]
-    details["commit"] = _git_commit()
+    details["commit"] = commit
     out = Path(args.out or f"benchmarks/results/{args.suite}")
     write_outputs(out, results, details, plots=not args.no_plots)
     if args.export_data and suite.name in ("smoke", "full"):
