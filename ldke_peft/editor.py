@@ -527,7 +527,7 @@ def fit_delta(
 
 
 #: Steps without a new best (more target tokens right) before phase 2 of :func:`fit_delta` gives up.
-FIT_PATIENCE = 150
+FIT_PATIENCE = 300
 
 #: Phase 2 doubles the learning rate after this many steps without a new best (up to 16x ``edit_lr``):
 #: a fit that stalls is usually one whose delta must grow large to tell nearly equal inputs apart.
@@ -537,7 +537,7 @@ FIT_STALL_STEPS = 50
 FIT_LR_CAP = 16
 
 #: Phase 2 of :func:`fit_delta` may run this many extra steps per target token (answer + end token).
-FIT_STEPS_PER_TOKEN = 100
+FIT_STEPS_PER_TOKEN = 200
 
 
 def fit_step_bound(edit_steps: int, target_tokens: int) -> int:
