@@ -76,7 +76,8 @@ def merge_runs(folders: Sequence[str | Path]) -> tuple[dict[str, Any], dict[str,
                                "requests": single_runs[0][2].get("requests"), "unedited": single_runs[0][2].get("unedited"),
                                "machine": runs[0][2].get("machine"), "merged_from": []}
     for i, (folder, res, det) in enumerate(runs):
-        source: dict[str, Any] = {"folder": str(folder), "argv": det.get("argv"), "n_edits": res.get("n_edits"),
+        source: dict[str, Any] = {"folder": str(folder), "argv": det.get("argv"), "commit": det.get("commit"),
+                                  "n_edits": res.get("n_edits"),
                                   "methods": [], "sequential": [], "dropped_methods": []}
         contributes_single = any(folder == f for f, _, _ in single_runs)
         for name, row in (res.get("methods") or {}).items():

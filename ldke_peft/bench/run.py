@@ -574,12 +574,12 @@ def markdown_report(results: dict[str, Any], details: dict[str, Any]) -> str:
     merged = details.get("merged_from")
     if merged:
         lines += ["", "## Runs merged into this report", "",
-                  "| run | folder | single-edit rows | sequential | dropped single-edit rows (fewer edits) | command |",
-                  "|---:|---|---|---|---|---|"]
+                  "| run | folder | single-edit rows | sequential | dropped single-edit rows (fewer edits) | command | commit |",
+                  "|---:|---|---|---|---|---|---|"]
         for i, m in enumerate(merged, 1):
             cmd = " ".join(m.get("argv") or [])
             lines.append(f"| {i} | {m['folder']} | {', '.join(m['methods']) or '–'} | {', '.join(m['sequential']) or '–'} "
-                         f"| {', '.join(m['dropped_methods']) or '–'} | `{cmd}` |")
+                         f"| {', '.join(m['dropped_methods']) or '–'} | `ldke bench {cmd}` | `{m.get('commit') or '–'}` |")
     t, c = details.get("timings", {}), details.get("cpu_seconds", {})
     if t:
         lines += ["", "## Timings", "", "Wall seconds on this machine, and CPU seconds of this process (all threads; on "
