@@ -158,6 +158,7 @@ def metrics_rows(metrics: dict[str, Any]) -> list[list[str]]:
         "t_locality": "text-only facts unchanged (top-1 agreement)",
         "m_locality": "other images unchanged (top-10 agreement)",
         "coupled_locality": "same image/other question, look-alike image: unchanged",
+        "near_miss_locality": "same image, a question on a neighbouring fact: unchanged",
         "portability": "multi-hop questions follow the new fact",
         "exact_match": "greedy generation starts with the target",
     }
