@@ -120,13 +120,14 @@ def load_suite(name: str, n_edits: int | None, *, device: str = "cpu", cache_dir
         n = n_edits if n_edits is not None else len(world.entities)
         total = max(n, n_sequential)
         reqs = None
-        while reqs is None:  # a world answers only so many facts correctly: take what there is
+        while reqs is None:  # a world answers only so many facts of a split correctly: take what there is
             try:
                 reqs = world.edit_requests(total, seed=seed + 1, split=split)
             except ValueError:
                 if total <= 1:
                     raise
                 total = max(1, min(total - 1, int(total * 0.8)))
+                logger.info("toy world, %s split: trying %d edit requests", split, total)
         model = world.model.to(device)
         return Suite("toy", model, world.processor, f"toy_world(seed={seed}, entities={len(world.entities)})", reqs,
                      world.negative_pool(), {"entities": len(world.entities), "split": split},
