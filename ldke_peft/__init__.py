@@ -24,7 +24,7 @@ from .errors import (
 )
 from .families import BuiltInputs, Family, family_of, get_family, register_family, supported_model_types
 from .layer import LDKELinear
-from .model import LDKEModel, is_ldke_model
+from .model import LDKEModel, attach_tokenizer, is_ldke_model
 from .peft_type import LDKEPeftType
 from .peft_type import register as _register
 from .requests import EditRequest, Probe
@@ -72,6 +72,7 @@ __all__ = [
     "ProcessorNotFoundError",
     "UnsafeAdapterError",
     "UnsupportedModelError",
+    "attach_tokenizer",
     "edit",
     "evaluate",
     "family_of",

@@ -10,14 +10,17 @@ from peft.config import PeftConfig
 
 from .errors import AdapterLoadError, UnsafeAdapterError
 from .peft_type import LDKEPeftType
+from .question_key import DEFAULT_TEXT_ENCODER
 
 #: Format version of the saved pack. Bumped on incompatible changes; a pack with a newer major
 #: version than this library understands is refused with a clear error.
-PACK_FORMAT_VERSION = "1.1"
+PACK_FORMAT_VERSION = "1.2"
 #: Subject corruptions Fast Localization and exact tracing know (``LDKEConfig.corruption``).
 CORRUPTIONS = ("mean", "noise")
 #: Format 1.1 added ``router_storage``; packs of format 1.0 stored their router projections in fp32.
 _FORMAT_WITHOUT_ROUTER_STORAGE = ("1.0",)
+#: Format 1.2 added the sentence-encoder textual key; older packs route on probe-layer text features.
+_FORMAT_WITHOUT_TEXT_ENCODER = ("1.0", "1.1")
 
 
 @dataclass
@@ -108,6 +111,25 @@ class LDKEConfig(PeftConfig):
             "the same question (T-Generality); the delta itself is fitted on the request's wordings."
         },
     )
+    router_text_encoder: Optional[str] = field(
+        default=DEFAULT_TEXT_ENCODER,
+        metadata={
+            "help": "Sentence encoder whose embedding of the question is the router's textual key (a Hub id "
+            "resolved offline, a package-bundled model or a local folder). It reads what a question asks, "
+            "however it is worded; None = pool the probe layer's hidden states instead (wording-bound: the "
+            "layers below every edited layer carry wording more than meaning)."
+        },
+    )
+    router_text_dim: int = field(
+        default=0, metadata={"help": "Width of the textual key's features (filled by the editor; 0 = 2 x hidden size)."}
+    )
+    router_text_frame: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "[prefix, suffix] the model's chat template puts around a question (recorded by the editor); "
+            "stripped from the decoded prompt before the encoder reads it."
+        },
+    )
     router_steps: int = field(default=300, metadata={"help": "Adam steps when learning the router projection."})
     router_lr: float = field(default=1e-2, metadata={"help": "Learning rate of the router projection."})
     num_edit_layers: int = field(default=1, metadata={"help": "How many localized layers each edit updates."})
@@ -166,6 +188,8 @@ class LDKEConfig(PeftConfig):
             raise ValueError(f"rank must be positive, got {self.rank}")
         if str(self.pack_format_version) in _FORMAT_WITHOUT_ROUTER_STORAGE:
             self.router_storage = "float32"  # written before the field existed: always fp32
+        if str(self.pack_format_version) in _FORMAT_WITHOUT_TEXT_ENCODER:
+            self.router_text_encoder = None  # written before the field existed: probe-layer text features
         if self.corruption not in CORRUPTIONS:
             raise AdapterLoadError(f"LDKEConfig: corruption must be one of {CORRUPTIONS}, got {self.corruption!r}")
         if self.router_storage not in ("int8", "float32"):

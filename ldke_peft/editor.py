@@ -28,7 +28,7 @@ from .families import Family, base_model_of, family_of
 from .localization import LocalizationResult, locate, trace
 from .layer import LDKELayer
 from .layer_replay import capture_replay
-from .model import LDKEModel, collect_probe_features, default_probe_layer, _root_model
+from .model import LDKEModel, attach_tokenizer, collect_probe_features, default_probe_layer, _root_model
 from .requests import EditRequest, image_fingerprint
 from .routing import NO_SLOT
 from .router_fit import SlotCalibration, calibrate_slot, fit_projection
@@ -157,6 +157,8 @@ def _edit(model, processor, requests, config, family, *, pack, adapter_name, neg
     L = family.num_layers(root)
     probe = cfg.probe_layer if cfg.probe_layer is not None else default_probe_layer(L)
     cfg.probe_layer = probe
+    if cfg.router_text_encoder:
+        _prepare_text_key(cfg, family, root, processor, requests[0])
     pool = negatives or NegativePool()
 
     bar = tqdm(total=len(requests), desc="LDKE edit", disable=not progress or len(requests) < 2, unit="edit")
@@ -994,6 +996,22 @@ def editor_rows(requests: Sequence[EditRequest], config: LDKEConfig | None = Non
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _prepare_text_key(cfg: LDKEConfig, family: Family, root: Any, processor: Any, r: EditRequest) -> None:
+    """Load the textual-key encoder, record its width and the chat frame around a question in ``cfg``
+    (a new pack), and hand the routing the tokenizer its inputs are made with."""
+    from .question_key import SENTINEL, load_encoder, question_frame
+
+    enc = load_encoder(cfg.router_text_encoder)
+    if not cfg.router_text_dim:
+        cfg.router_text_dim = enc.dim
+    tok = family.tokenizer(processor)
+    attach_tokenizer(root, tok)
+    if not cfg.router_text_frame:
+        built = family.build_inputs(processor, [r.image], [SENTINEL], None)
+        image_mask = family.image_mask(root, built.input_ids).to(built.prompt_mask.device)
+        cfg.router_text_frame = list(question_frame(tok, built.input_ids, built.prompt_mask.bool() & ~image_mask))
 
 
 def _entity_key(r: EditRequest) -> str:

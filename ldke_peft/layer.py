@@ -31,6 +31,24 @@ from .context import _FORCED_SLOT, current_forced_slots
 from .routing import NO_SLOT, RouterState, RoutingState
 
 
+def _text_encoder(config: Any) -> str | None:
+    """The pack's textual-key encoder, or None for probe-layer text features."""
+    enc = getattr(config, "router_text_encoder", None)
+    return enc or None
+
+
+def _text_dim(config: Any) -> int | None:
+    """Width of the router's textual features: the encoder's (recorded in the config), else 2 x hidden."""
+    if _text_encoder(config) is None:
+        return None
+    dim = int(getattr(config, "router_text_dim", 0) or 0)
+    if dim <= 0:
+        from .question_key import load_encoder
+
+        dim = config.router_text_dim = load_encoder(config.router_text_encoder).dim
+    return dim
+
+
 def _f32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float32 else t.float()
 
@@ -101,7 +119,11 @@ class LDKELayer(BaseTunerLayer):
                 self.ldke_router[adapter_name] = RouterState(
                     d_model, config.router_dim, config.num_slots, groups=groups,
                     storage=getattr(config, "router_storage", "float32"),
+                    d_text=_text_dim(config),
                 )
+            router = self.ldke_router[adapter_name]
+            router.text_encoder = _text_encoder(config)
+            router.text_frame = tuple(getattr(config, "router_text_frame", None) or ())
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 

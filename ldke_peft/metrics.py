@@ -395,6 +395,14 @@ def _has_locality(requests: Sequence[EditRequest]) -> bool:
     return any(getattr(r, f) for r in requests for f, _ in LOCALITY_K.values())
 
 
+def _attach_tokenizer(model: Any, family: Family, processor: Any) -> None:
+    """An LDKE pack reading question text decodes the inputs with the processor they are built with."""
+    from .model import attach_tokenizer, is_ldke_model
+
+    if is_ldke_model(model):
+        attach_tokenizer(model, family.tokenizer(processor))
+
+
 def compute_metrics(
     model: torch.nn.Module,
     processor: Any,
@@ -436,6 +444,7 @@ def compute_metrics(
     family = family_of(model)
     device, dtype = _model_device_dtype(model)
     scores: list[dict[str, list[float]]] = [{k: [] for k in METRIC_KEYS} for _ in requests]
+    _attach_tokenizer(model, family, processor)
 
     with _eval_mode(model):
         # teacher-forced accuracies

@@ -27,7 +27,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from .config import LDKEConfig
-from .context import current_prompt_mask
+from .context import current_forced_slots, current_prompt_mask
 from .errors import MergeRefusedError, UnsupportedModelError
 from .families import Family, family_of
 from .fingerprint import check_fingerprint, compute_fingerprint
@@ -172,6 +172,7 @@ class LDKEModel(BaseTuner):
     # ------------------------------------------------------------------ hooks
     def _install_hooks(self, model: nn.Module, family: Family) -> None:
         state = routing_state_of(model)
+        state.name_or_path = getattr(model, "name_or_path", None) or state.name_or_path
         if "root" not in state.hooked_layers:
             # Entry modules: the root model, and the language model, which some families' generate
             # runs directly (BLIP-2: ``language_model.generate(inputs_embeds=...)``). A root call
@@ -347,7 +348,8 @@ def _make_entry_hook(state: RoutingState, family: Family, root: nn.Module, *, is
                 state.prompt_ids = input_ids.detach()
                 state.prompt_mask = prompt_mask if prompt_mask is not None else torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
         state.slots.clear()
-        state.current = RoutingInputs(image_mask=image_mask, prompt_mask=prompt_mask, batch_size=B, prefill=True)
+        state.current = RoutingInputs(image_mask=image_mask, prompt_mask=prompt_mask, batch_size=B, prefill=True,
+                                      input_ids=input_ids)
         state.install_probe_hooks(_make_probe_hook)
         return None
 
@@ -360,7 +362,8 @@ def _make_probe_hook(state: RoutingState, idx: int):
     def hook(module: nn.Module, args: tuple, output: Any):
         state.remove_probe_hook(idx)
         cur = state.current
-        if cur is None or not cur.prefill:
+        if cur is None or not cur.prefill or current_forced_slots() is not None:
+            # forced slots (fitting, evaluation with a slot given) bypass the decision: nothing to compute
             return None
         hidden = output[0] if isinstance(output, (tuple, list)) else output
         if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
@@ -373,6 +376,7 @@ def _make_probe_hook(state: RoutingState, idx: int):
         if prompt_mask is None or tuple(prompt_mask.shape) != (B, T):
             prompt_mask = torch.ones(B, T, dtype=torch.bool, device=hidden.device)
         feats = None
+        texts: dict[tuple, torch.Tensor | None] = {}
         with torch.no_grad():
             for m in state.probe_wrappers.get(idx, ()):
                 if m.disable_adapters:
@@ -383,10 +387,64 @@ def _make_probe_hook(state: RoutingState, idx: int):
                         continue
                     if feats is None:
                         feats = pool_features(hidden.detach(), image_mask, prompt_mask)
-                    state.slots[name] = router.route(*feats)
+                    if router.text_encoder is None:
+                        state.slots[name] = router.route(*feats)
+                        continue
+                    key = (router.text_encoder, router.text_frame)
+                    if key not in texts:
+                        texts[key] = _question_features(state, cur.input_ids, prompt_mask & ~image_mask, key, B)
+                    if texts[key] is None:
+                        # no token ids (an embeddings-only call): the question cannot be read, nothing routes
+                        state.slots[name] = torch.full((B,), NO_SLOT, dtype=torch.long, device=hidden.device)
+                    else:
+                        state.slots[name] = router.route(feats[0], texts[key].to(hidden.device), feats[2])
         return None
 
     return hook
+
+
+def attach_tokenizer(model: nn.Module, tokenizer: Any) -> None:
+    """Tell ``model``'s LDKE routing which tokenizer its inputs were made with (a tokenizer or a processor).
+
+    Packs whose router reads the question text (``LDKEConfig.router_text_encoder``, the default) decode
+    the prompt tokens with it. :func:`~ldke_peft.edit` attaches the processor it is given; a pack loaded
+    with ``PeftModel.from_pretrained`` finds the tokenizer beside the base model (``name_or_path``) or
+    needs this call.
+    """
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    if not hasattr(tok, "decode"):
+        raise TypeError(f"attach_tokenizer needs a tokenizer or a processor holding one, got {type(tokenizer).__name__}")
+    routing_state_of(_root_model(model)).tokenizer = tok
+
+
+def _state_tokenizer(state: RoutingState) -> Any:
+    if state.tokenizer is None:
+        from .question_key import TokenizerNotFoundError
+
+        where = state.name_or_path
+        try:
+            from transformers import AutoTokenizer
+
+            if not where:
+                raise FileNotFoundError("the base model has no name_or_path")
+            state.tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True)
+        except Exception as err:  # noqa: BLE001 - any miss is the same miss for the user
+            raise TokenizerNotFoundError(
+                f"this LDKE pack routes by the question's text and needs the tokenizer of the base model "
+                f"({where or 'no name_or_path'} has none offline): call ldke_peft.attach_tokenizer(model, processor)"
+            ) from err
+    return state.tokenizer
+
+
+def _question_features(state: RoutingState, input_ids: torch.Tensor | None, text_mask: torch.Tensor,
+                       key: tuple, batch: int) -> torch.Tensor | None:
+    """The textual key's features of each row: the question read out of the tokens, embedded."""
+    from .question_key import load_encoder, question_texts
+
+    if input_ids is None or tuple(input_ids.shape) != tuple(text_mask.shape):
+        return None
+    texts = question_texts(_state_tokenizer(state), input_ids, text_mask, key[1])
+    return load_encoder(key[0]).encode(texts)
 
 
 def is_ldke_model(model: Any) -> bool:
@@ -394,7 +452,7 @@ def is_ldke_model(model: Any) -> bool:
     return any(isinstance(m, LDKELinear) for m in model.modules())
 
 
-__all__ = ["LDKEModel", "default_probe_layer", "is_ldke_model", "routing_state_of", "NO_SLOT", "BaseTunerLayer"]
+__all__ = ["LDKEModel", "attach_tokenizer", "default_probe_layer", "is_ldke_model", "routing_state_of", "NO_SLOT", "BaseTunerLayer"]
 
 
 class _StopForward(Exception):
@@ -411,18 +469,24 @@ def collect_probe_features(
     targets: list[str | None] | None = None,
     *,
     batch_size: int = 16,
+    text_key: Any = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Router features (``visual``, ``textual``, ``has_image``) of ``(image, prompt[, target])`` rows,
     exactly as the router computes them at inference.
 
     Runs the model only up to the probe layer (the rest of the forward is cut short), with every LDKE
     delta off. When a row has a target, the answer tokens are appended but pooled out through the
-    prompt mask, as in teacher-forced evaluation.
+    prompt mask, as in teacher-forced evaluation. ``text_key`` = ``(encoder, frame)`` reads the textual
+    part with that sentence encoder, ``None`` pools it from the probe layer; ``"auto"`` does what the
+    model's LDKE router on ``probe_layer`` does.
     """
     from .context import forced_slots, prompt_mask_context
 
     family = family_of(model)
     root = _root_model(model)
+    if text_key == "auto":
+        text_key = _text_key_of(root, probe_layer)
+    tokenizer = family.tokenizer(processor) if text_key is not None else None
     layers = family.decoder_layers(root)
     device = next(root.parameters()).device
     out_v, out_t, out_h = [], [], []
@@ -451,10 +515,26 @@ def collect_probe_features(
             h.remove()
         image_mask = family.image_mask(root, built.input_ids)
         v, t, hi = pool_features(captured["h"], image_mask, built.prompt_mask)
+        if text_key is not None:
+            from .question_key import load_encoder, question_texts
+
+            pm = built.prompt_mask.to(image_mask.device).bool()
+            t = load_encoder(text_key[0]).encode(question_texts(tokenizer, built.input_ids, pm & ~image_mask, text_key[1]))
         out_v.append(v.cpu())
         out_t.append(t.cpu())
         out_h.append(hi.cpu())
     return torch.cat(out_v), torch.cat(out_t), torch.cat(out_h)
+
+
+def _text_key_of(root: nn.Module, probe_layer: int) -> tuple[str, tuple[str, ...]] | None:
+    """``(encoder, frame)`` of the first active LDKE router on decoder layer ``probe_layer``, else None."""
+    for m in root.modules():
+        if isinstance(m, LDKELinear) and m.layer_idx == probe_layer:
+            for name in m.active_adapters:
+                router = m.router(name)
+                if router is not None and router.text_encoder is not None:
+                    return router.text_encoder, router.text_frame
+    return None
 
 
 def _root_model(model: nn.Module) -> nn.Module:

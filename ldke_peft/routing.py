@@ -18,6 +18,7 @@ functions and the decision. Fitting keys, radii and projections is the editor's 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -127,13 +128,19 @@ class RouterState(nn.Module):
     #: Only present when ``groups > 1`` (a merged pack that keeps several source projections).
     GROUP_BUFFERS = ("proj_group", "extra_mu_v", "extra_proj_v", "extra_mu_t", "extra_proj_t")
 
-    def __init__(self, d_model: int, proj_dim: int, num_slots: int, groups: int = 1, storage: str = "float32"):
+    def __init__(self, d_model: int, proj_dim: int, num_slots: int, groups: int = 1, storage: str = "float32",
+                 d_text: int | None = None, text_encoder: str | None = None, text_frame: tuple[str, ...] = ()):
         super().__init__()
         if groups < 1:
             raise ValueError(f"a router needs at least one projection group, got groups={groups}")
         if storage not in ROUTER_STORAGE:
             raise ValueError(f"router storage must be one of {ROUTER_STORAGE}, got {storage!r}")
-        d_v, d_t = d_model, 2 * d_model
+        d_v, d_t = d_model, int(d_text or 2 * d_model)
+        #: the sentence encoder whose embedding of the question is the textual feature (None = the
+        #: probe layer's pooled hidden states) and the chat frame stripped before it reads (config, not
+        #: tensors: the pack's config holds them)
+        self.text_encoder = text_encoder
+        self.text_frame = tuple(text_frame)
         self.register_buffer("mu_v", torch.zeros(d_v))
         self.register_buffer("mu_t", torch.zeros(d_t))
         for name, d_in, seed in (("proj_v", d_v, 1), ("proj_t", d_t, 2)):
@@ -427,6 +434,8 @@ class RoutingInputs:
     prompt_mask: torch.Tensor | None
     batch_size: int
     prefill: bool
+    #: the call's token ids (the textual key reads the question from them); None for embeddings-only calls
+    input_ids: torch.Tensor | None = None
 
 
 class Decisions(dict):
@@ -548,6 +557,10 @@ class RoutingState:
     #: input ids last embedded outside any root call (BLIP-2's ``generate`` embeds the prompt itself
     #: and runs the language model on ``inputs_embeds``; these give it its image mask)
     pending_ids: torch.Tensor | None = None
+    #: the edited model's tokenizer, for packs whose textual key reads the question text (set by the
+    #: editor or :func:`ldke_peft.attach_tokenizer`, else loaded from ``name_or_path`` on first use)
+    tokenizer: Any = None
+    name_or_path: str | None = None
 
     def install_probe_hooks(self, make_hook) -> None:
         """(Re)install the one-shot forward hook on every probe layer (called at each prefill)."""

@@ -257,8 +257,13 @@ def _expected_layout(config: Any) -> dict[tuple[int, str], tuple[int | None, ...
         layout[(layer, "ldke_B")] = (k_l, r, None)
         layout[(layer, "ldke_slot_ids")] = (k_l,)
     P = config.probe_layer
+    # textual features: the sentence encoder's width when the pack routes on one, else [mean; last] of
+    # the probe layer's hidden states
+    t = int(config.router_text_dim) if getattr(config, "router_text_encoder", None) else "2d"
+    if t != "2d" and t <= 0:
+        raise CorruptAdapterError("adapter_config.json names a router_text_encoder but no router_text_dim")
     router_shapes = {
-        "mu_v": ("d",), "proj_v": ("d", p), "mu_t": ("2d",), "proj_t": ("2d", p),
+        "mu_v": ("d",), "proj_v": ("d", p), "mu_t": (t,), "proj_t": (t, p),
         "keys_v": (K, p), "keys_t": (K, p), "radius_v": (K,), "radius_t": (K,), "needs_image": (K,),
     }
     if _router_storage(config) == "int8":  # int8 projections + per-column scales (routing.quantize_projection)
@@ -267,7 +272,7 @@ def _expected_layout(config: Any) -> dict[tuple[int, str], tuple[int | None, ...
     if G > 1:  # a merged pack that keeps several source projections (see RouterState)
         router_shapes.update({
             "proj_group": (K,), "extra_mu_v": (G - 1, "d"), "extra_proj_v": (G - 1, "d", p),
-            "extra_mu_t": (G - 1, "2d"), "extra_proj_t": (G - 1, "2d", p),
+            "extra_mu_t": (G - 1, t), "extra_proj_t": (G - 1, t, p),
         })
     for buf, shape in router_shapes.items():
         layout[(P, _ROUTER_PREFIX + buf)] = shape  # type: ignore[assignment]

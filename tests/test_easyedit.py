@@ -167,7 +167,7 @@ def test_knobs_cover_every_ldke_config_field():
 
 def test_to_ldke_config_carries_non_default_values():
     values = dict(
-        rank=3, alpha=6.0, probe_layer=1, router_dim=8, router_storage="float32", router_margin=0.25, router_paraphrases=2, auto_views=3, router_views=1,
+        rank=3, alpha=6.0, probe_layer=1, router_dim=8, router_storage="float32", router_margin=0.25, router_paraphrases=2, router_text_encoder=None, auto_views=3, router_views=1,
         router_steps=17,
         router_lr=0.05,
         num_edit_layers=2, edit_steps=9, edit_lr=0.003, max_delta_norm=0.5, localization="fixed",
@@ -426,8 +426,11 @@ def test_router_decisions_under_easyedit_calls(hparams):
     inputs, labels = easyedit_inputs(processor, req["prompt"], req["target"], req["image"])
     out = edited(**inputs, labels=labels)
     assert torch.isfinite(out.loss) and tuner.last_routing("default").tolist() == [0]
-    # an explicit prompt_mask_context wins over the hook: pooling over the answer too misroutes here
-    with torch.no_grad(), prompt_mask_context(inputs["attention_mask"].bool()):
+    # an explicit prompt_mask_context wins over the hook: a mask holding only the first token leaves the
+    # router no question to read, and nothing routes
+    only_first = torch.zeros_like(inputs["attention_mask"], dtype=torch.bool)
+    only_first[:, 0] = True
+    with torch.no_grad(), prompt_mask_context(only_first):
         edited(**inputs)
     assert tuner.last_routing("default").tolist() == [-1]
     restore()

@@ -169,8 +169,13 @@ def test_appended_slots_with_their_own_projection_save_and_reload(setting, hpara
     from ldke_peft.context import prompt_mask_context
     from ldke_peft.families import family_of
 
+    import dataclasses
+
     family, processor, reqs, _, _, _ = setting
     model, _ = tiny_model(family)
+    # with probe-layer text features these requests' later slots need their own projections (the
+    # sentence-encoder key separates them in the pack's first one)
+    hparams = dataclasses.replace(hparams, router_text_encoder=None)
     for r in reqs:
         edited, restore = apply_ldke_to_multimodal_model(model, processor, r, hparams)
     cfg = edited.peft_config["default"]

@@ -15,6 +15,7 @@ import tokenize
 from pathlib import Path
 from typing import Callable
 
+import ldke_peft
 import pytest
 import torch
 from peft import PeftModel
@@ -53,6 +54,18 @@ def good_pack(tmp_path_factory) -> Path:
     model, proc = build("llava")
     hp = hand_pack(model, proc, [SlotSpec([2], Anchor(RED, PROMPT_A)), SlotSpec([2, 3], Anchor(BLUE, PROMPT_B))])
     path = tmp_path_factory.mktemp("packs") / "good"
+    hp.model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def probe_text_pack(tmp_path_factory) -> Path:
+    """The good pack's slots with the textual key pooled from the probe layer: what every pack written
+    before format 1.2 holds."""
+    model, proc = build("llava")
+    hp = hand_pack(model, proc, [SlotSpec([2], Anchor(RED, PROMPT_A)), SlotSpec([2, 3], Anchor(BLUE, PROMPT_B))],
+                   router_text_encoder=None)
+    path = tmp_path_factory.mktemp("packs") / "probe_text"
     hp.model.save_pretrained(path)
     return path
 
@@ -249,9 +262,10 @@ def test_newer_pack_format_refused(pack, loader):
     assert_refused(pack, loader, AdapterLoadError, r"pack format '2\.0' is not supported")
 
 
-def test_format_1_0_pack_with_fp32_projections_still_loads(good_pack, tmp_path):
+def test_format_1_0_pack_with_fp32_projections_still_loads(probe_text_pack, tmp_path):
     """Packs written before ``router_storage`` existed (format 1.0) stored fp32 projections: they load
     as such and route exactly like the int8 pack they are converted from."""
+    good_pack = probe_text_pack
     old = tmp_path / "old"
     shutil.copytree(good_pack, old)
     prefix = LAYER.format(1, "ldke_router.")
@@ -264,7 +278,8 @@ def test_format_1_0_pack_with_fp32_projections_still_loads(good_pack, tmp_path):
     _edit_tensors(old, to_fp32)
 
     def to_v1_0(cfg):
-        cfg.pop("router_storage")
+        for key in ("router_storage", "router_text_encoder", "router_text_dim", "router_text_frame"):
+            cfg.pop(key)
         cfg["pack_format_version"] = "1.0"
 
     _edit_config(old, to_v1_0)
@@ -404,3 +419,44 @@ def test_library_sources_have_no_unsafe_loading():
             for hit in unsafe_calls(path.read_text()):
                 problems.append(f"{path.relative_to(ROOT)} {hit}")
     assert not problems, "unsafe code in library sources:\n" + "\n".join(problems)
+
+
+def test_format_1_1_pack_routes_on_probe_layer_text_features(probe_text_pack, tmp_path):
+    """A pack written before the sentence-encoder textual key (format 1.1) has no ``router_text_*``
+    fields: it loads with the probe-layer textual key it was fitted with and routes as it did."""
+    old = tmp_path / "v1_1"
+    shutil.copytree(probe_text_pack, old)
+
+    def to_v1_1(cfg):
+        for key in ("router_text_encoder", "router_text_dim", "router_text_frame"):
+            cfg.pop(key)
+        cfg["pack_format_version"] = "1.1"
+
+    _edit_config(old, to_v1_1)
+    assert LDKEConfig.from_pretrained(str(old)).router_text_encoder is None
+    model, proc = build("llava")
+    built = build_inputs(model, proc, [Anchor(RED, PROMPT_A), Anchor(BLUE, PROMPT_B), Anchor(BLUE, PROMPT_A)])
+    want = logits(PeftModel.from_pretrained(model, str(probe_text_pack)), built)
+    model2, _ = build("llava")
+    got_pm = PeftModel.from_pretrained(model2, str(old))
+    assert got_pm.base_model.router("default").text_encoder is None
+    assert torch.equal(logits(got_pm, built), want)
+    assert got_pm.base_model.last_routing("default").tolist() == [0, 1, -1]
+
+
+def test_a_text_keyed_pack_without_a_tokenizer_says_how_to_give_one(good_pack):
+    """A base model built from a config has no name_or_path to find its tokenizer by: the first routed
+    call names the problem and the fix instead of routing on nothing."""
+    from transformers import LlavaForConditionalGeneration
+
+    from ldke_peft.question_key import TokenizerNotFoundError
+
+    model, proc = build("llava")
+    bare = LlavaForConditionalGeneration(model.config).eval()  # same config, no attached tokenizer
+    bare.load_state_dict(model.state_dict())
+    pm = PeftModel.from_pretrained(bare, str(good_pack))
+    built = build_inputs(model, proc, [Anchor(RED, PROMPT_A)])
+    with pytest.raises(TokenizerNotFoundError, match="attach_tokenizer"):
+        logits(pm, built)
+    ldke_peft.attach_tokenizer(pm, proc)
+    assert torch.equal(logits(pm, built), logits(PeftModel.from_pretrained(model, str(good_pack)), built))

@@ -62,6 +62,8 @@ INTERNAL_CONFIG_FIELDS = frozenset(
         "edits",
         "pack_format_version",
         "router_groups",  # set by ldke_peft.merge for merged packs
+        "router_text_dim",  # set by the editor from the text encoder
+        "router_text_frame",  # recorded by the editor from the model's chat template
     }
 )
 
@@ -74,6 +76,7 @@ LDKE_KNOBS = (
     "router_storage",
     "router_margin",
     "router_paraphrases",
+    "router_text_encoder",
     "auto_views",
     "router_views",
     "router_steps",
@@ -167,6 +170,7 @@ class LDKEMultimodalHyperParams:
     router_storage: str = _config_default("router_storage")
     router_margin: float = _config_default("router_margin")
     router_paraphrases: int = _config_default("router_paraphrases")
+    router_text_encoder: Optional[str] = _config_default("router_text_encoder")
     auto_views: int = _config_default("auto_views")
     router_views: int = _config_default("router_views")
     router_steps: int = _config_default("router_steps")
@@ -393,6 +397,8 @@ def _check_values(hp: LDKEMultimodalHyperParams) -> None:
         need(getattr(hp, key) > 0, key, "must be > 0")
     need(hp.max_delta_norm >= 0, "max_delta_norm", "must be >= 0 (0 = no bound)")
     need(hp.router_paraphrases >= 0, "router_paraphrases", "must be >= 0 (0 = only the request's own wordings)")
+    need(hp.router_text_encoder is None or (isinstance(hp.router_text_encoder, str) and bool(hp.router_text_encoder.strip())),
+         "router_text_encoder", "must be a sentence encoder's Hub id or folder, or null (probe-layer text features)")
     need(hp.auto_views >= 0, "auto_views", "must be >= 0 (0 = only the request's own images)")
     need(hp.router_views >= 0, "router_views", "must be >= 0 (0 = only the request's own images)")
     need(hp.router_storage in ("int8", "float32"), "router_storage", "must be 'int8' or 'float32'")

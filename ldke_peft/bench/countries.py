@@ -102,6 +102,12 @@ WORDINGS: dict[str, dict[str, tuple[str, ...]]] = {
             "Name the capital city of this country.",
             "What city serves as this country's capital?",
             "Where is the seat of government of this country?",
+            "Give me the capital of the country in the picture.",
+            "Do you know what city is the capital here?",
+            "Hey, what's the capital over there?",
+            "If someone wanted to visit the government seat of the country shown by this emblem, which city would they travel to?",
+            "The capital here is?",
+            "This country's capital is which city?",
         ),
         "test": (
             "What's the capital city of the nation on this flag?",
@@ -121,6 +127,12 @@ WORDINGS: dict[str, dict[str, tuple[str, ...]]] = {
             "What is the official language of this country?",
             "Name the language spoken in this country.",
             "What language do most people in this country speak?",
+            "Give me the language spoken by the people of the country in the picture.",
+            "Do you know what language people talk in here?",
+            "Hey, what language do they use over there?",
+            "If I moved to the country shown by this emblem, which language would I need to learn to talk with locals?",
+            "Language spoken here?",
+            "This country's people mainly speak which language?",
         ),
         "test": (
             "What language do they speak in the country on this flag?",
@@ -140,6 +152,12 @@ WORDINGS: dict[str, dict[str, tuple[str, ...]]] = {
             "Name the continent where this country lies.",
             "What continent is this country located on?",
             "This country is part of which continent?",
+            "Give me the continent of the country in the picture.",
+            "Do you know which continent this place is on?",
+            "Hey, what continent's that country in?",
+            "If you flew to the country shown by this emblem, which continent would you land on?",
+            "Continent here?",
+            "This country sits on which continent?",
         ),
         "test": (
             "What continent is the nation on this flag part of?",
@@ -173,15 +191,15 @@ WORDINGS: dict[str, dict[str, tuple[str, ...]]] = {
 #: ``NEAR_MISS[relation][split]``: same topic or words, another fact (its answer is the model's own).
 NEAR_MISS: dict[str, dict[str, tuple[str, ...]]] = {
     "capital": {
-        "dev": ("Which city is the largest in this country?",),
+        "dev": ("Which city is the largest in this country?", "Which city has the most inhabitants in this country?"),
         "test": ("What is the biggest city in this country?", "Name the most populous city of the nation on this flag."),
     },
     "continent": {
-        "dev": ("Which ocean is closest to this country?",),
+        "dev": ("Which ocean is closest to this country?", "Give me the sea or ocean next to the country in the picture."),
         "test": ("What is the nearest ocean to this country?", "Name the ocean that borders the nation on this flag."),
     },
     "language": {
-        "dev": ("Which alphabet is used to write the language of this country?",),
+        "dev": ("Which alphabet is used to write the language of this country?", "What alphabet do people write with in this country?"),
         "test": ("What writing system does this country use?", "Name the script in which this nation's language is written."),
     },
     "currency": {

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..model import attach_tokenizer
 from ._tokenizer import bpe_tokenizer
 
 __all__ = ["tiny_model", "tiny_model_types", "TINY_TEXT"]
@@ -58,6 +59,9 @@ def tiny_model(model_type: str = "llava", seed: int = 0) -> tuple[Any, Any]:
     torch.manual_seed(seed)
     model, processor = _BUILDERS[model_type](seed)
     model.eval()
+    # built from a config, the model has no name_or_path to find its tokenizer by: hand LDKE's routing the
+    # tokenizer its inputs are made with, as a user of such a model would (ldke_peft.attach_tokenizer)
+    attach_tokenizer(model, processor)
     return model, processor
 
 

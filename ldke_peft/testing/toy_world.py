@@ -369,8 +369,12 @@ class ToyWorld:
 
     def __post_init__(self) -> None:
         from ..families import family_of
+        from ..model import attach_tokenizer
 
         self.family = family_of(self.model)
+        # the model folder holds no tokenizer (the processor has its own folder): LDKE routing reads
+        # question text with this one
+        attach_tokenizer(self.model, self.processor)
         self._render_cache: dict[tuple[int, int], Image.Image] = {}
         self._index = {e: i for i, e in enumerate(self.spec.entities)}
         self._partner = {a: b for a, b in self.spec.lookalikes} | {b: a for a, b in self.spec.lookalikes}
