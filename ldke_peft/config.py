@@ -87,6 +87,15 @@ class LDKEConfig(PeftConfig):
             "0.5 = midpoint."
         },
     )
+    router_text_margin: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "router_margin for the textual part alone (None = router_margin). A sentence-encoder key puts "
+            "other questions on the same topic (largest city vs capital) between the edit's rephrasings and the "
+            "caller's negatives: a smaller value keeps more of them out, at the cost of the rephrasings farthest "
+            "from the edit question."
+        },
+    )
     auto_views: int = field(
         default=4,
         metadata={
@@ -190,6 +199,7 @@ class LDKEConfig(PeftConfig):
             self.router_storage = "float32"  # written before the field existed: always fp32
         if str(self.pack_format_version) in _FORMAT_WITHOUT_TEXT_ENCODER:
             self.router_text_encoder = None  # written before the field existed: probe-layer text features
+            self.router_text_margin = None  # and one margin for both parts
         if self.corruption not in CORRUPTIONS:
             raise AdapterLoadError(f"LDKEConfig: corruption must be one of {CORRUPTIONS}, got {self.corruption!r}")
         if self.router_storage not in ("int8", "float32"):

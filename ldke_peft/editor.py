@@ -672,6 +672,7 @@ def fit_router(
             anc = sel & anchor
             ztn = torch.cat([zt[sel & ~t_pos], zt[other & (t_label != t_label[a])]])
             cals.append(calibrate_slot(zvp, zvn, ztp, ztn, needs_image=r.image is not None, margin=cfg.router_margin,
+                                       text_margin=cfg.router_text_margin,
                                        zt_core=ztc, zt_anchor=zt[anc], zv_anchor=zv[anc & has]))
         return cals
 

@@ -115,11 +115,13 @@ def calibrate_slot(
     *,
     needs_image: bool,
     margin: float = 0.5,
+    text_margin: float | None = None,
     zt_core: torch.Tensor | None = None,
     zt_anchor: torch.Tensor | None = None,
     zv_anchor: torch.Tensor | None = None,
 ) -> SlotCalibration:
-    """Key = centroid of positives; radius = farthest positive + ``margin`` × gap to the nearest negative.
+    """Key = centroid of positives; radius = farthest positive + ``margin`` × gap to the nearest negative
+    (``text_margin`` for the textual part when given).
 
     ``zt_core`` (default: all textual positives) are the rows that place the textual key: the request's
     own wordings. Wordings borrowed from a question bank widen the radius but do not move the key, so
@@ -134,7 +136,7 @@ def calibrate_slot(
     place a later slot's wordings widely).
     """
 
-    def place(pos: torch.Tensor, neg: torch.Tensor, key: torch.Tensor) -> tuple[float, float, float]:
+    def place(pos: torch.Tensor, neg: torch.Tensor, key: torch.Tensor, margin: float) -> tuple[float, float, float]:
         far = float((pos - key).norm(dim=1).max()) if len(pos) else 0.0
         near = float((neg - key).norm(dim=1).min()) if len(neg) else float("inf")
         if near == float("inf"):
@@ -146,15 +148,15 @@ def calibrate_slot(
         return radius, far, near
 
     def one(pos: torch.Tensor, neg: torch.Tensor, core: torch.Tensor | None = None,
-            anchor: torch.Tensor | None = None) -> tuple[torch.Tensor, float, float, float]:
+            anchor: torch.Tensor | None = None, m: float = margin) -> tuple[torch.Tensor, float, float, float]:
         key = (core if core is not None and len(core) else pos).mean(0)
-        radius, far, near = place(pos, neg, key)
+        radius, far, near = place(pos, neg, key, m)
         if anchor is not None and len(anchor) and float((anchor - key).norm(dim=1).max()) >= radius:
             key = anchor.mean(0)
-            radius, far, near = place(pos, neg, key)
+            radius, far, near = place(pos, neg, key, m)
         return key, radius, far, near
 
-    key_t, r_t, far_t, near_t = one(zt_pos, zt_neg, zt_core, zt_anchor)
+    key_t, r_t, far_t, near_t = one(zt_pos, zt_neg, zt_core, zt_anchor, margin if text_margin is None else text_margin)
     if needs_image:
         key_v, r_v, far_v, near_v = one(zv_pos, zv_neg, None, zv_anchor)
     else:
