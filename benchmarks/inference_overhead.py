@@ -51,6 +51,15 @@ def load_model(kind: str, seed: int) -> tuple[Any, Any, list[Any], list[str], st
         prompts = [q for r in world.relations for q in world.question_bank(r)[:2]]
         desc = "toy_world (LLaVA, Llama text model)"
         return world.model, world.processor, images, prompts, desc
+    if kind == "smol_llava":
+        from ldke_peft.bench.countries import RELATIONS
+        from ldke_peft.bench.smol_llava import emblems_from_meta, load_smol_llava
+
+        model, proc, meta = load_smol_llava()
+        emblems = emblems_from_meta(meta)
+        images = [emblems.view_image(i, 0, "eval") for i in range(8)]
+        prompts = [r.image_question for r in RELATIONS.values()] * 2
+        return model, proc, images, prompts, "smol-llava: the benchmark MLLM (SmolLM2-135M-Instruct in a LLaVA)"
     from PIL import Image
     from transformers import LlavaForConditionalGeneration
 
@@ -192,11 +201,29 @@ def breakdown(pm: Any, batch: int, seq: int, reps: int = 50) -> dict[str, float]
     return out
 
 
+def question_key_us(pm: Any, fam: Any, inputs: dict[str, Any], reps: int = 20) -> float:
+    """Microseconds per prefill of the textual key (decode the questions, strip the frame, encode; no memo)."""
+    from ldke_peft.model import routing_state_of
+    from ldke_peft.question_key import load_encoder, question_texts
+
+    router = pm.base_model.router("default")
+    ids = inputs["input_ids"]
+    root = pm.base_model.model
+    mask = inputs["attention_mask"].bool() & ~fam.image_mask(root, ids)
+    tok = routing_state_of(root).tokenizer
+    enc = load_encoder(router.text_encoder)
+    fn = lambda: enc.encode(question_texts(tok, ids, mask, router.text_frame))  # noqa: E731
+    for _ in range(3):
+        fn()
+    return 1e6 * statistics.median(timed(fn) for _ in range(reps))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
-        "--model", choices=["toy_world", "tiny", "smollm-shape"], default=None,
-        help="default: toy_world if available (else tiny); smollm-shape = a 30-layer, hidden-576 text model",
+        "--model", choices=["toy_world", "tiny", "smollm-shape", "smol_llava"], default=None,
+        help="default: toy_world if available (else tiny); smollm-shape = a 30-layer, hidden-576 text model; "
+        "smol_llava = the benchmark MLLM (ldke bench --prepare builds it)",
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--slots", type=int, nargs="+", default=[1, 1000])
@@ -231,6 +258,13 @@ def main(argv: list[str] | None = None) -> int:
     models: dict[str, Any] = {"base": base}
     for n in args.slots:
         models[f"ldke-{n}"] = make_pack(base, proc, n, anchor, args.rank, args.seed + n).to(args.device)
+    text_encoder = models[f"ldke-{args.slots[0]}"].peft_config["default"].router_text_encoder
+    if text_encoder:
+        from ldke_peft.question_key import load_encoder
+
+        # the same prompts repeat in every round: without this the question-key memo would answer them all
+        # and the encoder's cost would never be timed
+        load_encoder(text_encoder).memo_size = 0
 
     results: dict[str, Any] = {"rows": []}
     for bs in args.batch_sizes:
@@ -271,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
                     row[f"{k}_paired_iqr"] = [_quantile(per_round, 0.25), _quantile(per_round, 0.75)]
                 row["routing"] = models[name].base_model.last_routing("default").tolist()
                 row["breakdown"] = breakdown(models[name], bs, int(inputs["input_ids"].shape[1]))
+                if text_encoder:
+                    row["breakdown"]["question_key_us"] = question_key_us(models[name], fam, inputs)
             results["rows"].append(row)
 
     results["config"] = {
@@ -278,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         **describe(base),
         "slots": args.slots,
         "rank": args.rank,
+        "text_encoder": text_encoder,
         "new_tokens": args.new_tokens,
         "reps": args.reps,
         "warmup": args.warmup,

@@ -95,24 +95,28 @@ class SentenceEncoder:
         self.model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
         self.dim = int(self.model.config.hidden_size)
         self._memo: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._memo_size = memo_size
+        #: how many questions' embeddings are kept (0 = none: every call encodes)
+        self.memo_size = memo_size
         self._lock = threading.Lock()
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         """``(len(texts), dim)`` fp32 CPU embeddings."""
+        if not texts:
+            return torch.zeros(0, self.dim)
         with self._lock:
-            todo = list(dict.fromkeys(t for t in texts if t not in self._memo))
+            got = {t: self._memo[t] for t in texts if t in self._memo}
+            todo = list(dict.fromkeys(t for t in texts if t not in got))
             if todo:
                 batch = self.tokenizer(todo, padding=True, truncation=True, max_length=128, return_tensors="pt")
                 hidden = self.model(**batch).last_hidden_state
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 emb = F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0), dim=-1)
                 for t, e in zip(todo, emb):
-                    self._memo[t] = e
-                while len(self._memo) > self._memo_size:
+                    got[t] = self._memo[t] = e
+                while len(self._memo) > self.memo_size:
                     self._memo.popitem(last=False)
-            return torch.stack([self._memo[t] for t in texts]) if texts else torch.zeros(0, self.dim)
+            return torch.stack([got[t] for t in texts])
 
 
 _ENCODERS: dict[str, SentenceEncoder] = {}

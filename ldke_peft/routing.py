@@ -7,8 +7,11 @@ radii; that factorisation is what keeps coupled inputs out (same image + another
 textual test; a look-alike image + the same question fails the visual test). Text-only inputs carry
 no visual part and can only match slots whose edit has no image.
 
-Features are pooled from the hidden states leaving the *probe* decoder layer (below every edited
-layer), which the model computes anyway: routing costs no extra forward pass.
+The visual feature is pooled from the hidden states leaving the *probe* decoder layer (below every
+edited layer), which the model computes anyway. The textual feature is, by default, a small sentence
+encoder's embedding of the question read out of the prompt tokens (:mod:`ldke_peft.question_key`): the
+layers below every edited layer carry a question's wording more than what it asks. Packs written
+before format 1.2 (or made with ``router_text_encoder=None``) pool it from the probe layer too.
 
 This module holds the storage (:class:`RouterState`, saved with the adapter), the pure feature
 functions and the decision. Fitting keys, radii and projections is the editor's job
