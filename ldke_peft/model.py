@@ -376,7 +376,7 @@ def _make_probe_hook(state: RoutingState, idx: int):
         if prompt_mask is None or tuple(prompt_mask.shape) != (B, T):
             prompt_mask = torch.ones(B, T, dtype=torch.bool, device=hidden.device)
         feats = None
-        texts: dict[tuple, torch.Tensor | None] = {}
+        texts: dict[tuple, dict[int, torch.Tensor]] = {}  # per text key: row -> question features
         with torch.no_grad():
             for m in state.probe_wrappers.get(idx, ()):
                 if m.disable_adapters:
@@ -390,14 +390,8 @@ def _make_probe_hook(state: RoutingState, idx: int):
                     if router.text_encoder is None:
                         state.slots[name] = router.route(*feats)
                         continue
-                    key = (router.text_encoder, router.text_frame)
-                    if key not in texts:
-                        texts[key] = _question_features(state, cur.input_ids, prompt_mask & ~image_mask, key, B)
-                    if texts[key] is None:
-                        # no token ids (an embeddings-only call): the question cannot be read, nothing routes
-                        state.slots[name] = torch.full((B,), NO_SLOT, dtype=torch.long, device=hidden.device)
-                    else:
-                        state.slots[name] = router.route(feats[0], texts[key].to(hidden.device), feats[2])
+                    state.slots[name] = _route_by_question(state, router, feats, cur.input_ids,
+                                                           prompt_mask & ~image_mask, texts)
         return None
 
     return hook
@@ -436,15 +430,33 @@ def _state_tokenizer(state: RoutingState) -> Any:
     return state.tokenizer
 
 
-def _question_features(state: RoutingState, input_ids: torch.Tensor | None, text_mask: torch.Tensor,
-                       key: tuple, batch: int) -> torch.Tensor | None:
-    """The textual key's features of each row: the question read out of the tokens, embedded."""
+def _route_by_question(state: RoutingState, router: Any, feats: tuple, input_ids: torch.Tensor | None,
+                       text_mask: torch.Tensor, texts: dict[tuple, dict[int, torch.Tensor]]) -> torch.Tensor:
+    """The decision of a router whose textual key reads the question text.
+
+    Only rows that some slot's visual test admits can route, so only their questions are read and
+    embedded (most inputs show no edited entity and cost the encoder nothing). ``texts`` shares the
+    features between the routers of one call. Without token ids (an embeddings-only call) the question
+    cannot be read: nothing routes.
+    """
     from .question_key import load_encoder, question_texts
 
-    if input_ids is None or tuple(input_ids.shape) != tuple(text_mask.shape):
-        return None
-    texts = question_texts(_state_tokenizer(state), input_ids, text_mask, key[1])
-    return load_encoder(key[0]).encode(texts)
+    visual, _, has_image = feats
+    out = torch.full((visual.shape[0],), NO_SLOT, dtype=torch.long, device=visual.device)
+    rows = router.may_route(visual, has_image).nonzero(as_tuple=True)[0]
+    if len(rows) == 0 or input_ids is None or tuple(input_ids.shape) != tuple(text_mask.shape):
+        return out
+    key = (router.text_encoder, router.text_frame)
+    known = texts.setdefault(key, {})
+    todo = [int(i) for i in rows.tolist() if int(i) not in known]
+    if todo:
+        sel = torch.tensor(todo, device=input_ids.device)
+        qs = question_texts(_state_tokenizer(state), input_ids[sel], text_mask.to(input_ids.device)[sel], key[1])
+        for i, f in zip(todo, load_encoder(key[0]).encode(qs)):
+            known[i] = f
+    t = torch.stack([known[int(i)] for i in rows.tolist()]).to(visual.device)
+    out[rows] = router.route(visual[rows], t, has_image[rows])
+    return out
 
 
 def is_ldke_model(model: Any) -> bool:

@@ -284,7 +284,8 @@ class RouterState(nn.Module):
         inv_v, inv_t, pen_img, pen_txt = self._slot_tables()[6:]
         dv, dt = self._distances(visual, textual)
         img = has_image if has_image.dtype == torch.bool and has_image.device == dv.device else has_image.to(dv.device).bool()
-        score = torch.maximum(dv * inv_v, dt * inv_t)
+        # a text-only slot's visual part weighs 0, also when the distance overflowed (inf * 0 is NaN)
+        score = torch.maximum(torch.where(inv_v > 0, dv * inv_v, 0.0), dt * inv_t)
         return score + torch.where(img.unsqueeze(1), pen_img, pen_txt)
 
     def _group_tables(self, g: int) -> tuple[torch.Tensor, ...]:
@@ -323,6 +324,37 @@ class RouterState(nn.Module):
             dv[:, sel] = torch.cdist(zv, self.keys_v[sel].float())
             dt[:, sel] = torch.cdist(zt, self.keys_t[sel].float())
         return dv, dt
+
+    def _visual_distances(self, visual: torch.Tensor) -> torch.Tensor:
+        """``(B, K)`` visual distances of each row to each slot's visual key, in the slot's own space."""
+        v = _f32(visual)
+        if self.num_groups == 1:
+            proj_v, _, bias_v, _ = self._projection_tables()
+            return torch.cdist(torch.addmm(bias_v, v, proj_v), self._slot_tables()[0])
+        dv = torch.zeros((v.shape[0], self.num_slots), device=v.device)
+        group = self.proj_group.to(v.device)
+        for g in range(self.num_groups):
+            sel = (group == g).nonzero(as_tuple=True)[0]
+            if len(sel):
+                pv, _, bv, _ = self._group_tables(g)
+                dv[:, sel] = torch.cdist(torch.addmm(bv, v, pv), self.keys_v[sel].float())
+        return dv
+
+    def may_route(self, visual: torch.Tensor, has_image: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` bool: rows that some slot could take, judged on the visual part alone.
+
+        A row routes only if one slot's visual *and* textual tests pass, so a row no slot's visual test
+        admits (and, for text-only rows, a pack without text-only slots) routes nowhere whatever it asks:
+        its textual feature need not be computed. :meth:`route` on the other rows gives the decision.
+        """
+        if self.num_slots == 0:
+            return torch.zeros(visual.shape[0], dtype=torch.bool, device=visual.device)
+        needs, live = self._slot_tables()[4:6]
+        inv_v = self._slot_tables()[6]
+        img = has_image.to(visual.device).bool()
+        image_ok = ((self._visual_distances(visual) * inv_v <= 1.0) & (live & needs)).any(dim=1)
+        text_ok = (live & ~needs).any()
+        return torch.where(img, image_ok, text_ok)
 
     def route(self, visual: torch.Tensor, textual: torch.Tensor, has_image: torch.Tensor) -> torch.Tensor:
         """``(B,)`` long: the best-scoring slot within scope per row, or :data:`NO_SLOT`."""

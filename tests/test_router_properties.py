@@ -237,3 +237,15 @@ def test_pool_features_match_the_documented_rule(case):
                               (t[b, d:], ref_l, hb[last])):
             if src is None or src.norm() > 1e-3:
                 assert torch.allclose(got.double(), ref, atol=1e-4), (got, ref)
+
+
+@settings(max_examples=150, deadline=None)
+@given(case=routers())
+def test_rows_the_visual_gate_turns_away_route_nowhere(case):
+    """``may_route`` (which spares the question encoder for inputs showing no edited entity) never turns
+    away a row that ``route`` would send to a slot."""
+    router, visual, textual, has_image = case
+    gate = router.may_route(visual, has_image)
+    got = router.route(visual, textual, has_image)
+    assert gate.shape == got.shape and gate.dtype == torch.bool
+    assert bool((gate | (got == NO_SLOT)).all()), (gate, got)
