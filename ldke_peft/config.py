@@ -129,8 +129,16 @@ class LDKEConfig(PeftConfig):
             "layers below every edited layer carry wording more than meaning)."
         },
     )
+    router_text_probe: bool = field(
+        default=True,
+        metadata={
+            "help": "With a router_text_encoder: the textual feature is [the probe layer's pooled text features ; the "
+            "encoder's embedding]. The encoder reads what a question asks however it is worded; the model's own "
+            "early layers tell apart questions the model itself learned as different."
+        },
+    )
     router_text_dim: int = field(
-        default=0, metadata={"help": "Width of the textual key's features (filled by the editor; 0 = 2 x hidden size)."}
+        default=0, metadata={"help": "Width of the sentence encoder's embedding (filled by the editor; 0 without an encoder)."}
     )
     router_text_frame: list[str] = field(
         default_factory=list,
@@ -140,6 +148,14 @@ class LDKEConfig(PeftConfig):
         },
     )
     router_steps: int = field(default=300, metadata={"help": "Adam steps when learning the router projection."})
+    router_text_steps: Optional[int] = field(
+        default=0,
+        metadata={
+            "help": "Adam steps of the textual projection (None = router_steps; 0 = its PCA start only). A sentence "
+            "encoder's space is already organised by meaning; fitted to the few wordings of a question bank, the "
+            "projection can learn their form instead."
+        },
+    )
     router_lr: float = field(default=1e-2, metadata={"help": "Learning rate of the router projection."})
     num_edit_layers: int = field(default=1, metadata={"help": "How many localized layers each edit updates."})
     edit_steps: int = field(default=40, metadata={"help": "Maximum optimisation steps per edit (early stop on argmax)."})
@@ -200,6 +216,8 @@ class LDKEConfig(PeftConfig):
         if str(self.pack_format_version) in _FORMAT_WITHOUT_TEXT_ENCODER:
             self.router_text_encoder = None  # written before the field existed: probe-layer text features
             self.router_text_margin = None  # and one margin for both parts
+            self.router_text_probe = False
+            self.router_text_steps = None  # and a fitted textual projection
         if self.corruption not in CORRUPTIONS:
             raise AdapterLoadError(f"LDKEConfig: corruption must be one of {CORRUPTIONS}, got {self.corruption!r}")
         if self.router_storage not in ("int8", "float32"):

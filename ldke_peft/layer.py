@@ -37,7 +37,7 @@ def _text_encoder(config: Any) -> str | None:
     return enc or None
 
 
-def _text_dim(config: Any) -> int | None:
+def _text_dim(config: Any, d_model: int) -> int | None:
     """Width of the router's textual features: the encoder's (recorded in the config), else 2 x hidden."""
     if _text_encoder(config) is None:
         return None
@@ -46,7 +46,8 @@ def _text_dim(config: Any) -> int | None:
         from .question_key import load_encoder
 
         dim = config.router_text_dim = load_encoder(config.router_text_encoder).dim
-    return dim
+    # with router_text_probe, [probe-layer mean; last] (2 x hidden) come first
+    return dim + (2 * d_model if getattr(config, "router_text_probe", False) else 0)
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
@@ -119,10 +120,11 @@ class LDKELayer(BaseTunerLayer):
                 self.ldke_router[adapter_name] = RouterState(
                     d_model, config.router_dim, config.num_slots, groups=groups,
                     storage=getattr(config, "router_storage", "float32"),
-                    d_text=_text_dim(config),
+                    d_text=_text_dim(config, d_model),
                 )
             router = self.ldke_router[adapter_name]
             router.text_encoder = _text_encoder(config)
+            router.text_probe = bool(getattr(config, "router_text_probe", False)) and router.text_encoder is not None
             router.text_frame = tuple(getattr(config, "router_text_frame", None) or ())
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)

@@ -455,6 +455,8 @@ def _route_by_question(state: RoutingState, router: Any, feats: tuple, input_ids
         for i, f in zip(todo, load_encoder(key[0]).encode(qs)):
             known[i] = f
     t = torch.stack([known[int(i)] for i in rows.tolist()]).to(visual.device)
+    if router.text_probe:
+        t = torch.cat([feats[1][rows].float(), t], dim=1)
     out[rows] = router.route(visual[rows], t, has_image[rows])
     return out
 
@@ -488,8 +490,9 @@ def collect_probe_features(
 
     Runs the model only up to the probe layer (the rest of the forward is cut short), with every LDKE
     delta off. When a row has a target, the answer tokens are appended but pooled out through the
-    prompt mask, as in teacher-forced evaluation. ``text_key`` = ``(encoder, frame)`` reads the textual
-    part with that sentence encoder, ``None`` pools it from the probe layer; ``"auto"`` does what the
+    prompt mask, as in teacher-forced evaluation. ``text_key`` = ``(encoder, frame[, with_probe])`` reads
+    the textual part with that sentence encoder (beside the probe layer's text features when
+    ``with_probe``), ``None`` pools it from the probe layer; ``"auto"`` does what the
     model's LDKE router on ``probe_layer`` does.
     """
     from .context import forced_slots, prompt_mask_context
@@ -498,6 +501,7 @@ def collect_probe_features(
     root = _root_model(model)
     if text_key == "auto":
         text_key = _text_key_of(root, probe_layer)
+    with_probe = bool(text_key is not None and len(text_key) > 2 and text_key[2])
     tokenizer = family.tokenizer(processor) if text_key is not None else None
     layers = family.decoder_layers(root)
     device = next(root.parameters()).device
@@ -531,21 +535,22 @@ def collect_probe_features(
             from .question_key import load_encoder, question_texts
 
             pm = built.prompt_mask.to(image_mask.device).bool()
-            t = load_encoder(text_key[0]).encode(question_texts(tokenizer, built.input_ids, pm & ~image_mask, text_key[1]))
+            enc = load_encoder(text_key[0]).encode(question_texts(tokenizer, built.input_ids, pm & ~image_mask, text_key[1]))
+            t = torch.cat([t.float().cpu(), enc], dim=1) if with_probe else enc
         out_v.append(v.cpu())
         out_t.append(t.cpu())
         out_h.append(hi.cpu())
     return torch.cat(out_v), torch.cat(out_t), torch.cat(out_h)
 
 
-def _text_key_of(root: nn.Module, probe_layer: int) -> tuple[str, tuple[str, ...]] | None:
-    """``(encoder, frame)`` of the first active LDKE router on decoder layer ``probe_layer``, else None."""
+def _text_key_of(root: nn.Module, probe_layer: int) -> tuple[str, tuple[str, ...], bool] | None:
+    """``(encoder, frame, with probe text)`` of the first active LDKE router on ``probe_layer``, else None."""
     for m in root.modules():
         if isinstance(m, LDKELinear) and m.layer_idx == probe_layer:
             for name in m.active_adapters:
                 router = m.router(name)
                 if router is not None and router.text_encoder is not None:
-                    return router.text_encoder, router.text_frame
+                    return router.text_encoder, router.text_frame, router.text_probe
     return None
 
 

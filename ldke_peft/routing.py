@@ -144,6 +144,8 @@ class RouterState(nn.Module):
         #: tensors: the pack's config holds them)
         self.text_encoder = text_encoder
         self.text_frame = tuple(text_frame)
+        #: the textual feature is [probe-layer text features ; encoder embedding] (``router_text_probe``)
+        self.text_probe = False
         self.register_buffer("mu_v", torch.zeros(d_v))
         self.register_buffer("mu_t", torch.zeros(d_t))
         for name, d_in, seed in (("proj_v", d_v, 1), ("proj_t", d_t, 2)):

@@ -259,9 +259,12 @@ def _expected_layout(config: Any) -> dict[tuple[int, str], tuple[int | None, ...
     P = config.probe_layer
     # textual features: the sentence encoder's width when the pack routes on one, else [mean; last] of
     # the probe layer's hidden states
-    t = int(config.router_text_dim) if getattr(config, "router_text_encoder", None) else "2d"
-    if t != "2d" and t <= 0:
-        raise CorruptAdapterError("adapter_config.json names a router_text_encoder but no router_text_dim")
+    t: Any = "2d"
+    if getattr(config, "router_text_encoder", None):
+        if int(config.router_text_dim) <= 0:
+            raise CorruptAdapterError("adapter_config.json names a router_text_encoder but no router_text_dim")
+        # [probe-layer text features (2d) ; encoder embedding] or the embedding alone
+        t = f"2d+{int(config.router_text_dim)}" if getattr(config, "router_text_probe", False) else int(config.router_text_dim)
     router_shapes = {
         "mu_v": ("d",), "proj_v": ("d", p), "mu_t": (t,), "proj_t": (t, p),
         "keys_v": (K, p), "keys_t": (K, p), "radius_v": (K,), "radius_t": (K,), "needs_image": (K,),
@@ -302,9 +305,10 @@ def _check_shapes(entries: dict[tuple[int, str], _Entry], expected: dict, config
                 sym = {"ldke_A": "in", "ldke_B": "d"}[tensor]
                 bind(sym, got, e)
             elif isinstance(w, str):
-                bind("d", got if w == "d" else got // 2, e)
-                if w == "2d" and got % 2:
-                    raise CorruptAdapterError(f"tensor {e.key!r} has shape {list(e.shape)}; expected an even size")
+                extra = int(w.split("+")[1]) if w.startswith("2d+") else 0
+                bind("d", got if w == "d" else (got - extra) // 2, e)
+                if w != "d" and ((got - extra) % 2 or got <= extra):
+                    raise CorruptAdapterError(f"tensor {e.key!r} has shape {list(e.shape)}; expected {w}")
             elif got != w:
                 raise CorruptAdapterError(
                     f"tensor {e.key!r} has shape {list(e.shape)}; the config expects {_fmt(want)} "

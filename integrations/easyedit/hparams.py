@@ -78,6 +78,8 @@ LDKE_KNOBS = (
     "router_paraphrases",
     "router_text_encoder",
     "router_text_margin",
+    "router_text_probe",
+    "router_text_steps",
     "auto_views",
     "router_views",
     "router_steps",
@@ -173,6 +175,8 @@ class LDKEMultimodalHyperParams:
     router_paraphrases: int = _config_default("router_paraphrases")
     router_text_encoder: Optional[str] = _config_default("router_text_encoder")
     router_text_margin: Optional[float] = _config_default("router_text_margin")
+    router_text_probe: bool = _config_default("router_text_probe")
+    router_text_steps: Optional[int] = _config_default("router_text_steps")
     auto_views: int = _config_default("auto_views")
     router_views: int = _config_default("router_views")
     router_steps: int = _config_default("router_steps")
@@ -399,6 +403,8 @@ def _check_values(hp: LDKEMultimodalHyperParams) -> None:
         need(getattr(hp, key) > 0, key, "must be > 0")
     need(hp.max_delta_norm >= 0, "max_delta_norm", "must be >= 0 (0 = no bound)")
     need(hp.router_paraphrases >= 0, "router_paraphrases", "must be >= 0 (0 = only the request's own wordings)")
+    need(hp.router_text_steps is None or hp.router_text_steps >= 0, "router_text_steps",
+         "must be >= 0 (0 = the PCA start only) or null (= router_steps)")
     need(hp.router_text_margin is None or 0 <= hp.router_text_margin <= 1, "router_text_margin",
          "must be in [0, 1] (0 = at the farthest positive, 1 = at the nearest negative) or null (= router_margin)")
     need(hp.router_text_encoder is None or (isinstance(hp.router_text_encoder, str) and bool(hp.router_text_encoder.strip())),
