@@ -38,7 +38,8 @@ def _text_encoder(config: Any) -> str | None:
 
 
 def _text_dim(config: Any, d_model: int) -> int | None:
-    """Width of the router's textual features: the encoder's (recorded in the config), else 2 x hidden."""
+    """Width of the router's textual features: the encoder's (recorded in the config), plus 2 x hidden with
+    ``router_text_probe``; None (= 2 x hidden, probe-layer features only) without an encoder."""
     if _text_encoder(config) is None:
         return None
     dim = int(getattr(config, "router_text_dim", 0) or 0)
