@@ -170,6 +170,9 @@ def breakdown(pm: Any, batch: int, seq: int, reps: int = 50) -> dict[str, float]
     im[:, 2:6] = True
     pm_mask = torch.ones(batch, seq, dtype=torch.bool)
     feats = pool_features(h, im, pm_mask)
+    d_t = int(router.mu_t.shape[0])
+    if feats[1].shape[1] != d_t:  # a sentence-encoder textual key: its width (the question_key_us row times it)
+        feats = (feats[0], torch.nn.functional.normalize(torch.randn(batch, d_t), dim=-1), feats[2])
 
     def med(fn):
         for _ in range(5):

@@ -105,6 +105,8 @@ class SentenceEncoder:
         if not texts:
             return torch.zeros(0, self.dim)
         with self._lock:
+            while len(self._memo) > self.memo_size:  # memo_size may have been lowered since the last call
+                self._memo.popitem(last=False)
             got = {t: self._memo[t] for t in texts if t in self._memo}
             todo = list(dict.fromkeys(t for t in texts if t not in got))
             if todo:

@@ -70,6 +70,7 @@ def test_the_bundled_encoder_resolves_offline_and_its_memo_can_be_off():
     try:
         enc.memo_size = 0
         b = enc.encode(["Which city is the capital?"])
+        assert len(enc._memo) == 0  # lowering the size drops what was kept, even on a call it could answer
     finally:
         enc.memo_size = size
     assert torch.allclose(a[0], a[1]) and torch.allclose(a[0], b[0], atol=1e-6)
