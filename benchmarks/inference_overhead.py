@@ -106,6 +106,13 @@ def make_pack(base: Any, processor: Any, n_slots: int, anchor: tuple[Any, str], 
     g = torch.Generator().manual_seed(seed)
     layers = torch.randint(probe + 1, n_layers, (n_slots,), generator=g).tolist()
     cfg = LDKEConfig(slot_layers=[[int(l)] for l in layers], probe_layer=probe, rank=rank)
+    if cfg.router_text_encoder:
+        from ldke_peft import EditRequest
+        from ldke_peft.editor import _prepare_text_key
+
+        # what edit() records: the encoder's width and the chat frame around a question (so the encoder reads
+        # the question, not the system prompt)
+        _prepare_text_key(cfg, family_of(model), model, processor, EditRequest(image=anchor[0], prompt=anchor[1], target="x"))
     pm = get_peft_model(model, cfg)
     pm.eval()
     router = pm.base_model.router("default")
