@@ -149,11 +149,11 @@ class LDKEConfig(PeftConfig):
     )
     router_steps: int = field(default=300, metadata={"help": "Adam steps when learning the router projection."})
     router_text_steps: Optional[int] = field(
-        default=0,
+        default=None,
         metadata={
-            "help": "Adam steps of the textual projection (None = router_steps; 0 = its PCA start only). A sentence "
-            "encoder's space is already organised by meaning; fitted to the few wordings of a question bank, the "
-            "projection can learn their form instead."
+            "help": "Adam steps of the textual projection (0 = its PCA start only). None = 0 with a "
+            "router_text_encoder, router_steps without. A sentence encoder's space is already organised by "
+            "meaning; fitted to the few wordings of a question bank, the projection learns their form instead."
         },
     )
     router_lr: float = field(default=1e-2, metadata={"help": "Learning rate of the router projection."})
@@ -217,7 +217,6 @@ class LDKEConfig(PeftConfig):
             self.router_text_encoder = None  # written before the field existed: probe-layer text features
             self.router_text_margin = None  # and one margin for both parts
             self.router_text_probe = False
-            self.router_text_steps = None  # and a fitted textual projection
         if self.corruption not in CORRUPTIONS:
             raise AdapterLoadError(f"LDKEConfig: corruption must be one of {CORRUPTIONS}, got {self.corruption!r}")
         if self.router_storage not in ("int8", "float32"):

@@ -645,7 +645,9 @@ def fit_router(
         if len(fv):
             mu_v, P_v = fit_projection(fv, fl, cfg.router_dim, steps=cfg.router_steps, lr=cfg.router_lr, seed=seed,
                                        weight_decay=VISUAL_WEIGHT_DECAY)
-        t_steps = cfg.router_steps if cfg.router_text_steps is None else cfg.router_text_steps
+        t_steps = cfg.router_text_steps
+        if t_steps is None:
+            t_steps = 0 if cfg.router_text_encoder else cfg.router_steps
         mu_t, P_t = fit_projection(ft, ftl, cfg.router_dim, steps=t_steps, lr=cfg.router_lr, seed=seed + 1)
         return mu_v, P_v, mu_t, P_t
 

@@ -404,7 +404,7 @@ def _check_values(hp: LDKEMultimodalHyperParams) -> None:
     need(hp.max_delta_norm >= 0, "max_delta_norm", "must be >= 0 (0 = no bound)")
     need(hp.router_paraphrases >= 0, "router_paraphrases", "must be >= 0 (0 = only the request's own wordings)")
     need(hp.router_text_steps is None or hp.router_text_steps >= 0, "router_text_steps",
-         "must be >= 0 (0 = the PCA start only) or null (= router_steps)")
+         "must be >= 0 (0 = the PCA start only) or null (0 with an encoder, router_steps without)")
     need(hp.router_text_margin is None or 0 <= hp.router_text_margin <= 1, "router_text_margin",
          "must be in [0, 1] (0 = at the farthest positive, 1 = at the nearest negative) or null (= router_margin)")
     need(hp.router_text_encoder is None or (isinstance(hp.router_text_encoder, str) and bool(hp.router_text_encoder.strip())),

@@ -56,7 +56,7 @@ LDKE_VARIANTS: dict[str, dict[str, Any]] = {
     "ldke_fixed_layer": {"localization": "fixed"},
     "ldke_no_hard_negatives": {"hard_negatives": False},
     # the textual key pooled from the probe layer's hidden states instead of read by the sentence encoder
-    "ldke_probe_text": {"router_text_encoder": None, "router_text_margin": None, "router_text_steps": None},
+    "ldke_probe_text": {"router_text_encoder": None, "router_text_margin": None},
 }
 METHODS: tuple[str, ...] = (*LDKE_VARIANTS, *BASELINES)
 BASELINE_NAMES: tuple[str, ...] = tuple(BASELINES)
