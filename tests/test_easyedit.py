@@ -652,23 +652,28 @@ def test_easyedit_edit_dataset(easyedit, tiny_qwen2_vl_dir, tmp_path):
         assert float(m["post"]["rewrite_acc"]) == 1.0
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava_onevision"])
 @pytest.mark.parametrize("mode", ["single", "sequential", "dataset"])
-def test_easyedit_targets_of_1_to_16_tokens(easyedit, tiny_qwen2_vl_dir, tmp_path, mode):
+def test_easyedit_targets_of_1_to_16_tokens(easyedit, tmp_path, mode, family):
     """Targets of 1, 4, 8 and 16 tokens (written in tests/test_long_targets.py), through upstream EasyEdit's
-    MultimodalEditor in all three modes: every case reaches rewrite 1.0, rephrase and image-rephrase >= 0.95,
-    and leaves both locality probes alone."""
+    MultimodalEditor in all three modes, on the three families EasyEdit detects by name: every case reaches
+    rewrite 1.0, rephrase and image-rephrase >= 0.95, and leaves both locality probes alone."""
     import json
 
+    from integrations.easyedit.tiny import save_tiny_model
     from test_long_targets import make_requests
 
-    _, processor = tiny_model("qwen2_vl")
+    if family == "qwen2_5_vl":
+        register(detect_qwen2_5_vl=True)  # upstream detects Qwen2.5-VL only with this opt-in
+    model_dir = save_tiny_model(family, tmp_path / "model")
+    _, processor = tiny_model(family)
     reqs = make_requests(processor.tokenizer)
     paths = {}
     for k, r in enumerate(reqs):
         for key, im in (("e", r["image"][0]), ("r", r["image_rephrase"][0]), ("m", r["multimodal_locality_image"][0])):
             paths[(key, k)] = f"{key}{k}.png"
             im.save(tmp_path / paths[(key, k)])
-    hp = LDKEMultimodalHyperParams.from_hparams("tiny", model_name=tiny_qwen2_vl_dir, coco_image=str(tmp_path),
+    hp = LDKEMultimodalHyperParams.from_hparams("tiny", model_name=model_dir, coco_image=str(tmp_path),
                                                 rephrase_image=str(tmp_path))
     editor = easyedit.MultimodalEditor.from_hparams(hp)
     if mode == "dataset":
