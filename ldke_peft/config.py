@@ -91,7 +91,7 @@ class LDKEConfig(PeftConfig):
         default=None,
         metadata={
             "help": "router_margin for the textual part alone (None = router_margin). A sentence-encoder key puts "
-            "other questions on the same topic (largest city vs capital) between the edit's rephrasings and the "
+            "other questions on the same topic (asking another fact) between the edit's rephrasings and the "
             "caller's negatives: a smaller value keeps more of them out, at the cost of the rephrasings farthest "
             "from the edit question."
         },
