@@ -237,6 +237,16 @@ def model_card(
         "Edits answer greedily through `model.generate(...)` as usual. `merge_and_unload()` is refused: a merged "
         "edit would fire on every input and lose the routing that keeps unrelated inputs unchanged.",
         "",
+    ]
+    if getattr(config, "router_text_encoder", None):
+        lines += [
+            f"The router reads each question with the sentence encoder `{config.router_text_encoder}` (installed "
+            "with ldke-peft, no download) and decodes the prompt with the base model's tokenizer, found beside "
+            "the base model; for a base model without tokenizer files call "
+            "`ldke_peft.attach_tokenizer(model, processor)` once.",
+            "",
+        ]
+    lines += [
         f"Format: LDKE pack v{config.pack_format_version}, {config.num_slots} edit slot(s), safetensors only.",
         "",
     ]
