@@ -249,14 +249,11 @@ def _setup_logging(verbosity: int) -> None:
         # deprecation chatter from dependencies is not for CLI users; -v shows it
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
-    try:
-        import transformers
+    import transformers  # a hard dependency
 
-        transformers.logging.set_verbosity(logging.DEBUG if verbosity >= 2 else logging.ERROR)
-        if verbosity == 0:
-            transformers.logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover - transformers is a hard dependency
-        pass
+    transformers.logging.set_verbosity(logging.DEBUG if verbosity >= 2 else logging.ERROR)
+    if verbosity == 0:
+        transformers.logging.disable_progress_bar()
 
 
 def _one_line(exc: BaseException) -> str:

@@ -421,7 +421,7 @@ def _state_tokenizer(state: RoutingState) -> Any:
 
             if not where:
                 raise FileNotFoundError("the base model has no name_or_path")
-            state.tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True)
+            state.tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True, trust_remote_code=False)
         except Exception as err:  # noqa: BLE001 - any miss is the same miss for the user
             raise TokenizerNotFoundError(
                 f"this LDKE pack routes by the question's text and needs the tokenizer of the base model "

@@ -91,8 +91,11 @@ class SentenceEncoder:
     def __init__(self, folder: str, memo_size: int = 8192) -> None:
         from transformers import AutoModel, AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
+        # the encoder's name comes from a pack's config, which may come from a stranger on the Hub: no remote
+        # code, and weights from safetensors only (never a pickle)
+        self.model = AutoModel.from_pretrained(folder, dtype=torch.float32, use_safetensors=True,
+                                               trust_remote_code=False).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
         self.dim = int(self.model.config.hidden_size)
         self._memo: OrderedDict[str, torch.Tensor] = OrderedDict()
         #: how many questions' embeddings are kept (0 = none: every call encodes)

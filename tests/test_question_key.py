@@ -100,3 +100,30 @@ def test_a_reloaded_pack_finds_the_tokenizer_beside_its_base_model(tmp_path):
         got = loaded(**built.inputs).logits
     assert routed[0] == 0 and loaded.base_model.last_routing("default").tolist() == routed
     assert torch.equal(got, want)
+
+
+class _Tripwire:
+    """Unpickling this creates ``path``: proof that a pickle was loaded."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_an_encoder_folder_with_pickled_weights_is_never_unpickled(tmp_path):
+    """A pack's config names its encoder, and packs come from strangers: an encoder folder whose weights are a
+    pickle is refused without running it."""
+    from transformers import BertConfig
+
+    from ldke_peft.question_key import SentenceEncoder
+
+    folder = tmp_path / "enc"
+    BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8,
+               vocab_size=30).save_pretrained(folder)
+    wire = tmp_path / "unpickled"
+    torch.save({"x": _Tripwire(str(wire))}, folder / "pytorch_model.bin")
+    with pytest.raises(OSError):
+        SentenceEncoder(str(folder))
+    assert not wire.exists()
