@@ -47,6 +47,8 @@ class NegativePool:
 
     questions: list[tuple[str, str | None]] = field(default_factory=list)
     images: list[tuple[Any, str | None]] = field(default_factory=list)
+    #: router features of the pool's rows, per model state (the same pool serves every edit)
+    _features: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
 
 @dataclass
@@ -414,7 +416,9 @@ def fit_delta(
     tok = family.tokenizer(processor)
     eos = getattr(tok, "eos_token", None)
     fit_target = request.target.strip() + (eos if isinstance(eos, str) and eos else "")
-    built = family.build_inputs(processor, rows_img, rows_q, [fit_target] * len(rows_q)).to(device)
+    # right-aligned: each row at the positions it has when run alone, and rows that share a prefix
+    # share its positions too (the replay computes a shared prefix once)
+    built = family.build_inputs(processor, rows_img, rows_q, [fit_target] * len(rows_q)).right_aligned().to(device)
     B = len(built)
     tgt_mask = built.target_mask
     # logits at t-1 predict token t
@@ -440,12 +444,27 @@ def fit_delta(
     n_steps = steps if steps is not None else cfg.edit_steps
     slot_vec = torch.full((B,), slot, dtype=torch.long)
 
-    replay = capture_replay(root, family, lo, built, pred_pos) if cache_hidden else None
+    replay = None
+    if cache_hidden:
+        row_images = [next(k for k, im in enumerate(imgs) if im is x) if x is not None else -1 for x in rows_img]
+        probe = None
+        if B > 2:
+            # the first and last rows (another image and another wording) run alone to check the replay
+            pick = [0, B - 1]
+            pb = family.build_inputs(processor, [rows_img[i] for i in pick], [rows_q[i] for i in pick],
+                                     [fit_target] * 2).right_aligned().to(device)
+            pp = torch.zeros_like(pb.target_mask)
+            pp[:, :-1] = pb.target_mask[:, 1:]
+            probe = (pb, pp, pick)
+        replay = capture_replay(root, family, lo, built, pred_pos, row_images=row_images, probe=probe)
+    if replay is not None:
+        slot_vec = torch.full((replay.rows,), slot, dtype=torch.long)
+    step_mask = built.prompt_mask if replay is None or replay.prompt_mask is None else replay.prompt_mask
 
     def logits_at_targets() -> torch.Tensor:
-        with forced_slots(slot_vec), prompt_mask_context(built.prompt_mask):
+        with forced_slots(slot_vec), prompt_mask_context(step_mask):
             if replay is not None:
-                return family.logits_from_hidden(root, replay.run()[pred_pos])
+                return family.logits_from_hidden(root, replay.run_at(pred_pos))
             out = root(**built.inputs, use_cache=False)
             return out.logits[pred_pos]
 
@@ -635,8 +654,8 @@ def fit_router(
         # enough for slots appended later (sequential editing keeps the projection fixed). The
         # no-hard-negatives ablation does without it: the pool *is* the hard-negative material.
         used = pool if hard else NegativePool()
-        pv, pl = _pool_features(peft_model, processor, cfg, pool_visual_rows(used), lab)
-        pt, ptl = _pool_features(peft_model, processor, cfg, pool_textual_rows(used), lab, textual=True)
+        pv, pl = _pool_features(peft_model, processor, cfg, pool_visual_rows(used), lab, pool=used)
+        pt, ptl = _pool_features(peft_model, processor, cfg, pool_textual_rows(used), lab, textual=True, pool=used)
         fv = torch.cat([v[vm], pv]) if len(pv) else v[vm]
         fl = torch.cat([v_label[vm], pl]) if len(pl) else v_label[vm]
         ft = torch.cat([t, pt]) if len(pt) else t
@@ -969,12 +988,31 @@ def pool_textual_rows(pool: NegativePool) -> tuple[list[Any], list[str], list[st
 
 
 def _pool_features(peft_model, processor, cfg, rows: tuple[list[Any], list[str], list[str]], lab,
-                   textual: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                   textual: bool = False, pool: NegativePool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     ims, qs, keys = rows
     if not ims:
         return torch.zeros(0), torch.zeros(0, dtype=torch.long)
-    v, t, _ = collect_probe_features(peft_model, processor, cfg.probe_layer, ims, qs)
-    return (t if textual else v), torch.tensor([lab(k) for k in keys])
+    cache = getattr(pool, "_features", None) if pool is not None else None
+    key = _pool_key(peft_model, cfg, ims, qs, textual)
+    feats = cache.get(key) if cache is not None else None
+    if feats is None:
+        v, t, _ = collect_probe_features(peft_model, processor, cfg.probe_layer, ims, qs)
+        feats = t if textual else v
+        if cache is not None:
+            if len(cache) >= 8:
+                cache.clear()
+            cache[key] = feats
+    return feats, torch.tensor([lab(k) for k in keys])
+
+
+def _pool_key(peft_model: Any, cfg: LDKEConfig, ims: list[Any], qs: list[str], textual: bool) -> tuple:
+    """What a pool's router features depend on: its rows, the probe layer, the textual key and the
+    weights up to the probe layer (their storage and in-place write counters: an edited base model
+    is a new key)."""
+    root = _root_model(peft_model)
+    weights = tuple((p.data_ptr(), p._version) for n, p in root.named_parameters() if "ldke_" not in n)
+    text = (cfg.router_text_encoder, tuple(cfg.router_text_frame or ()), cfg.router_text_probe) if textual else None
+    return (id(root), weights, cfg.probe_layer, text, tuple(id(i) for i in ims), tuple(qs))
 
 
 def editor_rows(requests: Sequence[EditRequest], config: LDKEConfig | None = None,

@@ -12,13 +12,23 @@ model does nothing *between* its layers, and when each layer is called with its 
 So :func:`capture_replay` records every layer call of one real forward (all deltas off), replays
 them, and keeps the replay only if it reproduces the forward's logits at the target positions;
 otherwise the editor runs full forwards, which is always correct, just slower.
+
+The editor's rows repeat themselves: every row starts with the same chat frame, and each image
+comes with several questions. Under causal attention a token's hidden state depends only on the
+tokens before it, so rows that share a prefix share its hidden states at every layer, deltas
+included (all rows are forced to the same slot). :func:`capture_replay` therefore *packs* the
+rows into one sequence holding each distinct prefix token once (a trie over tokens, with image
+tokens told apart by their image) and a mask that lets each token see exactly what it saw in its
+own row: the same computation, each shared token computed once. A packed replay is also checked
+against the forward, and dropped for the plain one when any part of a layer call cannot be packed
+(non-causal masks, per-row inputs it does not know, a cache).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -28,7 +38,7 @@ from .routing import NO_SLOT
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LayerReplay", "capture_replay"]
+__all__ = ["LayerReplay", "capture_replay", "packed_hidden"]
 
 #: tolerance of the replay check (fp32 reassociation across a different call path)
 _ATOL, _RTOL = 1e-4, 1e-3
@@ -36,24 +46,56 @@ _ATOL, _RTOL = 1e-4, 1e-3
 
 @dataclass
 class LayerReplay:
-    """The hidden states entering the first replayed layer and each replayed layer's own call."""
+    """The hidden states entering the first replayed layer and each replayed layer's own call.
+
+    ``index`` is ``None`` for a plain replay (the layers see the batch as built) and, for a packed
+    one, the ``(B, T)`` position of each row's token in the single packed sequence (-1 = padding).
+    """
 
     hidden: torch.Tensor
     layers: list[nn.Module]
     calls: list[tuple[tuple, dict]]
+    index: torch.Tensor | None = None
+    prompt_mask: torch.Tensor | None = None
+
+    @property
+    def rows(self) -> int:
+        """Batch size the replayed layers see (1 when packed)."""
+        return int(self.hidden.shape[0])
 
     def run(self) -> torch.Tensor:
-        """Hidden states leaving the last decoder layer (with whatever deltas are active)."""
+        """Hidden states leaving the last decoder layer (with whatever deltas are active), in the
+        layers' own layout (see :attr:`index`)."""
         h = self.hidden
         for layer, (args, kwargs) in zip(self.layers, self.calls):
             out = layer(h, *args, **kwargs)
             h = out[0] if isinstance(out, (tuple, list)) else out
         return h
 
+    def run_at(self, where: torch.Tensor) -> torch.Tensor:
+        """Hidden states leaving the last decoder layer at the ``(B, T)`` positions ``where``, in the
+        order ``h[where]`` gives for the batch as built."""
+        h = self.run()
+        return h[where] if self.index is None else h[0, self.index[where]]
 
-def capture_replay(root: nn.Module, family: Any, lo: int, built: Any, pred_pos: torch.Tensor) -> LayerReplay | None:
+
+def capture_replay(root: nn.Module, family: Any, lo: int, built: Any, pred_pos: torch.Tensor,
+                   row_images: Sequence[int] | None = None,
+                   probe: tuple[Any, torch.Tensor, Sequence[int]] | None = None) -> LayerReplay | None:
     """A verified :class:`LayerReplay` of decoder layers ``lo..`` for ``built``, or ``None`` when a
-    replay does not reproduce the model's own logits at ``pred_pos``."""
+    replay does not reproduce the model's own logits at ``pred_pos``.
+
+    ``row_images`` (each row's image, as an index: equal indices mean the same picture) lets rows
+    that share a prefix be packed (see the module docstring); without it the replay is plain.
+    ``probe`` = ``(built_rows, pred_pos_rows, rows)``: a few of ``built``'s rows built on their own
+    (right-aligned like ``built``). With it, when every decoder layer is called with the same
+    arguments, the layers below ``lo`` run packed too, and the replay is checked against a real
+    forward of those rows only, instead of a real forward of every row."""
+    if row_images is not None and probe is not None:
+        try:
+            return _capture_packed(root, family, lo, built, pred_pos, list(row_images), probe)
+        except _CannotPack as why:
+            logger.debug("layer replay: no packed capture (%s)", why)
     layers = list(family.decoder_layers(root))[lo:]
     first: dict[int, tuple[torch.Tensor, tuple, dict]] = {}
 
@@ -81,17 +123,272 @@ def capture_replay(root: nn.Module, family: Any, lo: int, built: Any, pred_pos: 
     if len(first) != len(layers):
         logger.info("layer replay off: not every decoder layer from %d ran in the forward", lo)
         return None
-    replay = LayerReplay(first[0][0], layers, [(first[i][1], first[i][2]) for i in range(len(layers))])
+    plain = LayerReplay(first[0][0], layers, [(first[i][1], first[i][2]) for i in range(len(layers))])
+    candidates = [plain]
+    if row_images is not None:
+        try:
+            candidates.insert(0, _packed(plain, family, root, built, list(row_images)))
+        except _CannotPack as why:
+            logger.debug("layer replay not packed: %s", why)
+    for replay in candidates:
+        if _reproduces(replay, family, root, built, pred_pos, reference):
+            return replay
+        if replay is not plain:
+            logger.info("packed layer replay does not reproduce the forward; replaying the rows as built")
+    logger.info(
+        "layer replay off: replaying decoder layers %d.. does not reproduce the forward (the language model "
+        "works between its layers); fitting with full forwards", lo
+    )
+    return None
+
+
+def _reproduces(replay: LayerReplay, family: Any, root: nn.Module, built: Any, pred_pos: torch.Tensor,
+                reference: torch.Tensor) -> bool:
+    no_slot = torch.full((replay.rows,), NO_SLOT, dtype=torch.long)
+    mask = built.prompt_mask if replay.prompt_mask is None else replay.prompt_mask
     try:
-        with torch.no_grad(), forced_slots(no_slot), prompt_mask_context(built.prompt_mask):
-            again = family.logits_from_hidden(root, replay.run()[pred_pos])
+        with torch.no_grad(), forced_slots(no_slot), prompt_mask_context(mask):
+            again = family.logits_from_hidden(root, replay.run_at(pred_pos))
     except Exception as exc:  # noqa: BLE001 - any failure to replay: full forwards are always right
-        logger.info("layer replay off: replaying decoder layers %d.. failed (%s)", lo, exc)
-        return None
+        logger.info("layer replay failed (%s)", exc)
+        return False
+    return again.shape == reference.shape and torch.allclose(again.float(), reference.float(), atol=_ATOL, rtol=_RTOL)
+
+
+class _CannotPack(Exception):
+    """A layer call holds something a packed replay cannot reproduce."""
+
+
+class _Stop(Exception):
+    """Ends a forward once the first decoder layer's inputs are recorded."""
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (type(None), bool, int, float, str)):
+        return a == b
+    return False
+
+
+def _shared_call(root: nn.Module, layers: list[nn.Module], built: Any, upto: int | None = None) -> Any:
+    """A real forward of ``built`` (deltas off): the model's logits, or with ``upto`` the hidden states
+    leaving layer ``upto`` (the forward stops there). Raises :class:`_CannotPack` unless every layer it
+    ran was called with the same arguments (no per-layer masks or rotary tables)."""
+    calls: dict[int, tuple[tuple, dict]] = {}
+    out: list[torch.Tensor] = []
+
+    def recorder(i: int):
+        def grab(_module, args, kwargs):
+            if i not in calls:
+                calls[i] = (tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "hidden_states"})
+            return None
+
+        return grab
+
+    def stop(_module, _args, output):
+        out.append(output[0] if isinstance(output, (tuple, list)) else output)
+        raise _Stop
+
+    ran = layers if upto is None else layers[: upto + 1]
+    handles = [layer.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, layer in enumerate(ran)]
+    if upto is not None:
+        handles.append(layers[upto].register_forward_hook(stop))
+    off = torch.full((len(built),), NO_SLOT, dtype=torch.long)
+    try:
+        with torch.no_grad(), forced_slots(off), prompt_mask_context(built.prompt_mask):
+            logits = root(**built.inputs, use_cache=False).logits
+    except _Stop:
+        logits = None
+    finally:
+        for h in handles:
+            h.remove()
+    if len(calls) != len(ran) or not all(_same(calls[i], calls[0]) for i in range(1, len(ran))):
+        raise _CannotPack("the decoder layers are not all called with the same arguments")
+    return logits if upto is None else out[0]
+
+
+def _packed_inputs(root: nn.Module, family: Any, layers: list[nn.Module], built: Any, row_images: list[int]) -> LayerReplay:
+    """Every row of ``built`` up to the first decoder layer (a forward stopped there), packed, with the
+    first layer's call for every layer."""
+    first: list[tuple[torch.Tensor, tuple, dict]] = []
+
+    def stop(_module, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        first.append((h.detach(), tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        raise _Stop
+
+    handle = layers[0].register_forward_pre_hook(stop, with_kwargs=True)
+    off = torch.full((len(built),), NO_SLOT, dtype=torch.long)
+    try:
+        with torch.no_grad(), forced_slots(off), prompt_mask_context(built.prompt_mask):
+            root(**built.inputs, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not first:
+        raise _CannotPack("the forward never reached the first decoder layer")
+    h0, args0, kwargs0 = first[0]
+    return _packed(LayerReplay(h0, layers, [(args0, kwargs0)] * len(layers)), family, root, built, row_images)
+
+
+def _capture_packed(root: nn.Module, family: Any, lo: int, built: Any, pred_pos: torch.Tensor,
+                    row_images: list[int], probe: tuple[Any, torch.Tensor, Sequence[int]]) -> LayerReplay:
+    """Every layer packed: the first layer's inputs of a forward stopped there, layers ``0..lo-1`` run
+    packed (deltas off), and the replay of ``lo..`` checked against a real forward of the probe rows."""
+    probe_built, probe_pos, probe_rows = probe
+    layers = list(family.decoder_layers(root))
+    reference = _shared_call(root, layers, probe_built)[probe_pos]
+    packed = _packed_inputs(root, family, layers, built, row_images)
+    one = torch.full((1,), NO_SLOT, dtype=torch.long)
+    below = LayerReplay(packed.hidden, layers[:lo], packed.calls[:lo])
+    with torch.no_grad(), forced_slots(one), prompt_mask_context(packed.prompt_mask):
+        h_lo = below.run()
+    replay = LayerReplay(h_lo.detach(), layers[lo:], packed.calls[lo:], index=packed.index,
+                         prompt_mask=packed.prompt_mask)
+    rows = list(probe_rows)
+    where = torch.zeros_like(pred_pos)
+    where[rows] = pred_pos[rows]
+    with torch.no_grad(), forced_slots(one), prompt_mask_context(replay.prompt_mask):
+        again = family.logits_from_hidden(root, replay.run_at(where))
     if again.shape != reference.shape or not torch.allclose(again.float(), reference.float(), atol=_ATOL, rtol=_RTOL):
-        logger.info(
-            "layer replay off: replaying decoder layers %d.. does not reproduce the forward (the language model "
-            "works between its layers); fitting with full forwards", lo
-        )
-        return None
+        raise _CannotPack("the packed replay does not reproduce a real forward of the probe rows")
     return replay
+
+
+def packed_hidden(root: nn.Module, family: Any, built: Any, row_images: Sequence[int], upto: int,
+                  probe: tuple[Any, Sequence[int]]) -> torch.Tensor | None:
+    """Hidden states leaving decoder layer ``upto`` for every row of the right-aligned ``built``, as a
+    ``(B, T, D)`` tensor (zeros at padding), computed with shared prefixes packed and every delta off;
+    ``None`` when the rows cannot be packed or the result does not match a real forward of the probe
+    rows ``probe = (built_rows, rows)`` (the caller then runs the rows as built)."""
+    probe_built, probe_rows = probe
+    layers = list(family.decoder_layers(root))
+    try:
+        reference = _shared_call(root, layers, probe_built, upto=upto)
+        packed = _packed_inputs(root, family, layers, built, list(row_images))
+    except _CannotPack as why:
+        logger.debug("router features not packed: %s", why)
+        return None
+    one = torch.full((1,), NO_SLOT, dtype=torch.long)
+    with torch.no_grad(), forced_slots(one), prompt_mask_context(packed.prompt_mask):
+        h = LayerReplay(packed.hidden, layers[: upto + 1], packed.calls[: upto + 1]).run()
+    index = packed.index
+    out = h[0, index.clamp(min=0)] * (index >= 0).unsqueeze(-1).to(h.dtype)
+    real = probe_built.inputs["attention_mask"].bool().to(out.device)
+    T = real.shape[1]
+    got = out[list(probe_rows), :T][real]
+    want = reference[:, : out.shape[1]][real[:, : out.shape[1]]] if T <= out.shape[1] else None
+    if want is None or got.shape != want.shape or not torch.allclose(got.float(), want.float(), atol=_ATOL, rtol=_RTOL):
+        logger.info("packed router features do not match a real forward; running the rows as built")
+        return None
+    return out
+
+
+def _packed(plain: LayerReplay, family: Any, root: nn.Module, built: Any, row_images: list[int]) -> LayerReplay:
+    """``plain`` with its rows packed into one sequence of distinct prefix tokens."""
+    ids = built.input_ids
+    am = built.inputs.get("attention_mask")
+    B, T = ids.shape
+    if B < 2 or len(row_images) != B or plain.hidden.shape[:2] != (B, T):
+        raise _CannotPack("nothing to share")
+    real = am.bool() if isinstance(am, torch.Tensor) and am.shape == (B, T) else torch.ones(B, T, dtype=torch.bool)
+    image = family.image_mask(root, ids).cpu()
+    ids_l, real_l, image_l = ids.cpu().tolist(), real.cpu().tolist(), image.tolist()
+    nodes: dict[tuple, int] = {}
+    index = torch.full((B, T), -1, dtype=torch.long)
+    rep_b: list[int] = []
+    rep_t: list[int] = []
+    for b in range(B):
+        parent = -1
+        for t in range(T):
+            if not real_l[b][t]:
+                continue
+            key = (parent, ids_l[b][t], row_images[b] if image_l[b][t] else None, t)
+            node = nodes.get(key)
+            if node is None:
+                node = nodes[key] = len(rep_b)
+                rep_b.append(b)
+                rep_t.append(t)
+            index[b, t] = parent = node
+    N = len(rep_b)
+    if N > 0.9 * int(real.sum()):
+        raise _CannotPack(f"rows share little ({N} of {int(real.sum())} tokens distinct)")
+    dev = plain.hidden.device
+    index = index.to(dev)
+    rb = torch.tensor(rep_b, device=dev)
+    rt = torch.tensor(rep_t, device=dev)
+    where = index >= 0
+    # every merged token enters the first replayed layer with the hidden state of its representative
+    h = plain.hidden
+    if not torch.allclose(h[where], h[rb, rt][index[where]], atol=1e-5, rtol=1e-4):
+        raise _CannotPack("rows with the same prefix enter the replay with different hidden states")
+    done: dict[int, tuple[tuple, dict]] = {}  # a call shared by several layers is packed once
+    calls = []
+    for call in plain.calls:
+        if id(call) not in done:
+            args, kwargs = call
+            done[id(call)] = (
+                tuple(_pack_value(a, B, T, rb, rt, index, real) for a in args),
+                {k: (_pack_mask(v, B, T, index, real) if k == "attention_mask" else _pack_value(v, B, T, rb, rt, index, real))
+                 for k, v in kwargs.items()},
+            )
+        calls.append(done[id(call)])
+    return LayerReplay(h[rb, rt][None], plain.layers, calls, index=index,
+                       prompt_mask=built.prompt_mask.to(dev)[rb, rt][None])
+
+
+def _pack_value(v: Any, B: int, T: int, rb: torch.Tensor, rt: torch.Tensor, index: torch.Tensor, real: torch.Tensor) -> Any:
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, (tuple, list)):
+        return type(v)(_pack_value(x, B, T, rb, rt, index, real) for x in v)
+    if isinstance(v, torch.Tensor):
+        if v.dim() == 1 and v.shape[0] == T and not v.is_floating_point():
+            return v[rt.to(v.device)]  # cache positions: each token keeps its own
+        if v.dim() >= 2 and B != T:
+            for d in range(v.dim() - 1):
+                if v.shape[d] in (B, 1) and v.shape[d + 1] == T:
+                    # per-row (B) or shared by every row (1, e.g. rotary tables of unpadded positions)
+                    rows = rb.to(v.device) if v.shape[d] == B else torch.zeros_like(rb, device=v.device)
+                    sel = (slice(None),) * d + (rows, rt.to(v.device))
+                    return v[sel].unsqueeze(d)
+    raise _CannotPack(f"a layer call holds {type(v).__name__} {tuple(getattr(v, 'shape', ()))}")
+
+
+def _pack_mask(m: Any, B: int, T: int, index: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """The packed ``(1, 1, N, N)`` mask: token ``n`` sees token ``k`` exactly when, in the row ``n`` came
+    from, the forward's own mask let it (the causal relation on the row's path when the forward had no
+    mask). A mask that lets a token see a later one (bidirectional image attention) cannot be packed."""
+    N = int(index.max()) + 1
+    dev = index.device
+    allowed = torch.zeros(N, N, dtype=torch.bool, device=dev)
+    if m is not None and not (isinstance(m, torch.Tensor) and m.dim() == 4 and m.shape[0] == B
+                              and m.shape[-2] == T and m.shape[-1] >= T and m.shape[1] == 1):
+        raise _CannotPack("the attention mask is not a (B, 1, T, S) tensor")
+    causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+    for b in range(B):
+        cols = real[b].nonzero().flatten().to(dev)
+        nb = index[b, cols]
+        if m is None:
+            sub = causal[cols][:, cols]
+        else:
+            mb = m[b, 0][:, :T].to(dev)
+            mb = mb if mb.dtype == torch.bool else mb > torch.finfo(mb.dtype).min / 2
+            full = mb[cols][:, cols]
+            if bool((full & ~causal[cols][:, cols]).any()):
+                raise _CannotPack("the attention mask is not causal")
+            sub = full
+        allowed[nb[:, None], nb[None, :]] |= sub
+    if isinstance(m, torch.Tensor) and m.dtype == torch.bool:
+        return allowed[None, None]
+    dtype = m.dtype if isinstance(m, torch.Tensor) else torch.float32
+    out = torch.zeros(N, N, dtype=dtype, device=dev).masked_fill(~allowed, torch.finfo(dtype).min)
+    return out[None, None]

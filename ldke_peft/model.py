@@ -482,7 +482,7 @@ def collect_probe_features(
     prompts: list[str],
     targets: list[str | None] | None = None,
     *,
-    batch_size: int = 16,
+    batch_size: int = 32,
     text_key: Any = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Router features (``visual``, ``textual``, ``has_image``) of ``(image, prompt[, target])`` rows,
@@ -512,25 +512,29 @@ def collect_probe_features(
         tg = None if targets is None else list(targets[s:e])
         if tg is not None and any(t is None for t in tg):
             tg = None
-        built = family.build_inputs(processor, images[s:e], prompts[s:e], tg).to(device)
-        captured: dict[str, Any] = {}
+        # right-aligned (each row at the positions it has alone) so that rows sharing a prefix (the chat
+        # frame, an image asked several questions) compute it once (layer_replay.packed_hidden)
+        built = family.build_inputs(processor, images[s:e], prompts[s:e], tg).right_aligned().to(device)
+        hidden = _packed_probe_hidden(root, family, processor, built, images[s:e], prompts[s:e], tg, probe_layer, device)
+        if hidden is None:
+            captured: dict[str, Any] = {}
 
-        def grab(module, args, output):
-            hidden = output[0] if isinstance(output, (tuple, list)) else output
-            captured["h"] = hidden
-            raise _StopForward
+            def grab(module, args, output):
+                captured["h"] = output[0] if isinstance(output, (tuple, list)) else output
+                raise _StopForward
 
-        h = layers[probe_layer].register_forward_hook(grab)
-        try:
-            with forced_slots(torch.full((e - s,), NO_SLOT, dtype=torch.long)), prompt_mask_context(built.prompt_mask):
-                try:
-                    root(**built.inputs, use_cache=False)
-                except _StopForward:
-                    pass
-        finally:
-            h.remove()
+            h = layers[probe_layer].register_forward_hook(grab)
+            try:
+                with forced_slots(torch.full((e - s,), NO_SLOT, dtype=torch.long)), prompt_mask_context(built.prompt_mask):
+                    try:
+                        root(**built.inputs, use_cache=False)
+                    except _StopForward:
+                        pass
+            finally:
+                h.remove()
+            hidden = captured["h"]
         image_mask = family.image_mask(root, built.input_ids)
-        v, t, hi = pool_features(captured["h"], image_mask, built.prompt_mask)
+        v, t, hi = pool_features(hidden, image_mask, built.prompt_mask)
         if text_key is not None:
             from .question_key import load_encoder, question_texts
 
@@ -541,6 +545,22 @@ def collect_probe_features(
         out_t.append(t.cpu())
         out_h.append(hi.cpu())
     return torch.cat(out_v), torch.cat(out_t), torch.cat(out_h)
+
+
+def _packed_probe_hidden(root: nn.Module, family: Any, processor: Any, built: Any, images: list[Any],
+                         prompts: list[str], targets: list[str] | None, probe_layer: int, device: Any) -> torch.Tensor | None:
+    """Probe-layer hidden states of ``built``'s rows computed packed (shared prefixes once), checked
+    against a real forward of its first and last rows; ``None`` when that cannot be done."""
+    from .layer_replay import packed_hidden
+
+    n = len(prompts)
+    if n < 4:
+        return None
+    row_images = [-1 if im is None else next(k for k, x in enumerate(images) if x is im) for im in images]
+    pick = [0, n - 1]
+    probe = family.build_inputs(processor, [images[i] for i in pick], [prompts[i] for i in pick],
+                                None if targets is None else [targets[i] for i in pick]).right_aligned().to(device)
+    return packed_hidden(root, family, built, row_images, probe_layer, (probe, pick))
 
 
 def _text_key_of(root: nn.Module, probe_layer: int) -> tuple[str, tuple[str, ...], bool] | None:

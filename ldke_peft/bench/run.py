@@ -213,7 +213,8 @@ def _editor_requests(r: EditRequest, method: str, protocol: str) -> list[EditReq
 def _apply(method: str, model: Any, processor: Any, reqs: list[EditRequest], pool: NegativePool,
            hparams: dict[str, dict[str, Any]], previous: Any | None = None) -> tuple[Any, Restore]:
     if method in LDKE_VARIANTS:
-        return apply_ldke(model, processor, reqs, overrides=LDKE_VARIANTS[method], pool=pool, pack=previous)
+        return apply_ldke(model, processor, reqs, overrides={**LDKE_VARIANTS[method], **hparams.get(method, {})},
+                          pool=pool, pack=previous)
     return BASELINES[method](previous if previous is not None else model, processor, reqs, **hparams.get(method, {}))
 
 

@@ -58,6 +58,39 @@ class BuiltInputs:
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
+    def right_aligned(self) -> "BuiltInputs":
+        """The same rows with their padding moved to the end (every sequence-aligned entry and mask
+        rolled left by the row's padding). Every row then starts at position 0, as it does when it is
+        run alone, and rows that start with the same tokens hold them at the same positions: what lets
+        a replay compute a shared prefix once (:mod:`ldke_peft.layer_replay`)."""
+        am = self.inputs.get("attention_mask")
+        if not isinstance(am, torch.Tensor) or am.dim() != 2:
+            return self
+        real = am.bool()
+        lead = (~real).long().cumprod(1).sum(1)  # leading padding of each row
+        if not bool(lead.any()):
+            return self
+        T = real.shape[1]
+        src = (torch.arange(T, device=am.device)[None, :] + lead[:, None]) % T
+
+        def roll(t: torch.Tensor) -> torch.Tensor:
+            idx = src.to(t.device)
+            while idx.dim() < t.dim():
+                idx = idx.unsqueeze(-1)
+            return torch.gather(t, 1, idx.expand_as(t))
+
+        inputs = dict(self.inputs)
+        for k in self.sequence_keys:
+            v = inputs.get(k)
+            if isinstance(v, torch.Tensor) and v.dim() >= 2 and tuple(v.shape[:2]) == tuple(am.shape):
+                inputs[k] = roll(v)
+        return BuiltInputs(
+            inputs=inputs,
+            prompt_mask=roll(self.prompt_mask),
+            target_mask=None if self.target_mask is None else roll(self.target_mask),
+            sequence_keys=self.sequence_keys,
+        )
+
 
 
 def cat_zero_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
