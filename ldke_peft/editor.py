@@ -64,6 +64,14 @@ class SlotReport:
     #: False when the delta fit ended (bound or no progress) before every target token of every positive was
     #: the argmax; ``fit_accuracy`` then says how far it got (and the log has said so)
     fit_reached: bool = True
+    #: wall seconds of each phase: ``localize``, ``capture`` (the hidden states the fit replays from),
+    #: ``delta_fit`` (the optimisation steps) and ``router_fit`` (this edit's share of the router fit)
+    phases: dict[str, float] = field(default_factory=dict)
+    #: tokens each fit step runs through each of ``fit_span`` decoder layers (forward and backward): what
+    #: an edit's cost scales with (a projection to another model size multiplies it by that model's
+    #: FLOPs per token and layer)
+    fit_tokens: int = 0
+    fit_span: int = 0
 
 
 class EditDivergedError(LDKEError, RuntimeError):
@@ -206,12 +214,17 @@ def _edit(model, processor, requests, config, family, *, pack, adapter_name, neg
     reports: list[SlotReport] = []
     for i, (r, s) in enumerate(zip(requests, new_slots)):
         t0 = time.perf_counter()
-        steps, acc = fit_delta(peft_model, processor, r, s, adapter_name=adapter_name, cache_hidden=cache_hidden, seed=seed + i)
+        phases = {"localize": t_loc[i]}
+        stats: dict[str, float] = {}
+        steps, acc = fit_delta(peft_model, processor, r, s, adapter_name=adapter_name, cache_hidden=cache_hidden,
+                               seed=seed + i, stats=stats)
+        phases.update(capture=stats["capture"], delta_fit=stats["delta_fit"])
         reports.append(
             SlotReport(
                 slot=s, layers=slot_layers[i], localization=None if locs[i] is None else locs[i].to_dict(),
                 fit_steps=steps, fit_seconds=time.perf_counter() - t0, fit_accuracy=acc, router={},
-                seconds=t_loc[i] + time.perf_counter() - t0, fit_reached=acc >= 1.0,
+                seconds=t_loc[i] + time.perf_counter() - t0, fit_reached=acc >= 1.0, phases=phases,
+                fit_tokens=int(stats["tokens"]), fit_span=int(stats["span"]),
             )
         )
         bar.update(1)
@@ -231,6 +244,7 @@ def _edit(model, processor, requests, config, family, *, pack, adapter_name, neg
             "separable": cal.separable, "leak_cuts": cal.leak_cuts,
         }
         rep.seconds += t_router
+        rep.phases["router_fit"] = t_router
     for s, rep in zip(new_slots, reports):
         cfg.edits[s]["layers"] = rep.layers
     prev = getattr(peft_model, "ldke_reports", [])
@@ -394,13 +408,17 @@ def fit_delta(
     steps: int | None = None,
     stop_early: bool = True,
     seed: int = 0,
+    stats: dict[str, float] | None = None,
 ) -> tuple[int, float]:
     """Fit slot ``slot``'s low-rank deltas so every positive answers ``request.target``.
 
     Returns ``(steps taken, final teacher-forced accuracy on the positives)``. With ``cache_hidden``
     the hidden states entering the lowest edited layer are computed once; each step runs only the
-    edited span (forward and backward).
+    edited span (forward and backward). ``stats``, when given, receives the seconds of ``capture``
+    (building the rows and the replay) and ``delta_fit`` (the steps), and the ``tokens`` each step runs
+    through each of ``span`` decoder layers.
     """
+    t_start = time.perf_counter()
     cfg: LDKEConfig = peft_model.peft_config[adapter_name]
     tuner: LDKEModel = peft_model.base_model
     root = _root_model(peft_model)
@@ -460,6 +478,7 @@ def fit_delta(
     if replay is not None:
         slot_vec = torch.full((replay.rows,), slot, dtype=torch.long)
     step_mask = built.prompt_mask if replay is None or replay.prompt_mask is None else replay.prompt_mask
+    t_steps = time.perf_counter()
 
     def logits_at_targets() -> torch.Tensor:
         with forced_slots(slot_vec), prompt_mask_context(step_mask):
@@ -535,6 +554,11 @@ def fit_delta(
         root.train(was_training)
         for p in params:
             p.grad = None
+    if stats is not None:
+        stats["capture"] = t_steps - t_start
+        stats["delta_fit"] = time.perf_counter() - t_steps
+        stats["tokens"] = replay.rows * int(replay.hidden.shape[1]) if replay is not None else int(built.input_ids.numel())
+        stats["span"] = len(replay.layers) if replay is not None else len(family.decoder_layers(root))
     if not all(bool(torch.isfinite(p).all()) for p in params):
         raise EditDivergedError(
             f"edit {request.prompt!r} -> {request.target!r} diverged: slot {slot}'s delta has non-finite values "

@@ -40,7 +40,7 @@ from ..config import LDKEConfig
 from ..editor import NegativePool, edit
 from ..families import family_of
 from ..metrics import METRIC_KEYS, collect_pre, compute_metrics
-from ..model import default_probe_layer
+from ..model import _root_model, default_probe_layer
 from ..requests import EditRequest
 from .baselines import BASELINES, Restore
 from .mke import editor_view
@@ -85,6 +85,10 @@ METRIC_BARS: tuple[tuple[str, float], ...] = (
     ("near_miss_locality", 0.97),
 )
 MAX_BYTES_PER_EDIT = 100_000
+#: The speed issue's bar: median seconds of one LDKE edit on the benchmark MLLM, one CPU thread.
+MAX_EDIT_SECONDS = 5.0
+#: Order of LDKE's edit phases in reports (a baseline has one, ``edit``).
+PHASES: tuple[str, ...] = ("localize", "capture", "delta_fit", "router_fit", "edit")
 
 
 # ---------------------------------------------------------------------- suites
@@ -201,7 +205,8 @@ def apply_ldke(model: Any, processor: Any, requests: Sequence[EditRequest], *, o
     reports = getattr(pm, "ldke_reports", [])[-len(requests):]
     return pm, Restore(pm.unload, edit_bytes=ldke_bytes(pm),
                        info={"layers": [r.layers for r in reports], "fit_steps": [r.fit_steps for r in reports],
-                             "router": [r.router for r in reports]})
+                             "router": [r.router for r in reports], "phases": [r.phases for r in reports],
+                             "fit_tokens": [r.fit_tokens for r in reports], "fit_span": [r.fit_span for r in reports]})
 
 
 def _editor_requests(r: EditRequest, method: str, protocol: str) -> list[EditRequest]:
@@ -257,7 +262,58 @@ def run_single(suite: Suite, method: str, pres: list[Any], *, protocol: str, gen
     out = _mean(rows)
     out["edit_seconds_median"] = statistics.median(times)
     out["adapter_bytes_per_edit"] = int(statistics.median(nbytes))
-    return {"summary": out, "per_request": rows, "edit_seconds": times, "info": infos}
+    return {"summary": out, "per_request": rows, "edit_seconds": times, "info": infos,
+            "timing": edit_timing(times, infos, decoder_params(suite.model))}
+
+
+#: A 7B decoder (Llama-2-7B: 32 layers of d=4096, MLP 11008): weights per layer (q, k, v, o, gate, up,
+#: down), the size :func:`edit_timing` projects edit cost to.
+PARAMS_7B = (32, 4 * 4096 * 4096 + 3 * 4096 * 11008)
+
+
+def decoder_params(model: Any) -> tuple[int, int] | None:
+    """``(layers, weights per layer)`` of the model's language decoder: a token costs about two FLOPs
+    per weight per layer forward (and twice that backward)."""
+    try:
+        layers = family_of(model).decoder_layers(_root_model(model))
+    except Exception:  # noqa: BLE001 - a model without a known decoder: no projection
+        return None
+    per = sum(p.numel() for n, p in layers[0].named_parameters() if p.dim() == 2 and "ldke_" not in n)
+    return len(layers), int(per)
+
+
+def edit_timing(times: Sequence[float], infos: Sequence[dict[str, Any]],
+                shape: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Median and p90 edit seconds and the median of each phase (LDKE: localize, capture, delta fit,
+    router fit; a baseline is one phase, ``edit``). For LDKE with the decoder's ``shape`` (layers,
+    weights per layer) also the delta fit's FLOPs per edit (3 x 2 FLOPs per weight per token per layer
+    for forward and backward, x tokens x replayed layers x steps), the same rows on a 7B decoder (the
+    replayed share of its layers), and the edit seconds projected to the 7B at this machine's rate
+    (edit seconds x the ratio of all decoder weights: localization and router scale the same way)."""
+    phases: dict[str, list[float]] = {}
+    for t, info in zip(times, infos):
+        per = info.get("phases")
+        if per:
+            for p in per:  # one dict per request of the edit call
+                for k, v in p.items():
+                    phases.setdefault(k, []).append(float(v))
+        else:
+            phases.setdefault("edit", []).append(float(t))
+    ordered = sorted(times)
+    p90 = ordered[min(len(ordered) - 1, math.ceil(0.9 * len(ordered)) - 1)] if ordered else None
+    out = {"edit_seconds_median": statistics.median(times) if times else None, "edit_seconds_p90": p90,
+           "phase_seconds_median": {k: statistics.median(v) for k, v in phases.items()}}
+    fits = [(st, tk, sp) for info in infos
+            for st, tk, sp in zip(info.get("fit_steps") or [], info.get("fit_tokens") or [], info.get("fit_span") or [])]
+    if shape is not None and fits and times:
+        n_layers, per = shape
+        big_layers, big_per = PARAMS_7B
+        flops = [6 * per * st * tk * sp for st, tk, sp in fits]
+        flops_7b = [6 * big_per * st * tk * sp * big_layers / n_layers for st, tk, sp in fits]
+        out["fit_tflop_median"] = statistics.median(flops) / 1e12
+        out["fit_tflop_7b_median"] = statistics.median(flops_7b) / 1e12
+        out["projected_7b_edit_seconds_median"] = statistics.median(times) * (big_layers * big_per) / (n_layers * per)
+    return out
 
 
 def run_sequential(suite: Suite, method: str, pres: list[Any], sizes: Sequence[int], *, protocol: str,
@@ -490,6 +546,9 @@ def bars(results: dict[str, Any]) -> list[dict[str, Any]]:
         row(f"routed inference overhead ({k} edit{'s' if k != '1' else ''}) <= 1.05x", v, None if v is None else v <= 1.05)
     b = None if ldke is None else ldke.get("adapter_bytes_per_edit")
     row("LDKE adapter bytes per edit <= 100 KB", b, None if b is None else b <= MAX_BYTES_PER_EDIT)
+    t = None if ldke is None else ldke.get("edit_seconds_median")
+    if results.get("suite") != "toy":
+        row(f"LDKE edit seconds (median) <= {MAX_EDIT_SECONDS:g}", t, None if t is None else t <= MAX_EDIT_SECONDS)
     return out
 
 
@@ -546,6 +605,31 @@ def markdown_report(results: dict[str, Any], details: dict[str, Any]) -> str:
         for name, by_n in results["sequential"].items():
             for n, m in by_n.items():
                 lines.append(f"| {name} | {n} | " + " | ".join(_fmt(m.get(k)) for k in sk) + " |")
+    timing = {n: m["timing"] for n, m in (details.get("methods") or {}).items() if isinstance(m, dict) and m.get("timing")}
+    if timing:
+        lines += ["", "## Edit time (wall seconds per single edit, this run)", ""]
+        phases = sorted({p for t in timing.values() for p in t.get("phase_seconds_median", {})},
+                        key=lambda p: (PHASES.index(p) if p in PHASES else len(PHASES), p))
+        lines.append("| method | median | p90 | / grace | " + " | ".join(f"{p} (median)" for p in phases) + " |")
+        lines.append("|---|---:|---:|---:|" + "---:|" * len(phases))
+        g = (timing.get("grace") or {}).get("edit_seconds_median")
+        for name, t in timing.items():
+            med = t.get("edit_seconds_median")
+            ratio = med / g if med is not None and g else None
+            ph = t.get("phase_seconds_median", {})
+            lines.append(f"| {name} | {_fmt(med, 2)} | {_fmt(t.get('edit_seconds_p90'), 2)} | {_fmt(ratio, 2)} | "
+                         + " | ".join(_fmt(ph.get(p), 2) for p in phases) + " |")
+        proj = {n: t for n, t in timing.items() if t.get("fit_tflop_median") is not None}
+        if proj:
+            lines += ["", "Delta-fit cost (median per edit): 6 FLOPs per weight per token per replayed layer per step "
+                      "(forward + backward) over the tokens the fit runs; on a 7B decoder (32 layers, 202M weights per "
+                      "layer) the same rows and steps over the same share of layers. The 7B edit time is this run's "
+                      "median x the ratio of decoder weights, at this machine's rate (not measured on a 7B).", "",
+                      "| method | fit TFLOP | fit TFLOP on a 7B | projected 7B edit seconds (this CPU) |",
+                      "|---|---:|---:|---:|"]
+            for n, t in proj.items():
+                lines.append(f"| {n} | {_fmt(t['fit_tflop_median'], 2)} | {_fmt(t['fit_tflop_7b_median'], 1)} | "
+                             f"{_fmt(t['projected_7b_edit_seconds_median'], 0)} |")
     loc = details.get("localization")
     if loc:
         lines += ["", "## Fast Localization vs exact causal tracing", ""]
