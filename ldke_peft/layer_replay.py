@@ -319,8 +319,9 @@ def _packed(plain: LayerReplay, family: Any, root: nn.Module, built: Any, row_im
                 rep_t.append(t)
             index[b, t] = parent = node
     N = len(rep_b)
-    if N > 0.9 * int(real.sum()):
-        raise _CannotPack(f"rows share little ({N} of {int(real.sum())} tokens distinct)")
+    D = int(plain.hidden.shape[-1])
+    if _layer_cost(N, N, D) >= B * _layer_cost(T, T, D):
+        raise _CannotPack(f"rows share too little ({N} of {int(real.sum())} tokens distinct, {B} rows of {T})")
     dev = plain.hidden.device
     index = index.to(dev)
     rb = torch.tensor(rep_b, device=dev)
@@ -343,6 +344,13 @@ def _packed(plain: LayerReplay, family: Any, root: nn.Module, built: Any, row_im
         calls.append(done[id(call)])
     return LayerReplay(h[rb, rt][None], plain.layers, calls, index=index,
                        prompt_mask=built.prompt_mask.to(dev)[rb, rt][None])
+
+
+def _layer_cost(queries: int, keys: int, width: int) -> float:
+    """Rough multiply-adds of one decoder layer: ~12 d^2 per token (projections and MLP) and ~2 d per
+    query-key pair. One packed sequence attends densely over all its tokens, so many long rows that
+    share little (large images, one per row) would cost more packed than as a batch."""
+    return queries * 12.0 * width * width + queries * keys * 2.0 * width
 
 
 def _pack_value(v: Any, B: int, T: int, rb: torch.Tensor, rt: torch.Tensor, index: torch.Tensor, real: torch.Tensor) -> Any:

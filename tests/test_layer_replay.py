@@ -120,12 +120,17 @@ def test_packed_fit_reaches_the_same_delta_as_the_rows_as_built(monkeypatch):
 
     img = Image.new("RGB", (64, 64), (200, 30, 30))
     req = EditRequest(image=img, prompt="What is the capital of the country shown?", target="Lyon",
-                      rephrase_prompts=["Name the capital of this country."])
+                      rephrase_prompts=["Name the capital of this country.", "Capital?", "Its capital city is what?",
+                                        "Tell me the capital."])
     deltas, steps, tokens = [], [], []
+    # the tiny model's width (32) makes dense attention over one packed sequence look dearer than the
+    # batch, so the cost guard would keep the rows as built: force packing, it is the equivalence under test
+    real_cost = lr._layer_cost
+    monkeypatch.setattr(lr, "_layer_cost", lambda q, k, d: real_cost(q, k, 4096))
     for packed in (True, False):
         if not packed:
             monkeypatch.setattr(lr, "_packed", lambda *a, **k: (_ for _ in ()).throw(lr._CannotPack("off")))
-        model, processor = tiny_model("llava")
+        model, processor = tiny_model("qwen2_vl")
         torch.manual_seed(0)
         pm = edit(model, processor, [req], LDKEConfig(localization="fixed", fixed_layers=[1], edit_steps=6),
                   progress=False)
@@ -149,6 +154,8 @@ def test_packed_router_features_equal_each_row_run_alone(model_type, monkeypatch
     qs = ["What is the capital of the country shown?", "Name the capital.", "Which language is spoken here?"]
     rows_i = [im for im in imgs for _ in qs] + [None]
     rows_q = [q for _ in imgs for q in qs] + ["A question without a picture?"]
+    real_cost = lr._layer_cost  # force packing on the narrow tiny model (see the fit test above)
+    monkeypatch.setattr(lr, "_layer_cost", lambda q, k, d: real_cost(q, k, 4096))
     packed = []
     real = lr.packed_hidden
     monkeypatch.setattr(lr, "packed_hidden", lambda *a, **k: packed.append(real(*a, **k)) or packed[-1])
@@ -159,3 +166,11 @@ def test_packed_router_features_equal_each_row_run_alone(model_type, monkeypatch
         torch.testing.assert_close(v[i], v1[0], atol=1e-4, rtol=1e-3)
         torch.testing.assert_close(t[i], t1[0], atol=1e-4, rtol=1e-3)
         assert bool(has[i]) == bool(h1[0])
+
+
+def test_rows_that_share_little_are_not_packed():
+    """One packed sequence attends densely over all its tokens: rows that share little stay a batch."""
+    model, fam, built, pred, _, probe = _fit_rows("qwen2_vl")
+    distinct = list(range(len(built)))  # every row its own picture: only the chat frame is shared
+    replay = capture_replay(model, fam, 1, built, pred, row_images=distinct, probe=probe)
+    assert replay is not None and replay.rows == len(built)
