@@ -170,7 +170,7 @@ def test_packed_router_features_equal_each_row_run_alone(model_type, monkeypatch
 
 def test_rows_that_share_little_are_not_packed():
     """One packed sequence attends densely over all its tokens: rows that share little stay a batch."""
-    model, fam, built, pred, _, probe = _fit_rows("qwen2_vl")
+    model, fam, built, pred, _, probe = _fit_rows("llava")  # a two-token chat frame before the image
     distinct = list(range(len(built)))  # every row its own picture: only the chat frame is shared
     replay = capture_replay(model, fam, 1, built, pred, row_images=distinct, probe=probe)
     assert replay is not None and replay.rows == len(built)
