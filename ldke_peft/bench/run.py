@@ -85,6 +85,12 @@ METRIC_BARS: tuple[tuple[str, float], ...] = (
     ("near_miss_locality", 0.97),
 )
 MAX_BYTES_PER_EDIT = 100_000
+#: Where ``benchmarks/inference_overhead.py`` keeps each suite model's routed-inference overhead.
+OVERHEAD_FILES: dict[str, str] = {
+    "toy": "benchmarks/results/inference_overhead.json",
+    "smoke": "benchmarks/results/inference_overhead_smol_llava.json",
+    "full": "benchmarks/results/inference_overhead_smol_llava.json",
+}
 #: The speed issue's bar: median seconds of one LDKE edit on the benchmark MLLM, one CPU thread.
 MAX_EDIT_SECONDS = 5.0
 #: Order of LDKE's edit phases in reports (a baseline has one, ``edit``).
@@ -750,8 +756,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--toy-entities", type=int, default=None, help="toy-world size (toy suite)")
-    ap.add_argument("--overhead-file", default="benchmarks/results/inference_overhead.json",
-                    help="read routed-inference overhead from this file when it exists")
+    ap.add_argument("--overhead-file", default=None,
+                    help="read routed-inference overhead from this file when it exists (default: the suite's model's "
+                    "file, " + ", ".join(f"{k}: {v}" for k, v in OVERHEAD_FILES.items()) + ")")
     ap.add_argument("--no-overhead", action="store_true", help="do not measure the overhead when the file is missing")
     ap.add_argument("--export-data", action="store_true",
                     help="also write the benchmark data (our JSONL + EasyEdit VQA JSON + PNG images) into OUT/data")
@@ -767,6 +774,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
+    if args.overhead_file is None:
+        args.overhead_file = OVERHEAD_FILES[args.suite]
     if args.prepare:
         from .smol_llava import build_smol_llava
 
