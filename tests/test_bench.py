@@ -262,6 +262,17 @@ def test_runner_writes_the_schema_report_and_plots(tmp_path, world):
     for b in bars(res):
         assert f"| {b['bar']} |" in report
     assert "| routed inference overhead (1000 edits) <= 1.05x | 1.200 | MISS |" in report
+    # edit time per phase: LDKE's four phases add up to (at most) its edit time; a baseline is one phase
+    details = json.loads((out / "details.json").read_text())
+    t = details["methods"]["ldke"]["timing"]
+    phases = t["phase_seconds_median"]
+    assert set(phases) == {"localize", "capture", "delta_fit", "router_fit"} and all(v >= 0 for v in phases.values())
+    assert sum(phases.values()) <= t["edit_seconds_median"] * 1.01
+    assert t["edit_seconds_p90"] >= t["edit_seconds_median"] > 0
+    assert t["fit_tflop_7b_median"] > t["fit_tflop_median"] > 0 and t["projected_7b_edit_seconds_median"] > t["edit_seconds_median"]
+    assert set(details["methods"]["grace"]["timing"]["phase_seconds_median"]) == {"edit"}
+    assert "## Edit time (wall seconds per single edit, this run)" in report
+    assert f"| ldke | {t['edit_seconds_median']:.2f} |" in report
 
     # a later overhead measurement (idle machine) refreshes the report without rerunning anything
     overhead.write_text(json.dumps({"rows": [{"batch": 1, "model": "ldke-1", "generate_ratio": 1.01},
