@@ -55,7 +55,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Union
 
 from PIL import Image, UnidentifiedImageError
@@ -107,9 +107,16 @@ class Probe:
     answer: str
     image: ImageLike | None = None
     kind: str = ""
+    #: what the probe asks about, when known: the entity shown or named and the relation asked. A
+    #: benchmark of a pack of edits does not score a locality probe that another edit in the pack covers
+    #: (that edit *should* change its answer).
+    subject: str | None = None
+    relation: str | None = None
 
     def to_dict(self, image_root: str | None = None) -> dict[str, Any]:
-        return {"prompt": self.prompt, "answer": self.answer, "image": _image_ref(self.image, image_root), "kind": self.kind}
+        out = {"prompt": self.prompt, "answer": self.answer, "image": _image_ref(self.image, image_root), "kind": self.kind}
+        out.update({k: getattr(self, k) for k in ("subject", "relation") if getattr(self, k) is not None})
+        return out
 
 
 @dataclass
@@ -624,7 +631,7 @@ def save_jsonl(
 def _materialise_probe(p: Probe | Mapping, image_dir: str) -> Probe:
     if isinstance(p, Mapping):
         p = Probe(**p)
-    return Probe(prompt=p.prompt, answer=p.answer, image=_materialise(p.image, image_dir), kind=p.kind)
+    return replace(p, image=_materialise(p.image, image_dir))
 
 
 def _materialise(image: Any, image_dir: str) -> Any:

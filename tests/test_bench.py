@@ -364,3 +364,27 @@ def test_unknown_method_and_suite_are_refused():
         bench_run.main(["--suite", "toy", "--methods", "ldke,rome"])
     with pytest.raises(ValueError, match="unknown suite"):
         bench_run.load_suite("nope", 1)
+
+
+def test_sequential_scoring_drops_only_probes_another_edit_of_the_pack_covers():
+    """A look-alike's flag asked the question its own edit answers should change in a pack holding that edit."""
+    from ldke_peft.bench.run import drop_covered
+    from ldke_peft.metrics import collect_pre, compute_metrics
+    from ldke_peft.requests import EditRequest, Probe
+    from ldke_peft.testing.tiny import tiny_model
+
+    model, processor = tiny_model("llava")
+    red, blue, green = (Image.new("RGB", (32, 32), c) for c in ((200, 0, 0), (0, 0, 200), (0, 150, 0)))
+    r = EditRequest(image=red, prompt="Capital of this country?", target="Lyon", subject="France", relation="capital",
+                    coupled=[Probe("Capital of this country?", "Berlin", blue, subject="Germany", relation="capital"),
+                             Probe("Currency of this country?", "euro", red, subject="France", relation="currency"),
+                             Probe("What is the biggest city here?", "Paris", red, subject="France")],
+                    m_locality=[Probe("Continent?", "Europe", green, subject="Spain", relation="continent")],
+                    locality=[Probe("What is the capital of Germany?", "Berlin", subject="Germany", relation="capital")])
+    pre = collect_pre(model, processor, [r])
+    r2, pre2, n = drop_covered(r, pre, {("France", "capital"), ("Germany", "capital")})
+    assert n == 1 and [p.subject for p in r2.coupled] == ["France", "France"]
+    assert len(r2.m_locality) == 1 and len(r2.locality) == 1, "text-only probes stay: an image edit does not cover them"
+    m = compute_metrics(model, processor, [r2], pre2, generate=False)
+    assert m["coupled_locality"] == 1.0 and m["m_locality"] == 1.0
+    assert drop_covered(r, pre, {("France", "capital")})[2] == 0

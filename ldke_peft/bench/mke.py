@@ -229,12 +229,13 @@ def build_mke_requests(
         for o in rng.sample(others, min(n_locality, len(others))):
             r2 = rng.choice(split_rels)
             q = rels[r2].text_question.format(country=prompt_names[o])
-            locality.append(Probe(q, _short_answer(answers[r2][o]["text"]), None, kind="text_other_country"))
+            locality.append(Probe(q, _short_answer(answers[r2][o]["text"]), None, kind="text_other_country",
+                                  subject=o, relation=r2))
         m_loc = []
         for o in rng.sample(others, min(n_locality, len(others))):
             r2 = rng.choice(split_rels)
             m_loc.append(Probe(rels[r2].image_question, _short_answer(answers[r2][o]["image"]), view(o, EDIT_VIEW),
-                               kind="image_other_country"))
+                               kind="image_other_country", subject=o, relation=r2))
         coupled = []
         for r2 in split_rels:
             if r2 == r:
@@ -242,15 +243,17 @@ def build_mke_requests(
             # the other relation in one of this split's wordings (the answer recorded by the build is the
             # model's answer to the edit wording: only its tokens matter, pre and post are compared)
             q = rng.choice(WORDINGS[r2][split])
-            coupled.append(Probe(q, _short_answer(answers[r2][e]["image"]), img, kind="same_image_other_question"))
+            coupled.append(Probe(q, _short_answer(answers[r2][e]["image"]), img, kind="same_image_other_question",
+                                 subject=e, relation=r2))
         if partner is not None:
             pimg = view(partner, EDIT_VIEW)
             ans = _short_answer(answers[r][partner]["image"])
-            coupled.append(Probe(rel.image_question, ans, pimg, kind="lookalike_same_question"))
-            coupled.append(Probe(rng.choice(WORDINGS[r][split]), ans, pimg, kind="lookalike_same_question"))
+            coupled.append(Probe(rel.image_question, ans, pimg, kind="lookalike_same_question", subject=partner, relation=r))
+            coupled.append(Probe(rng.choice(WORDINGS[r][split]), ans, pimg, kind="lookalike_same_question",
+                                 subject=partner, relation=r))
         for q in NEAR_MISS[r][split]:
             near.append((len(requests), img, q))
-            coupled.append(Probe(q, "?", img, kind=f"near_miss:{r}"))
+            coupled.append(Probe(q, "?", img, kind=f"near_miss:{r}", subject=e))
         portability = []
         owners = _owners(meta, r).get(target, [])
         if r in PORTABILITY_QUESTIONS and len(owners) == 1:
@@ -276,7 +279,7 @@ def build_mke_requests(
         for (i, _, q), a in zip(near, got):
             for k, p in enumerate(requests[i].coupled):
                 if p.prompt == q and p.answer == "?":
-                    requests[i].coupled[k] = Probe(q, _short_answer(a), p.image, kind=p.kind)
+                    requests[i].coupled[k] = Probe(q, _short_answer(a), p.image, kind=p.kind, subject=p.subject)
                     break
     return requests
 
