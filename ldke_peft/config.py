@@ -14,13 +14,17 @@ from .question_key import DEFAULT_TEXT_ENCODER
 
 #: Format version of the saved pack. Bumped on incompatible changes; a pack with a newer major
 #: version than this library understands is refused with a clear error.
-PACK_FORMAT_VERSION = "1.2"
+PACK_FORMAT_VERSION = "1.3"
 #: Subject corruptions Fast Localization and exact tracing know (``LDKEConfig.corruption``).
 CORRUPTIONS = ("mean", "noise")
 #: Format 1.1 added ``router_storage``; packs of format 1.0 stored their router projections in fp32.
 _FORMAT_WITHOUT_ROUTER_STORAGE = ("1.0",)
 #: Format 1.2 added the sentence-encoder textual key; older packs route on probe-layer text features.
 _FORMAT_WITHOUT_TEXT_ENCODER = ("1.0", "1.1")
+#: Format 1.3 added ``delta_storage``; older packs stored the slot factors in fp32.
+_FORMAT_WITHOUT_DELTA_STORAGE = ("1.0", "1.1", "1.2")
+#: How a pack may store its slot factors (``LDKEConfig.delta_storage``).
+DELTA_STORAGE = ("float16", "float32")
 
 
 @dataclass
@@ -71,6 +75,14 @@ class LDKEConfig(PeftConfig):
             "help": "How the router projections are stored: 'int8' (per-column scales; 4x smaller, most of a "
             "single-edit pack's bytes) or 'float32'. Exact either way: keys and radii are fitted against the "
             "stored projection, and routing uses exactly that."
+        },
+    )
+    delta_storage: str = field(
+        default="float16",
+        metadata={
+            "help": "How each slot's low-rank factors are stored: 'float16' (half the bytes of the delta) or "
+            "'float32'. Exact either way: with 'float16' the fit ends by rounding the factors to float16 and "
+            "checks the edit on them, so what was checked is what is saved and what runs."
         },
     )
     router_groups: int = field(
@@ -213,6 +225,10 @@ class LDKEConfig(PeftConfig):
             raise ValueError(f"rank must be positive, got {self.rank}")
         if str(self.pack_format_version) in _FORMAT_WITHOUT_ROUTER_STORAGE:
             self.router_storage = "float32"  # written before the field existed: always fp32
+        if str(self.pack_format_version) in _FORMAT_WITHOUT_DELTA_STORAGE:
+            self.delta_storage = "float32"  # written before the field existed: fp32 factors
+        if self.delta_storage not in DELTA_STORAGE:
+            raise AdapterLoadError(f"LDKEConfig: delta_storage must be one of {DELTA_STORAGE}, got {self.delta_storage!r}")
         if str(self.pack_format_version) in _FORMAT_WITHOUT_TEXT_ENCODER:
             self.router_text_encoder = None  # written before the field existed: probe-layer text features
             self.router_text_margin = None  # and one margin for both parts

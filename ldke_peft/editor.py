@@ -550,6 +550,17 @@ def fit_delta(
                         p.copy_(v)
                     hit_all = logits_at_targets().argmax(-1) == tgt_ids
                 acc = float(hit_all[core].float().mean())
+        if cfg.delta_storage == "float16":
+            # the pack stores the factors in float16: round them now and check the edit on what will be saved
+            with torch.no_grad():
+                for p in params:
+                    p.copy_(p.half().float())
+                hit_all = logits_at_targets().argmax(-1) == tgt_ids
+            rounded = float(hit_all[core].float().mean())
+            if rounded < acc:
+                logger.info("edit %r -> %r: rounding the factors to float16 lowered target accuracy %.3f -> %.3f",
+                            request.prompt, request.target, acc, rounded)
+            acc = rounded
     finally:
         root.train(was_training)
         for p in params:

@@ -460,3 +460,35 @@ def test_a_text_keyed_pack_without_a_tokenizer_says_how_to_give_one(good_pack):
         logits(pm, built)
     ldke_peft.attach_tokenizer(pm, proc)
     assert torch.equal(logits(pm, built), logits(PeftModel.from_pretrained(model, str(good_pack)), built))
+
+
+def test_fitted_factors_are_stored_in_float16_and_reload_bit_for_bit(tmp_path):
+    """``delta_storage="float16"`` (the default) halves the delta's bytes without changing what runs: the
+    fit rounds the factors and checks the edit on them; an older pack format keeps float32."""
+    from PIL import Image
+
+    from ldke_peft import EditRequest, edit
+    from ldke_peft.testing.tiny import tiny_model
+
+    req = EditRequest(image=Image.new("RGB", (32, 32), (200, 30, 30)), prompt="What is shown?", target="Lyon")
+    sizes = {}
+    for storage in ("float16", "float32"):
+        model, proc = tiny_model("llava")
+        pm = edit(model, proc, [req], LDKEConfig(delta_storage=storage, localization="fixed", fixed_layers=[2]),
+                  progress=False)
+        pm.save_pretrained(tmp_path / storage)
+        tensors = load_file(str(tmp_path / storage / WEIGHTS))
+        factors = {k: t for k, t in tensors.items() if k.endswith(("ldke_A", "ldke_B"))}
+        assert factors and all(t.dtype == getattr(torch, storage) for t in factors.values())
+        sizes[storage] = sum(t.numel() * t.element_size() for t in factors.values())
+        built = build_inputs(model, proc, [Anchor(Image.new("RGB", (32, 32), (200, 30, 30)), "What is shown?"),
+                                           Anchor(BLUE, PROMPT_B)])
+        want = logits(pm, built)
+        model2, _ = tiny_model("llava")
+        again = PeftModel.from_pretrained(model2, str(tmp_path / storage))
+        assert torch.equal(logits(again, built), want), storage
+    assert sizes["float16"] * 2 == sizes["float32"]
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "float32", old)
+    _edit_config(old, lambda cfg: (cfg.pop("delta_storage"), cfg.update(pack_format_version="1.2")))
+    assert LDKEConfig.from_pretrained(str(old)).delta_storage == "float32"

@@ -74,6 +74,7 @@ LDKE_KNOBS = (
     "probe_layer",
     "router_dim",
     "router_storage",
+    "delta_storage",
     "router_margin",
     "router_paraphrases",
     "router_text_encoder",
@@ -171,6 +172,7 @@ class LDKEMultimodalHyperParams:
     probe_layer: Optional[int] = _config_default("probe_layer")
     router_dim: int = _config_default("router_dim")
     router_storage: str = _config_default("router_storage")
+    delta_storage: str = _config_default("delta_storage")
     router_margin: float = _config_default("router_margin")
     router_paraphrases: int = _config_default("router_paraphrases")
     router_text_encoder: Optional[str] = _config_default("router_text_encoder")
@@ -412,6 +414,7 @@ def _check_values(hp: LDKEMultimodalHyperParams) -> None:
     need(hp.auto_views >= 0, "auto_views", "must be >= 0 (0 = only the request's own images)")
     need(hp.router_views >= 0, "router_views", "must be >= 0 (0 = only the request's own images)")
     need(hp.router_storage in ("int8", "float32"), "router_storage", "must be 'int8' or 'float32'")
+    need(hp.delta_storage in ("float16", "float32"), "delta_storage", "must be 'float16' or 'float32'")
     need(0.0 <= hp.router_margin <= 1.0, "router_margin", "must be between 0 and 1")
     need(hp.probe_layer is None or hp.probe_layer >= 0, "probe_layer", "must be a layer index >= 0 or null")
     need(hp.localization in _LOCALIZATION, "localization", f"must be one of {', '.join(_LOCALIZATION)}")
