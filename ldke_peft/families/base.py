@@ -23,6 +23,8 @@ exist only for real quirks (each says which), in their own modules of this packa
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any, Sequence
 
 import torch
@@ -174,6 +176,9 @@ class Family:
         """
         base = base_model_of(model)
         logits = base.get_output_embeddings()(self.final_norm(base)(hidden))
+        scale = getattr(self.text_config(base), "logit_scale", None)
+        if scale is not None and _forward_scales_logits(type(base)):
+            logits = logits * scale  # Cohere-style heads (Aya Vision): as the model's own forward does
         cap = getattr(self.text_config(base), "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
@@ -418,6 +423,17 @@ class Family:
 
     def _finalize_batch(self, processor: Any, inputs: dict[str, Any]) -> None:
         """Last family-specific touch on the collated inputs (in place)."""
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_scales_logits(cls: type) -> bool:
+    """Whether ``cls.forward`` multiplies its logits by the config's ``logit_scale``. Read from the class's
+    own code because transformers releases differ: Aya Vision's forward ignored the scale its Cohere 2
+    text config carries up to 5.24 and applies it from 5.25; Cohere's causal LMs always did."""
+    try:
+        return "logit_scale" in inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return True
 
 
 def _get_submodule(model: nn.Module, path: str) -> nn.Module:
