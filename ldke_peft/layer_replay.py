@@ -98,21 +98,7 @@ def capture_replay(root: nn.Module, family: Any, lo: int, built: Any, pred_pos: 
             logger.debug("layer replay: no packed capture (%s)", why)
     layers = list(family.decoder_layers(root))[lo:]
     first: dict[int, tuple[torch.Tensor, tuple, dict]] = {}
-
-    def recorder(i: int):
-        def grab(_module, args, kwargs):
-            if i in first:
-                return None
-            if args:
-                h, rest = args[0], tuple(args[1:])
-            else:
-                h, rest = kwargs["hidden_states"], ()
-            first[i] = (h.detach(), rest, {k: v for k, v in kwargs.items() if k != "hidden_states"})
-            return None
-
-        return grab
-
-    handles = [layer.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    handles = _record_calls(first, layers)
     no_slot = torch.full((len(built),), NO_SLOT, dtype=torch.long)
     try:
         with torch.no_grad(), forced_slots(no_slot), prompt_mask_context(built.prompt_mask):
@@ -155,6 +141,29 @@ def _reproduces(replay: LayerReplay, family: Any, root: nn.Module, built: Any, p
     return again.shape == reference.shape and torch.allclose(again.float(), reference.float(), atol=_ATOL, rtol=_RTOL)
 
 
+def _split_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
+    """``(hidden states, other positional arguments, other keyword arguments)`` of a decoder layer call."""
+    if args:
+        return args[0], tuple(args[1:]), dict(kwargs)
+    return kwargs["hidden_states"], (), {k: v for k, v in kwargs.items() if k != "hidden_states"}
+
+
+def _record_calls(store: dict[int, tuple[torch.Tensor, tuple, dict]], layers: list[nn.Module]) -> list[Any]:
+    """Pre-hooks that keep, per layer index, the first call it gets (hidden states detached); returns the
+    handles to remove."""
+
+    def recorder(i: int):
+        def grab(_module, args, kwargs):
+            if i not in store:
+                h, rest, kw = _split_call(args, kwargs)
+                store[i] = (h.detach(), rest, kw)
+            return None
+
+        return grab
+
+    return [layer.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, layer in enumerate(layers)]
+
+
 class _CannotPack(Exception):
     """A layer call holds something a packed replay cannot reproduce."""
 
@@ -181,23 +190,15 @@ def _shared_call(root: nn.Module, layers: list[nn.Module], built: Any, upto: int
     """A real forward of ``built`` (deltas off): the model's logits, or with ``upto`` the hidden states
     leaving layer ``upto`` (the forward stops there). Raises :class:`_CannotPack` unless every layer it
     ran was called with the same arguments (no per-layer masks or rotary tables)."""
-    calls: dict[int, tuple[tuple, dict]] = {}
+    calls: dict[int, tuple[torch.Tensor, tuple, dict]] = {}
     out: list[torch.Tensor] = []
-
-    def recorder(i: int):
-        def grab(_module, args, kwargs):
-            if i not in calls:
-                calls[i] = (tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "hidden_states"})
-            return None
-
-        return grab
 
     def stop(_module, _args, output):
         out.append(output[0] if isinstance(output, (tuple, list)) else output)
         raise _Stop
 
     ran = layers if upto is None else layers[: upto + 1]
-    handles = [layer.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, layer in enumerate(ran)]
+    handles = _record_calls(calls, ran)
     if upto is not None:
         handles.append(layers[upto].register_forward_hook(stop))
     off = torch.full((len(built),), NO_SLOT, dtype=torch.long)
@@ -209,7 +210,7 @@ def _shared_call(root: nn.Module, layers: list[nn.Module], built: Any, upto: int
     finally:
         for h in handles:
             h.remove()
-    if len(calls) != len(ran) or not all(_same(calls[i], calls[0]) for i in range(1, len(ran))):
+    if len(calls) != len(ran) or not all(_same(calls[i][1:], calls[0][1:]) for i in range(1, len(ran))):
         raise _CannotPack("the decoder layers are not all called with the same arguments")
     return logits if upto is None else out[0]
 
@@ -220,8 +221,8 @@ def _packed_inputs(root: nn.Module, family: Any, layers: list[nn.Module], built:
     first: list[tuple[torch.Tensor, tuple, dict]] = []
 
     def stop(_module, args, kwargs):
-        h = args[0] if args else kwargs["hidden_states"]
-        first.append((h.detach(), tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        h, rest, kw = _split_call(args, kwargs)
+        first.append((h.detach(), rest, kw))
         raise _Stop
 
     handle = layers[0].register_forward_pre_hook(stop, with_kwargs=True)
