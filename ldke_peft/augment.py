@@ -37,8 +37,14 @@ _REPHRASE_TEMPLATES: tuple[str, ...] = (
 )
 
 
-def image_views(image: Image.Image, n: int, seed: int = 0) -> list[Image.Image]:
-    """``n`` augmented views of ``image`` (deterministic for a seed)."""
+def image_views(image: Image.Image, n: int, seed: int = 0, mirror: bool = True) -> list[Image.Image]:
+    """``n`` augmented views of ``image`` (deterministic for a seed).
+
+    ``mirror=False`` leaves out the horizontal flips (the other transforms, and so every unflipped view,
+    stay the same): a mirror image keeps what is *asked* about it but not always *which* entity it shows
+    (text, logos, flags, a landmark's layout), so it suits the delta's positives but not the router's
+    picture of where an entity's images lie.
+    """
     rng = random.Random(seed)
     w, h = image.size
     out = []
@@ -51,7 +57,7 @@ def image_views(image: Image.Image, n: int, seed: int = 0) -> list[Image.Image]:
         im = im.rotate(rng.uniform(-8, 8), resample=Image.BILINEAR, fillcolor=im.getpixel((0, 0)))
         im = ImageEnhance.Brightness(im).enhance(rng.uniform(0.85, 1.15))
         im = ImageEnhance.Color(im).enhance(rng.uniform(0.85, 1.15))
-        if rng.random() < 0.3:
+        if rng.random() < 0.3 and mirror:
             im = ImageOps.mirror(im)
         out.append(im)
     return out

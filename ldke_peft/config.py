@@ -117,10 +117,10 @@ class LDKEConfig(PeftConfig):
         },
     )
     router_views: int = field(
-        default=2,
+        default=1,
         metadata={
-            "help": "Augmented views of the edit image among the router's visual positives. Fewer than "
-            "auto_views on purpose: each one widens the slot's visual radius, and in a pack of many slots "
+            "help": "Augmented (never mirrored) views of the edit image among the router's visual positives. Fewer "
+            "than auto_views on purpose: each one widens the slot's visual radius, and in a pack of many slots "
             "wide radii add up to other entities' images (M-Locality)."
         },
     )
@@ -157,6 +157,15 @@ class LDKEConfig(PeftConfig):
         metadata={
             "help": "[prefix, suffix] the model's chat template puts around a question (recorded by the editor); "
             "stripped from the decoded prompt before the encoder reads it."
+        },
+    )
+    router_pack_guard: bool = field(
+        default=True,
+        metadata={
+            "help": "When a pack grows (sequential editing), treat the images of every other entity it was edited "
+            "with as visual negatives of each slot: a new slot's visual radius is placed again against earlier "
+            "slots' images, earlier slots' against the new one's (radii only shrink; in memory, per editing "
+            "session). False = each slot is calibrated against its own request and the negative pool only."
         },
     )
     router_steps: int = field(default=300, metadata={"help": "Adam steps when learning the router projection."})

@@ -257,19 +257,21 @@ def _edit(model, processor, requests, config, family, *, pack, adapter_name, neg
 # ---------------------------------------------------------------------- positives / negatives
 
 
-def positive_views(r: EditRequest, seed: int = 0, n_auto: int = 2, n_views: int | None = None) -> tuple[list[Any], list[str]]:
+def positive_views(r: EditRequest, seed: int = 0, n_auto: int = 2, n_views: int | None = None,
+                   mirror: bool = True) -> tuple[list[Any], list[str]]:
     """Images and prompts that must trigger the edit (given ones first, automatic ones if too few).
 
     ``n_auto`` tops up the prompts, ``n_views`` (default ``n_auto``) the images: a request without
     rephrase images gets that many augmented views of its image, so the delta learns the entity and
-    not one picture of it (M-Generality).
+    not one picture of it (M-Generality). ``mirror``: whether those views may be flipped (see
+    :func:`~ldke_peft.augment.image_views`).
     """
     n_views = n_auto if n_views is None else n_views
     imgs: list[Any] = []
     if r.image is not None:
         imgs = [r.image] + list(r.rephrase_images)
         if len(imgs) < 1 + n_views:
-            imgs += image_views(r.image, 1 + n_views - len(imgs), seed=seed)
+            imgs += image_views(r.image, 1 + n_views - len(imgs), seed=seed, mirror=mirror)
     prompts = dedupe([r.prompt] + list(r.rephrase_prompts))
     if len(prompts) < 1 + n_auto:
         prompts = dedupe(prompts + templated_rephrasings(r.prompt, 1 + n_auto - len(prompts)))
@@ -781,6 +783,11 @@ def fit_router(
             protected.append(torch.tensor(idx, dtype=torch.long))
         shrunk = guard_leaks(peft_model, processor, router, cfg.probe_layer, requests, slots,
                              [(v[i], t[i], has[i]) for i in protected], memory)
+        if cfg.router_pack_guard:
+            own = [v[[i for i in range(a, b) if rows.v_pos[i] and rows.images[i] is not None]] for a, b in per_req]
+            anchors = [v[i][has[i]] for i in protected]
+            for s, n in guard_entities(router, requests, slots, own, anchors, memory, cfg.router_margin).items():
+                shrunk[s] = shrunk.get(s, 0) + n
         for cal, s in zip(cals, slots):
             cal.radius_v, cal.radius_t = float(router.radius_v[s]), float(router.radius_t[s])
             cal.leak_cuts = shrunk.get(s, 0)
@@ -799,7 +806,7 @@ def router_rows(requests: Sequence[EditRequest], cfg: LDKEConfig, pool: Negative
     img_keys: dict[str, str] = {}
     for n, r in enumerate(requests):
         if r.image is not None:
-            for im in positive_views(r, seed=seed + n, n_views=cfg.router_views)[0]:
+            for im in positive_views(r, seed=seed + n, n_views=cfg.router_views, mirror=False)[0]:
                 img_keys.setdefault(image_fingerprint(im), _entity_key(r))
     rows = _Rows()
     per_req: list[tuple[int, int]] = []
@@ -808,7 +815,9 @@ def router_rows(requests: Sequence[EditRequest], cfg: LDKEConfig, pool: Negative
     for n, r in enumerate(requests):
         # fewer augmented views than the delta gets: each widens the visual radius, and in a pack of many
         # slots wide radii add up to other entities' images (M-Locality)
-        imgs, prompts = positive_views(r, seed=seed + n, n_views=cfg.router_views)
+        # unflipped views: the visual radius covers the entity's images, and a mirror image of an asymmetric
+        # entity lies as far from it as other entities do
+        imgs, prompts = positive_views(r, seed=seed + n, n_views=cfg.router_views, mirror=False)
         if n_para:
             # the scope must cover how else the question is asked, not only the wordings the delta saw
             prompts = dedupe(prompts + paraphrases(r.prompt, n_para))
@@ -871,10 +880,13 @@ class ScopeMemory:
     protected: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     #: slot -> (its given image fingerprints, its given wordings): probes equal to these are positives
     given: dict[int, tuple[set, list[str]]] = field(default_factory=dict)
+    #: slot -> (raw visual features of every image the slot's scope was fitted on, of the edit's given
+    #: images, its entity key)
+    views: dict[int, tuple[torch.Tensor, torch.Tensor, str]] = field(default_factory=dict)
 
     def copy(self) -> "ScopeMemory":
         return ScopeMemory(self.probe_v, self.probe_t, self.probe_has, list(self.probe_keys), dict(self.protected),
-                           dict(self.given))
+                           dict(self.given), dict(self.views))
 
 
 #: A radius shrunk to keep a probe out stops this fraction of the way to it.
@@ -990,6 +1002,56 @@ def _shrink_to_exclude(router: Any, s: int, v: torch.Tensor, t: torch.Tensor, ha
         router.radius_v[s] = rv
         router.radius_t[s] = rt
     return cuts
+
+
+def guard_entities(router: Any, requests: Sequence[EditRequest], slots: Sequence[int], views: Sequence[torch.Tensor],
+                   anchors: Sequence[torch.Tensor], memory: ScopeMemory, margin: float) -> dict[int, int]:
+    """Treat the images of every other entity the pack was edited with as visual negatives of each slot.
+
+    A slot is calibrated against its own request's negatives and the negative pool; when edits arrive one
+    call at a time, the entities that *other* calls edited are neither, and a visual radius wide enough for
+    a slot's own views can reach them: that entity's image asked this slot's question then takes this
+    slot's edit. So every new slot's visual radius is placed again (the calibration's rule: farthest own
+    view + ``margin`` x the gap) against the views of earlier slots of other entities, and every earlier
+    slot's against the new slots' views; radii only shrink. Where another entity's view is as close as the
+    slot's own views, the radius stops just inside it but never leaves out the edit's own image
+    (``anchors``: raw visual features of its given images). ``memory.views`` is extended in place.
+    Returns ``{slot: 1}`` for each slot whose radius was cut.
+    """
+    new = set(slots)
+    for s, r, w, a in zip(slots, requests, views, anchors):
+        memory.views[s] = (w, a, _entity_key(r))
+    cut: dict[int, int] = {}
+    with torch.no_grad():
+        for s, (own, anchor, ent) in memory.views.items():
+            if s >= router.num_slots or not bool(router.needs_image[s] > 0) or not len(own):
+                continue
+            others = [w for j, (w, _, e) in memory.views.items()
+                      if j != s and e != ent and len(w) and (s in new or j in new)]
+            if not others:
+                continue
+            g = router.slot_group(s)
+            key = router.keys_v[s].float()
+
+            def dist(x: torch.Tensor) -> torch.Tensor:
+                zv, _ = router.project_group(g, x, torch.zeros(len(x), router.mu_t.shape[0]))
+                return (zv - key).norm(dim=1)
+
+            far, near = float(dist(own).max()), float(dist(torch.cat(others)).min())
+            keep = float(dist(anchor).max()) if len(anchor) else 0.0
+            rv = float(router.radius_v[s])
+            radius = far + margin * (near - far) if near > far else LEAK_RADIUS_FACTOR * near
+            if radius >= rv:
+                continue
+            if radius <= keep:
+                logger.warning("router: slot %d's image is as close to another edited entity's image as to its own "
+                               "views; its visual radius is left as it is", s)
+                continue
+            logger.info("router: slot %d's visual radius %.3f -> %.3f to keep other edited entities' images out",
+                        s, rv, radius)
+            router.radius_v[s] = radius
+            cut[s] = 1
+    return cut
 
 
 def _q_relation(q: str, pool: NegativePool) -> str:

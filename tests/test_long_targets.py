@@ -27,6 +27,7 @@ from integrations.easyedit import (
     easyedit_locality,
     easyedit_metrics,
 )
+from ldke_peft import EditRequest
 from ldke_peft.editor import ScopeMemory, fit_step_bound
 from ldke_peft.routing import RouterState
 from ldke_peft.testing.tiny import tiny_model
@@ -294,3 +295,71 @@ def test_scope_memory_copy_is_independent():
     c = m.copy()
     c.given[1] = (set(), ["r"])
     assert 1 not in m.given
+
+
+def _two_slot_router() -> RouterState:
+    router = RouterState(d_model=8, proj_dim=4, num_slots=2, storage="float32")
+    router.set_projection(mu_v=torch.zeros(8), proj_v=torch.eye(8)[:, :4], mu_t=torch.zeros(16),
+                          proj_t=torch.eye(16)[:, :4])
+    router.set_slot(0, key_v=torch.zeros(4), key_t=torch.zeros(4), radius_v=2.0, radius_t=2.0)
+    router.set_slot(1, key_v=torch.tensor([3.0, 0, 0, 0]), key_t=torch.zeros(4), radius_v=2.0, radius_t=2.0)
+    return router
+
+
+def _views(*xs: float) -> torch.Tensor:
+    v = torch.zeros(len(xs), 8)
+    v[:, 0] = torch.tensor(xs)
+    return v
+
+
+def test_entity_guard_keeps_other_edited_entities_images_out_of_each_slot_both_ways():
+    """Slot 0 (edited first) and slot 1 (appended, another entity): each radius reaches the other's image;
+    after the guard neither slot takes the other entity's views and both keep their own."""
+    router = _two_slot_router()
+    memory = ScopeMemory()
+    # slot 0 edited earlier: its views at 0 and 0.4 (entity A)
+    memory.views[0] = (_views(0.0, 0.4), _views(0.0), "ent:A")
+    new = EditRequest(prompt="What is the motto on this crest?", target="x", image=Image.new("RGB", (8, 8)), subject="B")
+    cut = editor_mod.guard_entities(router, [new], [1], [_views(3.0, 2.6)], [_views(3.0)], memory, margin=0.5)
+    assert cut == {0: 1, 1: 1}
+    t = torch.zeros(2, 16)
+    has = torch.ones(2, dtype=torch.bool)
+    # the other entity's views route nowhere now, its own views still to its slot
+    assert router.route(_views(0.0, 0.4), t, has).tolist() == [0, 0]
+    assert router.route(_views(3.0, 2.6), t, has).tolist() == [1, 1]
+    assert float(router.radius_v[0]) == pytest.approx(0.4 + 0.5 * (2.6 - 0.4))
+    assert set(memory.views) == {0, 1}
+
+
+def test_entity_guard_leaves_slots_of_the_same_entity_and_the_edit_itself_alone(caplog):
+    router = _two_slot_router()
+    memory = ScopeMemory()
+    memory.views[0] = (_views(0.0, 0.4), _views(0.0), "ent:A")
+    same = EditRequest(prompt="Who designed this crest?", target="x", image=Image.new("RGB", (8, 8)), subject="A")
+    assert editor_mod.guard_entities(router, [same], [1], [_views(3.0)], [_views(3.0)], memory, margin=0.5) == {}
+    # another entity's image nearer to slot 0's key than the edit's own image: no cut, a warning
+    router = _two_slot_router()
+    memory = ScopeMemory()
+    memory.views[0] = (_views(0.0, 1.5), _views(1.5), "ent:A")
+    other = EditRequest(prompt="Who designed this crest?", target="x", image=Image.new("RGB", (8, 8)), subject="B")
+    with caplog.at_level(logging.WARNING, logger="ldke_peft.editor"):
+        editor_mod.guard_entities(router, [other], [1], [_views(0.5)], [_views(0.5)], memory, margin=0.5)
+    assert float(router.radius_v[0]) == 2.0
+    assert any("as close to another edited entity" in m for m in caplog.messages)
+
+
+def test_router_views_are_never_mirrored_and_otherwise_the_same():
+    from PIL import ImageChops
+
+    from ldke_peft.augment import image_views
+
+    img = Image.new("RGB", (32, 32), "white")
+    img.paste((200, 0, 0), (0, 0, 10, 32))  # asymmetric: a band on the left
+    flipped = image_views(img, 3, seed=0)
+    plain = image_views(img, 3, seed=0, mirror=False)
+    same = [ImageChops.difference(a, b).getbbox() is None for a, b in zip(flipped, plain)]
+    assert same == [True, False, True]  # seed 0 flips only its second view
+    def band_left(v):  # green is 0 in the band, 255 on white
+        return v.getpixel((2, 16))[1] < v.getpixel((29, 16))[1]
+
+    assert all(band_left(v) for v in plain) and not band_left(flipped[1])

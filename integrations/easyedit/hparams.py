@@ -83,6 +83,7 @@ LDKE_KNOBS = (
     "router_text_steps",
     "auto_views",
     "router_views",
+    "router_pack_guard",
     "router_steps",
     "router_lr",
     "num_edit_layers",
@@ -181,6 +182,7 @@ class LDKEMultimodalHyperParams:
     router_text_steps: Optional[int] = _config_default("router_text_steps")
     auto_views: int = _config_default("auto_views")
     router_views: int = _config_default("router_views")
+    router_pack_guard: bool = _config_default("router_pack_guard")
     router_steps: int = _config_default("router_steps")
     router_lr: float = _config_default("router_lr")
     num_edit_layers: int = _config_default("num_edit_layers")
