@@ -141,3 +141,32 @@ def dedupe(items: Sequence[str]) -> list[str]:
             seen.add(k)
             out.append(x)
     return out
+
+
+STOP_WORDS = frozenset(
+    "a an the of in on at to is are was what which who whom whose how this that these those there it its "
+    "shown picture image photo do does please tell me name".split()
+)
+
+
+def content_words(q: str) -> set[str]:
+    words = "".join(c.casefold() if c.isalnum() else " " for c in q).split()
+    return {w for w in words if w not in STOP_WORDS}
+
+
+def same_question(q: str, prompts: Sequence[str], fuzzy: bool = False) -> bool:
+    """Exact match, or (``fuzzy``) a likely paraphrase: most content words shared.
+
+    The fuzzy test guards requests without a ``relation``: a generic bank question that paraphrases
+    the edit question must not become a negative, or the router would learn to reject the edit."""
+    k = q.strip().casefold()
+    if any(k == p.strip().casefold() for p in prompts):
+        return True
+    if not fuzzy:
+        return False
+    cq = content_words(q)
+    for p in prompts:
+        cp = content_words(p)
+        if cq and cp and len(cq & cp) / len(cq | cp) >= 0.5:
+            return True
+    return False

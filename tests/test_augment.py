@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ldke_peft.augment import paraphrases
-from ldke_peft.editor import _content_words
+from ldke_peft.augment import content_words
 
 
 @pytest.mark.parametrize(
@@ -24,9 +24,9 @@ def test_paraphrases_keep_what_is_asked(question):
     assert out == paraphrases(question, 8), "paraphrases must be deterministic"
     assert 1 <= len(out) <= 8 and len(set(o.casefold() for o in out)) == len(out)
     assert all(o.strip().casefold() != question.casefold() for o in out), "the question itself is not a paraphrase"
-    core = _content_words(question) - {"main"}  # hedges ("main") may be dropped, nothing else
+    core = content_words(question) - {"main"}  # hedges ("main") may be dropped, nothing else
     for o in out:
-        assert core <= _content_words(o), f"{o!r} lost content words of {question!r}"
+        assert core <= content_words(o), f"{o!r} lost content words of {question!r}"
         assert o[:1].isupper()
 
 

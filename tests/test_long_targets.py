@@ -28,7 +28,9 @@ from integrations.easyedit import (
     easyedit_metrics,
 )
 from ldke_peft import EditRequest
-from ldke_peft.editor import ScopeMemory, fit_step_bound
+import ldke_peft.pack_scope as pack_scope
+from ldke_peft.editor import fit_step_bound
+from ldke_peft.pack_scope import ScopeMemory
 from ldke_peft.routing import RouterState
 from ldke_peft.testing.tiny import tiny_model
 
@@ -236,7 +238,7 @@ def test_unreachable_fit_says_so(caplog, monkeypatch):
     req = ldke_peft.EditRequest(image=drawing(7), prompt="Which animal is painted on this card?",
                                 target=target_of_length(processor.tokenizer, 16, 0))
     cfg = ldke_peft.LDKEConfig(edit_steps=2, rank=4, alpha=4.0, probe_layer=1)
-    with caplog.at_level(logging.WARNING, logger="ldke_peft.editor"):
+    with caplog.at_level(logging.WARNING, logger="ldke_peft.pack_scope"):
         pm = ldke_peft.edit(model, processor, [req], cfg, progress=False)
     rep = pm.ldke_reports[0]
     assert not rep.fit_reached and 0.0 <= rep.fit_accuracy < 1.0
@@ -273,7 +275,7 @@ def test_leak_guard_cuts_the_cheaper_part_and_keeps_the_slots_own_rows():
     pv, pt, ph = _rows([[0.5, 0, 0, 0]], [[1.5, 0, 0, 0]])
     # a probe inside both radii: visual 1.0 (cut there keeps 0.5 in), textual 1.2 (a cut would drop 1.5)
     v, t, h = _rows([[1.0, 0, 0, 0]], [[1.2, 0, 0, 0]])
-    assert editor_mod._shrink_to_exclude(router, 0, v, t, h, pv, pt, ph) == 1
+    assert pack_scope.shrink_to_exclude(router, 0, v, t, h, pv, pt, ph) == 1
     assert float(router.radius_v[0]) == pytest.approx(0.98) and float(router.radius_t[0]) == 2.0
     assert router.route(v, t, h).tolist() == [-1]
     assert router.route(pv, pt, ph).tolist() == [0]
@@ -283,8 +285,8 @@ def test_leak_guard_never_drops_the_slots_own_rows(caplog):
     router = _router_with_slot()
     pv, pt, ph = _rows([[1.5, 0, 0, 0]], [[1.5, 0, 0, 0]])
     v, t, h = _rows([[0.2, 0, 0, 0]], [[0.2, 0, 0, 0]])  # nearer than the slot's own rows in both parts
-    with caplog.at_level(logging.WARNING, logger="ldke_peft.editor"):
-        assert editor_mod._shrink_to_exclude(router, 0, v, t, h, pv, pt, ph) == 0
+    with caplog.at_level(logging.WARNING, logger="ldke_peft.pack_scope"):
+        assert pack_scope.shrink_to_exclude(router, 0, v, t, h, pv, pt, ph) == 0
     assert float(router.radius_v[0]) == 2.0 and float(router.radius_t[0]) == 2.0
     assert any("cannot be cut" in m for m in caplog.messages)
 
@@ -320,7 +322,7 @@ def test_entity_guard_keeps_other_edited_entities_images_out_of_each_slot_both_w
     # slot 0 edited earlier: its views at 0 and 0.4 (entity A)
     memory.views[0] = (_views(0.0, 0.4), _views(0.0), "ent:A")
     new = EditRequest(prompt="What is the motto on this crest?", target="x", image=Image.new("RGB", (8, 8)), subject="B")
-    cut = editor_mod.guard_entities(router, [new], [1], [_views(3.0, 2.6)], [_views(3.0)], memory, margin=0.5)
+    cut = pack_scope.guard_entities(router, [new], [1], [_views(3.0, 2.6)], [_views(3.0)], memory, margin=0.5)
     assert cut == {0: 1, 1: 1}
     t = torch.zeros(2, 16)
     has = torch.ones(2, dtype=torch.bool)
@@ -336,14 +338,14 @@ def test_entity_guard_leaves_slots_of_the_same_entity_and_the_edit_itself_alone(
     memory = ScopeMemory()
     memory.views[0] = (_views(0.0, 0.4), _views(0.0), "ent:A")
     same = EditRequest(prompt="Who designed this crest?", target="x", image=Image.new("RGB", (8, 8)), subject="A")
-    assert editor_mod.guard_entities(router, [same], [1], [_views(3.0)], [_views(3.0)], memory, margin=0.5) == {}
+    assert pack_scope.guard_entities(router, [same], [1], [_views(3.0)], [_views(3.0)], memory, margin=0.5) == {}
     # another entity's image nearer to slot 0's key than the edit's own image: no cut, a warning
     router = _two_slot_router()
     memory = ScopeMemory()
     memory.views[0] = (_views(0.0, 1.5), _views(1.5), "ent:A")
     other = EditRequest(prompt="Who designed this crest?", target="x", image=Image.new("RGB", (8, 8)), subject="B")
-    with caplog.at_level(logging.WARNING, logger="ldke_peft.editor"):
-        editor_mod.guard_entities(router, [other], [1], [_views(0.5)], [_views(0.5)], memory, margin=0.5)
+    with caplog.at_level(logging.WARNING, logger="ldke_peft.pack_scope"):
+        pack_scope.guard_entities(router, [other], [1], [_views(0.5)], [_views(0.5)], memory, margin=0.5)
     assert float(router.radius_v[0]) == 2.0
     assert any("as close to another edited entity" in m for m in caplog.messages)
 
