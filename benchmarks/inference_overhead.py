@@ -108,7 +108,7 @@ def make_pack(base: Any, processor: Any, n_slots: int, anchor: tuple[Any, str], 
     cfg = LDKEConfig(slot_layers=[[int(l)] for l in layers], probe_layer=probe, rank=rank)
     if cfg.router_text_encoder:
         from ldke_peft import EditRequest
-        from ldke_peft.editor import _prepare_text_key
+        from ldke_peft.scope_fit import _prepare_text_key
 
         # what edit() records: the encoder's width and the chat frame around a question (so the encoder reads
         # the question, not the system prompt)

@@ -93,7 +93,7 @@ def _negative_pool(world: Any) -> Any:
     """Questions and images of the world for the router's hard negatives."""
     if hasattr(world, "negative_pool"):
         return world.negative_pool()
-    from .editor import NegativePool
+    from .scope import NegativePool
 
     return NegativePool(
         questions=[(q, r) for r in world.relations for q in world.question_bank(r)],

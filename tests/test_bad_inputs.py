@@ -20,7 +20,7 @@ from tokenizers import Regex, normalizers
 
 import ldke_peft
 from ldke_peft import EditRequest, LDKEConfig, Probe
-from ldke_peft.editor import EditDivergedError
+from ldke_peft.delta_fit import EditDivergedError
 from ldke_peft.errors import ImageError, InvalidRequestError, UnsupportedModelError
 from ldke_peft.layer import LDKELayer
 from ldke_peft.requests import MAX_IMAGE_SIDE

@@ -1,6 +1,6 @@
 """The held-out protocol: nothing an editor fits on is something the benchmark later asks.
 
-The editor's rows come from :func:`ldke_peft.editor.editor_rows`, built by the same functions the delta
+The editor's rows come from :func:`ldke_peft.scope_fit.editor_rows`, built by the same functions the delta
 and router fits call, for exactly what ``ldke bench`` hands LDKE (``editor_view`` of each request and the
 suite's negative pool). Every request of the toy, smoke and full suites (both splits) is checked:
 
@@ -30,7 +30,7 @@ from ldke_peft.augment import generic_question_bank, paraphrases
 from ldke_peft.bench.countries import COUNTRIES, NEAR_MISS, RELATIONS, WORDINGS
 from ldke_peft.bench.mke import build_mke_requests, editor_view, negative_pool, split_facts
 from ldke_peft.config import LDKEConfig
-from ldke_peft.editor import editor_rows
+from ldke_peft.scope_fit import editor_rows
 from ldke_peft.requests import image_fingerprint
 from ldke_peft.testing import toy_world_module as tw
 

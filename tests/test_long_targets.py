@@ -20,7 +20,7 @@ import torch
 from PIL import Image, ImageDraw, ImageEnhance
 
 import ldke_peft
-import ldke_peft.editor as editor_mod
+import ldke_peft.delta_fit as delta_fit_mod
 from integrations.easyedit import (
     LDKEMultimodalHyperParams,
     apply_ldke_to_multimodal_model,
@@ -29,7 +29,7 @@ from integrations.easyedit import (
 )
 from ldke_peft import EditRequest
 import ldke_peft.pack_scope as pack_scope
-from ldke_peft.editor import fit_step_bound
+from ldke_peft.delta_fit import fit_step_bound
 from ldke_peft.pack_scope import ScopeMemory
 from ldke_peft.routing import RouterState
 from ldke_peft.testing.tiny import tiny_model
@@ -234,7 +234,7 @@ def test_unreachable_fit_says_so(caplog, monkeypatch):
     """A fit stopped before every target token is the argmax: the report and the log say so, with the
     accuracy reached, and the deltas kept are the best seen."""
     model, processor = tiny_model("qwen2_vl")
-    monkeypatch.setattr(editor_mod, "FIT_STEPS_PER_TOKEN", 0)
+    monkeypatch.setattr(delta_fit_mod, "FIT_STEPS_PER_TOKEN", 0)
     req = ldke_peft.EditRequest(image=drawing(7), prompt="Which animal is painted on this card?",
                                 target=target_of_length(processor.tokenizer, 16, 0))
     cfg = ldke_peft.LDKEConfig(edit_steps=2, rank=4, alpha=4.0, probe_layer=1)

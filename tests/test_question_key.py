@@ -14,7 +14,7 @@ from PIL import Image
 
 import ldke_peft
 from ldke_peft import EditRequest, LDKEConfig
-from ldke_peft.editor import _prepare_text_key
+from ldke_peft.scope_fit import _prepare_text_key
 from ldke_peft.families import family_of
 from ldke_peft.question_key import (
     DEFAULT_TEXT_ENCODER,

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ldke_peft.augment import GENERIC_QUESTIONS, paraphrases
-from ldke_peft.editor import (
+from ldke_peft.scope import (
     NegativePool,
     negative_questions,
     question_bank,

@@ -341,7 +341,7 @@ def apply_ldke_to_multimodal_model(
         return_orig_weights: accepted for the contract; ``weights_copy`` is always returned.
         keep_original_weight: start from the original weights: an existing pack made by an earlier
             call is removed first. Otherwise edits accumulate in the same pack.
-        kwargs: ``negatives`` (a :class:`ldke_peft.editor.NegativePool`) is passed to the editor;
+        kwargs: ``negatives`` (a :class:`ldke_peft.scope.NegativePool`) is passed to the editor;
             anything else EasyEdit passes (``train_ds``, ...) is ignored.
 
     Returns:

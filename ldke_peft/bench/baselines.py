@@ -16,7 +16,6 @@ probes). Passing the edited model of a previous call back in as ``model`` contin
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from torch import nn
 
 from ..context import current_prompt_mask
 from ..errors import InvalidRequestError
-from ..families import Family, base_model_of, family_of
+from ..families import Family, family_of
 from ..requests import EditRequest
 
 logger = logging.getLogger(__name__)

@@ -44,7 +44,7 @@ import random
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..editor import NegativePool
+from ..scope import NegativePool
 from ..requests import EditRequest, Probe, image_fingerprint, save_jsonl
 from .countries import NEAR_MISS, SPLITS, WORDINGS, Relation, answer_matches, normalize_answer, split_relations
 

@@ -20,7 +20,6 @@ become its positives/negatives), as EasyEdit hands a method its request dict.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import hashlib
 import json
@@ -38,10 +37,11 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..config import LDKEConfig
-from ..editor import NegativePool, edit
+from ..editor import edit
+from ..scope import NegativePool
 from ..families import family_of
 from ..metrics import METRIC_KEYS, collect_pre, compute_metrics
-from ..model import _root_model, default_probe_layer
+from ..model import _root_model
 from ..requests import EditRequest
 from .baselines import BASELINES, Restore
 from .mke import editor_view

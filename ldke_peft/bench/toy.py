@@ -16,10 +16,11 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 
 from ..config import LDKEConfig
-from ..editor import NegativePool, edit, fit_delta
+from ..delta_fit import fit_delta
+from ..editor import edit
+from ..scope import NegativePool
 from ..localization import locate, trace
 from ..metrics import METRIC_KEYS, collect_pre, compute_metrics
 from ..model import default_probe_layer

@@ -467,7 +467,7 @@ class ToyWorld:
         """Hard-negative material for the editor, disjoint from every probe of :meth:`edit_requests`: one
         wording (:meth:`pool_wordings`) of each dev relation and of "which country is shown", and a
         training view (view 1) of every entity outside the test split."""
-        from ..editor import NegativePool
+        from ..scope import NegativePool
 
         rels = self.split_relations("dev") + ["country"]
         return NegativePool(
