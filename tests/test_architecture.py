@@ -1,0 +1,78 @@
+"""The library's layers and what each may import (README "Architecture"), checked on the source.
+
+Imports are read statically (also those inside functions), so a lazy import cannot hide a dependency.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "ldke_peft"
+
+#: plain data and text/image helpers every layer may use (requests, negatives, positives/negatives lists)
+DATA = {"errors", "requests", "scope", "augment"}
+#: runs packs (PEFT tuner, routing, family knowledge, storage); knows nothing of fitting them
+TUNER = {"config", "layer", "model", "routing", "context", "layer_replay", "question_key", "io", "peft_type", "safety",
+         "fingerprint", "families"}
+#: makes edits: delta fit, router fit, localization, pack-level guards, checks, the orchestrating editor
+EDITING = {"editor", "scope_fit", "delta_fit", "pack_scope", "edit_checks", "localization", "router_fit"}
+#: the product around edits and the benchmark; never imported by the layers above
+OUTER = {"bench", "testing", "cli", "cli_front", "demo", "hub", "merge", "distributed", "metrics", "plots"}
+#: math on tensors only: import nothing of the library
+LEAVES = {"routing", "router_fit", "context", "errors", "augment"}
+
+
+def _imports(path: Path) -> set[str]:
+    """Top-level ``ldke_peft`` modules (or subpackages) that ``path`` imports, relative imports resolved."""
+    rel = path.relative_to(PKG.parent).with_suffix("")
+    parts = list(rel.parts)
+    pkg = parts[:-1] if parts[-1] != "__init__" else parts[:-1]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = pkg[: len(pkg) - (node.level - 1)]
+                names = base + (node.module.split(".") if node.module else [])
+                if node.module is None:
+                    out.update(".".join(names + [a.name]) for a in node.names)
+                else:
+                    out.add(".".join(names))
+            elif node.module and node.module.split(".")[0] == "ldke_peft":
+                out.add(node.module)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.split(".")[0] == "ldke_peft")
+    return {m.split(".")[1] for m in out if m.count(".") >= 1}
+
+
+def _module(name: str) -> list[Path]:
+    p = PKG / name
+    return sorted(p.rglob("*.py")) if p.is_dir() else [PKG / f"{name}.py"]
+
+
+def test_every_library_module_is_in_a_layer():
+    top = {p.stem for p in PKG.glob("*.py") if p.stem not in ("__init__", "__main__")} | {
+        p.name for p in PKG.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    layers = DATA | TUNER | EDITING | OUTER
+    assert top <= layers, sorted(top - layers)
+
+
+@pytest.mark.parametrize("layer,forbidden", [("data", TUNER | EDITING | OUTER), ("tuner", EDITING | OUTER),
+                                             ("editing", OUTER), ("leaves", DATA | TUNER | EDITING | OUTER)])
+def test_layers_import_only_downwards(layer, forbidden):
+    mods = {"data": DATA, "tuner": TUNER, "editing": EDITING, "leaves": LEAVES}[layer]
+    bad = {f"{p.relative_to(PKG)} imports {sorted(_imports(p) & forbidden)}"
+           for m in mods for p in _module(m) if _imports(p) & (forbidden - {m})}
+    assert not bad, sorted(bad)
+
+
+def test_the_checker_sees_lazy_imports(tmp_path):
+    """The check cannot pass vacuously: an import inside a function is found."""
+    fake = PKG / "_architecture_probe.py"
+    try:
+        fake.write_text("def f():\n    from .bench import run\n    from . import demo\n")
+        assert _imports(fake) == {"bench", "demo"}
+    finally:
+        fake.unlink()
