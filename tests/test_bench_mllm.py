@@ -340,3 +340,35 @@ def test_smollm2_gguf_loads_and_knows_a_capital(tmp_path):
     enc = tok(text, return_tensors="pt")
     out = lm.generate(**enc, max_new_tokens=10, do_sample=False)
     assert "Paris" in tok.decode(out[0, enc["input_ids"].shape[1]:])
+
+
+def test_portability_probes_the_unedited_model_fails_for_the_original_fact_are_not_scored():
+    """A two-hop probe is kept only when the unedited model, asked it about the edit image, names the entity
+    shown (the original fact's two-hop answer); the others would measure the model's reasoning, not the edit."""
+    from PIL import Image
+
+    from ldke_peft.bench.run import _verified_portability
+    from ldke_peft.requests import EditRequest, Probe
+
+    img = Image.new("RGB", (8, 8))
+    q = "In which country is the capital of this country located?"
+
+    def req(subject, n):
+        return EditRequest(prompt="What is the capital of the country shown?", target="Paris", image=img,
+                           subject=subject, relation="capital",
+                           portability=[Probe(q, "France", img, kind="two_hop:capital->country")] * n)
+
+    reqs = [req("Japan", 1), req("Italy", 1), req("Brazil", 0)]
+    answers = {0: "It is located in Japan.", 1: "It is in Spain."}
+    calls = []
+
+    def answer(images, prompts):
+        calls.append(list(prompts))
+        return [answers[i] for i in range(len(prompts))]
+
+    out, counts = _verified_portability(reqs, answer)
+    assert calls == [[q, q]]  # only the two probes are asked, once each
+    assert counts == {"kept": 1, "dropped": 1}
+    assert [len(r.portability) for r in out] == [1, 0, 0]
+    assert out[0].portability[0].answer == "France"  # the probe itself (new answer) is unchanged
+    assert [r.subject for r in out] == ["Japan", "Italy", "Brazil"]  # no request is dropped

@@ -160,11 +160,13 @@ def load_suite(name: str, n_edits: int | None, *, device: str = "cpu", cache_dir
         usable = len(split_facts(meta, split))
         reqs = build_mke_requests(meta, min(total, usable) if total else None, seed=seed, split=split, answer_fn=answer)
         reqs = _verified_views(reqs, answer)
+        reqs, port = _verified_portability(reqs, answer)
         desc = (f"smol-llava: {meta['base_lm']['name']} in a LlavaForConditionalGeneration "
                 f"({meta['n_image_tokens']} image tokens, build {meta['build_version']})")
         return Suite(name, model, processor, desc, reqs, negative_pool(meta),
                      {"usable_facts": usable, "split": split, "build": meta.get("code_version"),
-                      "recognition": meta.get("recognition", {}).get("heldout_accuracy")},
+                      "recognition": meta.get("recognition", {}).get("heldout_accuracy"),
+                      "portability_probes": port},
                      n_single=len(reqs) if n_edits is None else min(n_edits, len(reqs)))
     raise ValueError(f"unknown suite {name!r}; known: {', '.join(SUITES)}")
 
@@ -182,6 +184,31 @@ def _verified_views(reqs: list[EditRequest], answer: Callable[[list[Any], list[s
     if bad:
         logger.info("dropped %d of %d requests: the unedited model misses one of their probe views", len(bad), len(reqs))
     return [r for i, r in enumerate(reqs) if i not in bad]
+
+
+def _verified_portability(reqs: list[EditRequest], answer: Callable[[list[Any], list[str]], list[str]]
+                          ) -> tuple[list[EditRequest], dict[str, int]]:
+    """Keep the portability probes the unedited model passes *for the original fact*: asked a two-hop question
+    ("In which country is the capital of this country located?") about the edit image, it must name the
+    entity shown. A probe it fails before any edit measures whether the model can reason in two hops, not
+    whether the edit propagates. Returns the requests and ``{"kept": n, "dropped": m}``."""
+    from .countries import answer_matches, country_by_name
+
+    rows = [(i, j) for i, r in enumerate(reqs) for j, p in enumerate(r.portability)]
+    if not rows:
+        return reqs, {"kept": 0, "dropped": 0}
+    got = answer([reqs[i].portability[j].image for i, j in rows], [reqs[i].portability[j].prompt for i, j in rows])
+    keep: dict[int, list[int]] = {}
+    for (i, j), a in zip(rows, got):
+        c = country_by_name(reqs[i].subject)
+        if answer_matches(a, (c.name, c.prompt_name, *c.aliases)):
+            keep.setdefault(i, []).append(j)
+    kept = sum(len(v) for v in keep.values())
+    logger.info("portability: the unedited model passes %d of %d two-hop probes for the original fact; the "
+                "others are not scored", kept, len(rows))
+    out = [dataclasses.replace(r, portability=[r.portability[j] for j in keep.get(i, [])]) if r.portability else r
+           for i, r in enumerate(reqs)]
+    return out, {"kept": kept, "dropped": len(rows) - kept}
 
 
 # ---------------------------------------------------------------------- methods
