@@ -184,8 +184,9 @@ def guard_entities(router: Any, requests: Sequence[EditRequest], slots: Sequence
     slot's edit. So every new slot's visual radius is placed again (the calibration's rule: farthest own
     view + ``margin`` x the gap) against the views of earlier slots of other entities, and every earlier
     slot's against the new slots' views; radii only shrink. Where another entity's view is as close as the
-    slot's own views, the radius stops just inside it but never leaves out the edit's own image
-    (``anchors``: raw visual features of its given images). ``memory.views`` is extended in place.
+    slot's own views, the radius stops just inside it, and where it is as close as the edit's own image
+    (``anchors``: raw visual features of its given images), just outside that image: the edit keeps its own
+    input, every other entity's image farther than it is put out. ``memory.views`` is extended in place.
     Returns ``{slot: 1}`` for each slot whose radius was cut.
     """
     new = set(slots)
@@ -214,9 +215,13 @@ def guard_entities(router: Any, requests: Sequence[EditRequest], slots: Sequence
             if radius >= rv:
                 continue
             if radius <= keep:
+                # another entity's image is as close as the edit's own: cut as far as the edit's image allows,
+                # which still puts out every other entity's image beyond it
+                radius = keep / LEAK_RADIUS_FACTOR
                 logger.warning("router: slot %d's image is as close to another edited entity's image as to its own "
-                               "views; its visual radius is left as it is", s)
-                continue
+                               "views; its visual radius stops just outside the edit's own image", s)
+                if radius >= rv:
+                    continue
             logger.info("router: slot %d's visual radius %.3f -> %.3f to keep other edited entities' images out",
                         s, rv, radius)
             router.radius_v[s] = radius

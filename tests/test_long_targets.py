@@ -339,14 +339,17 @@ def test_entity_guard_leaves_slots_of_the_same_entity_and_the_edit_itself_alone(
     memory.views[0] = (_views(0.0, 0.4), _views(0.0), "ent:A")
     same = EditRequest(prompt="Who designed this crest?", target="x", image=Image.new("RGB", (8, 8)), subject="A")
     assert pack_scope.guard_entities(router, [same], [1], [_views(3.0)], [_views(3.0)], memory, margin=0.5) == {}
-    # another entity's image nearer to slot 0's key than the edit's own image: no cut, a warning
+    # another entity's image nearer to slot 0's key than the edit's own image (at 1.5): the radius stops just
+    # outside the edit's own image, which keeps routing; another entity's image beyond it (1.8) is put out
     router = _two_slot_router()
     memory = ScopeMemory()
     memory.views[0] = (_views(0.0, 1.5), _views(1.5), "ent:A")
     other = EditRequest(prompt="Who designed this crest?", target="x", image=Image.new("RGB", (8, 8)), subject="B")
     with caplog.at_level(logging.WARNING, logger="ldke_peft.pack_scope"):
-        pack_scope.guard_entities(router, [other], [1], [_views(0.5)], [_views(0.5)], memory, margin=0.5)
-    assert float(router.radius_v[0]) == 2.0
+        pack_scope.guard_entities(router, [other], [1], [_views(0.5, 1.8)], [_views(0.5)], memory, margin=0.5)
+    assert float(router.radius_v[0]) == pytest.approx(1.5 / 0.98)
+    slot0 = router.scores(_views(1.5, 1.8), torch.zeros(2, 16), torch.ones(2, dtype=torch.bool))[:, 0]
+    assert slot0[0] <= 1.0 < slot0[1]
     assert any("as close to another edited entity" in m for m in caplog.messages)
 
 
