@@ -205,8 +205,7 @@ def guard_entities(router: Any, requests: Sequence[EditRequest], slots: Sequence
             key = router.keys_v[s].float()
 
             def dist(x: torch.Tensor) -> torch.Tensor:
-                zv, _ = router.project_group(g, x, torch.zeros(len(x), router.mu_t.shape[0]))
-                return (zv - key).norm(dim=1)
+                return (router.project_visual(g, x) - key).norm(dim=1)
 
             far, near = float(dist(own).max()), float(dist(torch.cat(others)).min())
             keep = float(dist(anchor).max()) if len(anchor) else 0.0

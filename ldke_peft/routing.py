@@ -424,6 +424,11 @@ class RouterState(nn.Module):
         pv, pt, bv, bt = self._group_tables(group)
         return torch.addmm(bv, _f32(visual), pv), torch.addmm(bt, _f32(textual), pt)
 
+    def project_visual(self, group: int, visual: torch.Tensor) -> torch.Tensor:
+        """The visual part alone in projection ``group``'s space (what :meth:`project_group` gives for it)."""
+        pv, _, bv, _ = self._group_tables(group)
+        return torch.addmm(bv, _f32(visual), pv)
+
     @torch.no_grad()
     def set_slot(self, slot: int, *, key_v, key_t, radius_v: float, radius_t: float, needs_image: bool = True) -> None:
         """Write one slot's keys/radii directly (keys are in *projected* space)."""
