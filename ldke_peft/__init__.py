@@ -46,6 +46,13 @@ def evaluate(model_or_peft, processor, requests, pre=None, **kwargs):
     return _evaluate(model_or_peft, processor, requests, pre=pre, **kwargs)
 
 
+def save_edits(peft_model, save_directory, **kwargs):
+    """Save an LDKE pack atomically with LDKE's model card: see :func:`ldke_peft.hub.save_edits`."""
+    from .hub import save_edits as _save_edits
+
+    return _save_edits(peft_model, save_directory, **kwargs)
+
+
 _register()
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 # peft 0.21's PeftModel.__init__ reads transformers 5's deprecated ``is_gradient_checkpointing``: a
@@ -79,5 +86,6 @@ __all__ = [
     "get_family",
     "is_ldke_model",
     "register_family",
+    "save_edits",
     "supported_model_types",
 ]

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from peft.config import PeftConfig
+from peft.utils import CONFIG_NAME
 
 from .errors import AdapterLoadError, UnsafeAdapterError
+from .pack_meta import has_edits_file, write_edits
 from .peft_type import LDKEPeftType
 from .question_key import DEFAULT_TEXT_ENCODER
 
 #: Format version of the saved pack. Bumped on incompatible changes; a pack with a newer major
 #: version than this library understands is refused with a clear error.
-PACK_FORMAT_VERSION = "1.3"
+PACK_FORMAT_VERSION = "1.4"
 #: Subject corruptions Fast Localization and exact tracing know (``LDKEConfig.corruption``).
 CORRUPTIONS = ("mean", "noise")
 #: Format 1.1 added ``router_storage``; packs of format 1.0 stored their router projections in fp32.
@@ -23,6 +27,8 @@ _FORMAT_WITHOUT_ROUTER_STORAGE = ("1.0",)
 _FORMAT_WITHOUT_TEXT_ENCODER = ("1.0", "1.1")
 #: Format 1.3 added ``delta_storage``; older packs stored the slot factors in fp32.
 _FORMAT_WITHOUT_DELTA_STORAGE = ("1.0", "1.1", "1.2")
+#: Format 1.4 moved the per-edit metadata (``edits``) out of ``adapter_config.json`` into its own file
+#: (:mod:`ldke_peft.pack_meta`).
 #: How a pack may store its slot factors (``LDKEConfig.delta_storage``).
 DELTA_STORAGE = ("float16", "float32")
 
@@ -223,7 +229,8 @@ class LDKEConfig(PeftConfig):
     )
     edits: list[dict[str, Any]] = field(
         default_factory=list,
-        metadata={"help": "Per slot: prompt, target, subject, relation, image fingerprint, edit-time metrics."},
+        metadata={"help": "Per slot: prompt, target, subject, relation, image fingerprint, edit-time metrics. Saved "
+                  "in its own file beside the adapter (ldke_edits.json), not in adapter_config.json."},
     )
     pack_format_version: str = field(default=PACK_FORMAT_VERSION, metadata={"help": "Saved pack format version."})
 
@@ -284,6 +291,29 @@ class LDKEConfig(PeftConfig):
             hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
             validate_pack(pretrained_model_name_or_path, config, subfolder=subfolder, **hub_kwargs)
         return config
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """Write ``adapter_config.json`` (the settings) and, beside it, ``ldke_edits.json`` (the edits).
+
+        PEFT calls this from ``PeftModel.save_pretrained``; a config of an older pack format keeps that
+        format's layout (edits inside ``adapter_config.json``) so its version keeps describing its files.
+        """
+        if not has_edits_file(self):
+            super().save_pretrained(save_directory, **kwargs)
+            return
+        edits = self.edits
+        self.edits = []
+        try:
+            super().save_pretrained(save_directory, **kwargs)
+        finally:
+            self.edits = edits
+        path = os.path.join(save_directory, CONFIG_NAME)
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+        data.pop("edits", None)
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(data, indent=2, sort_keys=True))
+        write_edits(save_directory, self)
 
     @classmethod
     def check_kwargs(cls, **kwargs):

@@ -1,7 +1,8 @@
 """Sharing edit packs on the Hugging Face Hub: a model card of our own, push, and load by repo id.
 
-An LDKE edit pack is a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``),
-so the Hub stores it like any adapter. Two things differ from ``PeftModel.push_to_hub``:
+An LDKE edit pack is a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``, with
+the edit metadata beside them in ``ldke_edits.json``), so the Hub stores it like any adapter. Two things
+differ from ``PeftModel.push_to_hub``:
 
 * the **model card** is ours: ``push_to_hub`` regenerates PEFT's generic card (template text, no
   word about edits) over whatever ``README.md`` the folder had. Ours lists every edited fact (prompt -> new target,
@@ -34,6 +35,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .errors import AdapterLoadError, LDKEError
+from .pack_meta import EDITS_FILE, has_edits_file
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +44,7 @@ __all__ = ["CARD_TAGS", "PACK_FILES", "load_edits", "model_card", "push_edits", 
 #: Tags on every LDKE model card.
 CARD_TAGS = ["ldke", "knowledge-editing", "multimodal", "peft"]
 #: The files that make up a shared pack (nothing else is uploaded or downloaded).
-PACK_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
+PACK_FILES = ("adapter_config.json", "adapter_model.safetensors", EDITS_FILE, "README.md")
 
 # A Hub repo id: "name" or "namespace/name" (letters, digits, "-", "_", "."; no "--" or ".." ).
 _REPO_ID_RE = re.compile(r"^(?:[A-Za-z0-9][\w.\-]{0,95}/)?[A-Za-z0-9][\w.\-]{0,95}$")
@@ -289,7 +291,7 @@ def save_edits(
                                    save_embedding_layers=False)
         # peft puts non-default adapters in a subfolder named after them
         src = tmp if adapter_name == "default" else os.path.join(tmp, adapter_name)
-        for fname in PACK_FILES[:2]:
+        for fname in PACK_FILES[:3] if has_edits_file(config) else PACK_FILES[:2]:
             path = os.path.join(src, fname)
             if not os.path.isfile(path):
                 raise AdapterLoadError(f"saving adapter {adapter_name!r} did not produce {fname}")

@@ -7,7 +7,7 @@ pack is gone and the new one does not load. For an edit pack that is worse than 
 because a config from one save and weights from another can *load* (same shapes) and route inputs to
 the wrong deltas.
 
-So every save of an LDKE adapter goes through :func:`atomic_dir`:
+So every save ldke-peft makes goes through :func:`atomic_dir`:
 
 1. the files are written into a fresh staging folder *next to* the target (same filesystem), named
    ``.<name>.ldke-tmp-XXXXXXXX``;
@@ -24,9 +24,8 @@ So every save of an LDKE adapter goes through :func:`atomic_dir`:
 
 A failed or killed save leaves only a staging folder (a hidden sibling of the target, never inside it).
 
-:func:`install_atomic_save_pretrained` (run by ``import ldke_peft``) makes ``PeftModel.save_pretrained``
-use this path whenever one of the adapters being saved is an LDKE adapter; other adapter types are
-saved by PEFT exactly as before. :func:`atomic_save` is the same thing as a function.
+:func:`atomic_save` is ``PeftModel.save_pretrained`` through this path, for any adapter type. Importing
+ldke-peft patches nothing: a plain ``save_pretrained`` stays PEFT's in-place save.
 """
 
 from __future__ import annotations
@@ -34,8 +33,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import functools
-import inspect
 import logging
 import os
 import shutil
@@ -43,11 +40,10 @@ import stat
 import tempfile
 from typing import Any, Iterator, Sequence
 
-import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["atomic_dir", "atomic_save", "default_dir_mode", "install_atomic_save_pretrained", "stored_state_dict"]
+__all__ = ["atomic_dir", "atomic_save", "default_dir_mode"]
 
 _TMP_TAG = ".ldke-tmp-"
 _OLD_TAG = ".ldke-old-"
@@ -121,94 +117,15 @@ def _umask() -> int:
 def atomic_save(peft_model: Any, path: str | os.PathLike, *args: Any, **kwargs: Any) -> str:
     """``peft_model.save_pretrained(path, *args, **kwargs)``, atomically (see the module docstring).
 
-    Works for any ``PeftModel``; after ``import ldke_peft`` a plain ``save_pretrained`` call does the same
-    for LDKE adapters. Returns ``path``.
+    Works for any ``PeftModel``. ldke-peft's own savers (:func:`ldke_peft.hub.save_edits`, the CLI, the
+    merge) go through :func:`atomic_dir` too; a plain ``save_pretrained`` is PEFT's in-place save.
+    Returns ``path``.
     """
-    kwargs = _with_stored_state_dict(peft_model, kwargs)
+    from peft import PeftModel
+
     with atomic_dir(path, copy_first=_UPDATED_IN_PLACE) as stage:
-        _original_save_pretrained()(peft_model, stage, *args, **kwargs)
+        PeftModel.save_pretrained(peft_model, stage, *args, **kwargs)
     return os.fspath(path)
-
-
-def stored_state_dict(peft_model: Any) -> dict[str, Any] | None:
-    """The model's state dict as its LDKE packs store it: the slot factors of each adapter with
-    ``delta_storage="float16"`` in float16 (the fit rounded them already, so this loses nothing);
-    ``None`` when no adapter stores them otherwise than as they are."""
-    from .peft_type import LDKEPeftType
-
-    configs = getattr(peft_model, "peft_config", {}) or {}
-    half = [n for n, c in configs.items()
-            if getattr(c, "peft_type", None) == LDKEPeftType.LDKE and getattr(c, "delta_storage", "float32") == "float16"]
-    if not half:
-        return None
-    suffixes = tuple(f".{t}.{n}" for n in half for t in ("ldke_A", "ldke_B"))
-
-    def stored(k: str, v: Any) -> Any:
-        if not (k.endswith(suffixes) and v.is_floating_point() and v.dtype != torch.float16):
-            return v
-        h = v.half()
-        # only where nothing is lost (factors set by hand, not by the fit, stay as they are)
-        return h if torch.equal(h.to(v.dtype), v) else v
-
-    return {k: stored(k, v) for k, v in peft_model.state_dict().items()}
-
-
-def _with_stored_state_dict(peft_model: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-    if kwargs.get("state_dict") is not None:
-        return kwargs
-    sd = stored_state_dict(peft_model)
-    return kwargs if sd is None else {**kwargs, "state_dict": sd}
-
-
-# ---------------------------------------------------------------------- PeftModel.save_pretrained
-
-
-def install_atomic_save_pretrained() -> None:
-    """Make ``PeftModel.save_pretrained`` atomic for LDKE adapters. Idempotent.
-
-    The wrapper acts only when an adapter being saved (``selected_adapters``, default all) is an LDKE
-    adapter, on the main process, and when the target is not an existing file (PEFT's own error is
-    kept for that). Everything else goes to PEFT's method unchanged.
-    """
-    from peft import PeftModel
-
-    current = PeftModel.__dict__["save_pretrained"]
-    if getattr(current, "_ldke_atomic", False):
-        return
-    signature = inspect.signature(current)
-
-    @functools.wraps(current)
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        try:
-            bound = signature.bind(self, save_directory, *args, **kwargs)
-        except TypeError:
-            return current(self, save_directory, *args, **kwargs)  # let PEFT report the bad call
-        selected = bound.arguments.get("selected_adapters")
-        main = bound.arguments.get("is_main_process", True)
-        if not main or os.path.isfile(os.fspath(save_directory)) or not _has_ldke_adapter(self, selected):
-            return current(self, save_directory, *args, **kwargs)
-        kwargs = _with_stored_state_dict(self, kwargs)
-        with atomic_dir(save_directory, copy_first=_UPDATED_IN_PLACE) as stage:
-            current(self, stage, *args, **kwargs)
-        return None
-
-    save_pretrained._ldke_atomic = True  # type: ignore[attr-defined]
-    PeftModel.save_pretrained = save_pretrained
-
-
-def _original_save_pretrained():
-    from peft import PeftModel
-
-    fn = PeftModel.__dict__["save_pretrained"]
-    return fn.__wrapped__ if getattr(fn, "_ldke_atomic", False) else fn
-
-
-def _has_ldke_adapter(peft_model: Any, selected: Sequence[str] | None) -> bool:
-    from .peft_type import LDKEPeftType
-
-    configs = getattr(peft_model, "peft_config", {}) or {}
-    names = list(configs) if selected is None else [n for n in selected if n in configs]
-    return any(getattr(configs[n], "peft_type", None) == LDKEPeftType.LDKE for n in names)
 
 
 # ---------------------------------------------------------------------- helpers

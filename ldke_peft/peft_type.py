@@ -16,15 +16,11 @@ class LDKEPeftType(str, enum.Enum):
 
 
 def register() -> None:
-    """Make ``peft_type: "LDKE"`` resolvable by peft and transformers, and ``PeftModel.save_pretrained``
-    atomic for LDKE adapters (:mod:`ldke_peft.io`). Idempotent."""
+    """Make ``peft_type: "LDKE"`` resolvable by peft and transformers. Idempotent."""
     from peft import mapping
 
     from .config import LDKEConfig
-    from .io import install_atomic_save_pretrained
     from .model import LDKEModel
-
-    install_atomic_save_pretrained()
 
     for key in (LDKEPeftType.LDKE, "LDKE"):
         mapping.PEFT_TYPE_TO_CONFIG_MAPPING[key] = LDKEConfig

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from .errors import AdapterLoadError, CorruptAdapterError, UnsafeAdapterError
+from .pack_meta import EDITS_FILE, has_edits_file, read_edits
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +56,15 @@ def validate_pack(path_or_repo: str, config: Any, subfolder: str | None = None, 
     Raises:
         UnsafeAdapterError: the pack folder contains pickle-format files.
         CorruptAdapterError: the weights file is missing, unreadable, has missing/extra/misshaped
-            tensors, slot ids that disagree with the config, or non-finite values.
+            tensors, slot ids that disagree with the config, or non-finite values; or the edit metadata
+            file (:mod:`ldke_peft.pack_meta`, format 1.4 on) is missing or disagrees with the config.
+
+    On success ``config.edits`` holds the pack's edit metadata (read from its own file since format 1.4).
     """
-    weights_path = _resolve_weights(str(path_or_repo), subfolder, hub_kwargs)
+    weights_path = _resolve_file(str(path_or_repo), subfolder, hub_kwargs, WEIGHTS_NAME)
     _check_tensors(weights_path, config)
+    if has_edits_file(config):
+        config.edits = read_edits(_resolve_file(str(path_or_repo), subfolder, hub_kwargs, EDITS_FILE), config)
 
 
 # ---------------------------------------------------------------------- file resolution
@@ -74,19 +80,19 @@ def _refuse_pickles(names: list[str], where: str) -> None:
         )
 
 
-def _resolve_weights(path_or_repo: str, subfolder: str | None, hub_kwargs: dict[str, Any]) -> str:
-    """Path of the pack's safetensors file, after refusing pickle files next to it."""
+def _resolve_file(path_or_repo: str, subfolder: str | None, hub_kwargs: dict[str, Any], filename: str) -> str:
+    """Path of the pack's file ``filename`` (local or downloaded), after refusing pickle files next to it."""
     local = os.path.join(path_or_repo, subfolder) if subfolder else path_or_repo
     if os.path.isdir(local):
         _refuse_pickles([e.name for e in os.scandir(local) if e.is_file() or e.is_symlink()], repr(local))
-        weights = os.path.join(local, WEIGHTS_NAME)
-        if not os.path.isfile(weights):
-            raise CorruptAdapterError(f"LDKE pack at {local!r} has no {WEIGHTS_NAME}")
-        return weights
-    return _resolve_from_hub(path_or_repo, subfolder, hub_kwargs)
+        path = os.path.join(local, filename)
+        if not os.path.isfile(path):
+            raise CorruptAdapterError(f"LDKE pack at {local!r} has no {filename}")
+        return path
+    return _resolve_from_hub(path_or_repo, subfolder, hub_kwargs, filename)
 
 
-def _resolve_from_hub(repo_id: str, subfolder: str | None, hub_kwargs: dict[str, Any]) -> str:
+def _resolve_from_hub(repo_id: str, subfolder: str | None, hub_kwargs: dict[str, Any], filename: str) -> str:
     import huggingface_hub
     from huggingface_hub import errors as hub_errors
 
@@ -107,19 +113,19 @@ def _resolve_from_hub(repo_id: str, subfolder: str | None, hub_kwargs: dict[str,
             prefix = f"{subfolder.strip('/')}/" if subfolder else ""
             _refuse_pickles([f for f in files if f.startswith(prefix) and "/" not in f[len(prefix) :]], where)
     try:
-        weights = huggingface_hub.hf_hub_download(repo_id, WEIGHTS_NAME, subfolder=subfolder, **kwargs)
+        path = huggingface_hub.hf_hub_download(repo_id, filename, subfolder=subfolder, **kwargs)
     except hub_errors.LocalEntryNotFoundError as exc:
         raise AdapterLoadError(
-            f"cannot fetch {WEIGHTS_NAME} of the LDKE pack in {where}: not in the local cache and the Hub is not "
+            f"cannot fetch {filename} of the LDKE pack in {where}: not in the local cache and the Hub is not "
             "reachable (offline mode or local_files_only)"
         ) from exc
     except hub_errors.EntryNotFoundError as exc:
-        raise CorruptAdapterError(f"LDKE pack in {where} has no {WEIGHTS_NAME}") from exc
+        raise CorruptAdapterError(f"LDKE pack in {where} has no {filename}") from exc
     except Exception as exc:  # noqa: BLE001 - network, auth, offline cache miss: one clear error type
-        raise AdapterLoadError(f"cannot fetch {WEIGHTS_NAME} of the LDKE pack in {where}: {exc}") from exc
-    folder = os.path.dirname(str(weights))
+        raise AdapterLoadError(f"cannot fetch {filename} of the LDKE pack in {where}: {exc}") from exc
+    folder = os.path.dirname(str(path))
     _refuse_pickles(os.listdir(folder), where)
-    return str(weights)
+    return str(path)
 
 
 # ---------------------------------------------------------------------- tensor checks

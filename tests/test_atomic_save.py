@@ -28,7 +28,7 @@ from ldke_peft.testing.tiny import tiny_model
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the kill tests fork the test process (POSIX only)")
 
-PACK_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md"}
+PACK_FILES = {"adapter_config.json", "adapter_model.safetensors", "ldke_edits.json", "README.md"}
 
 
 def _pack(num_slots: int, rank: int = 64, seed: int = 0):
@@ -55,7 +55,7 @@ def _digest(folder) -> tuple[int, str]:
 def _save_forever(pms, path):
     i = 0
     while True:
-        pms[i % len(pms)].save_pretrained(path)
+        atomic_save(pms[i % len(pms)], path)
         i += 1
 
 
@@ -70,7 +70,7 @@ def _kill_during(target, args, delays) -> None:
         yield proc.exitcode
 
 
-def test_save_pretrained_survives_sigkill(tmp_path):
+def test_atomic_save_survives_sigkill(tmp_path):
     target = str(tmp_path / "pack")
     a, b, c = _pack(8, seed=0), _pack(200, seed=1), _pack(201, seed=2)
     valid = set()
@@ -79,11 +79,11 @@ def test_save_pretrained_survives_sigkill(tmp_path):
         pm.save_pretrained(ref)
         valid.add(_digest(ref))
     assert len(valid) == 3
-    a.save_pretrained(target)  # the previous pack
+    atomic_save(a, target)  # the previous pack
     t0 = time.perf_counter()
-    b.save_pretrained(target)
+    atomic_save(b, target)
     t_save = time.perf_counter() - t0
-    a.save_pretrained(target)
+    atomic_save(a, target)
     rng = random.Random(0)
     delays = [rng.uniform(0.02, 0.02 + 4 * t_save) for _ in range(12)]
     for code in _kill_during(_save_forever, ([b, c, a], target), delays):
@@ -171,7 +171,7 @@ def test_ldke_save_replaces_the_folder_and_keeps_other_files(tmp_path):
     (target / "README.md").write_text("# My pack\n\nHand-written intro.\n")
     inode = os.stat(target).st_ino
     pm = _pack(3, rank=4)
-    pm.save_pretrained(target)
+    atomic_save(pm, target)
     assert os.stat(target).st_ino != inode  # a new folder was swapped in
     assert (target / "notes.txt").read_text() == "mine"
     assert (target / "sub" / "x.txt").read_text() == "also mine"
@@ -180,7 +180,7 @@ def test_ldke_save_replaces_the_folder_and_keeps_other_files(tmp_path):
     assert not [n for n in os.listdir(tmp_path) if ".ldke-" in n]
     # a second adapter goes to its subfolder, the first one stays
     pm.add_adapter("second", LDKEConfig(slot_layers=[[3]], probe_layer=1, rank=4, router_dim=8))
-    pm.save_pretrained(target, selected_adapters=["second"])
+    atomic_save(pm, target, selected_adapters=["second"])
     assert (target / "adapter_model.safetensors").exists() and (target / "second" / "adapter_model.safetensors").exists()
 
 
@@ -201,11 +201,11 @@ def test_non_ldke_adapters_are_saved_by_peft_unchanged(tmp_path):
 
 def test_failed_save_leaves_the_previous_pack(tmp_path):
     target = tmp_path / "pack"
-    _pack(4, rank=4).save_pretrained(target)
+    atomic_save(_pack(4, rank=4), target)
     before = _digest(target)
     with pytest.raises(ValueError):
         # PEFT refuses unknown adapters after the staging folder was made
-        _pack(5, rank=4).save_pretrained(target, selected_adapters=["nope"])
+        atomic_save(_pack(5, rank=4), target, selected_adapters=["nope"])
     assert _digest(target) == before
     with pytest.raises(RuntimeError, match="boom"):
         with atomic_dir(target) as stage:
@@ -227,10 +227,10 @@ def test_fallback_without_rename_exchange(tmp_path, monkeypatch):
 
     monkeypatch.setattr(io, "_renameat2", False)
     target = tmp_path / "pack"
-    _pack(2, rank=4).save_pretrained(target)
+    atomic_save(_pack(2, rank=4), target)
     (target / "keep.txt").write_text("k")
     pm = _pack(3, rank=4)
-    pm.save_pretrained(target)
+    atomic_save(pm, target)
     assert _digest(target)[0] == 3 and (target / "keep.txt").read_text() == "k"
     assert not [n for n in os.listdir(tmp_path) if ".ldke-" in n]
 

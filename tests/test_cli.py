@@ -156,7 +156,7 @@ def test_push_to_local_hub(workdir, pack, tmp_path, capsys, monkeypatch):
     assert rc == 0
     assert capsys.readouterr().out.strip().endswith(commits[0].oid)
     assert commits[0].summary == "from the cli"
-    assert sorted(commits[0].files) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(commits[0].files) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "ldke_edits.json"]
     card = ModelCard(commits[0].files["README.md"].decode())
     assert card.data.base_model == "org/tiny-llava"
     assert "| coupled_locality | 0.500 |" in card.text and "## Edit reports" in card.text

@@ -185,7 +185,7 @@ def test_packs_without_group_field_still_load_and_bad_groups_are_refused(world, 
     # a pack written before router_groups existed: no such key in adapter_config.json
     old = tmp_path / "old"
     old.mkdir()
-    for f in ("adapter_model.safetensors", "adapter_config.json"):
+    for f in ("adapter_model.safetensors", "adapter_config.json", "ldke_edits.json"):
         (old / f).write_bytes((packs[0] / f).read_bytes())
     data = json.loads((old / "adapter_config.json").read_text())
     data.pop("router_groups", None)

@@ -212,6 +212,21 @@ def _no_weights(pack: Path) -> None:
     (pack / WEIGHTS).unlink()
 
 
+def _no_edits_file(pack: Path) -> None:
+    (pack / "ldke_edits.json").unlink()
+
+
+def _edits_file_of_another_save(pack: Path) -> None:
+    path = pack / "ldke_edits.json"
+    data = json.loads(path.read_text())
+    data["num_slots"], data["edits"] = 3, data["edits"] + [{"prompt": "x", "target": "y"}] * 3
+    path.write_text(json.dumps(data))
+
+
+def _edits_file_not_json(pack: Path) -> None:
+    (pack / "ldke_edits.json").write_text("{half")
+
+
 CORRUPTIONS = {
     "truncated": (_truncate, CorruptAdapterError, r"adapter_model\.safetensors.*(truncated|corrupt)"),
     "nan": (_nan, CorruptAdapterError, r"layers\.3\.mlp\.down_proj\.ldke_B.*non-finite"),
@@ -226,6 +241,9 @@ CORRUPTIONS = {
     "float_projection_in_int8_pack": (_float_projection, CorruptAdapterError, r"proj_v.*F32.*router_storage='int8'"),
     "missing_projection_scale": (_missing_scale, CorruptAdapterError, r"missing tensor ldke_router\.proj_t_scale"),
     "no_safetensors": (_no_weights, CorruptAdapterError, r"has no adapter_model\.safetensors"),
+    "no_edits_file": (_no_edits_file, CorruptAdapterError, r"has no ldke_edits\.json"),
+    "edits_file_of_another_save": (_edits_file_of_another_save, CorruptAdapterError, r"ldke_edits\.json describes 3 slots"),
+    "edits_file_not_json": (_edits_file_not_json, CorruptAdapterError, r"cannot read the LDKE pack's ldke_edits\.json"),
 }
 
 
@@ -492,3 +510,42 @@ def test_fitted_factors_are_stored_in_float16_and_reload_bit_for_bit(tmp_path):
     shutil.copytree(tmp_path / "float32", old)
     _edit_config(old, lambda cfg: (cfg.pop("delta_storage"), cfg.update(pack_format_version="1.2")))
     assert LDKEConfig.from_pretrained(str(old)).delta_storage == "float32"
+
+
+def test_edit_metadata_lives_beside_the_adapter_and_old_packs_keep_theirs(tmp_path):
+    """Per-edit prompts and targets are pack content, not hyperparameters: ``adapter_config.json`` holds none
+    (format 1.4), ``ldke_edits.json`` holds them, and every loader reads them back. A format-1.3 pack with
+    the edits inside its config (and no file) still loads with them. Saving is PEFT's own method: importing
+    ldke-peft patches nothing."""
+    from PIL import Image
+
+    from ldke_peft import EditRequest, edit
+    from ldke_peft.testing.tiny import tiny_model
+
+    assert PeftModel.save_pretrained.__module__ == "peft.peft_model"
+    model, proc = tiny_model("llava")
+    req = EditRequest(image=Image.new("RGB", (32, 32), (200, 30, 30)), prompt="What is shown?", target="Lyon")
+    pm = edit(model, proc, [req], LDKEConfig(localization="fixed", fixed_layers=[2], edit_steps=2), progress=False)
+    want = pm.peft_config["default"].edits
+    assert want and want[0]["prompt"] == "What is shown?" and want[0]["target"] == "Lyon"
+    pm.save_pretrained(tmp_path / "pack")
+    cfg = json.loads((tmp_path / "pack" / "adapter_config.json").read_text())
+    assert "edits" not in cfg and cfg["pack_format_version"] == "1.4"
+    assert json.loads((tmp_path / "pack" / "ldke_edits.json").read_text())["edits"] == json.loads(json.dumps(want))
+    assert pm.peft_config["default"].edits is want  # saving leaves the live config as it was
+    loaded = [LDKEConfig.from_pretrained(str(tmp_path / "pack")),
+              PeftModel.from_pretrained(tiny_model("llava")[0], str(tmp_path / "pack")).peft_config["default"]]
+    base = tiny_model("llava")[0]
+    base.load_adapter(str(tmp_path / "pack"))
+    loaded.append(base.peft_config["default"])
+    for c in loaded:
+        assert json.loads(json.dumps(c.edits)) == json.loads(json.dumps(want))
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "pack", old)
+    (old / "ldke_edits.json").unlink()
+    _edit_config(old, lambda c: c.update(edits=json.loads(json.dumps(want)), pack_format_version="1.3"))
+    again = PeftModel.from_pretrained(tiny_model("llava")[0], str(old))
+    assert again.peft_config["default"].edits[0]["target"] == "Lyon"
+    again.save_pretrained(tmp_path / "resaved")  # an old-format config keeps its format's layout
+    assert json.loads((tmp_path / "resaved" / "adapter_config.json").read_text())["edits"][0]["target"] == "Lyon"
+    assert not (tmp_path / "resaved" / "ldke_edits.json").exists()
