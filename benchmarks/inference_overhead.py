@@ -168,7 +168,7 @@ def run_prefill(model: Any, inputs: dict[str, Any]) -> None:
 
 def breakdown(pm: Any, batch: int, seq: int, reps: int = 50) -> dict[str, float]:
     """Microseconds per call of the pieces LDKE adds, on synthetic tensors of the real shapes."""
-    from ldke_peft.routing import pool_features
+    from ldke_peft.routing_state import pool_features
 
     router = pm.base_model.router("default")
     d = router.mu_v.shape[0]

@@ -277,7 +277,7 @@ def save_edits(
     The save is atomic (:func:`ldke_peft.io.atomic_dir`): the folder holds either the previous pack or
     the complete new one, whenever the process dies. Other files already in the folder are kept.
     """
-    from .io import atomic_dir
+    from .io import atomic_dir, stored_state_dict
 
     config = _config_of(peft_model, adapter_name)
     save_directory = os.fspath(save_directory)
@@ -288,7 +288,7 @@ def save_edits(
     with atomic_dir(save_directory) as stage, tempfile.TemporaryDirectory(prefix="ldke-save-") as tmp:
         # LDKE never touches embeddings: no embedding-layer check (which would look the base up on the Hub)
         peft_model.save_pretrained(tmp, selected_adapters=[adapter_name], safe_serialization=True,
-                                   save_embedding_layers=False)
+                                   save_embedding_layers=False, state_dict=stored_state_dict(peft_model))
         # peft puts non-default adapters in a subfolder named after them
         src = tmp if adapter_name == "default" else os.path.join(tmp, adapter_name)
         for fname in PACK_FILES[:3] if has_edits_file(config) else PACK_FILES[:2]:

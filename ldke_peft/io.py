@@ -40,10 +40,12 @@ import stat
 import tempfile
 from typing import Any, Iterator, Sequence
 
+import torch
+
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["atomic_dir", "atomic_save", "default_dir_mode"]
+__all__ = ["atomic_dir", "atomic_save", "default_dir_mode", "stored_state_dict"]
 
 _TMP_TAG = ".ldke-tmp-"
 _OLD_TAG = ".ldke-old-"
@@ -118,14 +120,46 @@ def atomic_save(peft_model: Any, path: str | os.PathLike, *args: Any, **kwargs: 
     """``peft_model.save_pretrained(path, *args, **kwargs)``, atomically (see the module docstring).
 
     Works for any ``PeftModel``. ldke-peft's own savers (:func:`ldke_peft.hub.save_edits`, the CLI, the
-    merge) go through :func:`atomic_dir` too; a plain ``save_pretrained`` is PEFT's in-place save.
-    Returns ``path``.
+    merge) go through :func:`atomic_dir` too. Here LDKE slot factors are written as the adapter's
+    ``delta_storage`` says (:func:`stored_state_dict`); a plain ``save_pretrained`` is PEFT's in-place
+    save and writes them in float32 (the same values, twice the bytes). Returns ``path``.
     """
     from peft import PeftModel
 
+    kwargs = _with_stored_state_dict(peft_model, kwargs)
     with atomic_dir(path, copy_first=_UPDATED_IN_PLACE) as stage:
         PeftModel.save_pretrained(peft_model, stage, *args, **kwargs)
     return os.fspath(path)
+
+
+def stored_state_dict(peft_model: Any) -> dict[str, Any] | None:
+    """The model's state dict as its LDKE packs store it: the slot factors of each adapter with
+    ``delta_storage="float16"`` in float16 (the fit rounded them already, so this loses nothing);
+    ``None`` when no adapter stores them otherwise than as they are."""
+    from .peft_type import LDKEPeftType
+
+    configs = getattr(peft_model, "peft_config", {}) or {}
+    half = [n for n, c in configs.items()
+            if getattr(c, "peft_type", None) == LDKEPeftType.LDKE and getattr(c, "delta_storage", "float32") == "float16"]
+    if not half:
+        return None
+    suffixes = tuple(f".{t}.{n}" for n in half for t in ("ldke_A", "ldke_B"))
+
+    def stored(k: str, v: Any) -> Any:
+        if not (k.endswith(suffixes) and v.is_floating_point() and v.dtype != torch.float16):
+            return v
+        h = v.half()
+        # only where nothing is lost (factors set by hand, not by the fit, stay as they are)
+        return h if torch.equal(h.to(v.dtype), v) else v
+
+    return {k: stored(k, v) for k, v in peft_model.state_dict().items()}
+
+
+def _with_stored_state_dict(peft_model: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    if kwargs.get("state_dict") is not None:
+        return kwargs
+    sd = stored_state_dict(peft_model)
+    return kwargs if sd is None else {**kwargs, "state_dict": sd}
 
 
 # ---------------------------------------------------------------------- helpers

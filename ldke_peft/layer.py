@@ -28,7 +28,8 @@ from torch.nn.modules import module as _torch_module
 from transformers.pytorch_utils import Conv1D
 
 from .context import _FORCED_SLOT, current_forced_slots
-from .routing import NO_SLOT, RouterState, RoutingState
+from .routing import NO_SLOT, RouterState
+from .routing_state import RoutingState
 
 
 def _text_encoder(config: Any) -> str | None:
@@ -57,7 +58,7 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 
 class LDKELayer(BaseTunerLayer):
     adapter_layer_names = ("ldke_A", "ldke_B", "ldke_router")
-    other_param_names = ("ldke_slot_ids", "rank", "scaling", "max_delta_norm", "half_storage")
+    other_param_names = ("ldke_slot_ids", "rank", "scaling", "max_delta_norm")
 
     def __init__(self, base_layer: nn.Module, layer_idx: int, routing_state: RoutingState, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -65,7 +66,6 @@ class LDKELayer(BaseTunerLayer):
         self.rank: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
         self.max_delta_norm: dict[str, float] = {}
-        self.half_storage: dict[str, bool] = {}
         self.ldke_A = nn.ParameterDict()
         self.ldke_B = nn.ParameterDict()
         self.ldke_router = nn.ModuleDict()
@@ -111,7 +111,6 @@ class LDKELayer(BaseTunerLayer):
         self.rank[adapter_name] = config.rank
         self.scaling[adapter_name] = config.alpha / config.rank
         self.max_delta_norm[adapter_name] = float(config.max_delta_norm)
-        self.half_storage[adapter_name] = getattr(config, "delta_storage", "float32") == "float16"
         if hosted or adapter_name in self.ldke_A:
             self._resize_deltas(adapter_name, hosted, config.rank)
         if config.probe_layer == self.layer_idx:
@@ -233,22 +232,6 @@ class LDKELayer(BaseTunerLayer):
                 self.get_base_layer().weight.data -= self.get_delta_weight(name)
 
 
-def _factors_as_stored(module: "LDKELayer", state_dict: dict, prefix: str, local_metadata: Any) -> None:
-    """State-dict post-hook: the slot factors as the pack stores them (float16 where the adapter says so
-    and the values are exactly representable: factors set by hand, not by the fit, stay as they are)."""
-    for name, half in module.half_storage.items():
-        if not half:
-            continue
-        for store in ("ldke_A", "ldke_B"):
-            key = f"{prefix}{store}.{name}"
-            v = state_dict.get(key)
-            if v is None or not v.is_floating_point() or v.dtype == torch.float16:
-                continue
-            h = v.detach().half()
-            if torch.equal(h.to(v.dtype), v.detach()):
-                state_dict[key] = h
-
-
 class LDKELinear(nn.Module, LDKELayer):
     """``base(x)`` plus, per row, the delta of the slot the router chose for that row."""
 
@@ -258,9 +241,6 @@ class LDKELinear(nn.Module, LDKELayer):
         super().__init__()
         LDKELayer.__init__(self, base_layer, layer_idx, routing_state, **kwargs)
         self._active_adapter = adapter_name
-        # the factors of adapters with ``delta_storage="float16"`` leave ``state_dict()`` (so any save,
-        # PEFT's included) in float16: the fit rounded them already, so nothing is lost
-        self.register_state_dict_post_hook(_factors_as_stored)
         self.update_layer(adapter_name, config)
 
     @staticmethod

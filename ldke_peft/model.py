@@ -7,7 +7,7 @@ provide them:
 * a forward **pre-hook on the root model** records the image-token mask, the prompt mask and whether
   this call is a prefill (empty KV cache) or a decode step;
 * a forward **hook on the probe decoder layer** pools features from its output and asks each active
-  pack's router for a per-row slot decision, stored in a :class:`~ldke_peft.routing.RoutingState`
+  pack's router for a per-row slot decision, stored in a :class:`~ldke_peft.routing_state.RoutingState`
   shared with every :class:`~ldke_peft.layer.LDKELinear`.
 
 Decode steps reuse the prefill decision (the KV cache holds the prompt). Hooks are installed on the
@@ -32,7 +32,8 @@ from .errors import MergeRefusedError, UnsupportedModelError
 from .families import Family, family_of
 from .fingerprint import check_fingerprint, compute_fingerprint
 from .layer import LDKELayer, LDKELinear
-from .routing import NO_SLOT, RoutingInputs, RoutingState, pool_features
+from .routing import NO_SLOT
+from .routing_state import RoutingInputs, RoutingState, pool_features
 
 logger = logging.getLogger(__name__)
 

@@ -482,7 +482,8 @@ def test_a_text_keyed_pack_without_a_tokenizer_says_how_to_give_one(good_pack):
 
 def test_fitted_factors_are_stored_in_float16_and_reload_bit_for_bit(tmp_path):
     """``delta_storage="float16"`` (the default) halves the delta's bytes without changing what runs: the
-    fit rounds the factors and checks the edit on them; an older pack format keeps float32."""
+    fit rounds the factors and checks the edit on them, ldke-peft's savers write them in float16; an older
+    pack format keeps float32."""
     from PIL import Image
 
     from ldke_peft import EditRequest, edit
@@ -494,8 +495,13 @@ def test_fitted_factors_are_stored_in_float16_and_reload_bit_for_bit(tmp_path):
         model, proc = tiny_model("llava")
         pm = edit(model, proc, [req], LDKEConfig(delta_storage=storage, localization="fixed", fixed_layers=[2]),
                   progress=False)
-        pm.save_pretrained(tmp_path / storage)
+        ldke_peft.save_edits(pm, tmp_path / storage)
         tensors = load_file(str(tmp_path / storage / WEIGHTS))
+        # PEFT's own save (nothing patched) keeps the parameters' float32: the same values, twice the bytes
+        pm.save_pretrained(tmp_path / f"{storage}_peft")
+        plain = load_file(str(tmp_path / f"{storage}_peft" / WEIGHTS))
+        assert all(plain[k].dtype == torch.float32 and torch.equal(plain[k], t.float()) for k, t in tensors.items()
+                   if k.endswith(("ldke_A", "ldke_B")))
         factors = {k: t for k, t in tensors.items() if k.endswith(("ldke_A", "ldke_B"))}
         assert factors and all(t.dtype == getattr(torch, storage) for t in factors.values())
         sizes[storage] = sum(t.numel() * t.element_size() for t in factors.values())

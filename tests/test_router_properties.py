@@ -212,7 +212,7 @@ def pooling_cases(draw):
 def test_pool_features_match_the_documented_rule(case):
     """Visual = mean over image tokens, textual = [mean over prompt text tokens ; last prompt token],
     each L2-normalised (zeros where a row has no such token); float64 reference."""
-    from ldke_peft.routing import pool_features
+    from ldke_peft.routing_state import pool_features
 
     h, image, prompt = case
     v, t, has = pool_features(h, image, prompt)

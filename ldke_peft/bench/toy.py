@@ -92,7 +92,9 @@ def run_single(world: Any, requests: Sequence[Any], pool: NegativePool, override
 def _adapter_bytes(pm: Any, adapter_name: str = "default") -> int:
     from peft.utils import get_peft_model_state_dict
 
-    sd = get_peft_model_state_dict(pm, adapter_name=adapter_name)
+    from ..io import stored_state_dict
+
+    sd = get_peft_model_state_dict(pm, state_dict=stored_state_dict(pm), adapter_name=adapter_name)
     n_slots = max(1, pm.peft_config[adapter_name].num_slots)
     return int(sum(t.numel() * t.element_size() for t in sd.values()) / n_slots)
 
