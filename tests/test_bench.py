@@ -309,6 +309,14 @@ def test_runs_made_in_parallel_merge_into_one_report(tmp_path):
     assert {b["bar"]: b["value"] for b in bars(res)}["LDKE reliability >= 0.99"] == ra["methods"]["ldke"]["reliability"]
     assert (out / "metrics.png").read_bytes()[:4] == b"\x89PNG" and (out / "sequential.png").is_file()
 
+    # a merge of a merge lists the runs it was made of, with their commands and commits
+    ab = tmp_path / "ab"
+    assert bench_run.main(["--merge", str(a), str(b), "--out", str(ab)]) == 0
+    assert bench_run.main(["--merge", str(ab), str(c), "--out", str(tmp_path / "abc")]) == 0
+    again = json.loads((tmp_path / "abc" / "details.json").read_text())["merged_from"]
+    assert [m["folder"] for m in again] == [str(a), str(b), str(c)]
+    assert [m["argv"] for m in again] == [m["argv"] for m in details["merged_from"]] and again[0]["argv"]
+
     # refused: a method measured twice, another suite, other cases, a folder that is not a run
     with pytest.raises(MergeError, match="more than one run"):
         merge_runs([a, a])

@@ -119,5 +119,9 @@ def merge_runs(folders: Sequence[str | Path]) -> tuple[dict[str, Any], dict[str,
         if source["dropped_methods"]:
             logger.info("%s: single-edit rows %s dropped (%s edits, the merged table has %d)", folder,
                         source["dropped_methods"], res.get("n_edits"), n_single)
-        details["merged_from"].append(source)
+        if det.get("merged_from"):
+            # a merged run: keep the runs it was made of (their commands and commits), not the merge itself
+            details["merged_from"].extend(dict(sub) for sub in det["merged_from"])
+        else:
+            details["merged_from"].append(source)
     return results, details
