@@ -174,11 +174,10 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     if args.model == "toy" or args.model.startswith("toy:"):
-        from ldke_peft.bench.toy import world_pool
         from ldke_peft.testing.toy_world import toy_world
 
         world = toy_world(seed=int(args.model.split(":")[1]) if ":" in args.model else 0)
-        base, processor, pool = world.model, world.processor, world_pool(world)
+        base, processor, pool = world.model, world.processor, world.negative_pool()
         reqs = world.edit_requests(args.n_edits, seed=3) if not args.requests else None
     else:
         from ldke_peft.cli import load_model

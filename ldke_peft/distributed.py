@@ -138,7 +138,6 @@ def load_world_or_model(spec: str, *, processor: str | None = None, device: str 
     import torch
 
     if spec == "toy" or spec.startswith("toy:"):
-        from .bench.toy import world_pool
         from .testing.toy_world import toy_world
 
         seed = int(spec.split(":", 1)[1]) if ":" in spec else 0
@@ -147,7 +146,7 @@ def load_world_or_model(spec: str, *, processor: str | None = None, device: str 
         if dtype != "auto":
             model = model.to(getattr(torch, dtype))
         model.to(device).eval()
-        return model, world.processor, world_pool(world)
+        return model, world.processor, world.negative_pool()
     from .cli import load_model
 
     model, proc = load_model(spec, processor_path=processor, device=device, dtype=dtype)

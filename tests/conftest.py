@@ -17,9 +17,7 @@ def world():
 
 @pytest.fixture(scope="session")
 def world_pool(world):
-    from ldke_peft.bench.toy import world_pool as _pool
-
-    return _pool(world)
+    return world.negative_pool()
 
 
 def pytest_configure(config):

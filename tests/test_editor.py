@@ -10,7 +10,7 @@ import pytest
 import ldke_peft
 from ldke_peft import EditRequest, LDKEConfig
 from ldke_peft.bench.mke import editor_view
-from ldke_peft.bench.toy import _spearman
+from ldke_peft.bench.studies import _spearman
 from ldke_peft.localization import locate, trace
 from ldke_peft.metrics import collect_pre, compute_metrics
 from ldke_peft.model import default_probe_layer

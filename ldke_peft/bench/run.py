@@ -405,25 +405,18 @@ def drop_covered(r: EditRequest, pre: Any, facts: set[tuple[str, str]]) -> tuple
 # ---------------------------------------------------------------------- localization / speed / overhead
 
 
-class _WorldView:
-    """What :mod:`ldke_peft.bench.toy`'s studies need from a world: model, processor, family."""
-
-    def __init__(self, model: Any, processor: Any):
-        self.model, self.processor, self.family = model, processor, family_of(model)
-
-
 def run_localization(suite: Suite, n: int, positions: int) -> dict[str, Any]:
     """Fast Localization vs exact per-layer causal tracing on ``n`` requests, and ROME-style
     per-(layer, position) tracing (the cost reference of the speedup bar) on ``positions`` of them."""
-    from .toy import run_localization as _run
+    from .studies import run_localization as _run
 
-    return _run(_WorldView(suite.model, suite.processor), suite.requests[:n], n_positions=positions)
+    return _run(suite.model, suite.processor, suite.requests[:n], n_positions=positions)
 
 
 def run_edit_speed(suite: Suite, n: int) -> dict[str, Any]:
-    from .toy import run_edit_speed as _run
+    from .studies import run_edit_speed as _run
 
-    return _run(_WorldView(suite.model, suite.processor), suite.requests[:n])
+    return _run(suite.model, suite.processor, suite.requests[:n])
 
 
 def _overhead_from_file(path: Path) -> dict[str, Any] | None:
