@@ -98,7 +98,8 @@ def make_pack(base: Any, processor: Any, n_slots: int, anchor: tuple[Any, str], 
     from peft import get_peft_model
 
     from ldke_peft import LDKEConfig, family_of
-    from ldke_peft.model import collect_probe_features, default_probe_layer
+    from ldke_peft.model import default_probe_layer
+    from ldke_peft.probe_features import collect_probe_features
 
     model = copy.deepcopy(base)
     n_layers = family_of(model).num_layers(model)

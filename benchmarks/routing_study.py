@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     from ldke_peft import LDKEConfig, edit
     from ldke_peft.bench.mke import editor_view
     from ldke_peft.bench.run import load_suite
-    from ldke_peft.model import collect_probe_features
+    from ldke_peft.probe_features import collect_probe_features
 
     editor.fit_delta = _noop_fit
     suite = load_suite(args.suite, args.n, split=args.split)

@@ -7,7 +7,7 @@ that another call edited. :class:`ScopeMemory` records, per session, what each s
 :func:`guard_leaks` and :func:`guard_entities` shrink radii (never below a slot's own inputs) to put both out.
 
 Owns: the memory and the two guards. Reads the router's tensors and computes probe features through
-:func:`ldke_peft.model.collect_probe_features`; knows nothing of fitting deltas or building rows.
+:func:`ldke_peft.probe_features.collect_probe_features`; knows nothing of fitting deltas or building rows.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import torch
 
 from .augment import same_question
-from .model import collect_probe_features
+from .probe_features import collect_probe_features
 from .requests import EditRequest, image_fingerprint
 
 logger = logging.getLogger(__name__)

@@ -19,7 +19,8 @@ from .augment import dedupe, generic_question_bank, paraphrases
 from .config import LDKEConfig
 from .delta_fit import _positive_rows
 from .families import Family
-from .model import LDKEModel, attach_tokenizer, collect_probe_features, _root_model
+from .model import LDKEModel, attach_tokenizer, _root_model
+from .probe_features import collect_probe_features
 from .pack_scope import ScopeMemory, entity_key, guard_entities, guard_leaks, probes_of
 from .requests import EditRequest, image_fingerprint
 from .router_fit import SlotCalibration, calibrate_slot, fit_projection

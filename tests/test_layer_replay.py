@@ -147,7 +147,7 @@ def test_packed_fit_reaches_the_same_delta_as_the_rows_as_built(monkeypatch):
 @pytest.mark.parametrize("model_type", ["llava", "qwen2_vl"])
 def test_packed_router_features_equal_each_row_run_alone(model_type, monkeypatch):
     import ldke_peft.layer_replay as lr
-    from ldke_peft.model import collect_probe_features
+    from ldke_peft.probe_features import collect_probe_features
 
     model, processor = tiny_model(model_type)
     imgs = [Image.new("RGB", (64, 64), (200, 30, 30)), Image.new("RGB", (64, 64), (20, 90, 220))]

@@ -254,7 +254,7 @@ def test_text_only_never_routes_to_image_slot(model_type):
     hp = hand_pack(model, proc, [SlotSpec([2], IN_A)])
     router = hp.model.base_model.router("default")
     # Make the textual test pass for the text-only question: key_t = its own features, huge radii.
-    v, t, has = ldke_peft.model.collect_probe_features(hp.model, proc, 1, [None, RED], [PROMPT_A, PROMPT_A])
+    v, t, has = ldke_peft.probe_features.collect_probe_features(hp.model, proc, 1, [None, RED], [PROMPT_A, PROMPT_A])
     assert has.tolist() == [False, True]
     zv, zt = router.project(v, t)
     router.set_slot(0, key_v=zv[1], key_t=zt[0], radius_v=1e6, radius_t=1e6, needs_image=True)
