@@ -20,7 +20,7 @@ TUNER = {"config", "layer", "model", "routing", "context", "layer_replay", "ques
 #: makes edits: delta fit, router fit, localization, pack-level guards, checks, the orchestrating editor
 EDITING = {"editor", "scope_fit", "delta_fit", "pack_scope", "edit_checks", "localization", "router_fit"}
 #: the product around edits and the benchmark; never imported by the layers above
-OUTER = {"bench", "testing", "cli", "cli_front", "demo", "hub", "merge", "merge_sources", "distributed", "metrics", "plots"}
+OUTER = {"bench", "testing", "cli", "cli_front", "demo", "hub", "merge", "merge_sources", "distributed_launch", "distributed", "metrics", "plots"}
 #: math on tensors only: import nothing of the library
 LEAVES = {"routing", "router_fit", "context", "errors", "augment"}
 

@@ -18,7 +18,8 @@ import pytest
 from peft import PeftModel
 
 import ldke_peft
-from ldke_peft.distributed import _free_port, aggregate_rows, edit_main, shard_indices
+from ldke_peft.distributed import aggregate_rows, edit_main, shard_indices
+from ldke_peft.distributed_launch import _free_port
 from ldke_peft.metrics import METRIC_KEYS, collect_pre, compute_metrics
 from ldke_peft.requests import load_jsonl, save_jsonl
 
