@@ -7,6 +7,8 @@
 * A generic question bank (hard negatives: same image + another question) of domain-free VQA
   questions (colour, count, shape, ...), added to the caller's own bank. It names no domain: questions
   about the caller's subject matter come from the caller's negatives (``NegativePool``).
+
+Layer: data, a leaf (README "Architecture"): imports nothing of the library.
 """
 
 from __future__ import annotations

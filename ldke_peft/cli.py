@@ -11,6 +11,8 @@ from ``config.json``'s ``model_type`` through :mod:`ldke_peft.families`; nothing
 Errors a user can cause (a missing file, a malformed request, an unsupported model, a pack for another
 base model) print one line, ``ldke: error: ...``, and exit with status 2; ``--debug`` shows the
 traceback instead. ``-v`` / ``-vv`` turn on INFO / DEBUG logging.
+
+Layer: product (README "Architecture"): may import every layer; no library layer imports it.
 """
 
 from __future__ import annotations

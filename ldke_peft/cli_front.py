@@ -4,6 +4,8 @@ The parser imports nothing heavy itself; a command's code (:mod:`ldke_peft.cli`)
 run it. Reaching this module still runs ``ldke_peft/__init__.py``, whose import registers the PEFT type
 (peft and torch: a few seconds of CPU before ``ldke --help`` answers). A faster front would have to live
 outside the package, and the project's top level is fixed.
+
+Layer: product (README "Architecture"): may import every layer; no library layer imports it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""``LDKEConfig``: the PEFT config of an LDKE edit pack."""
+"""``LDKEConfig``: the PEFT config of an LDKE edit pack.
+
+Layer: tuner (README "Architecture"): imports only data and tuner modules, never the editing or product code.
+"""
 
 from __future__ import annotations
 

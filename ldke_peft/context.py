@@ -4,6 +4,8 @@ The router pools its textual features over *prompt* positions. When a caller app
 (teacher-forced metrics, training), it tells the router which positions are the prompt with
 :func:`prompt_mask_context`. A context variable (not a forward kwarg) keeps this working for any
 model class, wrapped or not, and for models without LDKE adapters, where it is simply ignored.
+
+Layer: tuner, a leaf (README "Architecture"): imports nothing of the library.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ Owns: :func:`fit_delta` (two phases: confident stop, then argmax on every target
 grows with the target), its step bound and :class:`EditDivergedError`. The rows come from
 :mod:`ldke_peft.scope`; layers below the edited span are replayed from a capture
 (:mod:`ldke_peft.layer_replay`). Knows nothing of routing.
+
+Layer: editing (README "Architecture"): imports data, tuner and editing modules, never the product code.
 """
 
 from __future__ import annotations

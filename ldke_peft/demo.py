@@ -19,6 +19,8 @@ Everything runs on one torch thread (:func:`~ldke_peft.testing.toy_world.one_thr
 setting is restored): the toy model is so small that more threads only add overhead.
 
 This module is the CLI's user interface, so it prints; the library underneath logs.
+
+Layer: product (README "Architecture"): may import every layer; no library layer imports it.
 """
 
 from __future__ import annotations

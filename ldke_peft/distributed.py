@@ -27,6 +27,8 @@ and is what ``--num-processes`` uses.
 
 A failure in one process is reported to all (the status travels with the collective instead of a
 bare barrier), so no process waits forever for a crashed peer.
+
+Layer: product (README "Architecture"): may import every layer; no library layer imports it.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """Process plumbing of :mod:`ldke_peft.distributed`: shards, the accelerate state, launching processes,
 gathering results and reporting a failed process to all. Knows nothing of edits or metrics.
+
+Layer: product (README "Architecture"): may import every layer; no library layer imports it.
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """Checks an edit runs before anything changes: the pack, the config, the processor and the lengths.
 
 Each raises a specific error naming the problem; none touches the model.
+
+Layer: editing (README "Architecture"): imports data, tuner and editing modules, never the product code.
 """
 
 from __future__ import annotations

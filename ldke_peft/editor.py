@@ -4,6 +4,8 @@
 pack*); passing ``pack=`` appends slots to an existing pack (sequential editing). The base weights are
 never modified: every change lives in the adapter, and inputs the router sends to no slot run the
 original weights bit for bit.
+
+Layer: editing (README "Architecture"): imports data, tuner and editing modules, never the product code.
 """
 
 from __future__ import annotations

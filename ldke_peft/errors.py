@@ -3,6 +3,8 @@
 Every failure a user can trigger with bad input maps to one of these types, each with a message that
 names the offending field, file or model type. They all derive from :class:`LDKEError` (and from the
 closest builtin, so ``except ValueError`` keeps working for code written against plain PEFT).
+
+Layer: data, a leaf (README "Architecture"): imports nothing of the library.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ A fingerprint is ``model_type``, hidden size, number of decoder layers and a *we
 deterministically sampled values of every decoder layer's MLP output projection. Sampling (instead
 of hashing whole tensors) keeps it O(layers) on a 70B model, and comparing with a tolerance keeps a
 pack valid when the same base is loaded in bf16 instead of fp32.
+
+Layer: tuner (README "Architecture"): imports only data and tuner modules, never the editing or product code.
 """
 
 from __future__ import annotations

@@ -20,6 +20,8 @@ the base model as it was.
 
 Pushing was tested against an in-process fake Hub (:class:`ldke_peft.testing.fake_hub.FakeHub`), not
 against huggingface.co.
+
+Layer: product (README "Architecture"): may import every layer; no library layer imports it.
 """
 
 from __future__ import annotations

@@ -26,6 +26,8 @@ A failed or killed save leaves only a staging folder (a hidden sibling of the ta
 
 :func:`atomic_save` is ``PeftModel.save_pretrained`` through this path, for any adapter type. Importing
 ldke-peft patches nothing: a plain ``save_pretrained`` stays PEFT's in-place save.
+
+Layer: tuner (README "Architecture"): imports only data and tuner modules, never the editing or product code.
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ A wrapped layer plays one or both of two roles per adapter (edit pack):
 Deltas are stored sparsely: a layer only holds the slots that edit it (``ldke_slot_ids`` maps local
 rows to global slot indices), so a pack grows linearly with the number of edits, not with
 edits × layers.
+
+Layer: tuner (README "Architecture"): imports only data and tuner modules, never the editing or product code.
 """
 
 from __future__ import annotations

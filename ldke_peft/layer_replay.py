@@ -22,6 +22,8 @@ tokens told apart by their image) and a mask that lets each token see exactly wh
 own row: the same computation, each shared token computed once. A packed replay is also checked
 against the forward, and dropped for the plain one when any part of a layer call cannot be packed
 (non-causal masks, per-row inputs it does not know, a cache).
+
+Layer: tuner (README "Architecture"): imports only data and tuner modules, never the editing or product code.
 """
 
 from __future__ import annotations

@@ -21,6 +21,8 @@ seed, so neither the exact reference nor the fast estimate is stable under it.
 Layer 0 and every layer at or below the router's probe layer are excluded from the candidates:
 restoring layer 0 mostly just undoes the input noise (it dominates any tracing and is not where a
 fact is stored), and an edited layer must run *after* the routing decision.
+
+Layer: editing (README "Architecture"): imports data, tuner and editing modules, never the product code.
 """
 
 from __future__ import annotations

@@ -30,6 +30,8 @@ reported. Nothing is overwritten silently.
 Different ranks and router widths are merged exactly: deltas are zero-padded to the largest rank with
 each source's ``alpha / rank`` folded into ``B``, projections and keys zero-padded to the widest
 router (zero columns add nothing to a distance).
+
+Layer: product (README "Architecture"): may import every layer; no library layer imports it.
 """
 
 from __future__ import annotations

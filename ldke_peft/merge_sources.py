@@ -3,6 +3,8 @@ parsed per edited layer and router; written back as a pack folder or a ``PeftMod
 
 Owns: :func:`load_pack`, :func:`save_pack`, :func:`to_peft_model` and the parsed form the merge works on.
 Knows nothing of how packs are combined (:mod:`ldke_peft.merge`).
+
+Layer: product (README "Architecture"): may import every layer; no library layer imports it.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """``LDKEModel``: the PEFT tuner that injects LDKE layers and installs the routing hooks
 (:mod:`ldke_peft.routing_hooks`, which say why they are hooks on the transformers model itself).
+
+Layer: tuner (README "Architecture"): imports only data and tuner modules, never the editing or product code.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ diffed, printed, merged into model cards). Per-edit prompts, targets, subjects a
 are data about the pack's content, they grow with every edit, and a user reviewing a pack wants them
 apart from the settings. Packs of format 1.3 and older kept them in ``adapter_config.json`` under
 ``edits``; those still load (the file is then not looked for).
+
+Layer: tuner (README "Architecture"): imports only data and tuner modules, never the editing or product code.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ that another call edited. :class:`ScopeMemory` records, per session, what each s
 
 Owns: the memory and the two guards. Reads the router's tensors and computes probe features through
 :func:`ldke_peft.probe_features.collect_probe_features`; knows nothing of fitting deltas or building rows.
+
+Layer: editing (README "Architecture"): imports data, tuner and editing modules, never the product code.
 """
 
 from __future__ import annotations

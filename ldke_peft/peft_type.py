@@ -4,6 +4,8 @@
 ``str``-enum of its own (transformers' ``load_adapter`` reads ``peft_type.value``, so a plain string
 would break it) and inserts itself into peft's mapping dicts. Importing :mod:`ldke_peft` does this;
 re-importing is harmless.
+
+Layer: tuner (README "Architecture"): imports only data and tuner modules, never the editing or product code.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 matplotlib is imported lazily, with the non-interactive ``Agg`` backend, so importing ldke-peft never
 needs it and plots render on headless machines.
+
+Layer: product (README "Architecture"): may import every layer; no library layer imports it.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@ probe layer only (the rest of the forward is cut short).
 
 Owns :func:`collect_probe_features`, which the router fit, the pack guards and the studies share. Runs
 the tuner's model; knows nothing of fitting.
+
+Layer: tuner (README "Architecture"): imports only data and tuner modules, never the editing or product code.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ stripped) and embeds it.
 It owns: resolving and loading the encoder (a local folder, the Hub cache, or a model bundled in an
 installed package, so nothing is downloaded at run time), the question text of a row, and the
 embedding. It imports nothing else of ldke_peft but the errors.
+
+Layer: tuner (README "Architecture"): imports only data and tuner modules, never the editing or product code.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ entities for the visual part (all views of one entity vs other and look-alike en
 relations for the textual part (rephrasings of one question vs other questions). Keys are the
 centroids of each slot's positives; each radius sits between the farthest positive and the nearest
 negative (``margin`` = 0.5: the midpoint).
+
+Layer: editing, a leaf (README "Architecture"): imports nothing of the library.
 """
 
 from __future__ import annotations

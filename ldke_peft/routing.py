@@ -16,6 +16,8 @@ before format 1.2 (or made with ``router_text_encoder=None``) pool it from the p
 This module holds the storage (:class:`RouterState`, saved with the adapter) and the decision; the
 per-call state and feature pooling are :mod:`ldke_peft.routing_state`. Fitting keys, radii and projections is the editor's job
 (:mod:`ldke_peft.router_fit`).
+
+Layer: tuner, a leaf (README "Architecture"): imports nothing of the library.
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ where no ``PeftModel.forward`` runs, and with gradient checkpointing):
 
 Owns the hook factories, the per-model state lookup and the question-text route. Imports no editing code
 and not :mod:`ldke_peft.model` (the tuner installs these hooks).
+
+Layer: tuner (README "Architecture"): imports only data and tuner modules, never the editing or product code.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ probe layer and the per-adapter decisions the LDKE layers read.
 Owns: :class:`RoutingInputs`, :class:`Decisions`, :class:`RoutingState` (one per model, shared by its
 LDKE layers) and :func:`pool_features`. The decision itself is :meth:`ldke_peft.routing.RouterState.route`;
 this module imports nothing else of the library.
+
+Layer: tuner (README "Architecture"): imports only data and tuner modules, never the editing or product code.
 """
 
 from __future__ import annotations

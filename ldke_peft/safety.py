@@ -16,6 +16,8 @@ goes through) and checks the files alone, without a model:
 
 Cost is one pass over the file (each tensor is read once, one at a time). Whether the pack fits the
 *model* (hidden size, weights) is checked at injection by :mod:`ldke_peft.fingerprint`.
+
+Layer: tuner (README "Architecture"): imports only data and tuner modules, never the editing or product code.
 """
 
 from __future__ import annotations

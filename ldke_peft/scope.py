@@ -4,6 +4,8 @@ the caller's :class:`NegativePool` and automatic rewrites (never from any benchm
 Owns: ``NegativePool`` and the functions that list an edit's positive views/wordings and its negative
 questions/images. Knows nothing of models: the delta fit (:mod:`ldke_peft.delta_fit`) and the router fit
 (:mod:`ldke_peft.scope_fit`) turn these into rows.
+
+Layer: data (README "Architecture"): imports only other data modules.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ Owns: :func:`fit_router`, :func:`router_rows`, the negative pool's rows and thei
 :func:`editor_rows` (every row an edit fits on, for the leakage test). The math lives in
 :mod:`ldke_peft.router_fit`; positives/negatives in :mod:`ldke_peft.scope`; guards in
 :mod:`ldke_peft.pack_scope`.
+
+Layer: editing (README "Architecture"): imports data, tuner and editing modules, never the product code.
 """
 
 from __future__ import annotations

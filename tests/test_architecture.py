@@ -76,3 +76,23 @@ def test_the_checker_sees_lazy_imports(tmp_path):
         assert _imports(fake) == {"bench", "demo"}
     finally:
         fake.unlink()
+
+
+def test_every_module_docstring_names_its_layer():
+    """Each module says in its opening docstring which layer it belongs to and what it may import, and that
+    claim is the one this file enforces (a module moved to another layer must change its docstring too)."""
+    names = {"data": DATA, "tuner": TUNER, "editing": EDITING, "product": OUTER}
+    wrong = []
+    for p in sorted(PKG.rglob("*.py")):
+        rel = p.relative_to(PKG)
+        top = rel.parts[0][:-3] if len(rel.parts) == 1 else rel.parts[0]
+        if top in ("bench", "testing", "__init__", "__main__"):
+            continue
+        doc = ast.get_docstring(ast.parse(p.read_text())) or ""
+        line = next((ln for ln in doc.splitlines() if ln.startswith("Layer: ")), "")
+        layer = next(n for n, mods in names.items() if top in mods)
+        leaf = top in LEAVES
+        if not line.startswith(f"Layer: {layer}{', a leaf' if leaf else ' ('}") or (
+                leaf and "imports nothing of the library" not in line):
+            wrong.append(f"{rel}: {line or 'no Layer: line'}")
+    assert not wrong, wrong

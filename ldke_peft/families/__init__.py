@@ -17,6 +17,8 @@ mixture-of-experts MLPs) raise :class:`~ldke_peft.errors.UnsupportedModelError` 
 
 Families are found from ``config.model_type`` and the model itself (never from a path or a class
 name), so a model saved under any directory name is handled the same way.
+
+Layer: tuner (README "Architecture"): imports only data and tuner modules, never the editing or product code.
 """
 
 from __future__ import annotations

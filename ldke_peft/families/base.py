@@ -19,6 +19,8 @@ processor, never from a name --
 
 A model whose language model is a standard decoder therefore works with no family code. Subclasses
 exist only for real quirks (each says which), in their own modules of this package.
+
+Layer: tuner (README "Architecture"): imports only data and tuner modules, never the editing or product code.
 """
 
 from __future__ import annotations

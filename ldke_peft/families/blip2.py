@@ -1,4 +1,7 @@
-"""BLIP-2's quirks: no chat template, and a forward that always encodes ``pixel_values``."""
+"""BLIP-2's quirks: no chat template, and a forward that always encodes ``pixel_values``.
+
+Layer: tuner (README "Architecture"): imports only data and tuner modules, never the editing or product code.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""What a family adapter hands the editor: model inputs plus the masks over prompt and target tokens."""
+"""What a family adapter hands the editor: model inputs plus the masks over prompt and target tokens.
+
+Layer: tuner (README "Architecture"): imports only data and tuner modules, never the editing or product code.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""LLaVA-OneVision's quirk: a per-*row* image count among the processor outputs."""
+"""LLaVA-OneVision's quirk: a per-*row* image count among the processor outputs.
+
+Layer: tuner (README "Architecture"): imports only data and tuner modules, never the editing or product code.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""PaliGemma's quirks: a bidirectional prefix marked by ``token_type_ids``, and no text-only rows."""
+"""PaliGemma's quirks: a bidirectional prefix marked by ``token_type_ids``, and no text-only rows.
+
+Layer: tuner (README "Architecture"): imports only data and tuner modules, never the editing or product code.
+"""
 
 from __future__ import annotations
 

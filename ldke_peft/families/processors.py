@@ -1,4 +1,7 @@
-"""Video-free processors: the real processor classes built without a (torchvision-only) video processor."""
+"""Video-free processors: the real processor classes built without a (torchvision-only) video processor.
+
+Layer: tuner (README "Architecture"): imports only data and tuner modules, never the editing or product code.
+"""
 
 from __future__ import annotations
 

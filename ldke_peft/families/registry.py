@@ -1,6 +1,9 @@
 """Which family adapter a model gets: a hand-written quirk family where one is registered, else the
 structural adapter -- for every image-text-to-text model type transformers ships whose config passes
-:func:`~ldke_peft.families.support.check_config`."""
+:func:`~ldke_peft.families.support.check_config`.
+
+Layer: tuner (README "Architecture"): imports only data and tuner modules, never the editing or product code.
+"""
 
 from __future__ import annotations
 

@@ -19,6 +19,8 @@ encoder and projector beside a decoder-only language model reached through ``get
 Derivation is read-only and cached per model object. Anything that does not fit raises
 :class:`~ldke_peft.errors.UnsupportedModelError` saying which part is missing, before the model is
 touched.
+
+Layer: tuner (README "Architecture"): imports only data and tuner modules, never the editing or product code.
 """
 
 from __future__ import annotations

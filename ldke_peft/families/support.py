@@ -11,6 +11,8 @@ MLP of a decoder-only language model. Three kinds of image-text-to-text model br
 
 Structural failures (no decoder layer stack, mixture-of-experts MLPs) are found by
 :mod:`~ldke_peft.families.structure` on the model itself.
+
+Layer: tuner (README "Architecture"): imports only data and tuner modules, never the editing or product code.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""The transformers model inside PEFT wrappers."""
+"""The transformers model inside PEFT wrappers.
+
+Layer: tuner (README "Architecture"): imports only data and tuner modules, never the editing or product code.
+"""
 
 from __future__ import annotations
 

@@ -36,6 +36,8 @@ Pre-edit state is collected *before* editing with :func:`collect_pre` (EasyEdit'
 gets this wrong for in-place methods: it computes "pre" after the edit). For a ``peft.PeftModel``,
 :func:`evaluate` computes it inside ``model.disable_adapter()``, which for LDKE is the true pre-edit
 model because edits never touch the base weights.
+
+Layer: product (README "Architecture"): may import every layer; no library layer imports it.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """Scoring an edited model on its requests (:func:`compute_metrics`) and the EasyEdit-style entry point
-(:func:`evaluate`)."""
+(:func:`evaluate`).
+
+Layer: product (README "Architecture"): may import every layer; no library layer imports it.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """The pre-edit state (:class:`PreState`): what the unedited model answers on every locality probe,
-collected *before* editing (:func:`collect_pre`), and the batching helpers the metrics share."""
+collected *before* editing (:func:`collect_pre`), and the batching helpers the metrics share.
+
+Layer: product (README "Architecture"): may import every layer; no library layer imports it.
+"""
 
 from __future__ import annotations
 

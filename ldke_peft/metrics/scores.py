@@ -1,5 +1,8 @@
 """The metrics' definitions on tensors: teacher-forced accuracy, top-k agreement, answer normalisation,
-and the result keys. Pure functions; no model, no request."""
+and the result keys. Pure functions; no model, no request.
+
+Layer: product (README "Architecture"): may import every layer; no library layer imports it.
+"""
 
 from __future__ import annotations
 

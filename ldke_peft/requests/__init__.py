@@ -45,6 +45,8 @@ saves in-memory PIL images that have no file as ``images/<sha>.png`` next to the
 Images read by the loaders are checked (exists, is a file, non-empty, an image PIL can identify, not
 larger than :data:`MAX_IMAGE_SIDE`) but kept as paths, so a large dataset does not sit decoded in
 memory; pass ``open_images=True`` to get PIL images instead.
+
+Layer: data (README "Architecture"): imports only other data modules.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """EasyEdit's formats: its multimodal dataset JSON (``VQADataset``/``CaptionDataset``) and the request
 dicts its ``MultimodalEditor`` hands to an editing method.
+
+Layer: data (README "Architecture"): imports only other data modules.
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """Images of requests: checks (exists, decodes, not too large), loading, fingerprints and paths.
 
 Owns: what an acceptable image is. Imports nothing of the library but its errors.
+
+Layer: data (README "Architecture"): imports only other data modules.
 """
 
 from __future__ import annotations

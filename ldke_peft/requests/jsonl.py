@@ -1,6 +1,8 @@
 """ldke-peft's own JSONL format for requests (lossless round trip) and negative pools.
 
 The format is documented in :mod:`ldke_peft.requests`.
+
+Layer: data (README "Architecture"): imports only other data modules.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Errors that name the record (its index in a list or its line in a file) and the field at fault."""
+"""Errors that name the record (its index in a list or its line in a file) and the field at fault.
+
+Layer: data (README "Architecture"): imports only other data modules.
+"""
 
 from __future__ import annotations
 

@@ -2,6 +2,8 @@
 check it with), with their own validation and their dict form.
 
 Owns: the fields and their meaning. Must not import the loaders (they import it).
+
+Layer: data (README "Architecture"): imports only other data modules.
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """Validating requests given as objects or dicts; errors name the record and the field.
 
 Owns: the record-indexed error helpers and :func:`parse_request` / :func:`validate_requests`.
+
+Layer: data (README "Architecture"): imports only other data modules.
 """
 
 from __future__ import annotations
