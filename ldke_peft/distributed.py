@@ -47,12 +47,11 @@ from .distributed_launch import (
     _collect,
     _device,
     _env_flag,
-    _inside_launch,
     _resolve_positional,
     _run_guarded,
     _shutdown,
     _state,
-    _strip_option,
+    _launched_itself,
     launch,
     shard_indices,
 )
@@ -148,10 +147,7 @@ def edit_main(argv: Sequence[str] | None = None) -> int:
     ap = build_edit_parser()
     args = ap.parse_args(argv)
     _resolve_positional(args, ("model", "requests"), ap)
-    if args.num_processes is not None and not _inside_launch():
-        rc = launch("edit", _strip_option(argv, "--num-processes"), args.num_processes, cpu=args.cpu)
-        if rc != 0:
-            raise RuntimeError(f"distributed edit failed (exit status {rc}); see the processes' output above")
+    if _launched_itself("edit", argv, args):
         return 0
 
     state = _state(args.cpu)
@@ -267,10 +263,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     if args.pos_requests is None and args.pos_pack is not None and args.requests is None and args.pack is not None:
         args.pos_requests, args.pos_pack = args.pos_pack, None  # `MODEL REQUESTS --pack P`
     _resolve_positional(args, ("model", "pack", "requests"), ap)
-    if args.num_processes is not None and not _inside_launch():
-        rc = launch("eval", _strip_option(argv, "--num-processes"), args.num_processes, cpu=args.cpu)
-        if rc != 0:
-            raise RuntimeError(f"distributed eval failed (exit status {rc}); see the processes' output above")
+    if _launched_itself("eval", argv, args):
         return 0
 
     state = _state(args.cpu)

@@ -156,3 +156,14 @@ def _device(args: argparse.Namespace, state: Any) -> str:
         return args.device
     # accelerate names the CPU device "cpu:0" in multi-process runs; tensors report plain "cpu"
     return "cpu" if state.device.type == "cpu" else str(state.device)
+
+
+def _launched_itself(command: str, argv: Sequence[str] | None, args: argparse.Namespace) -> bool:
+    """With ``--num-processes`` outside a launcher: run ``command`` in that many processes and return True
+    once they all succeeded (raise otherwise); inside a launcher (or without the option): False."""
+    if args.num_processes is None or _inside_launch():
+        return False
+    rc = launch(command, _strip_option(list(argv or []), "--num-processes"), args.num_processes, cpu=args.cpu)
+    if rc != 0:
+        raise RuntimeError(f"distributed {command} failed (exit status {rc}); see the processes' output above")
+    return True

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +24,6 @@ from .routing import dequantize_projection
 logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
-_DELTAS = ("ldke_A", "ldke_B", "ldke_slot_ids")
 _ROUTER = "ldke_router."
 _PEFT_PREFIX = "base_model.model."
 _PROJ = ("mu_v", "proj_v", "mu_t", "proj_t")
@@ -102,30 +100,21 @@ def load_pack(source: Any, *, adapter_name: str = "default", name: str | None = 
     )
 
 
-def _layer_regex(config: LDKEConfig) -> re.Pattern:
-    pattern = config.layers_pattern
-    if isinstance(pattern, list):
-        pattern = pattern[0] if len(pattern) == 1 else None
-    if not pattern:
-        raise CorruptAdapterError("LDKE pack config has no layers_pattern; it was not made by ldke-peft")
-    return re.compile(r"(?:^|\.)" + re.escape(pattern) + r"\.(\d+)\.")
-
-
 def _parse(name: str, config: LDKEConfig, sd: dict[str, torch.Tensor]) -> _Pack:
-    layer_re = _layer_regex(config)
+    from .safety import layer_regex, split_key
+
+    try:
+        layer_re = layer_regex(config)
+    except CorruptAdapterError as exc:
+        raise CorruptAdapterError(f"{name}: {exc}") from None
     deltas: dict[int, dict[str, Any]] = {}
     router: dict[str, torch.Tensor] = {}
     router_module = None
     for key, t in sd.items():
-        for suffix in _DELTAS:
-            if key.endswith("." + suffix):
-                module, tensor = key[: -len(suffix) - 1], suffix
-                break
-        else:
-            i = key.find("." + _ROUTER)
-            if i < 0:
-                raise CorruptAdapterError(f"{name}: unexpected tensor {key!r} (not an LDKE adapter tensor)")
-            module, tensor = key[:i], key[i + 1 :]
+        try:
+            module, tensor = split_key(key)
+        except CorruptAdapterError as exc:
+            raise CorruptAdapterError(f"{name}: {exc}") from None
         m = layer_re.search(module + ".")
         if m is None:
             raise CorruptAdapterError(f"{name}: tensor {key!r} is not under the pack's decoder layers")

@@ -162,7 +162,8 @@ def _read_header(handle: Any, path: str) -> list[tuple[str, tuple[int, ...], str
     return items
 
 
-def _layer_regex(config: Any) -> re.Pattern:
+def layer_regex(config: Any) -> re.Pattern:
+    """The pattern that finds a tensor's decoder layer index in its key (from the config's ``layers_pattern``)."""
     pattern = getattr(config, "layers_pattern", None)
     if isinstance(pattern, list):
         pattern = pattern[0] if len(pattern) == 1 else None
@@ -173,17 +174,26 @@ def _layer_regex(config: Any) -> re.Pattern:
     return re.compile(r"(?:^|\.)" + re.escape(pattern) + r"\.(\d+)\.")
 
 
+def split_key(key: str) -> tuple[str, str]:
+    """``(module, tensor)`` of an adapter tensor's key: ``tensor`` is ``ldke_A``, ``ldke_B``, ``ldke_slot_ids``
+    or ``ldke_router.<buffer>``.
+
+    Raises:
+        CorruptAdapterError: the key names no LDKE adapter tensor.
+    """
+    for suffix in _DELTA_TENSORS:
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1], suffix
+    idx = key.find("." + _ROUTER_PREFIX)
+    if idx < 0:
+        raise CorruptAdapterError(f"unexpected tensor {key!r} in the LDKE pack (not an LDKE adapter tensor)")
+    return key[:idx], key[idx + 1 :]
+
+
 def _parse_key(key: str, layer_re: re.Pattern, targets: set[str] | None) -> tuple[int, str]:
     name = key[len(_PEFT_PREFIX) :] if key.startswith(_PEFT_PREFIX) else key
-    for suffix in _DELTA_TENSORS:
-        if name.endswith("." + suffix):
-            module, tensor = name[: -len(suffix) - 1], suffix
-            break
-    else:
-        idx = name.find("." + _ROUTER_PREFIX)
-        if idx < 0:
-            raise CorruptAdapterError(f"unexpected tensor {key!r} in the LDKE pack (not an LDKE adapter tensor)")
-        module, tensor = name[:idx], name[idx + 1 :]
+    module, tensor = split_key(name)
+    if tensor.startswith(_ROUTER_PREFIX):
         if tensor[len(_ROUTER_PREFIX) :] not in _router_buffers():
             raise CorruptAdapterError(f"unexpected router tensor {key!r} in the LDKE pack")
     m = layer_re.search(module + ".")
@@ -219,7 +229,7 @@ def _check_tensors(path: str, config: Any) -> None:
 
 def _check_open_file(handle: Any, path: str, config: Any) -> None:
     items = _read_header(handle, path)
-    layer_re = _layer_regex(config)
+    layer_re = layer_regex(config)
     targets = set(config.target_modules) if isinstance(config.target_modules, (list, tuple, set)) else None
 
     entries: dict[tuple[int, str], _Entry] = {}

@@ -95,6 +95,37 @@ def _checked_image(value: Any, key: str, index: int | None, root: str | None, op
         raise (_at_index(exc, index) if index is not None else exc) from None
 
 
+def _fact(rec: Mapping, keys: tuple[str, str, str], index: int | None, root: str | None,
+          open_images: bool) -> tuple[str, str, str | None, list[str], ImageLike]:
+    """``(prompt, target, ground truth, rephrasings, image)`` of a record, from its ``(prompt, target,
+    rephrase)`` keys; the ground truth is ``pred`` and the image ``image`` in both EasyEdit formats."""
+    prompt = _text(rec, keys[0], index, required=True)
+    target = _text(rec, keys[1], index, required=True, allow_list=True)
+    ground_truth = _text(rec, "pred", index, required=False, allow_list=True)
+    rephrases = _texts(rec, keys[2], index)
+    if rec.get("image") is None:
+        raise _bad(index, "image", "missing required field", ImageError)
+    return prompt, target, ground_truth, rephrases, _one_image(rec["image"], "image", index, root, open_images)
+
+
+def _locality_probes(rec: Mapping, keys: tuple[str, str], index: int | None) -> list[Probe]:
+    """The text locality probe of a record, from its ``(prompt, answer)`` keys (none when both are absent)."""
+    if not _group(rec, keys, index):
+        return []
+    return [Probe(prompt=_text(rec, keys[0], index, required=True),
+                  answer=_text(rec, keys[1], index, required=True, allow_list=True), kind="easyedit_loc")]
+
+
+def _m_locality_probes(rec: Mapping, keys: tuple[str, str, str], index: int | None, root: str | None,
+                       open_images: bool) -> list[Probe]:
+    """The multimodal locality probe of a record, from its ``(image, prompt, answer)`` keys."""
+    if not _group(rec, keys, index):
+        return []
+    return [Probe(prompt=_text(rec, keys[1], index, required=True),
+                  answer=_text(rec, keys[2], index, required=True, allow_list=True),
+                  image=_one_image(rec[keys[0]], keys[0], index, root, open_images), kind="easyedit_m_loc")]
+
+
 def parse_easyedit_record(
     record: Any,
     image_root: str | os.PathLike | None,
@@ -120,13 +151,7 @@ def parse_easyedit_record(
         raise _bad(index, None, f"expected a JSON object, got {type(record).__name__}")
     root = None if image_root is None else os.fspath(image_root)
     rroot = root if rephrase_image_root is None else os.fspath(rephrase_image_root)
-    prompt = _text(record, "src", index, required=True)
-    target = _text(record, "alt", index, required=True, allow_list=True)
-    ground_truth = _text(record, "pred", index, required=False, allow_list=True)
-    rephrases = _texts(record, "rephrase", index)
-    if record.get("image") is None:
-        raise _bad(index, "image", "missing required field", ImageError)
-    image = _one_image(record["image"], "image", index, root, open_images)
+    prompt, target, ground_truth, rephrases, image = _fact(record, ("src", "alt", "rephrase"), index, root, open_images)
     rephrase_images: list[ImageLike] = []
     if record.get("image_rephrase") is not None:
         value = record["image_rephrase"]
@@ -134,20 +159,8 @@ def parse_easyedit_record(
         if not values:
             raise _bad(index, "image_rephrase", "is an empty list", ImageError)
         rephrase_images = [_checked_image(v, "image_rephrase", index, rroot, open_images) for v in values]
-    locality, m_locality = [], []
-    if _group(record, ("loc", "loc_ans"), index):
-        locality.append(Probe(
-            prompt=_text(record, "loc", index, required=True),
-            answer=_text(record, "loc_ans", index, required=True, allow_list=True),
-            kind="easyedit_loc",
-        ))
-    if _group(record, ("m_loc", "m_loc_q", "m_loc_a"), index):
-        m_locality.append(Probe(
-            prompt=_text(record, "m_loc_q", index, required=True),
-            answer=_text(record, "m_loc_a", index, required=True, allow_list=True),
-            image=_one_image(record["m_loc"], "m_loc", index, root, open_images),
-            kind="easyedit_m_loc",
-        ))
+    locality = _locality_probes(record, ("loc", "loc_ans"), index)
+    m_locality = _m_locality_probes(record, ("m_loc", "m_loc_q", "m_loc_a"), index, root, open_images)
     request = EditRequest(
         prompt=prompt, target=target, image=image, ground_truth=ground_truth,
         rephrase_prompts=rephrases, rephrase_images=rephrase_images,
@@ -236,33 +249,17 @@ def requests_from_easyedit_dicts(
         file_type = d.get("file_type")
         if file_type is not None and file_type not in ("image", "single-image"):
             raise _bad(i, "file_type", f"{_short(file_type)} is not supported; only single-image requests are")
-        prompt = _text(d, "prompt", i, required=True)
-        target = _text(d, "target", i, required=True, allow_list=True)
-        ground_truth = _text(d, "pred", i, required=False, allow_list=True)
-        rephrases = _texts(d, "rephrase_prompt", i)
-        if d.get("image") is None:
-            raise _bad(i, "image", "missing required field", ImageError)
-        image = _one_image(d["image"], "image", i, root, open_images)
+        prompt, target, ground_truth, rephrases, image = _fact(d, ("prompt", "target", "rephrase_prompt"), i, root,
+                                                               open_images)
         rephrase_images = []
         if d.get("image_rephrase") is not None:
             value = d["image_rephrase"]
             values = value if isinstance(value, (list, tuple)) else [value]
             rephrase_images = [_checked_image(v, "image_rephrase", i, root, open_images) for v in values]
-        locality, m_locality = [], []
-        if _group(d, ("locality_prompt", "locality_ground_truth"), i):
-            locality.append(Probe(
-                prompt=_text(d, "locality_prompt", i, required=True),
-                answer=_text(d, "locality_ground_truth", i, required=True, allow_list=True),
-                kind="easyedit_loc",
-            ))
-        keys = ("multimodal_locality_image", "multimodal_locality_prompt", "multimodal_locality_ground_truth")
-        if _group(d, keys, i):
-            m_locality.append(Probe(
-                prompt=_text(d, "multimodal_locality_prompt", i, required=True),
-                answer=_text(d, "multimodal_locality_ground_truth", i, required=True, allow_list=True),
-                image=_one_image(d["multimodal_locality_image"], "multimodal_locality_image", i, root, open_images),
-                kind="easyedit_m_loc",
-            ))
+        locality = _locality_probes(d, ("locality_prompt", "locality_ground_truth"), i)
+        m_locality = _m_locality_probes(
+            d, ("multimodal_locality_image", "multimodal_locality_prompt", "multimodal_locality_ground_truth"), i,
+            root, open_images)
         request = EditRequest(
             prompt=prompt, target=target, image=image, ground_truth=ground_truth,
             rephrase_prompts=rephrases, rephrase_images=rephrase_images, locality=locality, m_locality=m_locality,
