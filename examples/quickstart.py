@@ -86,7 +86,7 @@ def run(args: argparse.Namespace, out: str) -> int:
     for name, text in after.items():
         print(f"  {name:28s} {text}")
 
-    # 4. Save: adapter_config.json + adapter_model.safetensors (an "edit pack").
+    # 4. Save: adapter_config.json + adapter_model.safetensors + ldke_edits.json (an "edit pack").
     edited.save_pretrained(out)
 
     # 5. Load it the PEFT way onto a freshly loaded base model, and check the answers are the same.

@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
             """
             Edit the facts in REQUESTS (ldke-peft JSONL: one EditRequest per line, or an EasyEdit E-VQA/E-IC
             JSON file) in the model saved in MODEL (config.json, weights and processor files), and save the
-            edit pack (adapter_config.json, adapter_model.safetensors, README.md model card,
+            edit pack (adapter_config.json, adapter_model.safetensors, ldke_edits.json, README.md model card,
             ldke_report.json) to --out. The base weights are not modified.
 
             JSONL line: {"image": "img/sagrada.png", "prompt": "Who was the architect of this building?",
@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("push", "upload an edit pack with its model card to the Hugging Face Hub",
             """
             Check that the edit pack ADAPTER loads onto MODEL (files and base-model fingerprint), then upload
-            adapter_config.json, adapter_model.safetensors and an LDKE model card (edited facts, metrics,
+            adapter_config.json, adapter_model.safetensors, ldke_edits.json and an LDKE model card (edited facts, metrics,
             loading snippet) to the Hub repo REPO_ID, creating it if needed. --metrics adds the JSON written
             by 'ldke eval --json' to the card. Token: --token, $HF_TOKEN or 'hf auth login'.
             """,
