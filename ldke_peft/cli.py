@@ -314,3 +314,42 @@ def _yaml(fh) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError("the --config file must hold a mapping of LDKEConfig fields")
     return data
+
+
+# ---------------------------------------------------------------------- merge
+
+
+def build_merge_parser(prog: str = "ldke merge") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog=prog,
+        description="Merge LDKE edit packs made for the same base model into one pack. Each source keeps its "
+        "router projection, so every edit routes as it did in its own pack.",
+    )
+    ap.add_argument("packs", nargs="+", help="pack folders, in merge order")
+    ap.add_argument("--out", required=True, help="folder for the merged pack")
+    from .merge import CONFLICT_POLICIES
+
+    ap.add_argument("--on-conflict", choices=CONFLICT_POLICIES, default="error",
+                    help="same image + prompt edited to different targets: fail (default), or keep the first/last")
+    ap.add_argument("--base-model", default=None, help="also check every pack against this model folder")
+    return ap
+
+
+def merge_main(argv: Sequence[str] | None = None) -> int:
+    """``ldke merge``: merge pack folders; prints a summary. Errors propagate (the CLI prints them)."""
+    from .merge import merge_packs
+
+    args = build_merge_parser().parse_args(argv)
+    base = None
+    if args.base_model:
+        base, _ = load_model(args.base_model, device="cpu")
+    res = merge_packs(args.packs, base_model=base, out=args.out, on_conflict=args.on_conflict)
+    rep = res.report
+    for c in rep.conflicts:
+        print(f"conflict ({args.on_conflict}): {c.describe(rep.sources)}", file=sys.stderr)
+    for dropped, kept in rep.duplicates:
+        print(f"duplicate: {rep.sources[dropped[0]]} slot {dropped[1]} repeats {rep.sources[kept[0]]} slot {kept[1]}",
+              file=sys.stderr)
+    print(f"merged {len(rep.sources)} pack(s): {res.config.num_slots} slot(s), {rep.groups} router projection(s), "
+          f"{len(rep.dropped)} slot(s) dropped -> {args.out}")
+    return 0

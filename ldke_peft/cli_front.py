@@ -279,8 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     first = next((i for i, a in enumerate(argv) if not a.startswith("-")), -1)
     if first >= 0 and argv[first] == "merge":
-        # `ldke merge ...`: the merge command has its own parser (ldke_peft.merge)
-        from ldke_peft.merge import merge_main
+        # `ldke merge ...`: the merge command has its own parser (ldke_peft.cli.build_merge_parser)
+        from ldke_peft.cli import merge_main
 
         args = build_parser().parse_args(argv[:first] + ["merge"])
         _setup_logging(args.verbose)

@@ -36,12 +36,10 @@ Layer: product (README "Architecture"): may import every layer; no library layer
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import logging
 import os
-import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -49,7 +47,7 @@ from typing import Any, Sequence
 import torch
 
 from .config import LDKEConfig
-from .errors import FingerprintMismatchError, LDKEError
+from .errors import FingerprintMismatchError
 from .merge_sources import _PEFT_PREFIX, _PROJ, _ROUTER, MergeError, _Pack, _parse, load_pack, save_pack, to_peft_model
 
 logger = logging.getLogger(__name__)
@@ -63,7 +61,6 @@ __all__ = [
     "MergeReport",
     "MergeResult",
     "load_pack",
-    "merge_main",
     "merge_packs",
     "save_pack",
     "to_peft_model",
@@ -427,48 +424,3 @@ def _pad_rows(t: torch.Tensor, n: int) -> torch.Tensor:
     if t.shape[0] == n:
         return t
     return torch.cat([t, t.new_zeros(n - t.shape[0], *t.shape[1:])], dim=0)
-
-
-# ---------------------------------------------------------------------- command line
-
-
-def build_merge_parser(prog: str = "ldke merge") -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog=prog,
-        description="Merge LDKE edit packs made for the same base model into one pack. Each source keeps its "
-        "router projection, so every edit routes as it did in its own pack.",
-    )
-    ap.add_argument("packs", nargs="+", help="pack folders, in merge order")
-    ap.add_argument("--out", required=True, help="folder for the merged pack")
-    ap.add_argument("--on-conflict", choices=CONFLICT_POLICIES, default="error",
-                    help="same image + prompt edited to different targets: fail (default), or keep the first/last")
-    ap.add_argument("--base-model", default=None, help="also check every pack against this model folder")
-    return ap
-
-
-def merge_main(argv: Sequence[str] | None = None) -> int:
-    """``ldke merge``: merge pack folders; prints a summary. Errors propagate (the CLI prints them)."""
-    args = build_merge_parser().parse_args(argv)
-    base = None
-    if args.base_model:
-        from .cli import load_model
-
-        base, _ = load_model(args.base_model, device="cpu")
-    res = merge_packs(args.packs, base_model=base, out=args.out, on_conflict=args.on_conflict)
-    rep = res.report
-    for c in rep.conflicts:
-        print(f"conflict ({args.on_conflict}): {c.describe(rep.sources)}", file=sys.stderr)
-    for dropped, kept in rep.duplicates:
-        print(f"duplicate: {rep.sources[dropped[0]]} slot {dropped[1]} repeats {rep.sources[kept[0]]} slot {kept[1]}",
-              file=sys.stderr)
-    print(f"merged {len(rep.sources)} pack(s): {res.config.num_slots} slot(s), {rep.groups} router projection(s), "
-          f"{len(rep.dropped)} slot(s) dropped -> {args.out}")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    try:
-        sys.exit(merge_main())
-    except (LDKEError, OSError, ValueError) as exc:
-        print(f"ldke merge: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        sys.exit(2)

@@ -15,7 +15,7 @@ PKG = Path(__file__).resolve().parents[1] / "ldke_peft"
 #: plain data and text/image helpers every layer may use (requests, negatives, positives/negatives lists)
 DATA = {"errors", "requests", "scope", "augment"}
 #: runs packs (PEFT tuner, routing, family knowledge, storage); knows nothing of fitting them
-TUNER = {"config", "layer", "model", "routing", "context", "layer_replay", "question_key", "io", "peft_type", "safety", "pack_meta", "routing_state", "routing_hooks", "probe_features",
+TUNER = {"config", "layer", "layer_base", "model", "routing", "context", "layer_replay", "question_key", "io", "peft_type", "safety", "pack_meta", "routing_state", "routing_hooks", "probe_features",
          "fingerprint", "families"}
 #: makes edits: delta fit, router fit, localization, pack-level guards, checks, the orchestrating editor
 EDITING = {"editor", "scope_fit", "delta_fit", "pack_scope", "edit_checks", "localization", "router_fit"}

@@ -19,7 +19,8 @@ import ldke_peft
 from ldke_peft import LDKEConfig
 from ldke_peft.metrics import METRIC_KEYS
 from ldke_peft.errors import CorruptAdapterError, FingerprintMismatchError
-from ldke_peft.merge import MergeConflictError, MergeError, load_pack, merge_main, merge_packs, to_peft_model
+from ldke_peft.cli import merge_main
+from ldke_peft.merge import MergeConflictError, MergeError, load_pack, merge_packs, to_peft_model
 from ldke_peft.metrics import collect_pre, compute_metrics
 
 from _dist_utils import assert_metrics_close, decisions, fresh, probe_rows
