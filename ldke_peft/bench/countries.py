@@ -41,7 +41,7 @@ __all__ = [
     "answer_matches",
     "split_relations",
     "country_by_name",
-    "normalize_answer",
+    "fold_answer",
 ]
 
 
@@ -358,8 +358,9 @@ def country_by_name(name: str) -> Country:
 _SPECIAL_LETTERS = str.maketrans({"ł": "l", "Ł": "L", "đ": "d", "Đ": "D", "ø": "o", "Ø": "O", "æ": "ae", "ß": "ss"})
 
 
-def normalize_answer(text: str) -> str:
-    """Lower-case, strip accents and punctuation, collapse whitespace (for exact-ish matching)."""
+def fold_answer(text: str) -> str:
+    """Lower-case, strip accents and punctuation, collapse whitespace: the form in which a generated answer is
+    matched against accepted ones (not the metrics' ``normalize_answer``, which keeps accents and punctuation)."""
     text = text.translate(_SPECIAL_LETTERS)
     text = unicodedata.normalize("NFKD", text)
     text = "".join(ch for ch in text if not unicodedata.combining(ch))
@@ -374,5 +375,5 @@ def answer_matches(generated: str, accepted: tuple[str, ...] | list[str] | str) 
     """
     if isinstance(accepted, str):
         accepted = (accepted,)
-    hay = f" {normalize_answer(generated)} "
-    return any(f" {normalize_answer(a)} " in hay for a in accepted if normalize_answer(a))
+    hay = f" {fold_answer(generated)} "
+    return any(f" {fold_answer(a)} " in hay for a in accepted if fold_answer(a))

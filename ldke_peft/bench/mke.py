@@ -46,7 +46,7 @@ from typing import Any, Callable, Sequence
 
 from ..scope import NegativePool
 from ..requests import EditRequest, Probe, image_fingerprint, save_jsonl
-from .countries import NEAR_MISS, SPLITS, WORDINGS, Relation, answer_matches, normalize_answer, split_relations
+from .countries import NEAR_MISS, SPLITS, WORDINGS, Relation, answer_matches, fold_answer, split_relations
 
 logger = logging.getLogger(__name__)
 
@@ -147,9 +147,9 @@ def _owners(meta: dict, relation: str) -> dict[str, list[str]]:
 
 def _pick_target(meta: dict, entity: str, relation: str, rng: random.Random) -> str:
     facts = _canonical(meta)
-    accepted = {normalize_answer(a) for a in facts[entity][relation]}
+    accepted = {fold_answer(a) for a in facts[entity][relation]}
     owners = _owners(meta, relation)
-    vocab = sorted(a for a in owners if normalize_answer(a) not in accepted and not answer_matches(a, tuple(accepted)))
+    vocab = sorted(a for a in owners if fold_answer(a) not in accepted and not answer_matches(a, tuple(accepted)))
     if not vocab:
         raise ValueError(f"no counterfactual answer for {relation} of {entity}")
     unique = [a for a in vocab if len(owners[a]) == 1]
