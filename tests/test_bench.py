@@ -259,6 +259,11 @@ def test_runner_writes_the_schema_report_and_plots(tmp_path, world):
             assert im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
     report = (out / "report.md").read_text()
     assert "| bar | value | status | detail |" in report
+    # portability per kind of related question: the toy world's composed questions are one kind
+    det = json.loads((out / "details.json").read_text())
+    kinds = det["methods"]["ldke"]["summary"]["portability_by_kind"]
+    assert set(kinds) == {"composed"} and kinds["composed"] == res["methods"]["ldke"]["portability"]
+    assert "## Portability by kind" in report and "| method | composed |" in report
     for b in bars(res):
         assert f"| {b['bar']} |" in report
     assert "| routed inference overhead (1000 edits) <= 1.05x | 1.200 | MISS |" in report

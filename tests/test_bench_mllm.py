@@ -359,16 +359,22 @@ def test_portability_probes_the_unedited_model_fails_for_the_original_fact_are_n
                            portability=[Probe(q, "France", img, kind="two_hop:capital->country")] * n)
 
     reqs = [req("Japan", 1), req("Italy", 1), req("Brazil", 0)]
-    answers = {0: "It is located in Japan.", 1: "It is in Spain."}
+    # a reverse probe (text only) is checked with the ORIGINAL answer: "Rome" must lead back to Italy
+    reqs[1].ground_truth = "Rome"
+    reqs[1].portability.append(Probe("Which country has Paris as its capital?", "Italy", None, kind="reverse:capital"))
+    answers = {q: ["It is located in Japan.", "It is in Spain."], "Which country has Rome as its capital?": ["Italy"]}
     calls = []
 
     def answer(images, prompts):
-        calls.append(list(prompts))
-        return [answers[i] for i in range(len(prompts))]
+        calls.append((list(prompts), [im is None for im in images]))
+        return answers[prompts[0]]
 
     out, counts = _verified_portability(reqs, answer)
-    assert calls == [[q, q]]  # only the two probes are asked, once each
-    assert counts == {"kept": 1, "dropped": 1}
-    assert [len(r.portability) for r in out] == [1, 0, 0]
+    # each probe asked once: the image rows together, the text-only reverse row (original answer) apart
+    assert calls == [([q, q], [False, False]), (["Which country has Rome as its capital?"], [True])]
+    assert counts == {"kept": 2, "dropped": 1,
+                      "by_kind": {"two_hop": {"kept": 1, "dropped": 1}, "reverse": {"kept": 1, "dropped": 0}}}
+    assert [len(r.portability) for r in out] == [1, 1, 0]
     assert out[0].portability[0].answer == "France"  # the probe itself (new answer) is unchanged
+    assert out[1].portability[0].prompt == "Which country has Paris as its capital?"  # scored with the new answer
     assert [r.subject for r in out] == ["Japan", "Italy", "Brazil"]  # no request is dropped

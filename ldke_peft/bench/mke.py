@@ -15,9 +15,11 @@ MLLM answers **correctly before editing**, with every probe filled:
   split wording (``lookalike_same_question``) (Coupled-Locality), and the relation's near-miss
   questions (``near_miss``: capital vs largest city, ...; answers are the base model's own,
   :data:`~ldke_peft.bench.countries.NEAR_MISS`) (Near-miss locality);
-* ``portability``: a two-hop question whose answer follows from the new fact ("In which country is
-  the capital of this country located?" after ``capital := Madrid`` expects ``Spain``), when the
-  target belongs to exactly one country.
+* ``portability``: questions whose answer follows from the new fact, when the target belongs to exactly one
+  country; each kind is its own column of the report's portability table: ``two_hop`` ("In which country is
+  the capital of this country located?" after ``capital := Madrid`` expects ``Spain``) and ``reverse`` (text
+  only, from the new answer back to the entity: "Which country has Madrid as its capital?" expects the
+  edited country).
 
 Locality/coupled answers are the MLLM's own pre-edit answers (recorded in ``meta.json``).
 
@@ -52,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "PORTABILITY_QUESTIONS",
+    "REVERSE_QUESTIONS",
     "build_mke_requests",
     "editor_view",
     "entity_splits",
@@ -66,6 +69,15 @@ PORTABILITY_QUESTIONS: dict[str, str] = {
     "capital": "In which country is the capital of this country located?",
     "currency": "Which country is the currency of this country originally from?",
     "language": "Which country is the main language of this country originally from?",
+}
+
+#: Reverse questions per relation (text only): from an answer back to the entity it belongs to. Asked with
+#: the new target, the edited model should name the edited entity; with the original answer, the unedited
+#: model must name it (else the probe is not scored).
+REVERSE_QUESTIONS: dict[str, str] = {
+    "capital": "Which country has {x} as its capital?",
+    "currency": "Which country uses the {x} as its currency?",
+    "language": "In which country is {x} the main language?",
 }
 
 #: Eval-split view indices: the edit image is the view the build verified the answers on.
@@ -258,6 +270,10 @@ def build_mke_requests(
         owners = _owners(meta, r).get(target, [])
         if r in PORTABILITY_QUESTIONS and len(owners) == 1:
             portability.append(Probe(PORTABILITY_QUESTIONS[r], owners[0], img, kind=f"two_hop:{r}->country"))
+        if r in REVERSE_QUESTIONS and len(owners) == 1:
+            # the new answer has one real owner, so the unedited model names that owner, not the entity
+            portability.append(Probe(REVERSE_QUESTIONS[r].format(x=target), prompt_names[e], None, kind=f"reverse:{r}",
+                                     subject=e, relation=r))
         requests.append(
             EditRequest(
                 prompt=rel.image_question,

@@ -40,7 +40,7 @@ from ..config import LDKEConfig
 from ..editor import edit
 from ..scope import NegativePool
 from ..families import family_of
-from ..metrics import METRIC_KEYS, collect_pre, compute_metrics
+from ..metrics import METRIC_KEYS, collect_pre, compute_metrics, mean_by_kind
 from ..model import _root_model
 from ..requests import EditRequest
 from .baselines import BASELINES, Restore
@@ -187,28 +187,47 @@ def _verified_views(reqs: list[EditRequest], answer: Callable[[list[Any], list[s
 
 
 def _verified_portability(reqs: list[EditRequest], answer: Callable[[list[Any], list[str]], list[str]]
-                          ) -> tuple[list[EditRequest], dict[str, int]]:
-    """Keep the portability probes the unedited model passes *for the original fact*: asked a two-hop question
-    ("In which country is the capital of this country located?") about the edit image, it must name the
-    entity shown. A probe it fails before any edit measures whether the model can reason in two hops, not
-    whether the edit propagates. Returns the requests and ``{"kept": n, "dropped": m}``."""
+                          ) -> tuple[list[EditRequest], dict[str, Any]]:
+    """Keep the portability probes the unedited model passes *for the original fact*; a probe it fails before
+    any edit measures whether the model can reason in two hops (or back from an answer), not whether the edit
+    propagates. Two-hop ("In which country is the capital of this country located?", on the edit image): the
+    unedited model must name the entity shown. Reverse ("Which country has <answer> as its capital?", text
+    only): asked with the *original* answer, it must name the entity. Returns the requests and
+    ``{"kept": n, "dropped": m, "by_kind": {kind: {"kept", "dropped"}}}``."""
     from .countries import answer_matches, country_by_name
+    from .mke import REVERSE_QUESTIONS
+
+    def asked(r: EditRequest, p: Any) -> tuple[Any, str]:
+        kind, _, rel = (p.kind or "").partition(":")
+        if kind == "reverse" and r.ground_truth:
+            return None, REVERSE_QUESTIONS[rel].format(x=r.ground_truth)
+        return p.image, p.prompt
 
     rows = [(i, j) for i, r in enumerate(reqs) for j, p in enumerate(r.portability)]
     if not rows:
-        return reqs, {"kept": 0, "dropped": 0}
-    got = answer([reqs[i].portability[j].image for i, j in rows], [reqs[i].portability[j].prompt for i, j in rows])
+        return reqs, {"kept": 0, "dropped": 0, "by_kind": {}}
+    questions = [asked(reqs[i], reqs[i].portability[j]) for i, j in rows]
+    got: list[str] = [""] * len(rows)
+    for text_only in (False, True):  # image rows and text-only rows in separate batches
+        idx = [k for k, (im, _) in enumerate(questions) if (im is None) == text_only]
+        if idx:
+            for k, a in zip(idx, answer([questions[k][0] for k in idx], [questions[k][1] for k in idx])):
+                got[k] = a
     keep: dict[int, list[int]] = {}
+    by_kind: dict[str, dict[str, int]] = {}
     for (i, j), a in zip(rows, got):
         c = country_by_name(reqs[i].subject)
-        if answer_matches(a, (c.name, c.prompt_name, *c.aliases)):
+        ok = answer_matches(a, (c.name, c.prompt_name, *c.aliases))
+        kind = (reqs[i].portability[j].kind or "portability").split(":")[0]
+        by_kind.setdefault(kind, {"kept": 0, "dropped": 0})["kept" if ok else "dropped"] += 1
+        if ok:
             keep.setdefault(i, []).append(j)
     kept = sum(len(v) for v in keep.values())
-    logger.info("portability: the unedited model passes %d of %d two-hop probes for the original fact; the "
-                "others are not scored", kept, len(rows))
+    logger.info("portability: the unedited model passes %d of %d probes for the original fact (%s); the others "
+                "are not scored", kept, len(rows), by_kind)
     out = [dataclasses.replace(r, portability=[r.portability[j] for j in keep.get(i, [])]) if r.portability else r
            for i, r in enumerate(reqs)]
-    return out, {"kept": kept, "dropped": len(rows) - kept}
+    return out, {"kept": kept, "dropped": len(rows) - kept, "by_kind": by_kind}
 
 
 # ---------------------------------------------------------------------- methods
@@ -280,7 +299,7 @@ def run_single(suite: Suite, method: str, pres: list[Any], *, protocol: str, gen
                hparams: dict[str, dict[str, Any]], check_restore: bool = True) -> dict[str, Any]:
     """Each request edited alone into the base model, evaluated, and undone."""
     digest = model_digest(suite.model) if check_restore else None
-    rows, times, nbytes, infos = [], [], [], []
+    rows, times, nbytes, infos, kinds = [], [], [], [], []
     for r, pre in zip(suite.requests[: suite.n_single], pres):
         t0 = time.perf_counter()
         edited, restore = _apply(method, suite.model, suite.processor, _editor_requests(r, method, protocol), suite.pool,
@@ -288,6 +307,7 @@ def run_single(suite: Suite, method: str, pres: list[Any], *, protocol: str, gen
         times.append(time.perf_counter() - t0)
         m = compute_metrics(edited, suite.processor, [r], pre, generate=generate)
         rows.append({k: m[k] for k in METRIC_KEYS})
+        kinds.append(m["portability_by_kind"])
         nbytes.append(restore.edit_bytes)
         infos.append({k: v for k, v in restore.info.items() if k != "seconds"})
         restore()
@@ -298,6 +318,7 @@ def run_single(suite: Suite, method: str, pres: list[Any], *, protocol: str, gen
     out = _mean(rows)
     out["edit_seconds_median"] = statistics.median(times)
     out["adapter_bytes_per_edit"] = int(statistics.median(nbytes))
+    out["portability_by_kind"] = mean_by_kind(kinds)
     return {"summary": out, "per_request": rows, "edit_seconds": times, "info": infos,
             "timing": edit_timing(times, infos, decoder_params(suite.model))}
 
@@ -511,10 +532,10 @@ def run_benchmark(suite: Suite, methods: Sequence[str], *, sequential: Sequence[
     with _Phase(timings, cpu, "unedited reference"):
         # the unedited model on the same probes: what a score is worth when nothing was edited (e.g. a
         # multi-token portability answer whose later tokens the base model already predicts)
-        rows = [{k: m[k] for k in METRIC_KEYS} for m in (
-            compute_metrics(suite.model, suite.processor, [r], p, generate=generate)
-            for r, p in zip(suite.requests[: suite.n_single], pres))]
-        details["unedited"] = _mean(rows)
+        ms = [compute_metrics(suite.model, suite.processor, [r], p, generate=generate)
+              for r, p in zip(suite.requests[: suite.n_single], pres)]
+        details["unedited"] = _mean([{k: m[k] for k in METRIC_KEYS} for m in ms])
+        details["unedited"]["portability_by_kind"] = mean_by_kind([m["portability_by_kind"] for m in ms])
     for name in methods:
         with _Phase(timings, cpu, f"single {name}"):
             res = run_single(suite, name, pres, protocol=protocol, generate=generate, hparams=hparams)
@@ -621,6 +642,29 @@ def _fmt(v: Any, nd: int = 3) -> str:
     return str(v)
 
 
+def _portability_kinds_table(details: dict[str, Any]) -> list[str]:
+    """Portability per kind of related question (two-hop, reverse, ...), single edits; empty when no run
+    recorded kinds. Each kind counts only the probes the unedited model passes for the original fact."""
+    rows = {n: (m.get("summary") or {}).get("portability_by_kind") for n, m in (details.get("methods") or {}).items()
+            if isinstance(m, dict)}
+    rows = {n: r for n, r in rows.items() if r}
+    if not rows:
+        return []
+    unedited = (details.get("unedited") or {}).get("portability_by_kind") or {}
+    kinds = sorted({k for r in (*rows.values(), unedited) for k in r})
+    counts = ((details.get("suite_info") or {}).get("portability_probes") or {}).get("by_kind") or {}
+    out = ["", "## Portability by kind (single edits; mean over edits that have the kind)", "",
+           "Only probes the unedited model answers correctly for the *original* fact are scored "
+           + (", ".join(f"{k}: {c['kept']} kept of {c['kept'] + c['dropped']}" for k, c in sorted(counts.items()))
+              or "(counts not recorded)") + ".", "",
+           "| method | " + " | ".join(kinds) + " |", "|---|" + "---:|" * len(kinds)]
+    for n, r in rows.items():
+        out.append(f"| {n} | " + " | ".join(_fmt(r.get(k)) for k in kinds) + " |")
+    if unedited:
+        out.append("| *(unedited model)* | " + " | ".join(_fmt(unedited.get(k)) for k in kinds) + " |")
+    return out
+
+
 def markdown_report(results: dict[str, Any], details: dict[str, Any]) -> str:
     lines = [f"# MKE benchmark: suite `{results['suite']}`", "",
              f"Model: {results['model']}. Edits: {results['n_edits']}. Split: `{results.get('split', 'test')}`. "
@@ -636,6 +680,7 @@ def markdown_report(results: dict[str, Any], details: dict[str, Any]) -> str:
         lines.append(f"| {name} | " + " | ".join(_fmt(m.get(k), 1 if k == "edit_seconds_median" else 3) for k in keys) + " |")
     if details.get("unedited"):
         lines.append("| *(unedited model)* | " + " | ".join(_fmt(details["unedited"].get(k)) for k in keys) + " |")
+    lines += _portability_kinds_table(details)
     dev = results.get("dev")
     if dev and dev.get("methods"):
         lines += ["", f"## Dev vs test (single edits; dev: {dev['n_edits']} edits, test: {results['n_edits']})", "",

@@ -28,7 +28,16 @@ from .pre import (
     _progress,
     collect_pre,
 )
-from .scores import LOCALITY_K, METRIC_KEYS, NEAR_MISS_KIND, normalize_answer, token_accuracy, topk_id_agreement
+from .scores import (
+    LOCALITY_K,
+    METRIC_KEYS,
+    NEAR_MISS_KIND,
+    mean_by_kind,
+    normalize_answer,
+    portability_kind,
+    token_accuracy,
+    topk_id_agreement,
+)
 
 
 def _has_locality(requests: Sequence[EditRequest]) -> bool:
@@ -84,6 +93,7 @@ def compute_metrics(
     family = family_of(model)
     device, dtype = _model_device_dtype(model)
     scores: list[dict[str, list[float]]] = [{k: [] for k in METRIC_KEYS} for _ in requests]
+    kinds: list[dict[str, list[float]]] = [{} for _ in requests]  # portability per kind of related question
     _attach_tokenizer(model, family, processor)
 
     with _eval_mode(model):
@@ -97,12 +107,15 @@ def compute_metrics(
                     items.append(_Item(r, req.image, req.prompt, req.target, metric="reliability"))
                     items += [_Item(r, req.image, p, req.target, metric="t_generality") for p in req.rephrase_prompts]
                     items += [_Item(r, im, req.prompt, req.target, metric="m_generality") for im in req.rephrase_images]
-                    items += [_Item(r, p.image, p.prompt, p.answer, metric="portability") for p in req.portability]
+                    items += [_Item(r, p.image, p.prompt, p.answer, metric="portability", kind=portability_kind(p))
+                              for p in req.portability]
                 for batch in _chunks(items, batch_size):
                     built = _build(family, processor, batch, device, dtype)
                     acc = token_accuracy(_forward(model, built), built.input_ids, built.target_mask).cpu()
                     for it, a in zip(batch, acc.tolist()):
                         scores[it.request][it.metric].append(a)
+                        if it.metric == "portability":
+                            kinds[it.request].setdefault(it.kind, []).append(a)
                 if generate:
                     _exact_match(model, family, processor, chunk, start, scores, device, dtype)
                 bar.update(len(chunk))
@@ -131,14 +144,16 @@ def compute_metrics(
                     bar.update(done)
 
     per_request = []
-    for s in scores:
+    for s, by_kind in zip(scores, kinds):
         per_request.append({k: (sum(v) / len(v) if v else None) for k, v in s.items()})
+        per_request[-1]["portability_by_kind"] = {k: sum(v) / len(v) for k, v in by_kind.items()}
     result: dict[str, Any] = {}
     counts = {}
     for k in METRIC_KEYS:
         vals = [p[k] for p in per_request if p[k] is not None and not math.isnan(p[k])]
         counts[k] = len(vals)
         result[k] = sum(vals) / len(vals) if vals else None
+    result["portability_by_kind"] = mean_by_kind([p["portability_by_kind"] for p in per_request])
     result["per_request"] = per_request
     result["counts"] = counts
     result["n"] = len(requests)

@@ -68,6 +68,7 @@ class _Item:
     metric: str = ""
     probe_field: str = ""
     probe_index: int = -1
+    kind: str = ""
 
 
 def _chunks(seq: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:

@@ -6,6 +6,8 @@ Layer: product (README "Architecture"): may import every layer; no library layer
 
 from __future__ import annotations
 
+from typing import Any, Sequence
+
 import torch
 
 #: Result keys, in report order.
@@ -23,6 +25,21 @@ METRIC_KEYS = (
 
 #: Coupled probes of this ``kind`` prefix are scored as ``near_miss_locality``.
 NEAR_MISS_KIND = "near_miss"
+
+#: Portability probes are also scored per kind: the part of ``Probe.kind`` before ``":"`` (``"two_hop:<relation>"``
+#: -> ``two_hop``); a probe without a kind counts as ``portability``.
+def portability_kind(probe: Any) -> str:
+    return (getattr(probe, "kind", "") or "portability").split(":")[0]
+
+
+def mean_by_kind(rows: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Per kind, the mean over the rows that have it (a request without probes of a kind says nothing of it)."""
+    acc: dict[str, list[float]] = {}
+    for row in rows:
+        for k, v in row.items():
+            acc.setdefault(k, []).append(v)
+    return {k: sum(v) / len(v) for k, v in sorted(acc.items())}
+
 
 #: Locality metric -> (EditRequest probe field, k of the top-k agreement). k follows EasyEdit.
 LOCALITY_K: dict[str, tuple[str, int]] = {
