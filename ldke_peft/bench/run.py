@@ -654,9 +654,9 @@ def _portability_kinds_table(details: dict[str, Any]) -> list[str]:
     kinds = sorted({k for r in (*rows.values(), unedited) for k in r})
     counts = ((details.get("suite_info") or {}).get("portability_probes") or {}).get("by_kind") or {}
     out = ["", "## Portability by kind (single edits; mean over edits that have the kind)", "",
-           "Only probes the unedited model answers correctly for the *original* fact are scored "
+           "Only probes the unedited model answers correctly for the *original* fact are scored ("
            + (", ".join(f"{k}: {c['kept']} kept of {c['kept'] + c['dropped']}" for k, c in sorted(counts.items()))
-              or "(counts not recorded)") + ".", "",
+              or "counts not recorded") + ").", "",
            "| method | " + " | ".join(kinds) + " |", "|---|" + "---:|" * len(kinds)]
     for n, r in rows.items():
         out.append(f"| {n} | " + " | ".join(_fmt(r.get(k)) for k in kinds) + " |")
