@@ -31,7 +31,8 @@ from ldke_peft.bench.mke import (
     negative_pool,
     usable_facts,
 )
-from ldke_peft.bench.run import METHOD_KEYS, RESULT_KEYS, bars, model_digest
+from ldke_peft.bench.report import METHOD_KEYS, RESULT_KEYS, bars
+from ldke_peft.bench.run import model_digest
 from ldke_peft.bench.smol_llava import DEFAULT_LOOKALIKE_PAIRS
 from ldke_peft.families import family_of
 from ldke_peft.metrics import collect_pre, compute_metrics

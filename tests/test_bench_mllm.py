@@ -347,7 +347,7 @@ def test_portability_probes_the_unedited_model_fails_for_the_original_fact_are_n
     shown (the original fact's two-hop answer); the others would measure the model's reasoning, not the edit."""
     from PIL import Image
 
-    from ldke_peft.bench.run import _verified_portability
+    from ldke_peft.bench.suites import _verified_portability
     from ldke_peft.requests import EditRequest, Probe
 
     img = Image.new("RGB", (8, 8))

@@ -30,9 +30,8 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -47,6 +46,8 @@ from .baselines import BASELINES, Restore
 from .mke import editor_view
 
 logger = logging.getLogger(__name__)
+from .report import METHOD_KEYS, bars, markdown_report
+from .suites import SUITES, Suite, load_suite
 
 __all__ = ["LDKE_VARIANTS", "METHODS", "METHOD_KEYS", "SUITES", "Suite", "bars", "load_suite", "main", "run_benchmark"]
 
@@ -62,172 +63,14 @@ LDKE_VARIANTS: dict[str, dict[str, Any]] = {
 METHODS: tuple[str, ...] = (*LDKE_VARIANTS, *BASELINES)
 BASELINE_NAMES: tuple[str, ...] = tuple(BASELINES)
 SEQUENTIAL_METHODS: tuple[str, ...] = ("ldke", "grace", "lora")
-#: Keys of each ``results["methods"][name]``.
-METHOD_KEYS: tuple[str, ...] = (*METRIC_KEYS, "edit_seconds_median", "adapter_bytes_per_edit")
-RESULT_KEYS: tuple[str, ...] = ("suite", "model", "split", "n_edits", "methods", "sequential", "localization",
-                                "edit_speed", "inference_overhead", "dev")
 CHECKPOINTS: tuple[int, ...] = (1, 10, 100, 1000)
 
-#: Defaults per suite (overridable on the command line).
-SUITES: dict[str, dict[str, Any]] = {
-    "smoke": {"n_edits": 10, "sequential": [1, 10], "localization": 10, "positions": 1, "speed": 1},
-    "full": {"n_edits": None, "sequential": [1, 10, 100], "localization": 20, "positions": 3, "speed": 3},
-    "toy": {"n_edits": 8, "sequential": [1, 10], "localization": 8, "positions": 2, "speed": 2},
-}
-
-#: The bars (the scope issue's, on the test split): (metric, threshold) for LDKE's own numbers.
-METRIC_BARS: tuple[tuple[str, float], ...] = (
-    ("reliability", 0.99),
-    ("t_generality", 0.95),
-    ("m_generality", 0.97),
-    ("t_locality", 0.99),
-    ("m_locality", 0.99),
-    ("coupled_locality", 0.98),
-    ("near_miss_locality", 0.97),
-)
-MAX_BYTES_PER_EDIT = 100_000
 #: Where ``benchmarks/inference_overhead.py`` keeps each suite model's routed-inference overhead.
 OVERHEAD_FILES: dict[str, str] = {
     "toy": "benchmarks/results/inference_overhead.json",
     "smoke": "benchmarks/results/inference_overhead_smol_llava.json",
     "full": "benchmarks/results/inference_overhead_smol_llava.json",
 }
-#: The speed issue's bar: median seconds of one LDKE edit on the benchmark MLLM, one CPU thread.
-MAX_EDIT_SECONDS = 5.0
-#: Order of LDKE's edit phases in reports (a baseline has one, ``edit``).
-PHASES: tuple[str, ...] = ("localize", "capture", "delta_fit", "router_fit", "edit")
-
-
-# ---------------------------------------------------------------------- suites
-
-
-@dataclass
-class Suite:
-    """A model, its processor, evaluation requests and the editors' negative pool."""
-
-    name: str
-    model: Any
-    processor: Any
-    model_name: str
-    requests: list[EditRequest]
-    pool: NegativePool
-    info: dict[str, Any] = field(default_factory=dict)
-    #: the single-edit table uses the first ``n_single`` requests (the sequential study may use more)
-    n_single: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.n_single is None:
-            self.n_single = len(self.requests)
-
-
-def load_suite(name: str, n_edits: int | None, *, device: str = "cpu", cache_dir: str | None = None,
-               seed: int = 0, toy_entities: int | None = None, n_sequential: int = 0, split: str = "test") -> Suite:
-    """Load the suite's model and build the requests of ``split`` (``"dev"`` or ``"test"``): ``n_edits`` for
-    the single-edit table (``None`` = every usable fact) and, when ``n_sequential`` is larger, that many for
-    the sequential study (as many as there are usable facts). The editors' negative pool is the same for
-    both splits and disjoint from every probe of either."""
-    if name == "toy":
-        from ..testing.toy_world import toy_world
-
-        world = toy_world(seed=seed, **({"n_entities": toy_entities} if toy_entities else {}))
-        n = n_edits if n_edits is not None else len(world.entities)
-        total = max(n, n_sequential)
-        reqs = None
-        while reqs is None:  # a world answers only so many facts of a split correctly: take what there is
-            try:
-                reqs = world.edit_requests(total, seed=seed + 1, split=split)
-            except ValueError:
-                if total <= 1:
-                    raise
-                total = max(1, min(total - 1, int(total * 0.8)))
-                logger.info("toy world, %s split: trying %d edit requests", split, total)
-        model = world.model.to(device)
-        return Suite("toy", model, world.processor, f"toy_world(seed={seed}, entities={len(world.entities)})", reqs,
-                     world.negative_pool(), {"entities": len(world.entities), "split": split},
-                     n_single=min(n, len(reqs)))
-    if name in ("smoke", "full"):
-        from .mke import build_mke_requests, negative_pool, split_facts
-        from .smol_llava import generate_answers, load_smol_llava
-
-        model, processor, meta = load_smol_llava(cache_dir)
-        model = model.to(device)
-
-        def answer(images: list[Any], prompts: list[str]) -> list[str]:
-            with torch.no_grad():
-                return generate_answers(model, processor, images, prompts, max_new_tokens=16, batch_size=16)
-
-        total = None if n_edits is None else max(n_edits, n_sequential)
-        usable = len(split_facts(meta, split))
-        reqs = build_mke_requests(meta, min(total, usable) if total else None, seed=seed, split=split, answer_fn=answer)
-        reqs = _verified_views(reqs, answer)
-        reqs, port = _verified_portability(reqs, answer)
-        desc = (f"smol-llava: {meta['base_lm']['name']} in a LlavaForConditionalGeneration "
-                f"({meta['n_image_tokens']} image tokens, build {meta['build_version']})")
-        return Suite(name, model, processor, desc, reqs, negative_pool(meta),
-                     {"usable_facts": usable, "split": split, "build": meta.get("code_version"),
-                      "recognition": meta.get("recognition", {}).get("heldout_accuracy"),
-                      "portability_probes": port},
-                     n_single=len(reqs) if n_edits is None else min(n_edits, len(reqs)))
-    raise ValueError(f"unknown suite {name!r}; known: {', '.join(SUITES)}")
-
-
-def _verified_views(reqs: list[EditRequest], answer: Callable[[list[Any], list[str]], list[str]]) -> list[EditRequest]:
-    """Keep the requests whose every probe view (the edit image and each rephrase image) the unedited
-    model answers correctly with the edit question: an M-Generality probe the model got wrong before
-    the edit measures the model, not the edit."""
-    from .countries import answer_matches, country_by_name
-
-    rows = [(i, im) for i, r in enumerate(reqs) for im in [r.image, *r.rephrase_images]]
-    got = answer([im for _, im in rows], [reqs[i].prompt for i, _ in rows])
-    bad = {i for (i, _), a in zip(rows, got)
-           if not answer_matches(a, country_by_name(reqs[i].subject).answers(reqs[i].relation))}
-    if bad:
-        logger.info("dropped %d of %d requests: the unedited model misses one of their probe views", len(bad), len(reqs))
-    return [r for i, r in enumerate(reqs) if i not in bad]
-
-
-def _verified_portability(reqs: list[EditRequest], answer: Callable[[list[Any], list[str]], list[str]]
-                          ) -> tuple[list[EditRequest], dict[str, Any]]:
-    """Keep the portability probes the unedited model passes *for the original fact*; a probe it fails before
-    any edit measures whether the model can reason in two hops (or back from an answer), not whether the edit
-    propagates. Two-hop ("In which country is the capital of this country located?", on the edit image): the
-    unedited model must name the entity shown. Reverse ("Which country has <answer> as its capital?", text
-    only): asked with the *original* answer, it must name the entity. Returns the requests and
-    ``{"kept": n, "dropped": m, "by_kind": {kind: {"kept", "dropped"}}}``."""
-    from .countries import answer_matches, country_by_name
-    from .mke import REVERSE_QUESTIONS
-
-    def asked(r: EditRequest, p: Any) -> tuple[Any, str]:
-        kind, _, rel = (p.kind or "").partition(":")
-        if kind == "reverse" and r.ground_truth:
-            return None, REVERSE_QUESTIONS[rel].format(x=r.ground_truth)
-        return p.image, p.prompt
-
-    rows = [(i, j) for i, r in enumerate(reqs) for j, p in enumerate(r.portability)]
-    if not rows:
-        return reqs, {"kept": 0, "dropped": 0, "by_kind": {}}
-    questions = [asked(reqs[i], reqs[i].portability[j]) for i, j in rows]
-    got: list[str] = [""] * len(rows)
-    for text_only in (False, True):  # image rows and text-only rows in separate batches
-        idx = [k for k, (im, _) in enumerate(questions) if (im is None) == text_only]
-        if idx:
-            for k, a in zip(idx, answer([questions[k][0] for k in idx], [questions[k][1] for k in idx])):
-                got[k] = a
-    keep: dict[int, list[int]] = {}
-    by_kind: dict[str, dict[str, int]] = {}
-    for (i, j), a in zip(rows, got):
-        c = country_by_name(reqs[i].subject)
-        ok = answer_matches(a, (c.name, c.prompt_name, *c.aliases))
-        kind = (reqs[i].portability[j].kind or "portability").split(":")[0]
-        by_kind.setdefault(kind, {"kept": 0, "dropped": 0})["kept" if ok else "dropped"] += 1
-        if ok:
-            keep.setdefault(i, []).append(j)
-    kept = sum(len(v) for v in keep.values())
-    logger.info("portability: the unedited model passes %d of %d probes for the original fact (%s); the others "
-                "are not scored", kept, len(rows), by_kind)
-    out = [dataclasses.replace(r, portability=[r.portability[j] for j in keep.get(i, [])]) if r.portability else r
-           for i, r in enumerate(reqs)]
-    return out, {"kept": kept, "dropped": len(rows) - kept, "by_kind": by_kind}
 
 
 # ---------------------------------------------------------------------- methods
@@ -582,200 +425,6 @@ def run_dev(suite: Suite, methods: Sequence[str], *, protocol: str = "heldout", 
         out["methods"][name] = {k: res["summary"].get(k) for k in METHOD_KEYS}
         det[name] = res
     return out, det
-
-
-# ---------------------------------------------------------------------- bars
-
-
-def bars(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every bar of the spec with its measured value and ``PASS``/``MISS`` (``n/a`` when not measured)."""
-    out: list[dict[str, Any]] = []
-    methods = results.get("methods") or {}
-    ldke = methods.get("ldke")
-
-    def row(name: str, value: Any, ok: bool | None, detail: str = "") -> None:
-        out.append({"bar": name, "value": value, "status": "n/a" if ok is None else ("PASS" if ok else "MISS"),
-                    "detail": detail})
-
-    baselines = [b for b in BASELINE_NAMES if b in methods]
-    for k in METRIC_KEYS:
-        if ldke is None or ldke.get(k) is None or not baselines:
-            row(f"LDKE >= every baseline on {k}", None, None)
-            continue
-        # a baseline above LDKE is a loss, at the ceiling or not
-        beaten = [b for b in baselines if methods[b].get(k) is not None and methods[b][k] > ldke[k]]
-        detail = ", ".join(f"{b} {methods[b][k]:.3f}" for b in beaten)
-        row(f"LDKE >= every baseline on {k}", ldke[k], not beaten, ("beaten by " + detail) if beaten else "")
-    for k, thr in METRIC_BARS:
-        v = None if ldke is None else ldke.get(k)
-        row(f"LDKE {k} >= {thr}", v, None if v is None else v >= thr)
-    loc = results.get("localization") or {}
-    sp, t1 = loc.get("speedup"), loc.get("top1_agreement")
-    row("localization speedup >= 20x", sp, None if sp is None else sp >= 20)
-    row("localization top-1 agreement >= 0.80", t1, None if t1 is None else t1 >= 0.8)
-    ov = results.get("inference_overhead") or {}
-    for k in ("1", "1000"):
-        v = ov.get(k)
-        row(f"routed inference overhead ({k} edit{'s' if k != '1' else ''}) <= 1.05x", v, None if v is None else v <= 1.05)
-    b = None if ldke is None else ldke.get("adapter_bytes_per_edit")
-    row("LDKE adapter bytes per edit <= 100 KB", b, None if b is None else b <= MAX_BYTES_PER_EDIT)
-    t = None if ldke is None else ldke.get("edit_seconds_median")
-    if results.get("suite") != "toy":
-        row(f"LDKE edit seconds (median) <= {MAX_EDIT_SECONDS:g}", t, None if t is None else t <= MAX_EDIT_SECONDS)
-    return out
-
-
-# ---------------------------------------------------------------------- report
-
-
-def _fmt(v: Any, nd: int = 3) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, bool):
-        return str(v)
-    if isinstance(v, int):
-        return f"{v:,}"
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        return f"{v:.{nd}f}"
-    return str(v)
-
-
-def _portability_kinds_table(details: dict[str, Any]) -> list[str]:
-    """Portability per kind of related question (two-hop, reverse, ...), single edits; empty when no run
-    recorded kinds. Each kind counts only the probes the unedited model passes for the original fact."""
-    rows = {n: (m.get("summary") or {}).get("portability_by_kind") for n, m in (details.get("methods") or {}).items()
-            if isinstance(m, dict)}
-    rows = {n: r for n, r in rows.items() if r}
-    if not rows:
-        return []
-    unedited = (details.get("unedited") or {}).get("portability_by_kind") or {}
-    kinds = sorted({k for r in (*rows.values(), unedited) for k in r})
-    counts = ((details.get("suite_info") or {}).get("portability_probes") or {}).get("by_kind") or {}
-    out = ["", "## Portability by kind (single edits; mean over edits that have the kind)", "",
-           "Only probes the unedited model answers correctly for the *original* fact are scored ("
-           + (", ".join(f"{k}: {c['kept']} kept of {c['kept'] + c['dropped']}" for k, c in sorted(counts.items()))
-              or "counts not recorded") + ").", "",
-           "| method | " + " | ".join(kinds) + " |", "|---|" + "---:|" * len(kinds)]
-    for n, r in rows.items():
-        out.append(f"| {n} | " + " | ".join(_fmt(r.get(k)) for k in kinds) + " |")
-    if unedited:
-        out.append("| *(unedited model)* | " + " | ".join(_fmt(unedited.get(k)) for k in kinds) + " |")
-    return out
-
-
-def markdown_report(results: dict[str, Any], details: dict[str, Any]) -> str:
-    lines = [f"# MKE benchmark: suite `{results['suite']}`", "",
-             f"Model: {results['model']}. Edits: {results['n_edits']}. Split: `{results.get('split', 'test')}`. "
-             f"Protocol: `{details.get('protocol')}`. "
-             f"Machine: {details.get('machine', {}).get('summary', '')}", ""]
-    if details.get("argv") is not None:
-        lines += [f"Produced by `ldke bench {' '.join(details['argv'])}` at commit `{details.get('commit') or 'unknown'}`.", ""]
-    lines += ["## Single edits (each edit alone on the base model; mean over edits)", ""]
-    keys = list(METHOD_KEYS)
-    lines.append("| method | " + " | ".join(keys) + " |")
-    lines.append("|---|" + "---:|" * len(keys))
-    for name, m in results["methods"].items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(m.get(k), 1 if k == "edit_seconds_median" else 3) for k in keys) + " |")
-    if details.get("unedited"):
-        lines.append("| *(unedited model)* | " + " | ".join(_fmt(details["unedited"].get(k)) for k in keys) + " |")
-    lines += _portability_kinds_table(details)
-    dev = results.get("dev")
-    if dev and dev.get("methods"):
-        lines += ["", f"## Dev vs test (single edits; dev: {dev['n_edits']} edits, test: {results['n_edits']})", "",
-                  "Defaults may be chosen on dev; test (the table above) is for reporting. The dev split never edits or "
-                  "asks the held-out relation.", ""]
-        lines.append("| method | split | " + " | ".join(METRIC_KEYS) + " |")
-        lines.append("|---|---|" + "---:|" * len(METRIC_KEYS))
-        for name, m in dev["methods"].items():
-            for split, row in (("dev", m), ("test", results["methods"].get(name, {}))):
-                lines.append(f"| {name} | {split} | " + " | ".join(_fmt(row.get(k)) for k in METRIC_KEYS) + " |")
-        for split, row in (("dev", dev.get("unedited") or {}), ("test", details.get("unedited") or {})):
-            lines.append(f"| *(unedited model)* | {split} | " + " | ".join(_fmt(row.get(k)) for k in METRIC_KEYS) + " |")
-    if results.get("sequential"):
-        lines += ["", "## Sequential editing (edits applied one after another; every edit so far evaluated)", "",
-                  "An image probe that another edit of the pack covers (the entity and relation it asks were edited "
-                  "too) is not scored as locality: that edit should change it (`probes_covered_by_other_edits`).", ""]
-        sk = ["reliability", "min_reliability", "t_generality", "m_generality", "t_locality", "m_locality",
-              "coupled_locality", "near_miss_locality", "portability", "adapter_bytes_per_edit", "seconds",
-              "probes_covered_by_other_edits"]
-        lines.append("| method | edits | " + " | ".join(sk) + " |")
-        lines.append("|---|---:|" + "---:|" * len(sk))
-        for name, by_n in results["sequential"].items():
-            for n, m in by_n.items():
-                lines.append(f"| {name} | {n} | " + " | ".join(_fmt(m.get(k)) for k in sk) + " |")
-    timing = {n: m["timing"] for n, m in (details.get("methods") or {}).items() if isinstance(m, dict) and m.get("timing")}
-    if timing:
-        lines += ["", "## Edit time (wall seconds per single edit, this run)", ""]
-        phases = sorted({p for t in timing.values() for p in t.get("phase_seconds_median", {})},
-                        key=lambda p: (PHASES.index(p) if p in PHASES else len(PHASES), p))
-        lines.append("| method | median | p90 | / grace | " + " | ".join(f"{p} (median)" for p in phases) + " |")
-        lines.append("|---|---:|---:|---:|" + "---:|" * len(phases))
-        g = (timing.get("grace") or {}).get("edit_seconds_median")
-        for name, t in timing.items():
-            med = t.get("edit_seconds_median")
-            ratio = med / g if med is not None and g else None
-            ph = t.get("phase_seconds_median", {})
-            lines.append(f"| {name} | {_fmt(med, 2)} | {_fmt(t.get('edit_seconds_p90'), 2)} | {_fmt(ratio, 2)} | "
-                         + " | ".join(_fmt(ph.get(p), 2) for p in phases) + " |")
-        proj = {n: t for n, t in timing.items() if t.get("fit_tflop_median") is not None}
-        if proj:
-            lines += ["", "Delta-fit cost (median per edit): 6 FLOPs per weight per token per replayed layer per step "
-                      "(forward + backward) over the tokens the fit runs; on a 7B decoder (32 layers, 202M weights per "
-                      "layer) the same rows and steps over the same share of layers. The 7B edit time is this run's "
-                      "median x the ratio of decoder weights, at this machine's rate (not measured on a 7B).", "",
-                      "| method | fit TFLOP | fit TFLOP on a 7B | projected 7B edit seconds (this CPU) |",
-                      "|---|---:|---:|---:|"]
-            for n, t in proj.items():
-                lines.append(f"| {n} | {_fmt(t['fit_tflop_median'], 2)} | {_fmt(t['fit_tflop_7b_median'], 1)} | "
-                             f"{_fmt(t['projected_7b_edit_seconds_median'], 0)} |")
-    loc = details.get("localization")
-    if loc:
-        lines += ["", "## Fast Localization vs exact causal tracing", ""]
-        shown = {k: v for k, v in loc.items() if k != "heatmap"}
-        lines.append("| " + " | ".join(shown) + " |")
-        lines.append("|" + "---:|" * len(shown))
-        lines.append("| " + " | ".join(_fmt(v) for v in shown.values()) + " |")
-        lines.append("")
-        lines.append("`speedup` = wall time of ROME-style per-(layer, position) tracing / Fast Localization, same requests.")
-    es = details.get("edit_speed")
-    if es:
-        lines += ["", "## Edit speed (cached hidden states vs full forward/backward; same layers, same steps)", ""]
-        lines.append("| " + " | ".join(es) + " |")
-        lines.append("|" + "---:|" * len(es))
-        lines.append("| " + " | ".join(_fmt(v) for v in es.values()) + " |")
-    ov = details.get("inference_overhead")
-    lines += ["", "## Routed inference overhead", ""]
-    if ov:
-        lines.append("| edits in pack | generate time / base |")
-        lines.append("|---:|---:|")
-        for k, v in (results.get("inference_overhead") or {}).items():
-            lines.append(f"| {k} | {_fmt(v)} |")
-        lines.append("")
-        lines.append(f"Source: {ov.get('source')}" + (f" (model: {ov['model']})" if ov.get("model") else ""))
-    else:
-        lines.append("Not measured in this run.")
-    lines += ["", "## Bars", "", "| bar | value | status | detail |", "|---|---:|---|---|"]
-    for b in bars(results):
-        lines.append(f"| {b['bar']} | {_fmt(b['value'])} | {b['status']} | {b['detail']} |")
-    merged = details.get("merged_from")
-    if merged:
-        lines += ["", "## Runs merged into this report", "",
-                  "| run | folder | single-edit rows | sequential | dropped single-edit rows (fewer edits) | command | commit |",
-                  "|---:|---|---|---|---|---|---|"]
-        for i, m in enumerate(merged, 1):
-            cmd = " ".join(m.get("argv") or [])
-            lines.append(f"| {i} | {m['folder']} | {', '.join(m['methods']) or '–'} | {', '.join(m['sequential']) or '–'} "
-                         f"| {', '.join(m['dropped_methods']) or '–'} | `ldke bench {cmd}` | `{m.get('commit') or '–'}` |")
-    t, c = details.get("timings", {}), details.get("cpu_seconds", {})
-    if t:
-        lines += ["", "## Timings", "", "Wall seconds on this machine, and CPU seconds of this process (all threads; on "
-                  "a shared machine CPU seconds / cores is the wall time idle cores would take).", "",
-                  "| phase | wall s | CPU s |", "|---|---:|---:|"]
-        for k, v in t.items():
-            lines.append(f"| {k} | {v:.1f} | {_fmt(c.get(k), 1)} |")
-    return "\n".join(lines) + "\n"
 
 
 def _machine() -> dict[str, Any]:
