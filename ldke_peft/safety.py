@@ -63,10 +63,11 @@ def validate_pack(path_or_repo: str, config: Any, subfolder: str | None = None, 
 
     On success ``config.edits`` holds the pack's edit metadata (read from its own file since format 1.4).
     """
-    weights_path = _resolve_file(str(path_or_repo), subfolder, hub_kwargs, WEIGHTS_NAME)
-    _check_tensors(weights_path, config)
-    if has_edits_file(config):
-        config.edits = read_edits(_resolve_file(str(path_or_repo), subfolder, hub_kwargs, EDITS_FILE), config)
+    names = [WEIGHTS_NAME, EDITS_FILE] if has_edits_file(config) else [WEIGHTS_NAME]
+    paths = _resolve_files(str(path_or_repo), subfolder, hub_kwargs, names)
+    _check_tensors(paths[0], config)
+    if len(paths) > 1:
+        config.edits = read_edits(paths[1], config)
 
 
 # ---------------------------------------------------------------------- file resolution
@@ -82,19 +83,22 @@ def _refuse_pickles(names: list[str], where: str) -> None:
         )
 
 
-def _resolve_file(path_or_repo: str, subfolder: str | None, hub_kwargs: dict[str, Any], filename: str) -> str:
-    """Path of the pack's file ``filename`` (local or downloaded), after refusing pickle files next to it."""
+def _resolve_files(path_or_repo: str, subfolder: str | None, hub_kwargs: dict[str, Any],
+                   filenames: list[str]) -> list[str]:
+    """Paths of the pack's files ``filenames`` (local or downloaded), after refusing pickle files next to them
+    (the folder or the repo listing is checked once for all of them)."""
     local = os.path.join(path_or_repo, subfolder) if subfolder else path_or_repo
     if os.path.isdir(local):
         _refuse_pickles([e.name for e in os.scandir(local) if e.is_file() or e.is_symlink()], repr(local))
-        path = os.path.join(local, filename)
-        if not os.path.isfile(path):
-            raise CorruptAdapterError(f"LDKE pack at {local!r} has no {filename}")
-        return path
-    return _resolve_from_hub(path_or_repo, subfolder, hub_kwargs, filename)
+        paths = [os.path.join(local, f) for f in filenames]
+        for f, path in zip(filenames, paths):
+            if not os.path.isfile(path):
+                raise CorruptAdapterError(f"LDKE pack at {local!r} has no {f}")
+        return paths
+    return _resolve_from_hub(path_or_repo, subfolder, hub_kwargs, filenames)
 
 
-def _resolve_from_hub(repo_id: str, subfolder: str | None, hub_kwargs: dict[str, Any], filename: str) -> str:
+def _resolve_from_hub(repo_id: str, subfolder: str | None, hub_kwargs: dict[str, Any], filenames: list[str]) -> list[str]:
     import huggingface_hub
     from huggingface_hub import errors as hub_errors
 
@@ -114,20 +118,22 @@ def _resolve_from_hub(repo_id: str, subfolder: str | None, hub_kwargs: dict[str,
         else:
             prefix = f"{subfolder.strip('/')}/" if subfolder else ""
             _refuse_pickles([f for f in files if f.startswith(prefix) and "/" not in f[len(prefix) :]], where)
-    try:
-        path = huggingface_hub.hf_hub_download(repo_id, filename, subfolder=subfolder, **kwargs)
-    except hub_errors.LocalEntryNotFoundError as exc:
-        raise AdapterLoadError(
-            f"cannot fetch {filename} of the LDKE pack in {where}: not in the local cache and the Hub is not "
-            "reachable (offline mode or local_files_only)"
-        ) from exc
-    except hub_errors.EntryNotFoundError as exc:
-        raise CorruptAdapterError(f"LDKE pack in {where} has no {filename}") from exc
-    except Exception as exc:  # noqa: BLE001 - network, auth, offline cache miss: one clear error type
-        raise AdapterLoadError(f"cannot fetch {filename} of the LDKE pack in {where}: {exc}") from exc
-    folder = os.path.dirname(str(path))
-    _refuse_pickles(os.listdir(folder), where)
-    return str(path)
+    paths = []
+    for filename in filenames:
+        try:
+            path = huggingface_hub.hf_hub_download(repo_id, filename, subfolder=subfolder, **kwargs)
+        except hub_errors.LocalEntryNotFoundError as exc:
+            raise AdapterLoadError(
+                f"cannot fetch {filename} of the LDKE pack in {where}: not in the local cache and the Hub is not "
+                "reachable (offline mode or local_files_only)"
+            ) from exc
+        except hub_errors.EntryNotFoundError as exc:
+            raise CorruptAdapterError(f"LDKE pack in {where} has no {filename}") from exc
+        except Exception as exc:  # noqa: BLE001 - network, auth, offline cache miss: one clear error type
+            raise AdapterLoadError(f"cannot fetch {filename} of the LDKE pack in {where}: {exc}") from exc
+        paths.append(str(path))
+    _refuse_pickles(os.listdir(os.path.dirname(paths[0])), where)
+    return paths
 
 
 # ---------------------------------------------------------------------- tensor checks
