@@ -105,7 +105,7 @@ def run_rows(pm: Any, processor: Any, rows: list[tuple[Any, str]], probe: "Layer
         built = fam.build_inputs(processor, [image], [prompt]).to(dev)
         if probe is not None:
             probe.row = i
-        with prompt_mask_context(built.prompt_mask):
+        with prompt_mask_context(pm, built.prompt_mask):
             logits = pm(**built.inputs).logits[0, -1].float().cpu()
         out_dec.append(int(pm.base_model.last_routing("default")[0]))
         out_logits.append(logits)

@@ -34,7 +34,7 @@ from ldke_peft.testing.toy_world import toy_world
 def logits(model, processor, request) -> torch.Tensor:
     family = ldke_peft.family_of(model)
     built = family.build_inputs(processor, [request.image], [request.prompt], [request.target])
-    with prompt_mask_context(built.prompt_mask):  # teacher-forced pass: route on the prompt only
+    with prompt_mask_context(model, built.prompt_mask):  # teacher-forced pass: route on the prompt only
         return model(**built.inputs).logits
 
 

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _torch_module
 
-from .context import _FORCED_SLOT, current_forced_slots
 from .layer_base import LDKELayer
 from .routing import NO_SLOT
 from .routing_state import RoutingState
@@ -169,7 +168,7 @@ class LDKELinear(nn.Module, LDKELayer):
             and not args
             and not kwargs
             and not torch.is_grad_enabled()
-            and _FORCED_SLOT.get() is None
+            and self._routing.call_slots is None
         ):
             params = fast[2]
             if fast[3] is None:
@@ -224,13 +223,13 @@ class LDKELinear(nn.Module, LDKELayer):
         if (
             self._plan_for == decisions.version
             and not torch.is_grad_enabled()
-            and _FORCED_SLOT.get() is None
+            and self._routing.call_slots is None
             and all([t._version == v for t, v in self._plan_stamps])
         ):
             # a later call with the same decision (every decode step of a generation): the factors
             # gathered at its first call, or nothing at all when no row is routed to a slot hosted here
             return self._apply_plan(x, result, self._plan) if self._plan else result
-        forced = current_forced_slots()
+        forced = self._routing.call_slots
         if forced is None and not decisions.any_routed():
             # no row of the current decision is routed to any slot (the common case): exactly the base
             # layer; remembered, so the decision's later calls stop at the compare above

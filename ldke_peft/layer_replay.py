@@ -35,7 +35,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .context import forced_slots, prompt_mask_context
+from .context import routing_inputs
 from .routing import NO_SLOT
 
 logger = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def capture_replay(root: nn.Module, family: Any, lo: int, built: Any, pred_pos: 
     handles = _record_calls(first, layers)
     no_slot = torch.full((len(built),), NO_SLOT, dtype=torch.long)
     try:
-        with torch.no_grad(), forced_slots(no_slot), prompt_mask_context(built.prompt_mask):
+        with torch.no_grad(), routing_inputs(root, slots=no_slot, prompt_mask=built.prompt_mask):
             reference = root(**built.inputs, use_cache=False).logits[pred_pos]
     finally:
         for h in handles:
@@ -135,7 +135,7 @@ def _reproduces(replay: LayerReplay, family: Any, root: nn.Module, built: Any, p
     no_slot = torch.full((replay.rows,), NO_SLOT, dtype=torch.long)
     mask = built.prompt_mask if replay.prompt_mask is None else replay.prompt_mask
     try:
-        with torch.no_grad(), forced_slots(no_slot), prompt_mask_context(mask):
+        with torch.no_grad(), routing_inputs(root, slots=no_slot, prompt_mask=mask):
             again = family.logits_from_hidden(root, replay.run_at(pred_pos))
     except Exception as exc:  # noqa: BLE001 - any failure to replay: full forwards are always right
         logger.info("layer replay failed (%s)", exc)
@@ -205,7 +205,7 @@ def _shared_call(root: nn.Module, layers: list[nn.Module], built: Any, upto: int
         handles.append(layers[upto].register_forward_hook(stop))
     off = torch.full((len(built),), NO_SLOT, dtype=torch.long)
     try:
-        with torch.no_grad(), forced_slots(off), prompt_mask_context(built.prompt_mask):
+        with torch.no_grad(), routing_inputs(root, slots=off, prompt_mask=built.prompt_mask):
             logits = root(**built.inputs, use_cache=False).logits
     except _Stop:
         logits = None
@@ -230,7 +230,7 @@ def _packed_inputs(root: nn.Module, family: Any, layers: list[nn.Module], built:
     handle = layers[0].register_forward_pre_hook(stop, with_kwargs=True)
     off = torch.full((len(built),), NO_SLOT, dtype=torch.long)
     try:
-        with torch.no_grad(), forced_slots(off), prompt_mask_context(built.prompt_mask):
+        with torch.no_grad(), routing_inputs(root, slots=off, prompt_mask=built.prompt_mask):
             root(**built.inputs, use_cache=False)
     except _Stop:
         pass
@@ -252,14 +252,14 @@ def _capture_packed(root: nn.Module, family: Any, lo: int, built: Any, pred_pos:
     packed = _packed_inputs(root, family, layers, built, row_images)
     one = torch.full((1,), NO_SLOT, dtype=torch.long)
     below = LayerReplay(packed.hidden, layers[:lo], packed.calls[:lo])
-    with torch.no_grad(), forced_slots(one), prompt_mask_context(packed.prompt_mask):
+    with torch.no_grad(), routing_inputs(root, slots=one, prompt_mask=packed.prompt_mask):
         h_lo = below.run()
     replay = LayerReplay(h_lo.detach(), layers[lo:], packed.calls[lo:], index=packed.index,
                          prompt_mask=packed.prompt_mask)
     rows = list(probe_rows)
     where = torch.zeros_like(pred_pos)
     where[rows] = pred_pos[rows]
-    with torch.no_grad(), forced_slots(one), prompt_mask_context(replay.prompt_mask):
+    with torch.no_grad(), routing_inputs(root, slots=one, prompt_mask=replay.prompt_mask):
         again = family.logits_from_hidden(root, replay.run_at(where))
     if again.shape != reference.shape or not torch.allclose(again.float(), reference.float(), atol=_ATOL, rtol=_RTOL):
         raise _CannotPack("the packed replay does not reproduce a real forward of the probe rows")
@@ -281,7 +281,7 @@ def packed_hidden(root: nn.Module, family: Any, built: Any, row_images: Sequence
         logger.debug("router features not packed: %s", why)
         return None
     one = torch.full((1,), NO_SLOT, dtype=torch.long)
-    with torch.no_grad(), forced_slots(one), prompt_mask_context(packed.prompt_mask):
+    with torch.no_grad(), routing_inputs(root, slots=one, prompt_mask=packed.prompt_mask):
         h = LayerReplay(packed.hidden, layers[: upto + 1], packed.calls[: upto + 1]).run()
     index = packed.index
     out = h[0, index.clamp(min=0)] * (index >= 0).unsqueeze(-1).to(h.dtype)

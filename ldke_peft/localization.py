@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .config import CORRUPTIONS
-from .context import forced_slots, prompt_mask_context
+from .context import routing_inputs
 from .families import BuiltInputs, Family, family_of
 from .requests import EditRequest
 from .routing import NO_SLOT
@@ -173,7 +173,7 @@ def _target_logprob(logits: torch.Tensor, built: BuiltInputs) -> torch.Tensor:
 
 
 def _run(root: nn.Module, built: BuiltInputs) -> torch.Tensor:
-    with forced_slots(torch.full((len(built),), NO_SLOT, dtype=torch.long)), prompt_mask_context(built.prompt_mask):
+    with routing_inputs(root, slots=torch.full((len(built),), NO_SLOT, dtype=torch.long), prompt_mask=built.prompt_mask):
         return root(**built.inputs, use_cache=False).logits
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .context import forced_slots, prompt_mask_context
+from .context import routing_inputs
 from .families import family_of
 from .families.unwrap import base_model_of as _root_model
 from .layer import LDKELinear
@@ -75,7 +75,7 @@ def collect_probe_features(
 
             h = layers[probe_layer].register_forward_hook(grab)
             try:
-                with forced_slots(torch.full((e - s,), NO_SLOT, dtype=torch.long)), prompt_mask_context(built.prompt_mask):
+                with routing_inputs(root, slots=torch.full((e - s,), NO_SLOT, dtype=torch.long), prompt_mask=built.prompt_mask):
                     try:
                         root(**built.inputs, use_cache=False)
                     except _StopForward:

@@ -27,26 +27,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .context import current_forced_slots, current_prompt_mask
 from .families import Family
 from .families.unwrap import base_model_of
 from .routing import NO_SLOT
-from .routing_state import RoutingInputs, RoutingState, pool_features
+from .routing_state import RoutingInputs, RoutingState, pool_features, routing_state_of
 
-_STATE_ATTR = "_ldke_routing_state"
 
 
 def default_probe_layer(num_layers: int) -> int:
     """Early enough that most layers stay editable, late enough to see entity and relation (≈ L/8, ≥ 1)."""
     return max(1, min(num_layers - 2, round(num_layers / 8)))
-
-
-def routing_state_of(model: nn.Module) -> RoutingState:
-    state = getattr(model, _STATE_ATTR, None)
-    if state is None:
-        state = RoutingState()
-        object.__setattr__(model, _STATE_ATTR, state)
-    return state
 
 
 def _cache_length(cache: Any) -> int:
@@ -64,6 +54,10 @@ def _cache_length(cache: Any) -> int:
 
 def _make_root_exit_hook(state: RoutingState):
     def hook(module: nn.Module, args: tuple, output: Any):
+        if state.call_saved is not None:
+            # this call's own routing inputs (``ldke_prompt_mask=`` / ``ldke_slots=``) end with it
+            state.call_prompt_mask, state.call_slots = state.call_saved
+            state.call_saved = None
         cur = state.current
         if state.request_depth and cur is not None and cur.prefill and not state.probe_handles:
             # the prefill of a request made through PeftModel has decided: the request's later calls
@@ -102,6 +96,7 @@ def _make_entry_hook(state: RoutingState, family: Family, root: nn.Module, *, is
             # the inner (language model, embeddings) hooks must not treat the calls the root is about
             # to make as new ones; the root's exit hook puts them back
             state.suspend_inner_hooks()
+            _take_call_inputs(state, kwargs)
         cache = kwargs.get("past_key_values")
         if cache is None:
             cache = kwargs.get("cache")
@@ -123,7 +118,7 @@ def _make_entry_hook(state: RoutingState, family: Family, root: nn.Module, *, is
             input_ids = pend.to(ref.device).repeat_interleave(B // pend.shape[0], dim=0)
         state.pending_ids = None
         image_mask = family.image_mask(root, input_ids) if input_ids is not None else None
-        pm = current_prompt_mask()
+        pm = state.call_prompt_mask
         if pm is not None and tuple(pm.shape) == (B, T):
             prompt_mask = pm.bool()
         else:
@@ -155,13 +150,30 @@ def _make_entry_hook(state: RoutingState, family: Family, root: nn.Module, *, is
     return hook
 
 
+#: Per-call routing arguments a root forward accepts (see :mod:`ldke_peft.context`).
+CALL_KWARGS = ("ldke_prompt_mask", "ldke_slots")
+
+
+def _take_call_inputs(state: RoutingState, kwargs: dict) -> None:
+    """Take this call's routing arguments out of ``kwargs`` (the model's own forward does not know them)
+    and install them until the root's exit hook, as Poly installs ``task_ids`` for one call."""
+    if not any(k in kwargs for k in CALL_KWARGS):
+        return
+    mask, slots = kwargs.pop("ldke_prompt_mask", None), kwargs.pop("ldke_slots", None)
+    state.call_saved = (state.call_prompt_mask, state.call_slots)
+    if mask is not None:
+        state.call_prompt_mask = mask
+    if slots is not None:
+        state.call_slots = slots
+
+
 def _make_probe_hook(state: RoutingState, idx: int):
     """One-shot forward hook of probe layer ``idx``: pools features and stores each pack's decision."""
 
     def hook(module: nn.Module, args: tuple, output: Any):
         state.remove_probe_hook(idx)
         cur = state.current
-        if cur is None or not cur.prefill or current_forced_slots() is not None:
+        if cur is None or not cur.prefill or state.call_slots is not None:
             # forced slots (fitting, evaluation with a slot given) bypass the decision: nothing to compute
             return None
         hidden = output[0] if isinstance(output, (tuple, list)) else output

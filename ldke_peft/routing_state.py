@@ -192,6 +192,12 @@ class RoutingState:
     #: editor or :func:`ldke_peft.attach_tokenizer`, else loaded from ``name_or_path`` on first use)
     tokenizer: Any = None
     name_or_path: str | None = None
+    #: per-call inputs (:mod:`ldke_peft.context`): the prompt positions the router pools over, and the
+    #: slot each row is forced into (``None``: the router decides); set only for the block of a call
+    call_prompt_mask: torch.Tensor | None = None
+    call_slots: torch.Tensor | None = None
+    #: the values a call's own ``ldke_prompt_mask=`` / ``ldke_slots=`` replaced (restored when it returns)
+    call_saved: tuple | None = None
 
     def install_probe_hooks(self, make_hook) -> None:
         """(Re)install the one-shot forward hook on every probe layer (called at each prefill)."""
@@ -253,6 +259,9 @@ class RoutingState:
         """Forget the per-call state (after an interrupted forward or a rolled-back edit), including a
         one-shot probe hook whose forward never reached the probe layer."""
         self.current, self.pending_ids = None, None
+        if self.call_saved is not None:
+            self.call_prompt_mask, self.call_slots = self.call_saved
+            self.call_saved = None
         self.end_request()
         for idx in list(self.probe_handles):
             self.remove_probe_hook(idx)
@@ -271,3 +280,15 @@ class RoutingState:
         self.slots.clear()
         self.reset_call()
         self.prompt_ids = self.prompt_mask = None
+
+
+_STATE_ATTR = "_ldke_routing_state"
+
+
+def routing_state_of(model: Any) -> RoutingState:
+    """The :class:`RoutingState` of a transformers model (created on first use)."""
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        state = RoutingState()
+        object.__setattr__(model, _STATE_ATTR, state)
+    return state

@@ -35,7 +35,7 @@ def decisions(peft_model: Any, processor: Any, rows: Sequence[tuple[Any, str]], 
     out = []
     for image, prompt in rows:
         built = fam.build_inputs(processor, [image], [prompt]).to(device, dtype)
-        with prompt_mask_context(built.prompt_mask):
+        with prompt_mask_context(peft_model, built.prompt_mask):
             peft_model(**built.inputs)
         out.append(int(peft_model.base_model.last_routing(adapter)[0]))
     return out

@@ -22,7 +22,7 @@ EDITING = {"editor", "scope_fit", "delta_fit", "pack_scope", "edit_checks", "loc
 #: the product around edits and the benchmark; never imported by the layers above
 OUTER = {"bench", "testing", "cli", "cli_front", "demo", "hub", "merge", "merge_sources", "distributed_launch", "distributed", "metrics", "plots"}
 #: math on tensors only: import nothing of the library
-LEAVES = {"routing", "router_fit", "context", "errors", "augment"}
+LEAVES = {"routing", "router_fit", "errors", "augment"}
 
 
 def _imports(path: Path) -> set[str]:

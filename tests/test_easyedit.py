@@ -430,7 +430,7 @@ def test_router_decisions_under_easyedit_calls(hparams):
     # router no question to read, and nothing routes
     only_first = torch.zeros_like(inputs["attention_mask"], dtype=torch.bool)
     only_first[:, 0] = True
-    with torch.no_grad(), prompt_mask_context(only_first):
+    with torch.no_grad(), prompt_mask_context(edited, only_first):
         edited(**inputs)
     assert tuner.last_routing("default").tolist() == [-1]
     restore()

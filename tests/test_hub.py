@@ -47,7 +47,7 @@ def _request() -> EditRequest:
 def _logits(model, processor) -> torch.Tensor:
     family = ldke_peft.family_of(model)
     built = family.build_inputs(processor, [RED, BLUE, None], [PROMPT, PROMPT, "Describe the image."], ["Paris"] * 3)
-    with torch.no_grad(), prompt_mask_context(built.prompt_mask):
+    with torch.no_grad(), prompt_mask_context(model, built.prompt_mask):
         return model(**built.inputs).logits
 
 

@@ -195,7 +195,7 @@ def test_appended_slots_with_their_own_projection_save_and_reload(setting, hpara
         for image, prompt, want in ((r["image"][0], r["prompt"], k), (r["image_rephrase"][0], r["rephrase_prompt"], k),
                                     (r["multimodal_locality_image"][0], r["multimodal_locality_prompt"], -1)):
             built = fam.build_inputs(processor, [image], [prompt])
-            with torch.no_grad(), prompt_mask_context(built.prompt_mask):
+            with torch.no_grad(), prompt_mask_context(loaded, built.prompt_mask):
                 loaded(**built.inputs)
             assert tuner.last_routing("default").tolist() == [want], (family, k, prompt)
 

@@ -377,7 +377,7 @@ def test_merge_refused_unless_forced(model_type):
     with pytest.raises(MergeRefusedError, match="every input"):
         pm.merge_adapter()
     assert ldke_modules(pm), "a refused merge must leave the adapter in place"
-    with forced_slots(torch.zeros(2, dtype=torch.long)):
+    with forced_slots(model, torch.zeros(2, dtype=torch.long)):
         always_on = logits(pm, built)
     merged = pm.merge_and_unload(force=True)
     assert not ldke_modules(merged)
@@ -406,7 +406,7 @@ def test_grow_adapter_keeps_old_slots(model_type):
             if k in layer.hosted_slots("default"):
                 _, B, i = layer.slot_delta("default", k)
                 assert torch.equal(B[i], torch.zeros_like(B[i])), "a new slot must start with B = 0"
-    with forced_slots(torch.full((3,), 2, dtype=torch.long)):
+    with forced_slots(model, torch.full((3,), 2, dtype=torch.long)):
         assert torch.equal(logits(pm, built), base), "a new (zero) slot changed the output"
     with pytest.raises(ValueError, match="above the probe layer"):
         pm.base_model.grow_adapter("default", [[1]])
@@ -540,3 +540,47 @@ def test_a_peft_generate_keeps_its_prefill_decision_without_hooks():
         assert hp.model.base_model.last_routing("default").tolist() == [0, -1]
     finally:
         spy.remove()
+
+
+# ---------------------------------------------------------------------- per-call routing inputs
+
+
+@pytest.mark.parametrize("model_type", FAMILIES[:1])
+def test_routing_inputs_live_for_one_call(model_type):
+    """``ldke_slots=`` / ``ldke_prompt_mask=`` on a call (Poly's ``task_ids`` pattern) act on that call only,
+    equal the context-manager form, and leave nothing behind, not even when the call raises."""
+    from ldke_peft.context import current_forced_slots, current_prompt_mask, forced_slots, prompt_mask_context
+    from ldke_peft.routing import NO_SLOT
+
+    model, proc = build(model_type)
+    hp = hand_pack(model, proc, [SlotSpec([2, 3], IN_A)])
+    pm = hp.model
+    built = build_inputs(model, proc, [IN_A, UNRELATED])
+    routed = logits(pm, built)
+    on = torch.zeros(2, dtype=torch.long)
+    with torch.no_grad():
+        forced_kw = pm(**built.inputs, ldke_slots=on).logits
+        off_kw = pm(**built.inputs, ldke_slots=torch.full((2,), NO_SLOT, dtype=torch.long)).logits
+    with forced_slots(pm, on):
+        forced_cm = logits(pm, built)
+    torch.testing.assert_close(forced_kw, forced_cm)
+    assert not torch.allclose(forced_kw[1], routed[1]), "forcing the unrelated row into the slot must change it"
+    with pm.disable_adapter():
+        base = logits(pm, built)
+    torch.testing.assert_close(off_kw, base)
+    # nothing carried over to the next call: the router decides again
+    torch.testing.assert_close(logits(pm, built), routed)
+    assert current_forced_slots(pm) is None and current_prompt_mask(pm) is None
+    # a call that raises still ends its routing inputs
+    with pytest.raises(Exception):
+        pm(input_ids=built.inputs["input_ids"][:, :0], ldke_slots=on)
+    assert current_forced_slots(pm) is None
+    # the block form restores what was there before, also around a call with its own inputs
+    mask = built.prompt_mask
+    with prompt_mask_context(pm, mask):
+        with torch.no_grad():
+            pm(**built.inputs, ldke_slots=on)
+        assert current_prompt_mask(pm) is mask and current_forced_slots(pm) is None
+    assert current_prompt_mask(pm) is None
+    with pytest.raises(TypeError, match="model first"):
+        prompt_mask_context(mask, mask)

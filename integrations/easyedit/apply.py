@@ -182,11 +182,11 @@ class PromptMaskHook:
     # ------------------------------------------------------------------ hooks
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         cm = None
-        if current_prompt_mask() is None:
+        if current_prompt_mask(module) is None:
             input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
             mask = self.prompt_mask(input_ids, kwargs.get("attention_mask"), kwargs.get("labels"))
             if mask is not None:
-                cm = prompt_mask_context(mask)
+                cm = prompt_mask_context(module, mask)
                 cm.__enter__()
         self._stack.append(cm)
         return None

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..context import current_prompt_mask
+from ..routing_state import RoutingState, routing_state_of
 from ..errors import InvalidRequestError
 from ..families import Family, family_of
 from ..requests import EditRequest
@@ -362,7 +362,7 @@ class GraceCodebook(nn.Module):
     """GRACE's codebook as a forward hook on one ``nn.Linear`` (the layer's MLP output projection).
 
     For every row, the query is the projection's input at the row's key position: the last prompt
-    token (from :func:`~ldke_peft.context.prompt_mask_context` when the caller appended answer
+    token (from :func:`~ldke_peft.context.prompt_mask_context` on the model when the caller appended answer
     tokens, else the last position, which is also what each generation step sees). When the nearest
     key is within its radius, that position's output is replaced by the key's value.
 
@@ -372,8 +372,9 @@ class GraceCodebook(nn.Module):
     Conflicting labels are compared as target strings (upstream compares the mean of the label ids).
     """
 
-    def __init__(self, module: nn.Linear, cfg: GraceHyperParams):
+    def __init__(self, module: nn.Linear, cfg: GraceHyperParams, routing: RoutingState | None = None):
         super().__init__()
+        self.routing = routing  # the model's per-call inputs (the prompt mask of a teacher-forced call)
         self.cfg = cfg
         w = module.weight
         self.keys = torch.zeros(0, w.shape[1], device=w.device, dtype=torch.float32)
@@ -392,7 +393,7 @@ class GraceCodebook(nn.Module):
         B, T = x.shape[:2]
         if self.train_pos is not None:
             return self.train_pos
-        mask = current_prompt_mask()
+        mask = self.routing.call_prompt_mask if self.routing is not None else None
         if mask is not None and tuple(mask.shape) == (B, T):
             idx = torch.arange(T, device=mask.device).expand(B, T)
             return torch.where(mask.bool(), idx, torch.full_like(idx, -1)).max(1).values.to(x.device)
@@ -478,7 +479,7 @@ def apply_grace(model: nn.Module, processor: Any, requests: Sequence[EditRequest
     book: GraceCodebook | None = getattr(model, "_bench_grace", None)
     if book is None:
         layer = cfg.layer if cfg.layer is not None else grace_default_layer(family.num_layers(model))
-        book = GraceCodebook(family.mlp_out_module(model, layer), cfg)
+        book = GraceCodebook(family.mlp_out_module(model, layer), cfg, routing_state_of(model))
         book.layer = layer
         model.__dict__["_bench_grace"] = book  # a plain attribute: not a submodule of the model
     device = _device(model)

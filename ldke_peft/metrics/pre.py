@@ -145,7 +145,7 @@ def _build(family: Family, processor: Any, items: Sequence[_Item], device, dtype
 
 def _forward(model: torch.nn.Module, built: BuiltInputs) -> torch.Tensor:
     """Logits of a teacher-forced batch; the router pools over the prompt only."""
-    with torch.no_grad(), prompt_mask_context(built.prompt_mask):
+    with torch.no_grad(), prompt_mask_context(model, built.prompt_mask):
         return model(**built.inputs).logits
 
 

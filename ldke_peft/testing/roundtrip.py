@@ -133,7 +133,7 @@ def greedy_without_cache(model: Any, built: Any, steps: int) -> torch.Tensor:
     new = []
     with torch.no_grad():
         for _ in range(steps):
-            with prompt_mask_context(prompt_mask):
+            with prompt_mask_context(model, prompt_mask):
                 out = model(**inputs, use_cache=False).logits[:, -1]
             tok = out.argmax(-1, keepdim=True)
             new.append(tok)
