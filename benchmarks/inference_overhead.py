@@ -98,8 +98,8 @@ def make_pack(base: Any, processor: Any, n_slots: int, anchor: tuple[Any, str], 
     from peft import get_peft_model
 
     from ldke_peft import LDKEConfig, family_of
-    from ldke_peft.model import default_probe_layer
-    from ldke_peft.probe_features import collect_probe_features
+    from ldke_peft.tuner.model import default_probe_layer
+    from ldke_peft.tuner.probe_features import collect_probe_features
 
     model = copy.deepcopy(base)
     n_layers = family_of(model).num_layers(model)
@@ -109,7 +109,7 @@ def make_pack(base: Any, processor: Any, n_slots: int, anchor: tuple[Any, str], 
     cfg = LDKEConfig(slot_layers=[[int(l)] for l in layers], probe_layer=probe, rank=rank)
     if cfg.router_text_encoder:
         from ldke_peft import EditRequest
-        from ldke_peft.scope_fit import _prepare_text_key
+        from ldke_peft.editing.scope_fit import _prepare_text_key
 
         # what edit() records: the encoder's width and the chat frame around a question (so the encoder reads
         # the question, not the system prompt)
@@ -169,7 +169,7 @@ def run_prefill(model: Any, inputs: dict[str, Any]) -> None:
 
 def breakdown(pm: Any, batch: int, seq: int, reps: int = 50) -> dict[str, float]:
     """Microseconds per call of the pieces LDKE adds, on synthetic tensors of the real shapes."""
-    from ldke_peft.routing_state import pool_features
+    from ldke_peft.tuner.routing_state import pool_features
 
     router = pm.base_model.router("default")
     d = router.mu_v.shape[0]
@@ -214,8 +214,8 @@ def breakdown(pm: Any, batch: int, seq: int, reps: int = 50) -> dict[str, float]
 
 def question_key_us(pm: Any, fam: Any, inputs: dict[str, Any], reps: int = 20) -> float:
     """Microseconds per prefill of the textual key (decode the questions, strip the frame, encode; no memo)."""
-    from ldke_peft.model import routing_state_of
-    from ldke_peft.question_key import load_encoder, question_texts
+    from ldke_peft.tuner.model import routing_state_of
+    from ldke_peft.tuner.question_key import load_encoder, question_texts
 
     router = pm.base_model.router("default")
     ids = inputs["input_ids"]
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         models[f"ldke-{n}"] = make_pack(base, proc, n, anchor, args.rank, args.seed + n).to(args.device)
     text_encoder = models[f"ldke-{args.slots[0]}"].peft_config["default"].router_text_encoder
     if text_encoder:
-        from ldke_peft.question_key import load_encoder
+        from ldke_peft.tuner.question_key import load_encoder
 
         # the same prompts repeat in every round: without this the question-key memo would answer them all
         # and the encoder's cost would never be timed

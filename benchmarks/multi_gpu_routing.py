@@ -95,7 +95,7 @@ def split_device_map(model: Any, devs: list[torch.device]) -> tuple[dict[str, st
 @torch.no_grad()
 def run_rows(pm: Any, processor: Any, rows: list[tuple[Any, str]], probe: "LayerProbe | None" = None):
     """Per row: routing decision and last-position logits (one forward pass per row)."""
-    from ldke_peft.context import prompt_mask_context
+    from ldke_peft.tuner.context import prompt_mask_context
     from ldke_peft.families import family_of
 
     fam = family_of(pm)
@@ -117,7 +117,7 @@ class LayerProbe:
     live, and whether the layer's output differs from its base layer's."""
 
     def __init__(self, pm: Any):
-        from ldke_peft.layer import LDKELinear
+        from ldke_peft.tuner.layer import LDKELinear
 
         self.row = -1
         self.records: list[dict[str, Any]] = []
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     from ldke_peft import LDKEConfig
     from ldke_peft.families import family_of
     from ldke_peft.metrics import METRIC_KEYS, collect_pre, compute_metrics
-    from ldke_peft.model import default_probe_layer
+    from ldke_peft.tuner.model import default_probe_layer
     from ldke_peft.requests import PROBE_FIELDS
 
     t0 = time.perf_counter()

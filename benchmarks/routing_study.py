@@ -50,11 +50,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
 
-    import ldke_peft.editor as editor
+    import ldke_peft.editing.editor as editor
     from ldke_peft import LDKEConfig, edit
     from ldke_peft.bench.mke import editor_view
     from ldke_peft.bench.run import load_suite
-    from ldke_peft.probe_features import collect_probe_features
+    from ldke_peft.tuner.probe_features import collect_probe_features
 
     editor.fit_delta = _noop_fit
     suite = load_suite(args.suite, args.n, split=args.split)

@@ -24,7 +24,7 @@ import torch
 from huggingface_hub import ModelCard
 
 import ldke_peft
-from ldke_peft.context import prompt_mask_context
+from ldke_peft.tuner.context import prompt_mask_context
 from ldke_peft.hub import load_edits, push_edits
 from ldke_peft.testing.fake_hub import FakeHub
 from ldke_peft.testing.toy_world import toy_world

@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import warnings
 
-from .config import LDKEConfig
+from .tuner.config import LDKEConfig
+from .tuner.context import forced_slots, prompt_mask_context
 from .errors import (
     AdapterLoadError,
     CorruptAdapterError,
@@ -23,18 +24,18 @@ from .errors import (
     UnsupportedModelError,
 )
 from .families import BuiltInputs, Family, family_of, get_family, register_family, supported_model_types
-from .layer import LDKELinear
-from .model import LDKEModel, attach_tokenizer, is_ldke_model
-from .peft_type import LDKEPeftType
-from .peft_type import register as _register
+from .tuner.layer import LDKELinear
+from .tuner.model import LDKEModel, attach_tokenizer, is_ldke_model
+from .tuner.peft_type import LDKEPeftType
+from .tuner.peft_type import register as _register
 from .requests import EditRequest, Probe
 
 __version__ = "0.1.0"
 
 
 def edit(model, processor, requests, config=None, *, pack=None, **kwargs):
-    """Edit ``model``: see :func:`ldke_peft.editor.edit`. Returns a ``PeftModel`` with an LDKE pack."""
-    from .editor import edit as _edit
+    """Edit ``model``: see :func:`ldke_peft.editing.editor.edit`. Returns a ``PeftModel`` with an LDKE pack."""
+    from .editing.editor import edit as _edit
 
     return _edit(model, processor, requests, config, pack=pack, **kwargs)
 
@@ -82,9 +83,11 @@ __all__ = [
     "attach_tokenizer",
     "edit",
     "evaluate",
+    "forced_slots",
     "family_of",
     "get_family",
     "is_ldke_model",
+    "prompt_mask_context",
     "register_family",
     "save_edits",
     "supported_model_types",

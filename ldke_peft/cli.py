@@ -171,9 +171,9 @@ def cmd_edit(args: argparse.Namespace) -> int:
     import dataclasses
 
     from . import edit
-    from .config import LDKEConfig
+    from .tuner.config import LDKEConfig
     from .hub import load_edits, save_edits
-    from .io import atomic_dir
+    from .tuner.io import atomic_dir
 
     from .requests import load_negatives
 
@@ -242,8 +242,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_locate(args: argparse.Namespace) -> int:
     from .families import family_of
-    from .localization import locate, trace
-    from .model import default_probe_layer
+    from .editing.localization import locate, trace
+    from .tuner.model import default_probe_layer
 
     requests = load_requests(args.requests, image_root=args.image_root, fmt=args.format)
     indices = list(range(len(requests))) if args.all else [args.index]

@@ -95,7 +95,7 @@ def _negative_pool(world: Any) -> Any:
     """Questions and images of the world for the router's hard negatives."""
     if hasattr(world, "negative_pool"):
         return world.negative_pool()
-    from .scope import NegativePool
+    from .editing.scope import NegativePool
 
     return NegativePool(
         questions=[(q, r) for r in world.relations for q in world.question_bank(r)],
@@ -326,7 +326,7 @@ def save_demo_model(
     """``ldke demo --save DIR``: the toy world's model and processor in one folder (what ``ldke edit``,
     ``eval`` and ``locate`` take), with ``n_edits`` example requests (``requests.jsonl``, images under
     ``images/``) and the world's negative pool (``negatives.jsonl``). Returns the folder."""
-    from .io import atomic_dir
+    from .tuner.io import atomic_dir
     from .requests import save_jsonl, save_negatives
 
     o = stream or sys.stdout

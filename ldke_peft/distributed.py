@@ -122,7 +122,7 @@ def build_edit_parser(prog: str = "python -m ldke_peft.distributed edit") -> arg
 
 
 def _edit_config(args: argparse.Namespace) -> Any:
-    from .config import LDKEConfig
+    from .tuner.config import LDKEConfig
 
     overrides: dict[str, Any] = {}
     if args.config:
@@ -156,7 +156,7 @@ def edit_main(argv: Sequence[str] | None = None) -> int:
     shard_dir = out / SHARDS_DIR / f"rank{rank}"
 
     def work() -> dict[str, Any]:
-        from .editor import edit
+        from .editing.editor import edit
         from .hub import save_edits
 
         requests = _load_requests(args)

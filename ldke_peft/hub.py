@@ -14,7 +14,7 @@ differ from ``PeftModel.push_to_hub``:
 Loading (:func:`load_edits`) downloads just the pack's files (``snapshot_download``, so ``revision``,
 ``cache_dir``, ``token``, ``endpoint`` and ``HF_HUB_OFFLINE`` all work) and then calls
 ``PeftModel.from_pretrained`` on the local folder: the pack's files are validated before injection
-(:mod:`ldke_peft.safety`) and the base-model fingerprint is checked before any module is replaced, so
+(:mod:`ldke_peft.tuner.safety`) and the base-model fingerprint is checked before any module is replaced, so
 a foreign or corrupt pack raises an :class:`~ldke_peft.errors.AdapterLoadError` subclass and leaves
 the base model as it was.
 
@@ -37,7 +37,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .errors import AdapterLoadError, LDKEError
-from .pack_meta import EDITS_FILE, has_edits_file
+from .tuner.pack_meta import EDITS_FILE, has_edits_file
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def _is_repo_id(value: str | None) -> bool:
 
 
 def _config_of(peft_model_or_config: Any, adapter_name: str) -> Any:
-    from .config import LDKEConfig
+    from .tuner.config import LDKEConfig
 
     if isinstance(peft_model_or_config, LDKEConfig):
         return peft_model_or_config
@@ -276,10 +276,10 @@ def save_edits(
     ``base_model`` (a Hub id), when given, is also written as the config's
     ``base_model_name_or_path`` so ``AutoPeftModel`` can find the base. Returns the folder.
 
-    The save is atomic (:func:`ldke_peft.io.atomic_dir`): the folder holds either the previous pack or
+    The save is atomic (:func:`ldke_peft.tuner.io.atomic_dir`): the folder holds either the previous pack or
     the complete new one, whenever the process dies. Other files already in the folder are kept.
     """
-    from .io import atomic_dir, stored_state_dict
+    from .tuner.io import atomic_dir, stored_state_dict
 
     config = _config_of(peft_model, adapter_name)
     save_directory = os.fspath(save_directory)
@@ -388,7 +388,7 @@ def load_edits(
     """
     from peft import PeftModel
 
-    from .peft_type import register
+    from .tuner.peft_type import register
 
     register()  # idempotent: guarantees peft can resolve peft_type "LDKE" whatever happened since import
     source = os.fspath(repo_id_or_path)
@@ -409,7 +409,7 @@ def _download(repo_id: str, revision: str | None, subfolder: str | None, cache_d
     import huggingface_hub
     from huggingface_hub import snapshot_download
 
-    from .safety import _refuse_pickles
+    from .tuner.safety import _refuse_pickles
 
     prefix = f"{subfolder.strip('/')}/" if subfolder else ""
     offline = bool(local_files_only) or huggingface_hub.constants.HF_HUB_OFFLINE

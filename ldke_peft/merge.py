@@ -6,11 +6,11 @@ its sources' rows re-indexed to the merged slot ids, and the router's per-slot t
 ``needs_image``) are concatenated the same way.
 
 **The router.** Each pack learns its own router projection (``mu``/``proj``, see
-:mod:`ldke_peft.router_fit`), so keys from different packs live in different spaces: comparing a
+:mod:`ldke_peft.editing.router_fit`), so keys from different packs live in different spaces: comparing a
 feature projected with pack A's projection to a key of pack B is meaningless, and refitting one
 projection for all slots would need every pack's calibration features, which packs do not store. A
 merged pack therefore keeps **one projection per distinct source projection** (a *projection group*,
-:class:`~ldke_peft.routing.RouterState` with ``groups > 1``) and records, per slot, the group its keys
+:class:`~ldke_peft.tuner.routing.RouterState` with ``groups > 1``) and records, per slot, the group its keys
 live in. Each slot's score is computed exactly as its source pack computes it; the merged decision is
 the best-scoring slot within scope, the rule a single pack already uses among its own slots. So an
 input that exactly one source pack routes is routed the same way by the merged pack, and an input
@@ -19,7 +19,7 @@ twice) collapse into one group; when all sources share one projection the merged
 single-projection layout that every ldke-peft version reads.
 
 **Safety rules.** Packs must be made for the same base model (fingerprints compared with the
-tolerance :mod:`ldke_peft.fingerprint` uses, else :class:`~ldke_peft.errors.FingerprintMismatchError`),
+tolerance :mod:`ldke_peft.tuner.fingerprint` uses, else :class:`~ldke_peft.errors.FingerprintMismatchError`),
 read the router at the same probe layer and bound deltas the same way (else :class:`MergeError`).
 Two slots editing the same fact (same image fingerprint and prompt) to *different* targets are a
 conflict: ``on_conflict="error"`` (default) raises :class:`MergeConflictError` listing all of them,
@@ -46,7 +46,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .config import LDKEConfig
+from .tuner.config import LDKEConfig
 from .errors import FingerprintMismatchError
 from .merge_sources import _PEFT_PREFIX, _PROJ, _ROUTER, MergeError, _Pack, _parse, load_pack, save_pack, to_peft_model
 
@@ -137,8 +137,8 @@ class MergeResult(tuple):
 
 def _fingerprint_difference(a: dict[str, Any], b: dict[str, Any]) -> str | None:
     """First difference between two base-model fingerprints (``None`` = same base), same tolerance as
-    :func:`ldke_peft.fingerprint.check_fingerprint`."""
-    from .fingerprint import _RTOL
+    :func:`ldke_peft.tuner.fingerprint.check_fingerprint`."""
+    from .tuner.fingerprint import _RTOL
 
     for key in ("model_type", "hidden_size", "num_layers"):
         if a.get(key) != b.get(key):
@@ -193,8 +193,8 @@ def _check_compatible(packs: list[_Pack], base_model: Any | None) -> None:
                 raise MergeError(f"layer {layer}: {p.name} has input size {n}, {in_features[layer][1]} has {in_features[layer][0]}")
     if base_model is not None:
         from .families import family_of
-        from .fingerprint import check_fingerprint
-        from .model import _root_model
+        from .tuner.fingerprint import check_fingerprint
+        from .tuner.model import _root_model
 
         root = _root_model(base_model)
         family = family_of(root)

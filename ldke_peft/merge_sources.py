@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from .config import LDKEConfig
+from .tuner.config import LDKEConfig
 from .errors import CorruptAdapterError, LDKEError
-from .routing import dequantize_projection
+from .tuner.routing import dequantize_projection
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class _Pack:
 def load_pack(source: Any, *, adapter_name: str = "default", name: str | None = None) -> tuple[LDKEConfig, dict[str, torch.Tensor]]:
     """``(config, state_dict)`` of a pack given as a folder, a ``PeftModel`` or a ``(config, state_dict)`` pair.
 
-    A folder is validated like any pack being loaded (:func:`ldke_peft.safety.validate_pack`: no
+    A folder is validated like any pack being loaded (:func:`ldke_peft.tuner.safety.validate_pack`: no
     pickles, tensor names/shapes match the config, finite values). State-dict keys are the saved ones
     (``base_model.model.<module>.ldke_A``, ...), without the adapter name.
     """
@@ -101,7 +101,7 @@ def load_pack(source: Any, *, adapter_name: str = "default", name: str | None = 
 
 
 def _parse(name: str, config: LDKEConfig, sd: dict[str, torch.Tensor]) -> _Pack:
-    from .safety import layer_regex, split_key
+    from .tuner.safety import layer_regex, split_key
 
     try:
         layer_re = layer_regex(config)

@@ -42,7 +42,7 @@ def layer_scores_chart(
 ) -> str:
     """Bar chart of per-decoder-layer causal scores, saved as a PNG; returns the path.
 
-    ``result`` is a :class:`~ldke_peft.localization.LocalizationResult` (its ``layers`` and
+    ``result`` is a :class:`~ldke_peft.editing.localization.LocalizationResult` (its ``layers`` and
     ``candidates`` are used unless given) or a plain sequence of scores. Chosen layers are drawn in
     a strong colour, other candidates in a light one, and excluded layers (layer 0, the router's
     probe layer and below) in grey.

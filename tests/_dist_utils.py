@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ldke_peft.context import prompt_mask_context
+from ldke_peft.tuner.context import prompt_mask_context
 from ldke_peft.requests import PROBE_FIELDS
 
 

@@ -1,7 +1,7 @@
 """Shared helpers for the tuner and pack-loading tests: tiny models, probe inputs, hand-set packs.
 
 A "hand-set" pack is an LDKE adapter whose router keys are the exact probe features of chosen
-``(image, prompt)`` anchors (as :func:`ldke_peft.probe_features.collect_probe_features` computes them) and whose
+``(image, prompt)`` anchors (as :func:`ldke_peft.tuner.probe_features.collect_probe_features` computes them) and whose
 deltas have random, large ``B`` (so a routed row visibly changes). No fitting is involved, so these
 tests isolate the tuner mechanics (injection, routing, caching, saving, loading) from the editor.
 """
@@ -16,8 +16,8 @@ from PIL import Image
 
 from ldke_peft import LDKEConfig
 from ldke_peft.families import base_model_of, family_of
-from ldke_peft.layer import LDKELinear
-from ldke_peft.probe_features import collect_probe_features
+from ldke_peft.tuner.layer import LDKELinear
+from ldke_peft.tuner.probe_features import collect_probe_features
 from ldke_peft.testing.roundtrip import greedy_without_cache  # noqa: F401  (re-exported for the tests)
 from ldke_peft.testing.tiny import tiny_model
 

@@ -12,17 +12,19 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "ldke_peft"
 
-#: plain data and text/image helpers every layer may use (requests, negatives, positives/negatives lists)
-DATA = {"errors", "requests", "scope", "augment"}
+#: plain data every layer may use (requests, probes, negatives pool, errors)
+DATA = {"errors", "requests"}
 #: runs packs (PEFT tuner, routing, family knowledge, storage); knows nothing of fitting them
-TUNER = {"config", "layer", "layer_base", "model", "routing", "context", "layer_replay", "question_key", "io", "peft_type", "safety", "pack_meta", "routing_state", "routing_hooks", "probe_features",
-         "fingerprint", "families"}
-#: makes edits: delta fit, router fit, localization, pack-level guards, checks, the orchestrating editor
-EDITING = {"editor", "scope_fit", "delta_fit", "pack_scope", "edit_checks", "localization", "router_fit"}
+TUNER = {"tuner", "families"}
+#: makes edits: scope, delta fit, router fit, localization, pack-level guards, checks, the orchestrating editor
+EDITING = {"editing"}
 #: the product around edits and the benchmark; never imported by the layers above
 OUTER = {"bench", "testing", "cli", "cli_front", "demo", "hub", "merge", "merge_sources", "distributed_launch", "distributed", "metrics", "plots"}
-#: math on tensors only: import nothing of the library
-LEAVES = {"routing", "router_fit", "errors", "augment"}
+#: math on tensors or text only: import nothing of the library (``package.module`` inside a layer's package)
+LEAVES = {"tuner.routing", "editing.router_fit", "editing.augment", "errors"}
+#: where each top-level name sits (a subpackage's modules are in its layer)
+LAYER_OF = {**{m: "data" for m in DATA}, **{m: "tuner" for m in TUNER}, **{m: "editing" for m in EDITING},
+            **{m: "product" for m in OUTER}}
 
 
 def _imports(path: Path) -> set[str]:
@@ -47,9 +49,14 @@ def _imports(path: Path) -> set[str]:
     return {m.split(".")[1] for m in out if m.count(".") >= 1}
 
 
+def _imports_anything(path: Path) -> bool:
+    """Whether ``path`` imports any module of ``ldke_peft`` (a leaf must not)."""
+    return bool(_imports(path))
+
+
 def _module(name: str) -> list[Path]:
-    p = PKG / name
-    return sorted(p.rglob("*.py")) if p.is_dir() else [PKG / f"{name}.py"]
+    p = PKG / name.replace(".", "/")
+    return sorted(p.rglob("*.py")) if p.is_dir() else [p.with_suffix(".py")]
 
 
 def test_every_library_module_is_in_a_layer():
@@ -60,12 +67,26 @@ def test_every_library_module_is_in_a_layer():
 
 
 @pytest.mark.parametrize("layer,forbidden", [("data", TUNER | EDITING | OUTER), ("tuner", EDITING | OUTER),
-                                             ("editing", OUTER), ("leaves", DATA | TUNER | EDITING | OUTER)])
+                                             ("editing", OUTER)])
 def test_layers_import_only_downwards(layer, forbidden):
-    mods = {"data": DATA, "tuner": TUNER, "editing": EDITING, "leaves": LEAVES}[layer]
+    mods = {"data": DATA, "tuner": TUNER, "editing": EDITING}[layer]
     bad = {f"{p.relative_to(PKG)} imports {sorted(_imports(p) & forbidden)}"
            for m in mods for p in _module(m) if _imports(p) & (forbidden - {m})}
     assert not bad, sorted(bad)
+
+
+def test_leaves_import_nothing_of_the_library():
+    bad = [str(p.relative_to(PKG)) for m in LEAVES for p in _module(m) if _imports_anything(p)]
+    assert not bad, bad
+
+
+def test_the_layout_is_the_documented_one():
+    """The tuner and the editing code are packages of their own, and nothing else of theirs stays at the top."""
+    assert (PKG / "tuner" / "__init__.py").is_file() and (PKG / "editing" / "__init__.py").is_file()
+    for m in ("model", "layer", "routing", "config"):
+        assert (PKG / "tuner" / f"{m}.py").is_file() and not (PKG / f"{m}.py").exists()
+    for m in ("editor", "delta_fit", "scope_fit", "scope", "localization"):
+        assert (PKG / "editing" / f"{m}.py").is_file() and not (PKG / f"{m}.py").exists()
 
 
 def test_the_checker_sees_lazy_imports(tmp_path):
@@ -81,7 +102,6 @@ def test_the_checker_sees_lazy_imports(tmp_path):
 def test_every_module_docstring_names_its_layer():
     """Each module says in its opening docstring which layer it belongs to and what it may import, and that
     claim is the one this file enforces (a module moved to another layer must change its docstring too)."""
-    names = {"data": DATA, "tuner": TUNER, "editing": EDITING, "product": OUTER}
     wrong = []
     for p in sorted(PKG.rglob("*.py")):
         rel = p.relative_to(PKG)
@@ -90,8 +110,9 @@ def test_every_module_docstring_names_its_layer():
             continue
         doc = ast.get_docstring(ast.parse(p.read_text())) or ""
         line = next((ln for ln in doc.splitlines() if ln.startswith("Layer: ")), "")
-        layer = next(n for n, mods in names.items() if top in mods)
-        leaf = top in LEAVES
+        layer = LAYER_OF[top]
+        dotted = ".".join(rel.with_suffix("").parts)
+        leaf = dotted in LEAVES or top in LEAVES
         if not line.startswith(f"Layer: {layer}{', a leaf' if leaf else ' ('}") or (
                 leaf and "imports nothing of the library" not in line):
             wrong.append(f"{rel}: {line or 'no Layer: line'}")

@@ -23,7 +23,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 import ldke_peft
 from ldke_peft import LDKEConfig
 from ldke_peft.hub import save_edits
-from ldke_peft.io import atomic_dir, atomic_save
+from ldke_peft.tuner.io import atomic_dir, atomic_save
 from ldke_peft.testing.tiny import tiny_model
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the kill tests fork the test process (POSIX only)")
@@ -223,7 +223,7 @@ def test_failed_save_leaves_the_previous_pack(tmp_path):
 
 def test_fallback_without_rename_exchange(tmp_path, monkeypatch):
     """Where ``renameat2(RENAME_EXCHANGE)`` does not exist (macOS, Windows, old kernels) the swap is two renames."""
-    import ldke_peft.io as io
+    import ldke_peft.tuner.io as io
 
     monkeypatch.setattr(io, "_renameat2", False)
     target = tmp_path / "pack"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ldke_peft.augment import paraphrases
-from ldke_peft.augment import content_words
+from ldke_peft.editing.augment import paraphrases
+from ldke_peft.editing.augment import content_words
 
 
 @pytest.mark.parametrize(

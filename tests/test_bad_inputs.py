@@ -20,9 +20,9 @@ from tokenizers import Regex, normalizers
 
 import ldke_peft
 from ldke_peft import EditRequest, LDKEConfig, Probe
-from ldke_peft.delta_fit import EditDivergedError
+from ldke_peft.editing.delta_fit import EditDivergedError
 from ldke_peft.errors import ImageError, InvalidRequestError, UnsupportedModelError
-from ldke_peft.layer import LDKELayer
+from ldke_peft.tuner.layer import LDKELayer
 from ldke_peft.requests import MAX_IMAGE_SIDE
 from ldke_peft.testing.tiny import tiny_model
 

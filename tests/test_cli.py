@@ -294,7 +294,7 @@ def test_bad_negatives_file_is_one_line_with_its_line_number(workdir, tmp_path, 
 
 def test_help_lists_every_option_without_running_a_command():
     code = ("import sys\nfrom ldke_peft.cli_front import main\ntry:\n    main(['edit', '--help'])\nexcept SystemExit:\n    pass\n"
-            "print(sorted(m for m in ('ldke_peft.cli', 'ldke_peft.editor') if m in sys.modules))")
+            "print(sorted(m for m in ('ldke_peft.cli', 'ldke_peft.editing.editor') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "--negatives" in proc.stdout and proc.stdout.strip().splitlines()[-1] == "[]"

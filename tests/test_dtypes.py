@@ -17,7 +17,7 @@ from peft import PeftModel, get_peft_model
 import ldke_peft
 from ldke_peft import LDKEConfig
 from ldke_peft.metrics import collect_pre, compute_metrics
-from ldke_peft.routing import RouterState
+from ldke_peft.tuner.routing import RouterState
 
 from _dist_utils import decisions, fresh, probe_rows
 

@@ -11,9 +11,9 @@ import ldke_peft
 from ldke_peft import EditRequest
 from ldke_peft.bench.mke import editor_view
 from ldke_peft.bench.studies import _spearman
-from ldke_peft.localization import locate, trace
+from ldke_peft.editing.localization import locate, trace
 from ldke_peft.metrics import collect_pre, compute_metrics
-from ldke_peft.model import default_probe_layer
+from ldke_peft.tuner.model import default_probe_layer
 
 pytestmark = pytest.mark.slow
 

@@ -21,10 +21,10 @@ from safetensors.torch import load_file
 
 import ldke_peft
 from ldke_peft import EditRequest, Probe
-from ldke_peft.context import prompt_mask_context
+from ldke_peft.tuner.context import prompt_mask_context
 from ldke_peft.errors import AdapterLoadError, FingerprintMismatchError, LDKEError, UnsafeAdapterError
 from ldke_peft.hub import CARD_TAGS, PACK_FILES, load_edits, model_card, push_edits, save_edits
-from ldke_peft.model import is_ldke_model
+from ldke_peft.tuner.model import is_ldke_model
 from ldke_peft.testing.fake_hub import FakeHub, populate_hf_cache
 from ldke_peft.testing.tiny import tiny_model
 from peft import PeftModel

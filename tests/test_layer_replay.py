@@ -1,4 +1,4 @@
-"""The editor's layer replay (``ldke_peft.layer_replay``): kept only where it reproduces the forward.
+"""The editor's layer replay (``ldke_peft.tuner.layer_replay``): kept only where it reproduces the forward.
 
 Hybrid stacks call each layer with its own mask / rotary tables (Gemma 3: sliding and global
 layers; Qwen3.5: linear- and full-attention layers), so a replay must record every layer's call;
@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from ldke_peft.families import family_of
-from ldke_peft.layer_replay import capture_replay
+from ldke_peft.tuner.layer_replay import capture_replay
 from ldke_peft.testing.tiny import tiny_model
 
 
@@ -114,7 +114,7 @@ def test_packed_replay_refused_for_bidirectional_prefixes_and_for_per_layer_call
 
 def test_packed_fit_reaches_the_same_delta_as_the_rows_as_built(monkeypatch):
     """Packing is the same computation: the delta fitted on packed rows equals the one fitted row by row."""
-    import ldke_peft.layer_replay as lr
+    import ldke_peft.tuner.layer_replay as lr
     from ldke_peft import LDKEConfig, edit
     from ldke_peft.requests import EditRequest
 
@@ -146,8 +146,8 @@ def test_packed_fit_reaches_the_same_delta_as_the_rows_as_built(monkeypatch):
 
 @pytest.mark.parametrize("model_type", ["llava", "qwen2_vl"])
 def test_packed_router_features_equal_each_row_run_alone(model_type, monkeypatch):
-    import ldke_peft.layer_replay as lr
-    from ldke_peft.probe_features import collect_probe_features
+    import ldke_peft.tuner.layer_replay as lr
+    from ldke_peft.tuner.probe_features import collect_probe_features
 
     model, processor = tiny_model(model_type)
     imgs = [Image.new("RGB", (64, 64), (200, 30, 30)), Image.new("RGB", (64, 64), (20, 90, 220))]

@@ -1,13 +1,13 @@
 """The held-out protocol: nothing an editor fits on is something the benchmark later asks.
 
-The editor's rows come from :func:`ldke_peft.scope_fit.editor_rows`, built by the same functions the delta
+The editor's rows come from :func:`ldke_peft.editing.scope_fit.editor_rows`, built by the same functions the delta
 and router fits call, for exactly what ``ldke bench`` hands LDKE (``editor_view`` of each request and the
 suite's negative pool). Every request of the toy, smoke and full suites (both splits) is checked:
 
 * a probe's *wording* (rephrases, same-image coupled and near-miss questions, a look-alike's held-out
   wording, locality questions) must not be among the editor's wordings, compared after casefolding and
   punctuation removal; the editor's wordings include its own rewrites (the router's paraphrased
-  positives and negatives, :func:`ldke_peft.augment.paraphrases`), so a probe the editor would have
+  positives and negatives, :func:`ldke_peft.editing.augment.paraphrases`), so a probe the editor would have
   written itself and trained on is caught too;
 * a probe's *image* (other views, look-alike and other entities' images) must not be among the
   editor's images, compared by fingerprint.
@@ -26,11 +26,11 @@ from pathlib import Path
 import pytest
 
 import ldke_peft
-from ldke_peft.augment import generic_question_bank, paraphrases
+from ldke_peft.editing.augment import generic_question_bank, paraphrases
 from ldke_peft.bench.countries import COUNTRIES, NEAR_MISS, RELATIONS, WORDINGS
 from ldke_peft.bench.mke import build_mke_requests, editor_view, negative_pool, split_facts
-from ldke_peft.config import LDKEConfig
-from ldke_peft.scope_fit import editor_rows
+from ldke_peft.tuner.config import LDKEConfig
+from ldke_peft.editing.scope_fit import editor_rows
 from ldke_peft.requests import image_fingerprint
 from ldke_peft.testing import toy_world_module as tw
 

@@ -20,7 +20,7 @@ import torch
 from PIL import Image, ImageDraw, ImageEnhance
 
 import ldke_peft
-import ldke_peft.delta_fit as delta_fit_mod
+import ldke_peft.editing.delta_fit as delta_fit_mod
 from integrations.easyedit import (
     LDKEMultimodalHyperParams,
     apply_ldke_to_multimodal_model,
@@ -28,10 +28,10 @@ from integrations.easyedit import (
     easyedit_metrics,
 )
 from ldke_peft import EditRequest
-import ldke_peft.pack_scope as pack_scope
-from ldke_peft.delta_fit import fit_step_bound
-from ldke_peft.pack_scope import ScopeMemory
-from ldke_peft.routing import RouterState
+import ldke_peft.editing.pack_scope as pack_scope
+from ldke_peft.editing.delta_fit import fit_step_bound
+from ldke_peft.editing.pack_scope import ScopeMemory
+from ldke_peft.tuner.routing import RouterState
 from ldke_peft.testing.tiny import tiny_model
 
 #: EasyEdit's families (scored as EasyEdit scores). Tiny LLaVA-1.5 is tested through ldke-peft's own API and
@@ -169,7 +169,7 @@ def test_appended_slots_with_their_own_projection_save_and_reload(setting, hpara
     routes to its own slot after reloading, and every locality probe to none."""
     from peft import PeftModel
 
-    from ldke_peft.context import prompt_mask_context
+    from ldke_peft.tuner.context import prompt_mask_context
     from ldke_peft.families import family_of
 
     import dataclasses
@@ -238,7 +238,7 @@ def test_unreachable_fit_says_so(caplog, monkeypatch):
     req = ldke_peft.EditRequest(image=drawing(7), prompt="Which animal is painted on this card?",
                                 target=target_of_length(processor.tokenizer, 16, 0))
     cfg = ldke_peft.LDKEConfig(edit_steps=2, rank=4, alpha=4.0, probe_layer=1)
-    with caplog.at_level(logging.WARNING, logger="ldke_peft.pack_scope"):
+    with caplog.at_level(logging.WARNING, logger="ldke_peft.editing.pack_scope"):
         pm = ldke_peft.edit(model, processor, [req], cfg, progress=False)
     rep = pm.ldke_reports[0]
     assert not rep.fit_reached and 0.0 <= rep.fit_accuracy < 1.0
@@ -285,7 +285,7 @@ def test_leak_guard_never_drops_the_slots_own_rows(caplog):
     router = _router_with_slot()
     pv, pt, ph = _rows([[1.5, 0, 0, 0]], [[1.5, 0, 0, 0]])
     v, t, h = _rows([[0.2, 0, 0, 0]], [[0.2, 0, 0, 0]])  # nearer than the slot's own rows in both parts
-    with caplog.at_level(logging.WARNING, logger="ldke_peft.pack_scope"):
+    with caplog.at_level(logging.WARNING, logger="ldke_peft.editing.pack_scope"):
         assert pack_scope.shrink_to_exclude(router, 0, v, t, h, pv, pt, ph) == 0
     assert float(router.radius_v[0]) == 2.0 and float(router.radius_t[0]) == 2.0
     assert any("cannot be cut" in m for m in caplog.messages)
@@ -345,7 +345,7 @@ def test_entity_guard_leaves_slots_of_the_same_entity_and_the_edit_itself_alone(
     memory = ScopeMemory()
     memory.views[0] = (_views(0.0, 1.5), _views(1.5), "ent:A")
     other = EditRequest(prompt="Who designed this crest?", target="x", image=Image.new("RGB", (8, 8)), subject="B")
-    with caplog.at_level(logging.WARNING, logger="ldke_peft.pack_scope"):
+    with caplog.at_level(logging.WARNING, logger="ldke_peft.editing.pack_scope"):
         pack_scope.guard_entities(router, [other], [1], [_views(0.5, 1.8)], [_views(0.5)], memory, margin=0.5)
     assert float(router.radius_v[0]) == pytest.approx(1.5 / 0.98)
     slot0 = router.scores(_views(1.5, 1.8), torch.zeros(2, 16), torch.ones(2, dtype=torch.bool))[:, 0]
@@ -356,7 +356,7 @@ def test_entity_guard_leaves_slots_of_the_same_entity_and_the_edit_itself_alone(
 def test_router_views_are_never_mirrored_and_otherwise_the_same():
     from PIL import ImageChops
 
-    from ldke_peft.augment import image_views
+    from ldke_peft.editing.augment import image_views
 
     img = Image.new("RGB", (32, 32), "white")
     img.paste((200, 0, 0), (0, 0, 10, 32))  # asymmetric: a band on the left

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from ldke_peft import LDKEConfig
 from ldke_peft.errors import AdapterLoadError, CorruptAdapterError, FingerprintMismatchError, UnsafeAdapterError
-from ldke_peft.safety import validate_pack
+from ldke_peft.tuner.safety import validate_pack
 
 from _tuner_utils import (
     BLUE,
@@ -467,7 +467,7 @@ def test_a_text_keyed_pack_without_a_tokenizer_says_how_to_give_one(good_pack):
     call names the problem and the fix instead of routing on nothing."""
     from transformers import LlavaForConditionalGeneration
 
-    from ldke_peft.question_key import TokenizerNotFoundError
+    from ldke_peft.tuner.question_key import TokenizerNotFoundError
 
     model, proc = build("llava")
     bare = LlavaForConditionalGeneration(model.config).eval()  # same config, no attached tokenizer

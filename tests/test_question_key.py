@@ -1,7 +1,7 @@
 """The router's textual key reads the question a user asked, in every family, and nothing else.
 
 A pack routes on a sentence encoder's embedding of the question text it decodes from the prompt tokens
-(``ldke_peft.question_key``). These tests pin what that text is (the prompt as the user wrote it, the
+(``ldke_peft.tuner.question_key``). These tests pin what that text is (the prompt as the user wrote it, the
 chat template's frame stripped, for image and text-only rows), that a missing encoder is a clear error
 that leaves the model as it was, and that an edit's scope follows meaning across wordings.
 """
@@ -14,9 +14,9 @@ from PIL import Image
 
 import ldke_peft
 from ldke_peft import EditRequest, LDKEConfig
-from ldke_peft.scope_fit import _prepare_text_key
+from ldke_peft.editing.scope_fit import _prepare_text_key
 from ldke_peft.families import family_of
-from ldke_peft.question_key import (
+from ldke_peft.tuner.question_key import (
     DEFAULT_TEXT_ENCODER,
     SENTINEL,
     TextEncoderNotFoundError,
@@ -117,7 +117,7 @@ def test_an_encoder_folder_with_pickled_weights_is_never_unpickled(tmp_path):
     pickle is refused without running it."""
     from transformers import BertConfig
 
-    from ldke_peft.question_key import SentenceEncoder
+    from ldke_peft.tuner.question_key import SentenceEncoder
 
     folder = tmp_path / "enc"
     BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8,

@@ -355,7 +355,7 @@ def _raises_at_line(load, path, error, field, *, line: int, index: int) -> None:
 
 
 def test_negatives_round_trip_and_relative_images(tmp_path):
-    from ldke_peft.editor import NegativePool
+    from ldke_peft.editing.editor import NegativePool
 
     red = Image.new("RGB", (8, 8), (255, 0, 0))
     pool = NegativePool(questions=[("What is the currency?", "currency"), ("What is shown?", None)],
@@ -537,3 +537,22 @@ def test_jsonl_round_trip_property(tmp_path_factory, prompt, target, rephrases, 
     save_jsonl([req], d / "r.jsonl")
     (back,) = load_jsonl(d / "r.jsonl")
     assert back.to_dict() == req.to_dict()
+
+
+def test_fingerprints_are_memoized_only_within_a_block():
+    """One edit fingerprints each image object once; outside the block a changed image gets a new fingerprint."""
+    from PIL import Image
+
+    from ldke_peft.requests import image_fingerprint
+    from ldke_peft.requests.images import fingerprints_memoized
+
+    im = Image.new("RGB", (8, 8), (10, 20, 30))
+    before = image_fingerprint(im)
+    with fingerprints_memoized():
+        assert image_fingerprint(im) == before
+        im.putpixel((0, 0), (255, 0, 0))
+        assert image_fingerprint(im) == before, "within the block the first fingerprint is reused"
+    after = image_fingerprint(im)
+    assert after != before, "outside the block the image is read again"
+    with fingerprints_memoized():
+        assert image_fingerprint(Image.new("RGB", (8, 8), (10, 20, 30))) == before

@@ -1,7 +1,7 @@
 """Resource bounds of an edit pack: size linear in the number of edits, routing memory O(B x K).
 
 Bytes per edit (fp32, one edited layer per edit, rank ``r``, router width ``p``), from the layout in
-:mod:`ldke_peft.layer` and :mod:`ldke_peft.routing`::
+:mod:`ldke_peft.tuner.layer` and :mod:`ldke_peft.tuner.routing`::
 
     4 * (in * r + r * out)    the slot's delta A (in x r) and B (r x out) on its MLP output projection
   + 8                         its entry in the layer's ldke_slot_ids (int64)
@@ -28,8 +28,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import ldke_peft  # noqa: F401 - registers the LDKE PEFT type
 from ldke_peft import LDKEConfig
-from ldke_peft.model import routing_state_of
-from ldke_peft.routing import NO_SLOT, RouterState
+from ldke_peft.tuner.model import routing_state_of
+from ldke_peft.tuner.routing import NO_SLOT, RouterState
 from ldke_peft.testing.tiny import tiny_model
 
 RANK, P = 4, 32

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldke_peft.augment import GENERIC_QUESTIONS, paraphrases
-from ldke_peft.scope import (
+from ldke_peft.editing.augment import GENERIC_QUESTIONS, paraphrases
+from ldke_peft.editing.scope import (
     NegativePool,
     negative_questions,
     question_bank,
@@ -19,7 +19,7 @@ from ldke_peft.scope import (
     same_relation_questions,
 )
 from ldke_peft.requests import EditRequest
-from ldke_peft.router_fit import fit_projection
+from ldke_peft.editing.router_fit import fit_projection
 
 
 def _separation(x: torch.Tensor, lab: torch.Tensor, mu: torch.Tensor, P: torch.Tensor) -> tuple[float, float]:
@@ -91,7 +91,7 @@ def test_rephrased_negatives_keep_their_source_and_skip_positives():
 
 
 def test_borrowed_wordings_widen_the_radius_but_do_not_move_the_key():
-    from ldke_peft.router_fit import calibrate_slot
+    from ldke_peft.editing.router_fit import calibrate_slot
 
     own = torch.tensor([[0.0, 0.0], [0.1, 0.0], [0.0, 0.1]])
     borrowed = torch.tensor([[1.0, 0.0]])
@@ -108,7 +108,7 @@ def test_borrowed_wordings_widen_the_radius_but_do_not_move_the_key():
 def test_an_edit_always_routes_its_own_input():
     """When a negative sits closer to the positives' centre than the edit's own question, the key moves
     onto the edit's own rows: paraphrases may drop out, the edit itself may not."""
-    from ldke_peft.router_fit import calibrate_slot
+    from ldke_peft.editing.router_fit import calibrate_slot
 
     edit_row = torch.tensor([[2.0, 0.0]])
     pos = torch.cat([edit_row, torch.tensor([[-2.0, 0.0], [0.0, 0.3]])])

@@ -1,4 +1,4 @@
-"""Property tests of the Disentanglement Classifier's decision (:class:`ldke_peft.routing.RouterState`).
+"""Property tests of the Disentanglement Classifier's decision (:class:`ldke_peft.tuner.routing.RouterState`).
 
 Random routers (keys, radii, projections, text-only and image slots, dead slots with radius 0, merged
 packs with several projection groups) and random batches, checked against a float64 reference written
@@ -22,7 +22,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ldke_peft.routing import NO_SLOT, RouterState
+from ldke_peft.tuner.routing import NO_SLOT, RouterState
 
 TOL = 1e-3
 
@@ -212,7 +212,7 @@ def pooling_cases(draw):
 def test_pool_features_match_the_documented_rule(case):
     """Visual = mean over image tokens, textual = [mean over prompt text tokens ; last prompt token],
     each L2-normalised (zeros where a row has no such token); float64 reference."""
-    from ldke_peft.routing_state import pool_features
+    from ldke_peft.tuner.routing_state import pool_features
 
     h, image, prompt = case
     v, t, has = pool_features(h, image, prompt)

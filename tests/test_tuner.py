@@ -19,9 +19,9 @@ from peft import PeftConfig, PeftModel, get_peft_model
 
 import ldke_peft
 from ldke_peft import LDKEConfig, MergeRefusedError
-from ldke_peft.context import forced_slots
-from ldke_peft.layer import LDKELinear
-from ldke_peft.model import routing_state_of
+from ldke_peft.tuner.context import forced_slots
+from ldke_peft.tuner.layer import LDKELinear
+from ldke_peft.tuner.model import routing_state_of
 
 from _tuner_utils import (
     BLUE,
@@ -109,7 +109,7 @@ def test_registration_is_idempotent(tmp_path):
     model, proc, hp = two_slot_pack("llava")
     hp.model.save_pretrained(tmp_path / "pack")
     for _ in range(2):
-        ldke_peft.peft_type.register()
+        ldke_peft.tuner.peft_type.register()
     importlib.reload(ldke_peft)
     importlib.import_module("ldke_peft")
     for key in ("LDKE", ldke_peft.LDKEPeftType.LDKE):
@@ -254,7 +254,7 @@ def test_text_only_never_routes_to_image_slot(model_type):
     hp = hand_pack(model, proc, [SlotSpec([2], IN_A)])
     router = hp.model.base_model.router("default")
     # Make the textual test pass for the text-only question: key_t = its own features, huge radii.
-    v, t, has = ldke_peft.probe_features.collect_probe_features(hp.model, proc, 1, [None, RED], [PROMPT_A, PROMPT_A])
+    v, t, has = ldke_peft.tuner.probe_features.collect_probe_features(hp.model, proc, 1, [None, RED], [PROMPT_A, PROMPT_A])
     assert has.tolist() == [False, True]
     zv, zt = router.project(v, t)
     router.set_slot(0, key_v=zv[1], key_t=zt[0], radius_v=1e6, radius_t=1e6, needs_image=True)
@@ -549,8 +549,8 @@ def test_a_peft_generate_keeps_its_prefill_decision_without_hooks():
 def test_routing_inputs_live_for_one_call(model_type):
     """``ldke_slots=`` / ``ldke_prompt_mask=`` on a call (Poly's ``task_ids`` pattern) act on that call only,
     equal the context-manager form, and leave nothing behind, not even when the call raises."""
-    from ldke_peft.context import current_forced_slots, current_prompt_mask, forced_slots, prompt_mask_context
-    from ldke_peft.routing import NO_SLOT
+    from ldke_peft.tuner.context import current_forced_slots, current_prompt_mask, forced_slots, prompt_mask_context
+    from ldke_peft.tuner.routing import NO_SLOT
 
     model, proc = build(model_type)
     hp = hand_pack(model, proc, [SlotSpec([2, 3], IN_A)])

@@ -18,7 +18,7 @@ Three things make LDKE fit that contract:
   into EasyEdit's ``CALLABLE_RESTORE_ALGS`` so single-edit mode calls it after each case.
 * **Router prompt mask without a context manager.** LDKE's router pools its textual features over
   the *prompt*; teacher-forced scoring appends the answer, which would change the features.
-  ldke-peft's own code says where the prompt ends with :func:`~ldke_peft.context.prompt_mask_context`;
+  ldke-peft's own code says where the prompt ends with :func:`~ldke_peft.tuner.context.prompt_mask_context`;
   EasyEdit cannot. A forward pre-hook on the model (:class:`PromptMaskHook`) derives the prompt from
   the call itself: from ``labels`` when given (positions before the first non ``-100`` label), else
   from the last occurrence of the chat template's generation prompt (e.g.
@@ -38,10 +38,10 @@ import torch
 from torch import nn
 
 import ldke_peft
-from ldke_peft.context import current_prompt_mask, prompt_mask_context
+from ldke_peft.tuner.context import current_prompt_mask, prompt_mask_context
 from ldke_peft.errors import ImageError, InvalidRequestError, LDKEError
 from ldke_peft.families import Family, base_model_of, family_of
-from ldke_peft.model import is_ldke_model
+from ldke_peft.tuner.model import is_ldke_model
 from ldke_peft.requests import EditRequest, requests_from_easyedit_dicts
 
 from .hparams import LDKEMultimodalHyperParams
@@ -341,7 +341,7 @@ def apply_ldke_to_multimodal_model(
         return_orig_weights: accepted for the contract; ``weights_copy`` is always returned.
         keep_original_weight: start from the original weights: an existing pack made by an earlier
             call is removed first. Otherwise edits accumulate in the same pack.
-        kwargs: ``negatives`` (a :class:`ldke_peft.scope.NegativePool`) is passed to the editor;
+        kwargs: ``negatives`` (a :class:`ldke_peft.editing.scope.NegativePool`) is passed to the editor;
             anything else EasyEdit passes (``train_ds``, ...) is ignored.
 
     Returns:

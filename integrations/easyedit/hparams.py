@@ -33,7 +33,7 @@ from typing import Any, Optional, Union
 import torch
 import yaml
 
-from ldke_peft.config import LDKEConfig
+from ldke_peft.tuner.config import LDKEConfig
 from ldke_peft.errors import LDKEError
 
 __all__ = [

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..routing_state import RoutingState, routing_state_of
+from ..tuner.routing_state import RoutingState, routing_state_of
 from ..errors import InvalidRequestError
 from ..families import Family, family_of
 from ..requests import EditRequest
@@ -157,8 +157,8 @@ def _ft_layer(model: nn.Module, processor: Any, requests: list[EditRequest], lay
     if layer == "mid":
         return L // 2
     if layer == "located":
-        from ..localization import locate
-        from ..model import default_probe_layer
+        from ..editing.localization import locate
+        from ..tuner.model import default_probe_layer
 
         picks = [locate(model, processor, r, probe_layer=default_probe_layer(L)).layers[0] for r in requests]
         return Counter(picks).most_common(1)[0][0]
@@ -362,7 +362,7 @@ class GraceCodebook(nn.Module):
     """GRACE's codebook as a forward hook on one ``nn.Linear`` (the layer's MLP output projection).
 
     For every row, the query is the projection's input at the row's key position: the last prompt
-    token (from :func:`~ldke_peft.context.prompt_mask_context` on the model when the caller appended answer
+    token (from :func:`~ldke_peft.tuner.context.prompt_mask_context` on the model when the caller appended answer
     tokens, else the last position, which is also what each generation step sees). When the nearest
     key is within its radius, that position's output is replaced by the key's value.
 

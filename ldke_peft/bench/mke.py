@@ -46,7 +46,7 @@ import random
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..scope import NegativePool
+from ..editing.scope import NegativePool
 from ..requests import EditRequest, Probe, image_fingerprint, save_jsonl
 from .countries import NEAR_MISS, SPLITS, WORDINGS, Relation, answer_matches, fold_answer, split_relations
 

@@ -35,12 +35,12 @@ from typing import Any, Sequence
 
 import torch
 
-from ..config import LDKEConfig
-from ..editor import edit
-from ..scope import NegativePool
+from ..tuner.config import LDKEConfig
+from ..editing.editor import edit
+from ..editing.scope import NegativePool
 from ..families import family_of
 from ..metrics import METRIC_KEYS, collect_pre, compute_metrics, mean_by_kind
-from ..model import _root_model
+from ..tuner.model import _root_model
 from ..requests import EditRequest
 from .baselines import BASELINES, Restore
 from .mke import editor_view
@@ -88,7 +88,7 @@ def ldke_bytes(pm: Any, adapter_name: str = "default") -> int:
     """Adapter bytes (safetensors payload) divided by the pack's number of slots."""
     from peft.utils import get_peft_model_state_dict
 
-    from ..io import stored_state_dict
+    from ..tuner.io import stored_state_dict
 
     sd = get_peft_model_state_dict(pm, state_dict=stored_state_dict(pm), adapter_name=adapter_name)
     n_slots = max(1, pm.peft_config[adapter_name].num_slots)

@@ -11,11 +11,11 @@ import statistics
 import time
 from typing import Any, Sequence
 
-from ..config import LDKEConfig
-from ..delta_fit import fit_delta
+from ..tuner.config import LDKEConfig
+from ..editing.delta_fit import fit_delta
 from ..families import family_of
-from ..localization import locate, trace
-from ..model import default_probe_layer
+from ..editing.localization import locate, trace
+from ..tuner.model import default_probe_layer
 
 
 def _spearman(a: Sequence[float], b: Sequence[float]) -> float:

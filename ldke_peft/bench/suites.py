@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..scope import NegativePool
+from ..editing.scope import NegativePool
 from ..requests import EditRequest
 
 logger = logging.getLogger(__name__)

@@ -65,7 +65,7 @@ class BuiltInputs:
         """The same rows with their padding moved to the end (every sequence-aligned entry and mask
         rolled left by the row's padding). Every row then starts at position 0, as it does when it is
         run alone, and rows that start with the same tokens hold them at the same positions: what lets
-        a replay compute a shared prefix once (:mod:`ldke_peft.layer_replay`)."""
+        a replay compute a shared prefix once (:mod:`ldke_peft.tuner.layer_replay`)."""
         am = self.inputs.get("attention_mask")
         if not isinstance(am, torch.Tensor) or am.dim() != 2:
             return self

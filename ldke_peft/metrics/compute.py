@@ -46,7 +46,7 @@ def _has_locality(requests: Sequence[EditRequest]) -> bool:
 
 def _attach_tokenizer(model: Any, family: Family, processor: Any) -> None:
     """An LDKE pack reading question text decodes the inputs with the processor they are built with."""
-    from ..model import attach_tokenizer, is_ldke_model
+    from ..tuner.model import attach_tokenizer, is_ldke_model
 
     if is_ldke_model(model):
         attach_tokenizer(model, family.tokenizer(processor))

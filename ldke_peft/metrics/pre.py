@@ -15,7 +15,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..context import prompt_mask_context
+from ..tuner.context import prompt_mask_context
 from ..families import BuiltInputs, Family, family_of
 from ..requests import EditRequest, Probe, image_fingerprint, validate_requests
 
@@ -184,7 +184,7 @@ def collect_pre(model: torch.nn.Module, processor: Any, requests: Sequence[EditR
 
     Call this on the model *before* editing it (or let :func:`evaluate` do it through a PeftModel's
     ``disable_adapter()``). Inputs come from ``family_of(model).build_inputs``; every forward runs
-    under ``torch.no_grad()`` and :func:`~ldke_peft.context.prompt_mask_context`.
+    under ``torch.no_grad()`` and :func:`~ldke_peft.tuner.context.prompt_mask_context`.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

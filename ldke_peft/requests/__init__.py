@@ -54,10 +54,11 @@ from __future__ import annotations
 from .easyedit import EASYEDIT_RECORD_KEYS, EASYEDIT_REQUEST_KEYS, load_easyedit, parse_easyedit_record, requests_from_easyedit_dicts
 from .images import MAX_IMAGE_SIDE, ImageLike, check_image_file, image_fingerprint, load_image
 from .jsonl import load_jsonl, load_negatives, save_jsonl, save_negatives
-from .types import PROBE_FIELDS, EditRequest, Probe
+from .types import PROBE_FIELDS, EditRequest, NegativePool, Probe
 from .validation import parse_request, validate_requests
 
 __all__ = [
+    "NegativePool",
     "EASYEDIT_RECORD_KEYS",
     "EASYEDIT_REQUEST_KEYS",
     "EditRequest",

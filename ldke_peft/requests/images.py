@@ -7,9 +7,10 @@ Layer: data (README "Architecture"): imports only other data modules.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-from typing import Any, Union
+from typing import Any, Iterator, Union
 
 from PIL import Image, UnidentifiedImageError
 
@@ -42,11 +43,35 @@ def _relative(path: str, image_root: str | None) -> str:
 
 def image_fingerprint(image: Image.Image) -> str:
     """sha256 (first 12 hex chars) of the RGB pixels: identifies an image independent of its file."""
+    memo = _MEMO[-1] if _MEMO else None
+    if memo is not None:
+        hit = memo.get(id(image))
+        if hit is not None and hit[0] is image:
+            return hit[1]
     img = image.convert("RGB")
     h = hashlib.sha256()
     h.update(f"{img.size}".encode())
     h.update(img.tobytes())
-    return h.hexdigest()[:12]
+    fp = h.hexdigest()[:12]
+    if memo is not None:
+        memo[id(image)] = (image, fp)  # the image is held, so its id cannot be reused meanwhile
+    return fp
+
+
+#: the fingerprint memos of the :func:`fingerprints_memoized` blocks in progress (innermost last)
+_MEMO: list[dict[int, tuple[Image.Image, str]]] = []
+
+
+@contextlib.contextmanager
+def fingerprints_memoized() -> Iterator[None]:
+    """Within this block each image object is fingerprinted once. An edit asks for the fingerprints of the
+    same images at several steps (validation, positives, negatives, the pack guard); the images cannot
+    change during one edit, but may between calls, so the memo ends with the block."""
+    _MEMO.append({})
+    try:
+        yield
+    finally:
+        _MEMO.pop()
 
 
 def load_image(image: Any, field: str = "image") -> Image.Image:

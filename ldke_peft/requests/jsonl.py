@@ -70,7 +70,7 @@ _NEGATIVE_KEYS = {"question": "relation", "image": "entity"}
 
 
 def load_negatives(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> Any:
-    """Read a negatives file (JSONL) into an :class:`~ldke_peft.scope.NegativePool`.
+    """Read a negatives file (JSONL) into an :class:`~ldke_peft.requests.NegativePool`.
 
     One JSON object per line (blank lines are skipped), either a question with the relation it asks
     for, or an image with the entity it shows (the labels may be ``null`` when unknown)::
@@ -85,7 +85,7 @@ def load_negatives(path: str | os.PathLike, image_root: str | os.PathLike | None
     opened here, so a bad one fails before any model is loaded. Errors name the line (from 1) and the
     field: :class:`InvalidRequestError`, :class:`ImageError` for images.
     """
-    from ..scope import NegativePool
+    from .types import NegativePool
 
     path = os.fspath(path)
     root = os.fspath(image_root) if image_root is not None else os.path.dirname(os.path.abspath(path))
@@ -130,7 +130,7 @@ def _negative(data: Any, root: str) -> tuple[Any, str | None]:
 
 
 def save_negatives(pool: Any, path: str | os.PathLike) -> None:
-    """Write a :class:`~ldke_peft.scope.NegativePool` as a negatives file (:func:`load_negatives` reads it
+    """Write a :class:`~ldke_peft.requests.NegativePool` as a negatives file (:func:`load_negatives` reads it
     back); in-memory images are saved as ``images/<sha>.png`` next to it, paths relative to its folder."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))

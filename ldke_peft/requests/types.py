@@ -1,5 +1,6 @@
 """The request types: :class:`EditRequest` (one fact to change) and :class:`Probe` (one question to
-check it with), with their own validation and their dict form.
+check it with), with their own validation and their dict form, and :class:`NegativePool` (the caller's
+material for hard negatives).
 
 Owns: the fields and their meaning. Must not import the loaders (they import it).
 
@@ -185,3 +186,18 @@ class EditRequest:
             "subject": self.subject,
             "relation": self.relation,
         }
+
+
+@dataclass
+class NegativePool:
+    """Material for hard negatives beyond what each request carries.
+
+    ``questions``: ``(question, relation)`` pairs — a bank of questions the model is asked about
+    images (same image + another question must not route). ``images``: ``(image, entity)`` pairs —
+    other entities' images (same question + another image must not route).
+    """
+
+    questions: list[tuple[str, str | None]] = field(default_factory=list)
+    images: list[tuple[Any, str | None]] = field(default_factory=list)
+    #: router features of the pool's rows, per model state (the same pool serves every edit)
+    _features: dict = field(default_factory=dict, init=False, repr=False, compare=False)

@@ -123,7 +123,7 @@ def greedy_without_cache(model: Any, built: Any, steps: int) -> torch.Tensor:
     family's fill value, as :meth:`~ldke_peft.families.Family.build_inputs` extends them over
     appended targets. Returns the new tokens.
     """
-    from ..context import prompt_mask_context
+    from ..tuner.context import prompt_mask_context
     from ..families import family_of
 
     fam = family_of(model)

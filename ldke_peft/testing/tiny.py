@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..model import attach_tokenizer
+from ..tuner.model import attach_tokenizer
 from ._tokenizer import bpe_tokenizer
 
 __all__ = ["tiny_model", "tiny_model_types", "TINY_TEXT"]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 
-from ...io import default_dir_mode
+from ...tuner.io import default_dir_mode
 from .build import build_world
 from .spec import CODE_VERSION, DEFAULT_N_ENTITIES, WorldSpec
 from .world import ToyWorld

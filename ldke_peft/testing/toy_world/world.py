@@ -37,7 +37,7 @@ class ToyWorld:
 
     def __post_init__(self) -> None:
         from ...families import family_of
-        from ...model import attach_tokenizer
+        from ...tuner.model import attach_tokenizer
 
         self.family = family_of(self.model)
         # the model folder holds no tokenizer (the processor has its own folder): LDKE routing reads
@@ -135,7 +135,7 @@ class ToyWorld:
         """Hard-negative material for the editor, disjoint from every probe of :meth:`edit_requests`: one
         wording (:meth:`pool_wordings`) of each dev relation and of "which country is shown", and a
         training view (view 1) of every entity outside the test split."""
-        from ...scope import NegativePool
+        from ...editing.scope import NegativePool
 
         rels = self.split_relations("dev") + ["country"]
         return NegativePool(

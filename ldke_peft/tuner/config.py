@@ -14,7 +14,7 @@ from typing import Any, Optional, Union
 from peft.config import PeftConfig
 from peft.utils import CONFIG_NAME
 
-from .errors import AdapterLoadError, UnsafeAdapterError
+from ..errors import AdapterLoadError, UnsafeAdapterError
 from .pack_meta import has_edits_file, write_edits
 from .peft_type import LDKEPeftType
 from .question_key import DEFAULT_TEXT_ENCODER
@@ -31,7 +31,7 @@ _FORMAT_WITHOUT_TEXT_ENCODER = ("1.0", "1.1")
 #: Format 1.3 added ``delta_storage``; older packs stored the slot factors in fp32.
 _FORMAT_WITHOUT_DELTA_STORAGE = ("1.0", "1.1", "1.2")
 #: Format 1.4 moved the per-edit metadata (``edits``) out of ``adapter_config.json`` into its own file
-#: (:mod:`ldke_peft.pack_meta`).
+#: (:mod:`ldke_peft.tuner.pack_meta`).
 #: How a pack may store its slot factors (``LDKEConfig.delta_storage``).
 DELTA_STORAGE = ("float16", "float32")
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from .errors import FingerprintMismatchError
-from .families import Family
+from ..errors import FingerprintMismatchError
+from ..families import Family
 
 _SAMPLES = 16
 _RTOL = 2e-2

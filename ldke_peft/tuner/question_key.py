@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from .errors import LDKEError
+from ..errors import LDKEError
 
 logger = logging.getLogger(__name__)
 

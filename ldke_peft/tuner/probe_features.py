@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from .context import routing_inputs
-from .families import family_of
-from .families.unwrap import base_model_of as _root_model
+from ..families import family_of
+from ..families.unwrap import base_model_of as _root_model
 from .layer import LDKELinear
 from .routing import NO_SLOT
 from .routing_state import pool_features

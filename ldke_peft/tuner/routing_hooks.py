@@ -9,13 +9,13 @@ where no ``PeftModel.forward`` runs, and with gradient checkpointing):
   enter there) records the image-token mask, the prompt mask and whether this call is a prefill (empty
   KV cache) or a decode step, and installs a **one-shot hook on the probe decoder layer** for this call;
 * that hook pools features from the probe layer's output and asks each active pack's router for a
-  per-row slot decision, stored in the model's :class:`~ldke_peft.routing_state.RoutingState`, which
-  every :class:`~ldke_peft.layer.LDKELinear` reads;
+  per-row slot decision, stored in the model's :class:`~ldke_peft.tuner.routing_state.RoutingState`, which
+  every :class:`~ldke_peft.tuner.layer.LDKELinear` reads;
 * the root's exit hook removes what the call left; decode steps reuse the prefill decision (the KV cache
   holds the prompt).
 
 Owns the hook factories, the per-model state lookup and the question-text route. Imports no editing code
-and not :mod:`ldke_peft.model` (the tuner installs these hooks).
+and not :mod:`ldke_peft.tuner.model` (the tuner installs these hooks).
 
 Layer: tuner (README "Architecture"): imports only data and tuner modules, never the editing or product code.
 """
@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .families import Family
-from .families.unwrap import base_model_of
+from ..families import Family
+from ..families.unwrap import base_model_of
 from .routing import NO_SLOT
 from .routing_state import RoutingInputs, RoutingState, pool_features, routing_state_of
 
@@ -150,7 +150,7 @@ def _make_entry_hook(state: RoutingState, family: Family, root: nn.Module, *, is
     return hook
 
 
-#: Per-call routing arguments a root forward accepts (see :mod:`ldke_peft.context`).
+#: Per-call routing arguments a root forward accepts (see :mod:`ldke_peft.tuner.context`).
 CALL_KWARGS = ("ldke_prompt_mask", "ldke_slots")
 
 

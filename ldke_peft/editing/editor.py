@@ -19,16 +19,17 @@ from typing import Any, Sequence
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import LDKEConfig
+from ..tuner.config import LDKEConfig
 from .delta_fit import EditDivergedError, fit_delta, fit_step_bound
 from .edit_checks import _check_config, _check_lengths, _check_processor, _check_pack
-from .errors import InvalidRequestError
-from .families import family_of
-from .layer import LDKELayer
+from ..errors import InvalidRequestError
+from ..families import family_of
+from ..tuner.layer import LDKELayer
 from .localization import LocalizationResult, locate, trace
-from .model import LDKEModel, default_probe_layer, _root_model
+from ..tuner.model import LDKEModel, default_probe_layer, _root_model
 from .pack_scope import ScopeMemory
-from .requests import EditRequest, image_fingerprint
+from ..requests import EditRequest, image_fingerprint
+from ..requests.images import fingerprints_memoized
 from .scope import NegativePool, positive_views
 from .scope_fit import _prepare_text_key, editor_rows, fit_router, router_rows
 
@@ -126,8 +127,9 @@ def edit(
     # fit, Ctrl-C, out of memory) restores it exactly before the exception propagates.
     rollback = _Rollback(model, pack, adapter_name)
     try:
-        return _edit(model, processor, requests, config, family, pack=pack, adapter_name=adapter_name,
-                     negatives=negatives, progress=progress, cache_hidden=cache_hidden, seed=seed)
+        with fingerprints_memoized():
+            return _edit(model, processor, requests, config, family, pack=pack, adapter_name=adapter_name,
+                         negatives=negatives, progress=progress, cache_hidden=cache_hidden, seed=seed)
     except BaseException:
         rollback.restore()
         raise

@@ -15,7 +15,7 @@ goes through) and checks the files alone, without a model:
 * every floating tensor is finite.
 
 Cost is one pass over the file (each tensor is read once, one at a time). Whether the pack fits the
-*model* (hidden size, weights) is checked at injection by :mod:`ldke_peft.fingerprint`.
+*model* (hidden size, weights) is checked at injection by :mod:`ldke_peft.tuner.fingerprint`.
 
 Layer: tuner (README "Architecture"): imports only data and tuner modules, never the editing or product code.
 """
@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .errors import AdapterLoadError, CorruptAdapterError, UnsafeAdapterError
+from ..errors import AdapterLoadError, CorruptAdapterError, UnsafeAdapterError
 from .pack_meta import EDITS_FILE, has_edits_file, read_edits
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def validate_pack(path_or_repo: str, config: Any, subfolder: str | None = None, 
         UnsafeAdapterError: the pack folder contains pickle-format files.
         CorruptAdapterError: the weights file is missing, unreadable, has missing/extra/misshaped
             tensors, slot ids that disagree with the config, or non-finite values; or the edit metadata
-            file (:mod:`ldke_peft.pack_meta`, format 1.4 on) is missing or disagrees with the config.
+            file (:mod:`ldke_peft.tuner.pack_meta`, format 1.4 on) is missing or disagrees with the config.
 
     On success ``config.edits`` holds the pack's edit metadata (read from its own file since format 1.4).
     """

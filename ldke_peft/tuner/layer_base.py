@@ -3,10 +3,10 @@
 Per adapter (edit pack) a wrapped MLP output projection holds the low-rank deltas of the slots localized to
 it (stored sparsely: ``ldke_slot_ids`` maps local rows to global slot indices, so a pack grows linearly with
 the number of edits, not with edits x layers) and, on the probe layer, the pack's
-:class:`~ldke_peft.routing.RouterState`, so PEFT saves, loads and deletes it with the adapter like any other
+:class:`~ldke_peft.tuner.routing.RouterState`, so PEFT saves, loads and deletes it with the adapter like any other
 adapter tensor. Owns creating and resizing those containers, moving them with the base layer, and PEFT's
 ``set_adapter`` / ``delete_adapter`` / ``merge`` / ``unmerge``. The routed forward is
-:class:`~ldke_peft.layer.LDKELinear`'s.
+:class:`~ldke_peft.tuner.layer.LDKELinear`'s.
 
 Layer: tuner (README "Architecture"): imports only data and tuner modules, never the editing or product code.
 """

@@ -5,12 +5,12 @@ A wrapped layer plays one or both of two roles per adapter (edit pack):
 * **edited layer** — hosts the low-rank deltas of the slots localized to it:
   ``y = base(x) + scaling * B_k(A_k(x))`` for each row whose routing decision is slot ``k``; rows
   routed to no slot (or to a slot not hosted here) get exactly ``base(x)``.
-* **probe layer** — holds the pack's :class:`~ldke_peft.routing.RouterState` (keys, radii,
+* **probe layer** — holds the pack's :class:`~ldke_peft.tuner.routing.RouterState` (keys, radii,
   projections). The router reads the hidden states *leaving* this decoder layer (a forward hook
-  installed by :class:`~ldke_peft.model.LDKEModel`); the state lives here so PEFT saves, loads and
+  installed by :class:`~ldke_peft.tuner.model.LDKEModel`); the state lives here so PEFT saves, loads and
   deletes it with the adapter like any other adapter tensor.
 
-What a layer holds per adapter, and PEFT's layer protocol around it, is :class:`~ldke_peft.layer_base.LDKELayer`;
+What a layer holds per adapter, and PEFT's layer protocol around it, is :class:`~ldke_peft.tuner.layer_base.LDKELayer`;
 this module owns the routed forward (per-row factor plans, reused by decode steps).
 
 Layer: tuner (README "Architecture"): imports only data and tuner modules, never the editing or product code.

@@ -3,8 +3,8 @@ pack's projection (or an extra projection group), keys and radii, then the pack-
 
 Owns: :func:`fit_router`, :func:`router_rows`, the negative pool's rows and their cached features, and
 :func:`editor_rows` (every row an edit fits on, for the leakage test). The math lives in
-:mod:`ldke_peft.router_fit`; positives/negatives in :mod:`ldke_peft.scope`; guards in
-:mod:`ldke_peft.pack_scope`.
+:mod:`ldke_peft.editing.router_fit`; positives/negatives in :mod:`ldke_peft.editing.scope`; guards in
+:mod:`ldke_peft.editing.pack_scope`.
 
 Layer: editing (README "Architecture"): imports data, tuner and editing modules, never the product code.
 """
@@ -18,13 +18,13 @@ from typing import Any, Sequence
 import torch
 
 from .augment import dedupe, generic_question_bank, paraphrases
-from .config import LDKEConfig
+from ..tuner.config import LDKEConfig
 from .delta_fit import _positive_rows
-from .families import Family
-from .model import LDKEModel, attach_tokenizer, _root_model
-from .probe_features import collect_probe_features
+from ..families import Family
+from ..tuner.model import LDKEModel, attach_tokenizer, _root_model
+from ..tuner.probe_features import collect_probe_features
 from .pack_scope import ScopeMemory, entity_key, guard_entities, guard_leaks, probes_of
-from .requests import EditRequest, image_fingerprint
+from ..requests import EditRequest, image_fingerprint
 from .router_fit import SlotCalibration, calibrate_slot, fit_projection
 from .scope import (NEGATIVE_PARAPHRASES, NegativePool, negative_images, negative_questions, positive_views,
                     question_bank, rephrased_negatives, same_relation_questions)
@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 logger = logging.getLogger(__name__)
 
 #: L2 penalty on the *visual* router projection (the textual one has none: see
-#: :func:`~ldke_peft.router_fit.fit_projection`). Entities' images differ a lot, so the penalty does not
+#: :func:`~ldke_peft.editing.router_fit.fit_projection`). Entities' images differ a lot, so the penalty does not
 #: merge them; it keeps the projection smooth, so other views of the edited entity stay inside its radius
 #: (1000-entity toy world, 10 single edits: M-Generality 0.90 with it, 0.75 without).
 VISUAL_WEIGHT_DECAY = 1e-4
@@ -353,7 +353,7 @@ def editor_rows(requests: Sequence[EditRequest], config: LDKEConfig | None = Non
 def _prepare_text_key(cfg: LDKEConfig, family: Family, root: Any, processor: Any, r: EditRequest) -> None:
     """Load the textual-key encoder, record its width and the chat frame around a question in ``cfg``
     (a new pack), and hand the routing the tokenizer its inputs are made with."""
-    from .question_key import SENTINEL, load_encoder, question_frame
+    from ..tuner.question_key import SENTINEL, load_encoder, question_frame
 
     enc = load_encoder(cfg.router_text_encoder)
     if not cfg.router_text_dim:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from .config import LDKEConfig
-from .errors import InvalidRequestError
-from .families import Family, base_model_of
-from .model import _root_model
-from .requests import EditRequest
+from ..tuner.config import LDKEConfig
+from ..errors import InvalidRequestError
+from ..families import Family, base_model_of
+from ..tuner.model import _root_model
+from ..requests import EditRequest
 
 
 def _fit_target(tok: Any, target: str) -> str:

@@ -9,13 +9,13 @@ no visual part and can only match slots whose edit has no image.
 
 The visual feature is pooled from the hidden states leaving the *probe* decoder layer (below every
 edited layer), which the model computes anyway. The textual feature is, by default, a small sentence
-encoder's embedding of the question read out of the prompt tokens (:mod:`ldke_peft.question_key`): the
+encoder's embedding of the question read out of the prompt tokens (:mod:`ldke_peft.tuner.question_key`): the
 layers below every edited layer carry a question's wording more than what it asks. Packs written
 before format 1.2 (or made with ``router_text_encoder=None``) pool it from the probe layer too.
 
 This module holds the storage (:class:`RouterState`, saved with the adapter) and the decision; the
-per-call state and feature pooling are :mod:`ldke_peft.routing_state`. Fitting keys, radii and projections is the editor's job
-(:mod:`ldke_peft.router_fit`).
+per-call state and feature pooling are :mod:`ldke_peft.tuner.routing_state`. Fitting keys, radii and projections is the editor's job
+(:mod:`ldke_peft.editing.router_fit`).
 
 Layer: tuner, a leaf (README "Architecture"): imports nothing of the library.
 """

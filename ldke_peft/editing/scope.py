@@ -1,35 +1,18 @@
 """What is in an edit's scope and what is not: positives and hard negatives, built from the request,
-the caller's :class:`NegativePool` and automatic rewrites (never from any benchmark).
+the caller's :class:`~ldke_peft.requests.NegativePool` and automatic rewrites (never from any benchmark).
 
-Owns: ``NegativePool`` and the functions that list an edit's positive views/wordings and its negative
-questions/images. Knows nothing of models: the delta fit (:mod:`ldke_peft.delta_fit`) and the router fit
-(:mod:`ldke_peft.scope_fit`) turn these into rows.
+Owns: the functions that list an edit's positive views/wordings and its negative questions/images. Knows nothing of models: the delta fit (:mod:`ldke_peft.editing.delta_fit`) and the router fit
+(:mod:`ldke_peft.editing.scope_fit`) turn these into rows.
 
-Layer: data (README "Architecture"): imports only other data modules.
+Layer: editing (README "Architecture"): imports data, tuner and editing modules, never the product code.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from .augment import dedupe, generic_question_bank, image_views, paraphrases, same_question, templated_rephrasings
-from .requests import EditRequest, image_fingerprint
-
-
-@dataclass
-class NegativePool:
-    """Material for hard negatives beyond what each request carries.
-
-    ``questions``: ``(question, relation)`` pairs — a bank of questions the model is asked about
-    images (same image + another question must not route). ``images``: ``(image, entity)`` pairs —
-    other entities' images (same question + another image must not route).
-    """
-
-    questions: list[tuple[str, str | None]] = field(default_factory=list)
-    images: list[tuple[Any, str | None]] = field(default_factory=list)
-    #: router features of the pool's rows, per model state (the same pool serves every edit)
-    _features: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+from ..requests import EditRequest, NegativePool, image_fingerprint
 
 
 def positive_views(r: EditRequest, seed: int = 0, n_auto: int = 2, n_views: int | None = None,
@@ -39,7 +22,7 @@ def positive_views(r: EditRequest, seed: int = 0, n_auto: int = 2, n_views: int 
     ``n_auto`` tops up the prompts, ``n_views`` (default ``n_auto``) the images: a request without
     rephrase images gets that many augmented views of its image, so the delta learns the entity and
     not one picture of it (M-Generality). ``mirror``: whether those views may be flipped (see
-    :func:`~ldke_peft.augment.image_views`).
+    :func:`~ldke_peft.editing.augment.image_views`).
     """
     n_views = n_auto if n_views is None else n_views
     imgs: list[Any] = []

@@ -2,8 +2,8 @@
 
 Owns: :func:`fit_delta` (two phases: confident stop, then argmax on every target token within a bound that
 grows with the target), its step bound and :class:`EditDivergedError`. The rows come from
-:mod:`ldke_peft.scope`; layers below the edited span are replayed from a capture
-(:mod:`ldke_peft.layer_replay`). Knows nothing of routing.
+:mod:`ldke_peft.editing.scope`; layers below the edited span are replayed from a capture
+(:mod:`ldke_peft.tuner.layer_replay`). Knows nothing of routing.
 
 Layer: editing (README "Architecture"): imports data, tuner and editing modules, never the product code.
 """
@@ -16,13 +16,13 @@ from typing import Any
 
 import torch
 
-from .config import LDKEConfig
-from .context import routing_inputs
-from .errors import LDKEError
-from .families import family_of
-from .layer_replay import capture_replay
-from .model import LDKEModel, _root_model
-from .requests import EditRequest
+from ..tuner.config import LDKEConfig
+from ..tuner.context import routing_inputs
+from ..errors import LDKEError
+from ..families import family_of
+from ..tuner.layer_replay import capture_replay
+from ..tuner.model import LDKEModel, _root_model
+from ..requests import EditRequest
 from .scope import NegativePool, negative_questions, positive_views
 
 logger = logging.getLogger(__name__)

@@ -8,11 +8,11 @@ a call, so, as PEFT's Poly tuner hands ``task_ids`` to its layers, they live onl
 * as arguments of one forward call: ``peft_model(**inputs, ldke_prompt_mask=mask)`` or ``ldke_slots=slots``
   (also on the transformers model a pack was loaded into with ``load_adapter()``): the routing entry
   hook takes them out of the call's arguments and its exit hook removes them
-  (:data:`~ldke_peft.routing_hooks.CALL_KWARGS`);
+  (:data:`~ldke_peft.tuner.routing_hooks.CALL_KWARGS`);
 * for a block of calls (``generate``, whose arguments transformers validates, or code that runs decoder
   layers directly): ``with prompt_mask_context(model, mask): ...`` / ``forced_slots(model, slots)``.
 
-They are stored on the model's :class:`~ldke_peft.routing_state.RoutingState` (so another model run
+They are stored on the model's :class:`~ldke_peft.tuner.routing_state.RoutingState` (so another model run
 inside the block is not affected) and the previous values come back when the block ends or raises.
 
 Layer: tuner (README "Architecture"): imports only data and tuner modules, never the editing or product code.
@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .families.unwrap import base_model_of
+from ..families.unwrap import base_model_of
 from .routing_state import RoutingState, routing_state_of
 
 __all__ = ["current_forced_slots", "current_prompt_mask", "forced_slots", "prompt_mask_context", "routing_inputs"]

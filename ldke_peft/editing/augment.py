@@ -8,7 +8,7 @@
   questions (colour, count, shape, ...), added to the caller's own bank. It names no domain: questions
   about the caller's subject matter come from the caller's negatives (``NegativePool``).
 
-Layer: data, a leaf (README "Architecture"): imports nothing of the library.
+Layer: editing, a leaf (README "Architecture"): imports nothing of the library.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import json
 import os
 from typing import Any
 
-from .errors import CorruptAdapterError
+from ..errors import CorruptAdapterError
 
 EDITS_FILE = "ldke_edits.json"
 #: Pack formats that kept the edit metadata inside ``adapter_config.json``.

@@ -35,11 +35,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import CORRUPTIONS
-from .context import routing_inputs
-from .families import BuiltInputs, Family, family_of
-from .requests import EditRequest
-from .routing import NO_SLOT
+from ..tuner.config import CORRUPTIONS
+from ..tuner.context import routing_inputs
+from ..families import BuiltInputs, Family, family_of
+from ..requests import EditRequest
+from ..tuner.routing import NO_SLOT
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def _answer(request: EditRequest) -> str:
 
 
 def _build(model: nn.Module, processor: Any, request: EditRequest) -> tuple[Family, BuiltInputs, nn.Module]:
-    from .model import _root_model
+    from ..tuner.model import _root_model
 
     family = family_of(model)
     root = _root_model(model)

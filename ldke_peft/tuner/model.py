@@ -1,5 +1,5 @@
 """``LDKEModel``: the PEFT tuner that injects LDKE layers and installs the routing hooks
-(:mod:`ldke_peft.routing_hooks`, which say why they are hooks on the transformers model itself).
+(:mod:`ldke_peft.tuner.routing_hooks`, which say why they are hooks on the transformers model itself).
 
 Layer: tuner (README "Architecture"): imports only data and tuner modules, never the editing or product code.
 """
@@ -16,8 +16,8 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from .config import LDKEConfig
-from .errors import MergeRefusedError, UnsupportedModelError
-from .families import Family, family_of
+from ..errors import MergeRefusedError, UnsupportedModelError
+from ..families import Family, family_of
 from .fingerprint import check_fingerprint, compute_fingerprint
 from .layer import LDKELayer, LDKELinear
 from .routing import NO_SLOT

@@ -2,7 +2,7 @@
 probe layer and the per-adapter decisions the LDKE layers read.
 
 Owns: :class:`RoutingInputs`, :class:`Decisions`, :class:`RoutingState` (one per model, shared by its
-LDKE layers) and :func:`pool_features`. The decision itself is :meth:`ldke_peft.routing.RouterState.route`;
+LDKE layers) and :func:`pool_features`. The decision itself is :meth:`ldke_peft.tuner.routing.RouterState.route`;
 this module imports nothing else of the library.
 
 Layer: tuner (README "Architecture"): imports only data and tuner modules, never the editing or product code.
@@ -192,7 +192,7 @@ class RoutingState:
     #: editor or :func:`ldke_peft.attach_tokenizer`, else loaded from ``name_or_path`` on first use)
     tokenizer: Any = None
     name_or_path: str | None = None
-    #: per-call inputs (:mod:`ldke_peft.context`): the prompt positions the router pools over, and the
+    #: per-call inputs (:mod:`ldke_peft.tuner.context`): the prompt positions the router pools over, and the
     #: slot each row is forced into (``None``: the router decides); set only for the block of a call
     call_prompt_mask: torch.Tensor | None = None
     call_slots: torch.Tensor | None = None

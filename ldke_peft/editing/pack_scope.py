@@ -1,13 +1,13 @@
 """Scope across a pack's slots: what one editing session remembers so that slots do not take each other's inputs.
 
 Each slot's keys and radii are calibrated against its own request's negatives and the negative pool
-(:mod:`ldke_peft.router_fit`). When a pack grows one ``edit`` call at a time, that leaves two kinds of
+(:mod:`ldke_peft.editing.router_fit`). When a pack grows one ``edit`` call at a time, that leaves two kinds of
 cross-slot leak: a slot taking another request's locality probe, and a slot taking the image of an entity
 that another call edited. :class:`ScopeMemory` records, per session, what each slot must keep and reject;
 :func:`guard_leaks` and :func:`guard_entities` shrink radii (never below a slot's own inputs) to put both out.
 
 Owns: the memory and the two guards. Reads the router's tensors and computes probe features through
-:func:`ldke_peft.probe_features.collect_probe_features`; knows nothing of fitting deltas or building rows.
+:func:`ldke_peft.tuner.probe_features.collect_probe_features`; knows nothing of fitting deltas or building rows.
 
 Layer: editing (README "Architecture"): imports data, tuner and editing modules, never the product code.
 """
@@ -21,8 +21,8 @@ from typing import Any, Sequence
 import torch
 
 from .augment import same_question
-from .probe_features import collect_probe_features
-from .requests import EditRequest, image_fingerprint
+from ..tuner.probe_features import collect_probe_features
+from ..requests import EditRequest, image_fingerprint
 
 logger = logging.getLogger(__name__)
 
