@@ -89,9 +89,6 @@ LDKE_KNOBS = (
     "num_edit_layers",
     "edit_steps",
     "edit_lr",
-    "edit_keep_questions",
-    "edit_keep_weight",
-    "edit_keep_loss",
     "max_delta_norm",
     "localization",
     "fixed_layers",
@@ -191,9 +188,6 @@ class LDKEMultimodalHyperParams:
     num_edit_layers: int = _config_default("num_edit_layers")
     edit_steps: int = _config_default("edit_steps")
     edit_lr: float = _config_default("edit_lr")
-    edit_keep_questions: int = _config_default("edit_keep_questions")
-    edit_keep_weight: float = _config_default("edit_keep_weight")
-    edit_keep_loss: str = _config_default("edit_keep_loss")
     max_delta_norm: float = _config_default("max_delta_norm")
     localization: str = _config_default("localization")
     fixed_layers: Optional[list[int]] = field(default=None)

@@ -23,7 +23,7 @@ from ..families import family_of
 from ..tuner.layer_replay import capture_replay
 from ..tuner.model import LDKEModel, _root_model
 from ..requests import EditRequest
-from .scope import NegativePool, negative_questions, positive_views
+from .scope import positive_views
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,6 @@ def fit_delta(
     stop_early: bool = True,
     seed: int = 0,
     stats: dict[str, float] | None = None,
-    pool: NegativePool | None = None,
 ) -> tuple[int, float]:
     """Fit slot ``slot``'s low-rank deltas so every positive answers ``request.target``.
 
@@ -56,8 +55,7 @@ def fit_delta(
     the hidden states entering the lowest edited layer are computed once; each step runs only the
     edited span (forward and backward). ``stats``, when given, receives the seconds of ``capture``
     (building the rows and the replay) and ``delta_fit`` (the steps), and the ``tokens`` each step runs
-    through each of ``span`` decoder layers. ``pool`` supplies the questions of
-    ``LDKEConfig.edit_keep_questions`` (the caller's negatives; the generic bank without it).
+    through each of ``span`` decoder layers.
     """
     t_start = time.perf_counter()
     cfg: LDKEConfig = peft_model.peft_config[adapter_name]
@@ -70,13 +68,6 @@ def fit_delta(
 
     imgs, prompts = positive_views(request, seed=seed, n_views=cfg.auto_views)
     rows_img, rows_q = _positive_rows(imgs, prompts, request.image is not None)
-    n_pos = len(rows_q)
-    keep_q = negative_questions(request, pool or NegativePool(), prompts, cap=int(cfg.edit_keep_questions))
-    if cfg.edit_keep_questions and keep_q:
-        # the edit's own image with questions that ask something else: the forced slot must leave their
-        # answers as they were (a question the router admits by mistake then still gets the old answer)
-        rows_img += [imgs[0] if request.image is not None else None] * len(keep_q)
-        rows_q += keep_q
     # fit the answer *and* the end of the answer: without the EOS the old answer's tail can carry on
     # after a shorter new target ("puro" -> "puro puet")
     tok = family.tokenizer(processor)
@@ -86,21 +77,10 @@ def fit_delta(
     # share its positions too (the replay computes a shared prefix once)
     built = family.build_inputs(processor, rows_img, rows_q, [fit_target] * len(rows_q)).right_aligned().to(device)
     B = len(built)
-    tgt_mask = built.target_mask.clone()
+    tgt_mask = built.target_mask
     # logits at t-1 predict token t
     pred_pos = torch.zeros_like(tgt_mask)
     pred_pos[:, :-1] = tgt_mask[:, 1:]
-    # keep rows: only the position that predicts the answer's first token (their teacher-forced
-    # "target" is the edit's, which they must not learn); positives: every target position
-    first_pred = pred_pos.clone()
-    first_pred[:, 1:] &= ~pred_pos[:, :-1]
-    at = pred_pos.clone()
-    at[n_pos:] = first_pred[n_pos:]
-    row_of = torch.arange(B)[:, None].expand_as(at)[at]
-    sel_pos, sel_keep = row_of < n_pos, row_of >= n_pos
-    first_tgt = int(built.input_ids[0][built.target_mask[0]][0])
-    tgt_mask[n_pos:] = False
-    pred_pos[n_pos:] = False
     tgt_ids = built.input_ids[tgt_mask]
     # the answer tokens proper (the appended EOS is trained but does not gate early stopping or the
     # reported accuracy: it only stops the old answer's tail from carrying on)
@@ -139,18 +119,12 @@ def fit_delta(
     step_mask = built.prompt_mask if replay is None or replay.prompt_mask is None else replay.prompt_mask
     t_steps = time.perf_counter()
 
-    def logits_at(where: torch.Tensor) -> torch.Tensor:
+    def logits_at_targets() -> torch.Tensor:
         with routing_inputs(root, slots=slot_vec, prompt_mask=step_mask):
             if replay is not None:
-                return family.logits_from_hidden(root, replay.run_at(where))
+                return family.logits_from_hidden(root, replay.run_at(pred_pos))
             out = root(**built.inputs, use_cache=False)
-            return out.logits[where]
-
-    def logits_at_targets() -> torch.Tensor:
-        return logits_at(pred_pos)
-
-    keep_base: torch.Tensor | None = None  # log-probs of the keep rows before the fit (the slot starts at 0)
-    keep_w = float(cfg.edit_keep_weight)
+            return out.logits[pred_pos]
 
     # an explicit ``steps`` (timing studies), no early stop, or edit_steps=0 (no fit) keep the exact step count
     exact = steps is not None or not stop_early or n_steps == 0
@@ -162,22 +136,9 @@ def fit_delta(
     root.eval()  # no dropout: the fit must see what inference sees
     try:
         for step in range(bound):
-            if n_pos < B:
-                both = logits_at(at)
-                logits, keep_logp = both[sel_pos], torch.log_softmax(both[sel_keep].float(), -1)
-                if keep_base is None:
-                    keep_base = keep_logp.detach()
-            else:
-                logits, keep_logp = logits_at_targets(), None
+            logits = logits_at_targets()
             ce = torch.nn.functional.cross_entropy(logits.float(), tgt_ids, reduction="none")
             loss = ce[core].mean() + (0.25 * ce[~core].mean() if bool((~core).any()) else 0.0)
-            if keep_logp is not None and cfg.edit_keep_loss == "target":
-                # unlikelihood of the edit's first answer token at each keep row's answer position
-                p_t = keep_logp[:, first_tgt].exp().clamp(max=1 - 1e-6)
-                loss = loss - keep_w * torch.log1p(-p_t).mean()
-            elif keep_logp is not None:
-                # KL(base || edited) at each keep row's answer position
-                loss = loss + keep_w * (keep_base.exp() * (keep_base - keep_logp)).sum(-1).mean()
             if not bool(torch.isfinite(loss)):
                 raise EditDivergedError(
                     f"edit {request.prompt!r} -> {request.target!r} diverged at step {step}: the loss is "

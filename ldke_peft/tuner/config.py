@@ -190,25 +190,6 @@ class LDKEConfig(PeftConfig):
     num_edit_layers: int = field(default=1, metadata={"help": "How many localized layers each edit updates."})
     edit_steps: int = field(default=40, metadata={"help": "Maximum optimisation steps per edit (early stop on argmax)."})
     edit_lr: float = field(default=1e-2, metadata={"help": "Learning rate of the delta fit."})
-    edit_keep_questions: int = field(
-        default=0,
-        metadata={
-            "help": "Questions on the edit's own image (the caller's negatives and the generic bank) on which the "
-            "delta fit, with the slot forced on, keeps the base model's next-token distribution (KL at the answer "
-            "position). The router admits near neighbours of the edit question; this makes the delta itself "
-            "change only what the edit asks. 0 = off."
-        },
-    )
-    edit_keep_weight: float = field(
-        default=1.0, metadata={"help": "Weight of the keep (KL) term of edit_keep_questions in the delta-fit loss."}
-    )
-    edit_keep_loss: str = field(
-        default="kl",
-        metadata={
-            "help": "What the keep rows of edit_keep_questions are held to: 'kl' (the base model's whole next-token "
-            "distribution) or 'target' (only: not the edit's answer; unlikelihood of its first token)."
-        },
-    )
     max_delta_norm: float = field(
         default=0.0,
         metadata={
