@@ -49,15 +49,19 @@ def test_replay_refused_where_the_language_model_works_between_layers():
 # ---------------------------------------------------------------------- packed rows
 
 
+_IMGS = [Image.new("RGB", (64, 64), (200, 30, 30)), Image.new("RGB", (64, 64), (20, 90, 220))]
+_QS = ["What is the capital of the country shown?", "Name the capital of this country.",
+       "Which city is the seat of government here, in a word?"]
+#: the delta fit's layout: each image asked each wording
+_FIT_ROWS = ([im for im in _IMGS for _ in _QS], [q for _ in _IMGS for q in _QS])
+
+
 def _fit_rows(model_type: str):
     """The delta fit's layout: two images x three wordings, right-aligned, the target appended."""
     model, processor = tiny_model(model_type)
     fam = family_of(model)
-    imgs = [Image.new("RGB", (64, 64), (200, 30, 30)), Image.new("RGB", (64, 64), (20, 90, 220))]
-    qs = ["What is the capital of the country shown?", "Name the capital of this country.",
-          "Which city is the seat of government here, in a word?"]
-    rows_i = [im for im in imgs for _ in qs]
-    rows_q = [q for _ in imgs for q in qs]
+    rows_i, rows_q = _FIT_ROWS
+    qs = rows_q[: len(rows_q) // 2]
     built = fam.build_inputs(processor, rows_i, rows_q, ["Paris"] * len(rows_q)).right_aligned()
     pred = torch.zeros_like(built.target_mask)
     pred[:, :-1] = built.target_mask[:, 1:]
@@ -97,6 +101,45 @@ def test_packed_replay_computes_each_shared_prefix_once_and_gives_every_rows_log
     torch.testing.assert_close(again, ref, atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.parametrize("model_type, lo", [("llava", 1), ("qwen2_vl", 0)])
+def test_selected_rows_of_a_packed_replay_give_those_rows_logits_from_their_tokens_alone(model_type, lo):
+    """The staged fit cuts the edit image's rows out of the packed replay of every row: the cut must be
+    the same computation as those rows run on their own, on fewer tokens."""
+    model, fam, built, pred, row_images, probe = _fit_rows(model_type)
+    _, processor = tiny_model(model_type)
+    rows_i, rows_q = _FIT_ROWS
+    replay = capture_replay(model, fam, lo, built, pred, row_images=row_images, probe=probe)
+    assert replay is not None and replay.packing is not None
+    for rows in ([0, 1, 2], [4], [5, 0]):
+        part = replay.select(rows)
+        assert part.hidden.shape[1] < replay.hidden.shape[1]
+        alone = fam.build_inputs(processor, [rows_i[r] for r in rows], [rows_q[r] for r in rows],
+                                 ["Paris"] * len(rows)).right_aligned()
+        at = torch.zeros_like(alone.target_mask)
+        at[:, :-1] = alone.target_mask[:, 1:]
+        with torch.no_grad():
+            want = model(**alone.inputs).logits[at]
+            got = fam.logits_from_hidden(model, part.run_at(pred[rows]))
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
+
+
+def test_a_replay_cast_to_bfloat16_runs_there_and_gives_every_weight_back_bit_for_bit():
+    model, fam, built, pred, row_images, probe = _fit_rows("llava")
+    model.requires_grad_(False)  # frozen, as under PEFT: trainable parameters keep their dtype
+    replay = capture_replay(model, fam, 1, built, pred, row_images=row_images, probe=probe)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        want = fam.logits_from_hidden(model, replay.run_at(pred))
+        with replay.cast(torch.bfloat16) as fast:
+            assert all(p.dtype == torch.bfloat16 for layer in fast.layers for p in layer.parameters())
+            got = fam.logits_from_hidden(model, fast.run_at(pred).float())
+    assert got.dtype == torch.float32
+    assert float((got.argmax(-1) == want.argmax(-1)).float().mean()) > 0.9
+    torch.testing.assert_close(got, want, atol=0.1, rtol=0.1)
+    for n, p in model.named_parameters():
+        assert p.dtype == before[n].dtype and torch.equal(p, before[n]), n
+
+
 def test_packed_replay_refused_for_bidirectional_prefixes_and_for_per_layer_calls():
     # PaliGemma's image+prefix attends both ways: a token's state depends on what follows it
     model, fam, built, pred, row_images, probe = _fit_rows("paligemma")
@@ -132,7 +175,8 @@ def test_packed_fit_reaches_the_same_delta_as_the_rows_as_built(monkeypatch):
             monkeypatch.setattr(lr, "_packed", lambda *a, **k: (_ for _ in ()).throw(lr._CannotPack("off")))
         model, processor = tiny_model("qwen2_vl")
         torch.manual_seed(0)
-        pm = edit(model, processor, [req], LDKEConfig(localization="fixed", fixed_layers=[1], edit_steps=6),
+        pm = edit(model, processor, [req], LDKEConfig(localization="fixed", fixed_layers=[1], edit_steps=6,
+                                                        edit_fit_dtype="float32"),
                   progress=False)
         rep = pm.ldke_reports[-1]
         steps.append(rep.fit_steps)

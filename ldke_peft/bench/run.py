@@ -59,6 +59,8 @@ LDKE_VARIANTS: dict[str, dict[str, Any]] = {
     "ldke_no_hard_negatives": {"hard_negatives": False},
     # the textual key pooled from the probe layer's hidden states instead of read by the sentence encoder
     "ldke_probe_text": {"router_text_encoder": None, "router_text_margin": None},
+    # the delta fit as it was before the staged rows and the bfloat16 steps: every row in every step, float32
+    "ldke_plain_fit": {"edit_fit_stages": False, "edit_fit_dtype": "float32"},
 }
 METHODS: tuple[str, ...] = (*LDKE_VARIANTS, *BASELINES)
 BASELINE_NAMES: tuple[str, ...] = tuple(BASELINES)

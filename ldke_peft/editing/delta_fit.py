@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,7 +22,7 @@ from ..tuner.config import LDKEConfig
 from ..tuner.context import routing_inputs
 from ..errors import LDKEError
 from ..families import family_of
-from ..tuner.layer_replay import capture_replay
+from ..tuner.layer_replay import LayerReplay, capture_replay
 from ..tuner.model import LDKEModel, _root_model
 from ..requests import EditRequest
 from .scope import positive_views
@@ -34,6 +36,85 @@ class EditDivergedError(LDKEError, RuntimeError):
     Raised instead of returning a pack that would answer garbage (and that the loader would refuse);
     :func:`edit` rolls the model back first.
     """
+
+
+@dataclass
+class _Rows:
+    """Positive rows built for the fit: what the steps feed the model and what they score."""
+
+    built: Any  # None for rows cut from another set's replay (the replay stands for them)
+    pred_pos: torch.Tensor  # (B, T): the positions whose logits predict a target token
+    tgt_ids: torch.Tensor
+    core: torch.Tensor  # which target tokens are the answer proper (not the appended end token)
+    replay: LayerReplay | None
+    slot_vec: torch.Tensor
+    step_mask: torch.Tensor
+
+    def select(self, rows: list[int]) -> "_Rows | None":
+        """These rows alone, cut from a packed replay (no second capture); ``None`` when not packed."""
+        if self.replay is None or self.replay.packing is None:
+            return None
+        replay = self.replay.select(rows)
+        tgt_mask = self.built.target_mask
+        core_at = torch.zeros_like(tgt_mask)
+        core_at[tgt_mask] = self.core
+        return _Rows(None, self.pred_pos[rows], self.built.input_ids[rows][tgt_mask[rows]], core_at[rows][tgt_mask[rows]],
+                     replay, self.slot_vec[:1], replay.prompt_mask)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens one step runs through each replayed layer."""
+        if self.replay is not None:
+            return self.replay.rows * int(self.replay.hidden.shape[1])
+        return int(self.built.input_ids.numel())
+
+    def logits(self, root: Any, family: Any, fast: LayerReplay | None = None) -> torch.Tensor:
+        """Logits at the target positions (``fast``: this rows' replay cast to bfloat16)."""
+        with routing_inputs(root, slots=self.slot_vec, prompt_mask=self.step_mask):
+            if fast is not None:
+                with _attention_for(fast.hidden):
+                    h = fast.run_at(self.pred_pos)
+                return family.logits_from_hidden(root, h.to(self.replay.hidden.dtype))
+            if self.replay is not None:
+                return family.logits_from_hidden(root, self.replay.run_at(self.pred_pos))
+            return root(**self.built.inputs, use_cache=False).logits[self.pred_pos]
+
+
+def _build_rows(root: Any, family: Any, processor: Any, rows_img: list[Any], rows_q: list[str], imgs: list[Any],
+                fit_target: str, plain_target: str, eos_id: int | None, slot: int, lo: int,
+                cache_hidden: bool) -> _Rows:
+    device = next(root.parameters()).device
+    # right-aligned: each row at the positions it has when run alone, and rows that share a prefix
+    # share its positions too (the replay computes a shared prefix once)
+    built = family.build_inputs(processor, rows_img, rows_q, [fit_target] * len(rows_q)).right_aligned().to(device)
+    B = len(built)
+    tgt_mask = built.target_mask
+    # logits at t-1 predict token t
+    pred_pos = torch.zeros_like(tgt_mask)
+    pred_pos[:, :-1] = tgt_mask[:, 1:]
+    tgt_ids = built.input_ids[tgt_mask]
+    # the answer tokens proper (the appended EOS is trained but does not gate early stopping or the
+    # reported accuracy: it only stops the old answer's tail from carrying on)
+    core = torch.ones_like(tgt_ids, dtype=torch.bool)
+    if fit_target != plain_target and eos_id is not None:
+        last = tgt_mask & ~torch.cat([tgt_mask[:, 1:], torch.zeros_like(tgt_mask[:, :1])], dim=1)
+        core = ~(last[tgt_mask] & (tgt_ids == eos_id))
+    replay = None
+    if cache_hidden:
+        row_images = [next(k for k, im in enumerate(imgs) if im is x) if x is not None else -1 for x in rows_img]
+        probe = None
+        if B > 2:
+            # the first and last rows (another image and another wording) run alone to check the replay
+            pick = [0, B - 1]
+            pb = family.build_inputs(processor, [rows_img[i] for i in pick], [rows_q[i] for i in pick],
+                                     [fit_target] * 2).right_aligned().to(device)
+            pp = torch.zeros_like(pb.target_mask)
+            pp[:, :-1] = pb.target_mask[:, 1:]
+            probe = (pb, pp, pick)
+        replay = capture_replay(root, family, lo, built, pred_pos, row_images=row_images, probe=probe)
+    n = replay.rows if replay is not None else B
+    step_mask = built.prompt_mask if replay is None or replay.prompt_mask is None else replay.prompt_mask
+    return _Rows(built, pred_pos, tgt_ids, core, replay, torch.full((n,), slot, dtype=torch.long), step_mask)
 
 
 def fit_delta(
@@ -53,9 +134,17 @@ def fit_delta(
 
     Returns ``(steps taken, final teacher-forced accuracy on the positives)``. With ``cache_hidden``
     the hidden states entering the lowest edited layer are computed once; each step runs only the
-    edited span (forward and backward). ``stats``, when given, receives the seconds of ``capture``
-    (building the rows and the replay) and ``delta_fit`` (the steps), and the ``tokens`` each step runs
-    through each of ``span`` decoder layers.
+    edited span (forward and backward).
+
+    Two savings that leave the stop exact (``edit_fit_stages``, ``edit_fit_dtype``): the steps first
+    train on the edit image's rows alone and move to every positive row once those are done (the other
+    rows are views of the same picture, which a delta that answers it mostly answers already); and the
+    steps may run in bfloat16, after which the model's own precision re-checks the stop (and takes
+    any steps still needed). Either way the fit ends only when every positive row passes the stop
+    test in the model's own precision.
+
+    ``stats``, when given, receives the seconds of ``capture`` (building the rows and the replays) and
+    ``delta_fit`` (the steps), the mean ``tokens`` a step runs through each of ``span`` decoder layers.
     """
     t_start = time.perf_counter()
     cfg: LDKEConfig = peft_model.peft_config[adapter_name]
@@ -72,23 +161,27 @@ def fit_delta(
     # after a shorter new target ("puro" -> "puro puet")
     tok = family.tokenizer(processor)
     eos = getattr(tok, "eos_token", None)
-    fit_target = request.target.strip() + (eos if isinstance(eos, str) and eos else "")
-    # right-aligned: each row at the positions it has when run alone, and rows that share a prefix
-    # share its positions too (the replay computes a shared prefix once)
-    built = family.build_inputs(processor, rows_img, rows_q, [fit_target] * len(rows_q)).right_aligned().to(device)
-    B = len(built)
-    tgt_mask = built.target_mask
-    # logits at t-1 predict token t
-    pred_pos = torch.zeros_like(tgt_mask)
-    pred_pos[:, :-1] = tgt_mask[:, 1:]
-    tgt_ids = built.input_ids[tgt_mask]
-    # the answer tokens proper (the appended EOS is trained but does not gate early stopping or the
-    # reported accuracy: it only stops the old answer's tail from carrying on)
-    core = torch.ones_like(tgt_ids, dtype=torch.bool)
+    plain_target = request.target.strip()
+    fit_target = plain_target + (eos if isinstance(eos, str) and eos else "")
     eos_id = getattr(tok, "eos_token_id", None)
-    if fit_target != request.target.strip() and eos_id is not None:
-        last = tgt_mask & ~torch.cat([tgt_mask[:, 1:], torch.zeros_like(tgt_mask[:, :1])], dim=1)
-        core = ~(last[tgt_mask] & (tgt_ids == eos_id))
+
+    n_steps = steps if steps is not None else cfg.edit_steps
+    # an explicit ``steps`` (timing studies), no early stop, or edit_steps=0 (no fit) keep the exact step count
+    exact = steps is not None or not stop_early or n_steps == 0
+
+    def rows_of(which: list[int]) -> _Rows:
+        return _build_rows(root, family, processor, [rows_img[i] for i in which], [rows_q[i] for i in which], imgs,
+                           fit_target, plain_target, eos_id, slot, lo, cache_hidden)
+
+    every = list(range(len(rows_q)))
+    head = [i for i in every if rows_img[i] is rows_img[0]]
+    stages = [rows_of(every)]
+    if cfg.edit_fit_stages and not exact and len(head) < len(every):
+        stages.insert(0, stages[0].select(head) or rows_of(head))
+    full = stages[-1]
+    # bfloat16 steps only speed up a float32 model (a half-precision one already runs in its own precision)
+    low = (full.replay is not None and full.replay.hidden.dtype == torch.float32
+           and resolve_fit_dtype(cfg.edit_fit_dtype, device) == torch.bfloat16)
 
     ldke_layers = tuner.ldke_layers(adapter_name)
     params = []
@@ -98,50 +191,34 @@ def fit_delta(
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=cfg.edit_lr)
-    n_steps = steps if steps is not None else cfg.edit_steps
-    slot_vec = torch.full((B,), slot, dtype=torch.long)
-
-    replay = None
-    if cache_hidden:
-        row_images = [next(k for k, im in enumerate(imgs) if im is x) if x is not None else -1 for x in rows_img]
-        probe = None
-        if B > 2:
-            # the first and last rows (another image and another wording) run alone to check the replay
-            pick = [0, B - 1]
-            pb = family.build_inputs(processor, [rows_img[i] for i in pick], [rows_q[i] for i in pick],
-                                     [fit_target] * 2).right_aligned().to(device)
-            pp = torch.zeros_like(pb.target_mask)
-            pp[:, :-1] = pb.target_mask[:, 1:]
-            probe = (pb, pp, pick)
-        replay = capture_replay(root, family, lo, built, pred_pos, row_images=row_images, probe=probe)
-    if replay is not None:
-        slot_vec = torch.full((replay.rows,), slot, dtype=torch.long)
-    step_mask = built.prompt_mask if replay is None or replay.prompt_mask is None else replay.prompt_mask
     t_steps = time.perf_counter()
 
-    def logits_at_targets() -> torch.Tensor:
-        with routing_inputs(root, slots=slot_vec, prompt_mask=step_mask):
-            if replay is not None:
-                return family.logits_from_hidden(root, replay.run_at(pred_pos))
-            out = root(**built.inputs, use_cache=False)
-            return out.logits[pred_pos]
-
-    # an explicit ``steps`` (timing studies), no early stop, or edit_steps=0 (no fit) keep the exact step count
-    exact = steps is not None or not stop_early or n_steps == 0
-    bound = n_steps if exact else fit_step_bound(n_steps, int(tgt_mask.sum(1).max()))
-    taken, acc, reached = 0, 0.0, False
+    bound = n_steps if exact else fit_step_bound(n_steps, int(full.built.target_mask.sum(1).max()))
+    taken, acc, reached, token_steps = 0, 0.0, False, 0
     best: tuple[int, list[torch.Tensor]] | None = None  # (targets hit, parameters) of the best step after phase 1
     stale = 0
+    stage = 0
+    casts = ExitStack()
+    fast: LayerReplay | None = None
     was_training = root.training
     root.eval()  # no dropout: the fit must see what inference sees
     try:
-        for step in range(bound):
-            logits = logits_at_targets()
+        if low and stages[0].replay is not None:
+            fast = casts.enter_context(stages[0].replay.cast(torch.bfloat16))
+        check = False  # the next pass only checks the stop (no graph): the first after a switch usually stops
+        rounded = False  # the factors were rounded to their stored precision and have not moved since
+        must_step = False
+        while taken < bound:
+            rows = stages[stage]
+            last_stage = stage == len(stages) - 1
+            with torch.set_grad_enabled(not check):
+                logits = rows.logits(root, family, fast)
+            tgt_ids, core = rows.tgt_ids, rows.core
             ce = torch.nn.functional.cross_entropy(logits.float(), tgt_ids, reduction="none")
             loss = ce[core].mean() + (0.25 * ce[~core].mean() if bool((~core).any()) else 0.0)
             if not bool(torch.isfinite(loss)):
                 raise EditDivergedError(
-                    f"edit {request.prompt!r} -> {request.target!r} diverged at step {step}: the loss is "
+                    f"edit {request.prompt!r} -> {request.target!r} diverged at step {taken}: the loss is "
                     f"{float(loss.detach())} (edit_lr={cfg.edit_lr}); lower edit_lr"
                 )
             with torch.no_grad():
@@ -151,24 +228,48 @@ def fit_delta(
                 p_min = float(torch.softmax(logits.float(), -1).gather(1, tgt_ids[:, None])[core].min())
             # stop once the answer is confidently the target AND is followed by its end (else the old
             # answer's tail can carry on in generation: "puro" -> "puro puet")
-            if stop_early and bool(hit.all()) and p_min > 0.5 and bool(hit_all.all()):
+            done = stop_early and bool(hit.all()) and p_min > 0.5 and bool(hit_all.all())
+            if taken >= n_steps and last_stage and bool(hit_all.all()):
+                done = True  # phase 2 ends at the argmax on every target token
+            if must_step:
+                done, must_step = False, False  # the model's own precision said not yet: step before asking again
+            if not last_stage and (done or taken >= n_steps):
+                # the edit image's rows are done (or phase 1 is over): every positive row from here on
+                stage += 1
+                if fast is not None:
+                    fast = casts.enter_context(stages[stage].replay.cast(torch.bfloat16))
+                check = True
+                continue
+            if done and fast is not None:
+                # done in bfloat16: the next pass checks it (and any step after it runs) in the model's own
+                # precision, on the factors as the pack will store them, so the stop is the float32 fit's
+                casts.close()
+                fast = None
+                rounded = _round_to_storage(params, cfg.delta_storage)
+                check = True
+                continue
+            if done:
                 reached = True
                 break
-            if step >= n_steps:
+            if check:
+                # not done: the same rows again, with a graph, and a step (back in bfloat16 if the check was
+                # the model's own precision: the steps stay cheap, and the next stop is checked again)
+                check, must_step = False, True
+                if low and fast is None and rows.replay is not None:
+                    fast = casts.enter_context(rows.replay.cast(torch.bfloat16))
+                continue
+            rounded = False
+            if taken >= n_steps:
                 # phase 2 (past the configured steps, up to a bound that grows with the target): keep going
                 # until every target token of every positive is the argmax, and keep the best step seen.
                 # Where the model cannot reach p > 0.5 at all (a tiny random model whose final norm bounds
                 # every logit), this is what ends the fit.
                 n_hit = int(hit_all.sum())
-                if bool(hit_all.all()):
-                    reached = True
-                    break
                 if best is None or n_hit > best[0]:
                     best, stale = (n_hit, [p.detach().clone() for p in params]), 0
                 else:
                     stale += 1
                     if stale >= FIT_PATIENCE:
-                        reached = False
                         break
                     if stale % FIT_STALL_STEPS == 0:
                         for g in opt.param_groups:
@@ -177,38 +278,39 @@ def fit_delta(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            taken = step + 1
-        else:
-            reached = False
+            taken += 1
+            token_steps += rows.tokens
+        casts.close()
+        fast = None
         if not reached:
             # the loop ran out (or gave up) after a step: score the deltas it ends with, or the best ones seen
             with torch.no_grad():
-                hit_all = logits_at_targets().argmax(-1) == tgt_ids
+                hit_all = full.logits(root, family).argmax(-1) == full.tgt_ids
                 if best is not None and int(hit_all.sum()) < best[0]:
                     for p, v in zip(params, best[1]):
                         p.copy_(v)
-                    hit_all = logits_at_targets().argmax(-1) == tgt_ids
-                acc = float(hit_all[core].float().mean())
-        if cfg.delta_storage == "float16":
-            # the pack stores the factors in float16: round them now and check the edit on what will be saved
+                    hit_all = full.logits(root, family).argmax(-1) == full.tgt_ids
+                acc = float(hit_all[full.core].float().mean())
+            rounded = False
+        if not rounded and _round_to_storage(params, cfg.delta_storage):
+            # the pack stores the factors in float16: check the edit on what will be saved
             with torch.no_grad():
-                for p in params:
-                    p.copy_(p.half().float())
-                hit_all = logits_at_targets().argmax(-1) == tgt_ids
-            rounded = float(hit_all[core].float().mean())
-            if rounded < acc:
+                hit_all = full.logits(root, family).argmax(-1) == full.tgt_ids
+            after = float(hit_all[full.core].float().mean())
+            if after < acc:
                 logger.info("edit %r -> %r: rounding the factors to float16 lowered target accuracy %.3f -> %.3f",
-                            request.prompt, request.target, acc, rounded)
-            acc = rounded
+                            request.prompt, request.target, acc, after)
+            acc = after
     finally:
+        casts.close()
         root.train(was_training)
         for p in params:
             p.grad = None
     if stats is not None:
         stats["capture"] = t_steps - t_start
         stats["delta_fit"] = time.perf_counter() - t_steps
-        stats["tokens"] = replay.rows * int(replay.hidden.shape[1]) if replay is not None else int(built.input_ids.numel())
-        stats["span"] = len(replay.layers) if replay is not None else len(family.decoder_layers(root))
+        stats["tokens"] = token_steps / taken if taken else full.tokens
+        stats["span"] = len(full.replay.layers) if full.replay is not None else len(family.decoder_layers(root))
     if not all(bool(torch.isfinite(p).all()) for p in params):
         raise EditDivergedError(
             f"edit {request.prompt!r} -> {request.target!r} diverged: slot {slot}'s delta has non-finite values "
@@ -219,6 +321,45 @@ def fit_delta(
                        "the edit will not always answer its target (a larger rank or more edited layers gives the "
                        "delta more room)", request.prompt, request.target, 100 * acc, taken, bound)
     return taken, acc
+
+
+def _attention_for(hidden: torch.Tensor) -> Any:
+    """The attention kernel for bfloat16 steps: on a CPU the plain matmul-softmax kernel, which runs a fit's
+    short packed sequences (forward and backward) about twice as fast as the fused one in bfloat16."""
+    if hidden.device.type != "cpu" or hidden.dtype != torch.bfloat16:
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def _round_to_storage(params: list[torch.Tensor], storage: str) -> bool:
+    """Round the factors to the precision the pack stores them in; whether that is a rounding at all."""
+    if storage != "float16":
+        return False
+    with torch.no_grad():
+        for p in params:
+            p.copy_(p.half().float())
+    return True
+
+
+def resolve_fit_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """The dtype the fit's steps run in for ``edit_fit_dtype`` on ``device``.
+
+    ``"auto"`` picks bfloat16 only where its matmuls are native (a CUDA device that supports it, a CPU
+    with AVX-512 BF16 or AMX): elsewhere bfloat16 is emulated and slower than float32.
+    """
+    if choice == "float32":
+        return torch.float32
+    if choice == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu":
+        cpu = getattr(torch, "cpu", None)
+        native = any(bool(getattr(cpu, f, lambda: False)()) for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+        return torch.bfloat16 if native else torch.float32
+    return torch.float32
 
 
 #: Steps without a new best (more target tokens right) before phase 2 of :func:`fit_delta` gives up.

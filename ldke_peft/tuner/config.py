@@ -21,7 +21,7 @@ from .question_key import DEFAULT_TEXT_ENCODER
 
 #: Format version of the saved pack. Bumped on incompatible changes; a pack with a newer major
 #: version than this library understands is refused with a clear error.
-PACK_FORMAT_VERSION = "1.4"
+PACK_FORMAT_VERSION = "1.5"
 #: Subject corruptions Fast Localization and exact tracing know (``LDKEConfig.corruption``).
 CORRUPTIONS = ("mean", "noise")
 #: Format 1.1 added ``router_storage``; packs of format 1.0 stored their router projections in fp32.
@@ -32,8 +32,12 @@ _FORMAT_WITHOUT_TEXT_ENCODER = ("1.0", "1.1")
 _FORMAT_WITHOUT_DELTA_STORAGE = ("1.0", "1.1", "1.2")
 #: Format 1.4 moved the per-edit metadata (``edits``) out of ``adapter_config.json`` into its own file
 #: (:mod:`ldke_peft.tuner.pack_meta`).
+#: Format 1.5 added the fit options ``edit_fit_stages`` and ``edit_fit_dtype`` (they act when an edit is made;
+#: a 1.4 pack grown with new edits fits them with the defaults).
 #: How a pack may store its slot factors (``LDKEConfig.delta_storage``).
 DELTA_STORAGE = ("float16", "float32")
+#: Precisions the delta fit's steps may run in (``LDKEConfig.edit_fit_dtype``).
+FIT_DTYPES = ("auto", "bfloat16", "float32")
 
 
 @dataclass
@@ -190,6 +194,21 @@ class LDKEConfig(PeftConfig):
     num_edit_layers: int = field(default=1, metadata={"help": "How many localized layers each edit updates."})
     edit_steps: int = field(default=40, metadata={"help": "Maximum optimisation steps per edit (early stop on argmax)."})
     edit_lr: float = field(default=1e-2, metadata={"help": "Learning rate of the delta fit."})
+    edit_fit_stages: bool = field(
+        default=True,
+        metadata={
+            "help": "Fit on the edit image's rows first and add the other positive rows (its automatic views) once "
+            "those answer the target; the fit still ends only when every row does. Fewer tokens per step."
+        },
+    )
+    edit_fit_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Precision of the delta fit's steps: 'float32', 'bfloat16' (the stop is re-checked, and any "
+            "remaining steps taken, in the model's own precision), or 'auto' (bfloat16 where its matmuls are "
+            "native: CUDA with bf16, a CPU with AVX-512 BF16 or AMX). The factors and the optimiser stay float32."
+        },
+    )
     max_delta_norm: float = field(
         default=0.0,
         metadata={
@@ -242,6 +261,8 @@ class LDKEConfig(PeftConfig):
         self.peft_type = LDKEPeftType.LDKE
         if self.rank <= 0:
             raise ValueError(f"rank must be positive, got {self.rank}")
+        if self.edit_fit_dtype not in FIT_DTYPES:
+            raise ValueError(f"edit_fit_dtype must be one of {FIT_DTYPES}, got {self.edit_fit_dtype!r}")
         if str(self.pack_format_version) in _FORMAT_WITHOUT_ROUTER_STORAGE:
             self.router_storage = "float32"  # written before the field existed: always fp32
         if str(self.pack_format_version) in _FORMAT_WITHOUT_DELTA_STORAGE:

@@ -29,8 +29,9 @@ Layer: tuner (README "Architecture"): imports only data and tuner modules, never
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Any, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -59,6 +60,8 @@ class LayerReplay:
     calls: list[tuple[tuple, dict]]
     index: torch.Tensor | None = None
     prompt_mask: torch.Tensor | None = None
+    #: for a packed replay: what it was packed from, so that :meth:`select` can pack a subset of its rows
+    packing: "_Packing | None" = None
 
     @property
     def rows(self) -> int:
@@ -79,6 +82,78 @@ class LayerReplay:
         order ``h[where]`` gives for the batch as built."""
         h = self.run()
         return h[where] if self.index is None else h[0, self.index[where]]
+
+    @contextmanager
+    def cast(self, dtype: torch.dtype) -> Iterator["LayerReplay"]:
+        """This replay run in ``dtype``: the replayed layers' frozen weights, the hidden states and the
+        calls' floating tensors (masks, rotary tables) cast, for as long as the block lasts.
+
+        A bfloat16 matmul runs several times faster than a float32 one where the hardware has bfloat16
+        units, and a fit spends nearly all its time in the replay's matmuls. Trainable parameters and the
+        adapters' own factors keep their dtype (the optimiser and the delta stay in full precision). On
+        exit every weight gets its original tensor back (not a cast back), so the model is bit for bit
+        what it was.
+        """
+        saved: list[tuple[nn.Parameter, torch.Tensor]] = []
+        try:
+            for layer in self.layers:
+                for name, p in layer.named_parameters():
+                    if p.is_floating_point() and p.dtype != dtype and not p.requires_grad and "ldke_" not in name:
+                        saved.append((p, p.data))
+                        p.data = p.data.to(dtype)
+            done: dict[int, tuple[tuple, dict]] = {}
+            calls = []
+            for call in self.calls:
+                if id(call) not in done:
+                    args, kwargs = call
+                    done[id(call)] = (_cast(args, dtype), _cast(kwargs, dtype))
+                calls.append(done[id(call)])
+            yield replace(self, hidden=self.hidden.to(dtype), calls=calls)
+        finally:
+            for p, data in reversed(saved):
+                p.data = data
+
+    def select(self, rows: Sequence[int]) -> "LayerReplay":
+        """The replay of some rows of a packed replay: their distinct tokens only (in the same order), their
+        hidden states entering the first replayed layer and their calls, packed as :func:`capture_replay`
+        packs. Exact: under causal attention a token sees only its own row's earlier tokens, so dropping
+        other rows' tokens changes nothing for these. Its :meth:`run_at` takes ``(len(rows), T)`` positions."""
+        pk = self.packing
+        if self.index is None or pk is None:
+            raise ValueError("only a packed replay can select rows")
+        rows_t = torch.as_tensor(list(rows), dtype=torch.long, device=self.index.device)
+        sub = self.index[rows_t]
+        keep = torch.unique(sub[sub >= 0])
+        remap = torch.full((int(self.hidden.shape[1]),), -1, dtype=torch.long, device=keep.device)
+        remap[keep] = torch.arange(len(keep), device=keep.device)
+        index = torch.where(sub >= 0, remap[sub.clamp(min=0)], torch.full_like(sub, -1))
+        real = pk.real[rows_t.to(pk.real.device)]
+        calls = _pack_calls(pk.calls, pk.B, pk.T, pk.rb[keep], pk.rt[keep], index, real, rows_t)
+        return LayerReplay(self.hidden[:, keep], self.layers, calls, index=index,
+                           prompt_mask=None if self.prompt_mask is None else self.prompt_mask[:, keep])
+
+
+@dataclass
+class _Packing:
+    """What a packed replay was packed from: the calls of the rows as built (``B`` rows of ``T``), each
+    packed token's representative ``(rb, rt)`` and the rows' real-token mask."""
+
+    calls: list[tuple[tuple, dict]]
+    B: int
+    T: int
+    rb: torch.Tensor
+    rt: torch.Tensor
+    real: torch.Tensor
+
+
+def _cast(v: Any, dtype: torch.dtype) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.to(dtype) if v.is_floating_point() else v
+    if isinstance(v, (tuple, list)):
+        return type(v)(_cast(x, dtype) for x in v)
+    if isinstance(v, dict):
+        return {k: _cast(x, dtype) for k, x in v.items()}
+    return v
 
 
 def capture_replay(root: nn.Module, family: Any, lo: int, built: Any, pred_pos: torch.Tensor,
@@ -255,12 +330,12 @@ def _capture_packed(root: nn.Module, family: Any, lo: int, built: Any, pred_pos:
     with torch.no_grad(), routing_inputs(root, slots=one, prompt_mask=packed.prompt_mask):
         h_lo = below.run()
     replay = LayerReplay(h_lo.detach(), layers[lo:], packed.calls[lo:], index=packed.index,
-                         prompt_mask=packed.prompt_mask)
+                         prompt_mask=packed.prompt_mask, packing=replace(packed.packing, calls=packed.packing.calls[lo:]))
+    # checked on the probe rows' own tokens: running every row's would cost a whole forward more
     rows = list(probe_rows)
-    where = torch.zeros_like(pred_pos)
-    where[rows] = pred_pos[rows]
-    with torch.no_grad(), routing_inputs(root, slots=one, prompt_mask=replay.prompt_mask):
-        again = family.logits_from_hidden(root, replay.run_at(where))
+    check = replay.select(rows)
+    with torch.no_grad(), routing_inputs(root, slots=one, prompt_mask=check.prompt_mask):
+        again = family.logits_from_hidden(root, check.run_at(pred_pos[rows]))
     if again.shape != reference.shape or not torch.allclose(again.float(), reference.float(), atol=_ATOL, rtol=_RTOL):
         raise _CannotPack("the packed replay does not reproduce a real forward of the probe rows")
     return replay
@@ -334,19 +409,29 @@ def _packed(plain: LayerReplay, family: Any, root: nn.Module, built: Any, row_im
     h = plain.hidden
     if not torch.allclose(h[where], h[rb, rt][index[where]], atol=1e-5, rtol=1e-4):
         raise _CannotPack("rows with the same prefix enter the replay with different hidden states")
+    calls = _pack_calls(plain.calls, B, T, rb, rt, index, real.to(dev), None)
+    return LayerReplay(h[rb, rt][None], plain.layers, calls, index=index,
+                       prompt_mask=built.prompt_mask.to(dev)[rb, rt][None],
+                       packing=_Packing(plain.calls, B, T, rb, rt, real.to(dev)))
+
+
+def _pack_calls(plain_calls: list[tuple[tuple, dict]], B: int, T: int, rb: torch.Tensor, rt: torch.Tensor,
+                index: torch.Tensor, real: torch.Tensor, rows: torch.Tensor | None) -> list[tuple[tuple, dict]]:
+    """``plain_calls`` (of ``B`` rows of ``T``) packed into the tokens ``(rb, rt)``; ``index``/``real`` are
+    those of the packed rows (``rows`` of the ``B``, or all of them)."""
     done: dict[int, tuple[tuple, dict]] = {}  # a call shared by several layers is packed once
     calls = []
-    for call in plain.calls:
+    for call in plain_calls:
         if id(call) not in done:
             args, kwargs = call
             done[id(call)] = (
                 tuple(_pack_value(a, B, T, rb, rt, index, real) for a in args),
-                {k: (_pack_mask(v, B, T, index, real) if k == "attention_mask" else _pack_value(v, B, T, rb, rt, index, real))
+                {k: (_pack_mask(_rows_of(v, rows, B), index, real)
+                     if k == "attention_mask" else _pack_value(v, B, T, rb, rt, index, real))
                  for k, v in kwargs.items()},
             )
         calls.append(done[id(call)])
-    return LayerReplay(h[rb, rt][None], plain.layers, calls, index=index,
-                       prompt_mask=built.prompt_mask.to(dev)[rb, rt][None])
+    return calls
 
 
 def _layer_cost(queries: int, keys: int, width: int) -> float:
@@ -374,10 +459,20 @@ def _pack_value(v: Any, B: int, T: int, rb: torch.Tensor, rt: torch.Tensor, inde
     raise _CannotPack(f"a layer call holds {type(v).__name__} {tuple(getattr(v, 'shape', ()))}")
 
 
-def _pack_mask(m: Any, B: int, T: int, index: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+def _rows_of(v: Any, rows: torch.Tensor | None, B: int) -> Any:
+    """``v``'s ``rows`` when it is a per-row tensor of ``B`` rows (else ``v``: packing refuses it later)."""
+    if rows is None or not isinstance(v, torch.Tensor) or v.dim() == 0 or v.shape[0] != B:
+        return v
+    return v[rows.to(v.device)]
+
+
+def _pack_mask(m: Any, index: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     """The packed ``(1, 1, N, N)`` mask: token ``n`` sees token ``k`` exactly when, in the row ``n`` came
     from, the forward's own mask let it (the causal relation on the row's path when the forward had no
-    mask). A mask that lets a token see a later one (bidirectional image attention) cannot be packed."""
+    mask). A mask that lets a token see a later one (bidirectional image attention) cannot be packed.
+    ``index``/``real``: the packed rows' ``(B, T)`` token positions in the packed sequence and real tokens;
+    ``m``: those rows' own mask."""
+    B, T = index.shape
     N = int(index.max()) + 1
     dev = index.device
     allowed = torch.zeros(N, N, dtype=torch.bool, device=dev)
