@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from ldke_peft.families import family_of
+from ldke_peft.tuner import replay_packing as packing
 from ldke_peft.tuner.layer_replay import capture_replay
 from ldke_peft.testing.tiny import tiny_model
 
@@ -168,11 +169,11 @@ def test_packed_fit_reaches_the_same_delta_as_the_rows_as_built(monkeypatch):
     deltas, steps, tokens = [], [], []
     # the tiny model's width (32) makes dense attention over one packed sequence look dearer than the
     # batch, so the cost guard would keep the rows as built: force packing, it is the equivalence under test
-    real_cost = lr._layer_cost
-    monkeypatch.setattr(lr, "_layer_cost", lambda q, k, d: real_cost(q, k, 4096))
+    real_cost = packing.layer_cost
+    monkeypatch.setattr(packing, "layer_cost", lambda q, k, d: real_cost(q, k, 4096))
     for packed in (True, False):
         if not packed:
-            monkeypatch.setattr(lr, "_packed", lambda *a, **k: (_ for _ in ()).throw(lr._CannotPack("off")))
+            monkeypatch.setattr(lr, "_packed", lambda *a, **k: (_ for _ in ()).throw(packing.CannotPack("off")))
         model, processor = tiny_model("qwen2_vl")
         torch.manual_seed(0)
         pm = edit(model, processor, [req], LDKEConfig(localization="fixed", fixed_layers=[1], edit_steps=6,
@@ -198,8 +199,8 @@ def test_packed_router_features_equal_each_row_run_alone(model_type, monkeypatch
     qs = ["What is the capital of the country shown?", "Name the capital.", "Which language is spoken here?"]
     rows_i = [im for im in imgs for _ in qs] + [None]
     rows_q = [q for _ in imgs for q in qs] + ["A question without a picture?"]
-    real_cost = lr._layer_cost  # force packing on the narrow tiny model (see the fit test above)
-    monkeypatch.setattr(lr, "_layer_cost", lambda q, k, d: real_cost(q, k, 4096))
+    real_cost = packing.layer_cost  # force packing on the narrow tiny model (see the fit test above)
+    monkeypatch.setattr(packing, "layer_cost", lambda q, k, d: real_cost(q, k, 4096))
     packed = []
     real = lr.packed_hidden
     monkeypatch.setattr(lr, "packed_hidden", lambda *a, **k: packed.append(real(*a, **k)) or packed[-1])

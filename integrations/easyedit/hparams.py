@@ -89,6 +89,8 @@ LDKE_KNOBS = (
     "num_edit_layers",
     "edit_steps",
     "edit_lr",
+    "edit_fit_stages",
+    "edit_fit_dtype",
     "max_delta_norm",
     "localization",
     "fixed_layers",
@@ -188,6 +190,8 @@ class LDKEMultimodalHyperParams:
     num_edit_layers: int = _config_default("num_edit_layers")
     edit_steps: int = _config_default("edit_steps")
     edit_lr: float = _config_default("edit_lr")
+    edit_fit_stages: bool = _config_default("edit_fit_stages")
+    edit_fit_dtype: str = _config_default("edit_fit_dtype")
     max_delta_norm: float = _config_default("max_delta_norm")
     localization: str = _config_default("localization")
     fixed_layers: Optional[list[int]] = field(default=None)
@@ -417,6 +421,7 @@ def _check_values(hp: LDKEMultimodalHyperParams) -> None:
     need(hp.router_views >= 0, "router_views", "must be >= 0 (0 = only the request's own images)")
     need(hp.router_storage in ("int8", "float32"), "router_storage", "must be 'int8' or 'float32'")
     need(hp.delta_storage in ("float16", "float32"), "delta_storage", "must be 'float16' or 'float32'")
+    need(hp.edit_fit_dtype in ("auto", "bfloat16", "float32"), "edit_fit_dtype", "must be 'auto', 'bfloat16' or 'float32'")
     need(0.0 <= hp.router_margin <= 1.0, "router_margin", "must be between 0 and 1")
     need(hp.probe_layer is None or hp.probe_layer >= 0, "probe_layer", "must be a layer index >= 0 or null")
     need(hp.localization in _LOCALIZATION, "localization", f"must be one of {', '.join(_LOCALIZATION)}")

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .context import routing_inputs
+from .replay_packing import CannotPack, Packing, pack_calls, pack_rows
 from .routing import NO_SLOT
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ class LayerReplay:
     index: torch.Tensor | None = None
     prompt_mask: torch.Tensor | None = None
     #: for a packed replay: what it was packed from, so that :meth:`select` can pack a subset of its rows
-    packing: "_Packing | None" = None
+    packing: Packing | None = None
 
     @property
     def rows(self) -> int:
@@ -128,22 +129,9 @@ class LayerReplay:
         remap[keep] = torch.arange(len(keep), device=keep.device)
         index = torch.where(sub >= 0, remap[sub.clamp(min=0)], torch.full_like(sub, -1))
         real = pk.real[rows_t.to(pk.real.device)]
-        calls = _pack_calls(pk.calls, pk.B, pk.T, pk.rb[keep], pk.rt[keep], index, real, rows_t)
+        calls = pack_calls(pk.calls, pk.B, pk.T, pk.rb[keep], pk.rt[keep], index, real, rows_t)
         return LayerReplay(self.hidden[:, keep], self.layers, calls, index=index,
                            prompt_mask=None if self.prompt_mask is None else self.prompt_mask[:, keep])
-
-
-@dataclass
-class _Packing:
-    """What a packed replay was packed from: the calls of the rows as built (``B`` rows of ``T``), each
-    packed token's representative ``(rb, rt)`` and the rows' real-token mask."""
-
-    calls: list[tuple[tuple, dict]]
-    B: int
-    T: int
-    rb: torch.Tensor
-    rt: torch.Tensor
-    real: torch.Tensor
 
 
 def _cast(v: Any, dtype: torch.dtype) -> Any:
@@ -171,7 +159,7 @@ def capture_replay(root: nn.Module, family: Any, lo: int, built: Any, pred_pos: 
     if row_images is not None and probe is not None:
         try:
             return _capture_packed(root, family, lo, built, pred_pos, list(row_images), probe)
-        except _CannotPack as why:
+        except CannotPack as why:
             logger.debug("layer replay: no packed capture (%s)", why)
     layers = list(family.decoder_layers(root))[lo:]
     first: dict[int, tuple[torch.Tensor, tuple, dict]] = {}
@@ -191,7 +179,7 @@ def capture_replay(root: nn.Module, family: Any, lo: int, built: Any, pred_pos: 
     if row_images is not None:
         try:
             candidates.insert(0, _packed(plain, family, root, built, list(row_images)))
-        except _CannotPack as why:
+        except CannotPack as why:
             logger.debug("layer replay not packed: %s", why)
     for replay in candidates:
         if _reproduces(replay, family, root, built, pred_pos, reference):
@@ -241,10 +229,6 @@ def _record_calls(store: dict[int, tuple[torch.Tensor, tuple, dict]], layers: li
     return [layer.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, layer in enumerate(layers)]
 
 
-class _CannotPack(Exception):
-    """A layer call holds something a packed replay cannot reproduce."""
-
-
 class _Stop(Exception):
     """Ends a forward once the first decoder layer's inputs are recorded."""
 
@@ -265,7 +249,7 @@ def _same(a: Any, b: Any) -> bool:
 
 def _shared_call(root: nn.Module, layers: list[nn.Module], built: Any, upto: int | None = None) -> Any:
     """A real forward of ``built`` (deltas off): the model's logits, or with ``upto`` the hidden states
-    leaving layer ``upto`` (the forward stops there). Raises :class:`_CannotPack` unless every layer it
+    leaving layer ``upto`` (the forward stops there). Raises :class:`CannotPack` unless every layer it
     ran was called with the same arguments (no per-layer masks or rotary tables)."""
     calls: dict[int, tuple[torch.Tensor, tuple, dict]] = {}
     out: list[torch.Tensor] = []
@@ -288,7 +272,7 @@ def _shared_call(root: nn.Module, layers: list[nn.Module], built: Any, upto: int
         for h in handles:
             h.remove()
     if len(calls) != len(ran) or not all(_same(calls[i][1:], calls[0][1:]) for i in range(1, len(ran))):
-        raise _CannotPack("the decoder layers are not all called with the same arguments")
+        raise CannotPack("the decoder layers are not all called with the same arguments")
     return logits if upto is None else out[0]
 
 
@@ -312,7 +296,7 @@ def _packed_inputs(root: nn.Module, family: Any, layers: list[nn.Module], built:
     finally:
         handle.remove()
     if not first:
-        raise _CannotPack("the forward never reached the first decoder layer")
+        raise CannotPack("the forward never reached the first decoder layer")
     h0, args0, kwargs0 = first[0]
     return _packed(LayerReplay(h0, layers, [(args0, kwargs0)] * len(layers)), family, root, built, row_images)
 
@@ -337,7 +321,7 @@ def _capture_packed(root: nn.Module, family: Any, lo: int, built: Any, pred_pos:
     with torch.no_grad(), routing_inputs(root, slots=one, prompt_mask=check.prompt_mask):
         again = family.logits_from_hidden(root, check.run_at(pred_pos[rows]))
     if again.shape != reference.shape or not torch.allclose(again.float(), reference.float(), atol=_ATOL, rtol=_RTOL):
-        raise _CannotPack("the packed replay does not reproduce a real forward of the probe rows")
+        raise CannotPack("the packed replay does not reproduce a real forward of the probe rows")
     return replay
 
 
@@ -352,7 +336,7 @@ def packed_hidden(root: nn.Module, family: Any, built: Any, row_images: Sequence
     try:
         reference = _shared_call(root, layers, probe_built, upto=upto)
         packed = _packed_inputs(root, family, layers, built, list(row_images))
-    except _CannotPack as why:
+    except CannotPack as why:
         logger.debug("router features not packed: %s", why)
         return None
     one = torch.full((1,), NO_SLOT, dtype=torch.long)
@@ -372,129 +356,5 @@ def packed_hidden(root: nn.Module, family: Any, built: Any, row_images: Sequence
 
 def _packed(plain: LayerReplay, family: Any, root: nn.Module, built: Any, row_images: list[int]) -> LayerReplay:
     """``plain`` with its rows packed into one sequence of distinct prefix tokens."""
-    ids = built.input_ids
-    am = built.inputs.get("attention_mask")
-    B, T = ids.shape
-    if B < 2 or len(row_images) != B or plain.hidden.shape[:2] != (B, T):
-        raise _CannotPack("nothing to share")
-    real = am.bool() if isinstance(am, torch.Tensor) and am.shape == (B, T) else torch.ones(B, T, dtype=torch.bool)
-    image = family.image_mask(root, ids).cpu()
-    ids_l, real_l, image_l = ids.cpu().tolist(), real.cpu().tolist(), image.tolist()
-    nodes: dict[tuple, int] = {}
-    index = torch.full((B, T), -1, dtype=torch.long)
-    rep_b: list[int] = []
-    rep_t: list[int] = []
-    for b in range(B):
-        parent = -1
-        for t in range(T):
-            if not real_l[b][t]:
-                continue
-            key = (parent, ids_l[b][t], row_images[b] if image_l[b][t] else None, t)
-            node = nodes.get(key)
-            if node is None:
-                node = nodes[key] = len(rep_b)
-                rep_b.append(b)
-                rep_t.append(t)
-            index[b, t] = parent = node
-    N = len(rep_b)
-    D = int(plain.hidden.shape[-1])
-    if _layer_cost(N, N, D) >= B * _layer_cost(T, T, D):
-        raise _CannotPack(f"rows share too little ({N} of {int(real.sum())} tokens distinct, {B} rows of {T})")
-    dev = plain.hidden.device
-    index = index.to(dev)
-    rb = torch.tensor(rep_b, device=dev)
-    rt = torch.tensor(rep_t, device=dev)
-    where = index >= 0
-    # every merged token enters the first replayed layer with the hidden state of its representative
-    h = plain.hidden
-    if not torch.allclose(h[where], h[rb, rt][index[where]], atol=1e-5, rtol=1e-4):
-        raise _CannotPack("rows with the same prefix enter the replay with different hidden states")
-    calls = _pack_calls(plain.calls, B, T, rb, rt, index, real.to(dev), None)
-    return LayerReplay(h[rb, rt][None], plain.layers, calls, index=index,
-                       prompt_mask=built.prompt_mask.to(dev)[rb, rt][None],
-                       packing=_Packing(plain.calls, B, T, rb, rt, real.to(dev)))
-
-
-def _pack_calls(plain_calls: list[tuple[tuple, dict]], B: int, T: int, rb: torch.Tensor, rt: torch.Tensor,
-                index: torch.Tensor, real: torch.Tensor, rows: torch.Tensor | None) -> list[tuple[tuple, dict]]:
-    """``plain_calls`` (of ``B`` rows of ``T``) packed into the tokens ``(rb, rt)``; ``index``/``real`` are
-    those of the packed rows (``rows`` of the ``B``, or all of them)."""
-    done: dict[int, tuple[tuple, dict]] = {}  # a call shared by several layers is packed once
-    calls = []
-    for call in plain_calls:
-        if id(call) not in done:
-            args, kwargs = call
-            done[id(call)] = (
-                tuple(_pack_value(a, B, T, rb, rt, index, real) for a in args),
-                {k: (_pack_mask(_rows_of(v, rows, B), index, real)
-                     if k == "attention_mask" else _pack_value(v, B, T, rb, rt, index, real))
-                 for k, v in kwargs.items()},
-            )
-        calls.append(done[id(call)])
-    return calls
-
-
-def _layer_cost(queries: int, keys: int, width: int) -> float:
-    """Rough multiply-adds of one decoder layer: ~12 d^2 per token (projections and MLP) and ~2 d per
-    query-key pair. One packed sequence attends densely over all its tokens, so many long rows that
-    share little (large images, one per row) would cost more packed than as a batch."""
-    return queries * 12.0 * width * width + queries * keys * 2.0 * width
-
-
-def _pack_value(v: Any, B: int, T: int, rb: torch.Tensor, rt: torch.Tensor, index: torch.Tensor, real: torch.Tensor) -> Any:
-    if v is None or isinstance(v, (bool, int, float, str)):
-        return v
-    if isinstance(v, (tuple, list)):
-        return type(v)(_pack_value(x, B, T, rb, rt, index, real) for x in v)
-    if isinstance(v, torch.Tensor):
-        if v.dim() == 1 and v.shape[0] == T and not v.is_floating_point():
-            return v[rt.to(v.device)]  # cache positions: each token keeps its own
-        if v.dim() >= 2 and B != T:
-            for d in range(v.dim() - 1):
-                if v.shape[d] in (B, 1) and v.shape[d + 1] == T:
-                    # per-row (B) or shared by every row (1, e.g. rotary tables of unpadded positions)
-                    rows = rb.to(v.device) if v.shape[d] == B else torch.zeros_like(rb, device=v.device)
-                    sel = (slice(None),) * d + (rows, rt.to(v.device))
-                    return v[sel].unsqueeze(d)
-    raise _CannotPack(f"a layer call holds {type(v).__name__} {tuple(getattr(v, 'shape', ()))}")
-
-
-def _rows_of(v: Any, rows: torch.Tensor | None, B: int) -> Any:
-    """``v``'s ``rows`` when it is a per-row tensor of ``B`` rows (else ``v``: packing refuses it later)."""
-    if rows is None or not isinstance(v, torch.Tensor) or v.dim() == 0 or v.shape[0] != B:
-        return v
-    return v[rows.to(v.device)]
-
-
-def _pack_mask(m: Any, index: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """The packed ``(1, 1, N, N)`` mask: token ``n`` sees token ``k`` exactly when, in the row ``n`` came
-    from, the forward's own mask let it (the causal relation on the row's path when the forward had no
-    mask). A mask that lets a token see a later one (bidirectional image attention) cannot be packed.
-    ``index``/``real``: the packed rows' ``(B, T)`` token positions in the packed sequence and real tokens;
-    ``m``: those rows' own mask."""
-    B, T = index.shape
-    N = int(index.max()) + 1
-    dev = index.device
-    allowed = torch.zeros(N, N, dtype=torch.bool, device=dev)
-    if m is not None and not (isinstance(m, torch.Tensor) and m.dim() == 4 and m.shape[0] == B
-                              and m.shape[-2] == T and m.shape[-1] >= T and m.shape[1] == 1):
-        raise _CannotPack("the attention mask is not a (B, 1, T, S) tensor")
-    causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
-    for b in range(B):
-        cols = real[b].nonzero().flatten().to(dev)
-        nb = index[b, cols]
-        if m is None:
-            sub = causal[cols][:, cols]
-        else:
-            mb = m[b, 0][:, :T].to(dev)
-            mb = mb if mb.dtype == torch.bool else mb > torch.finfo(mb.dtype).min / 2
-            full = mb[cols][:, cols]
-            if bool((full & ~causal[cols][:, cols]).any()):
-                raise _CannotPack("the attention mask is not causal")
-            sub = full
-        allowed[nb[:, None], nb[None, :]] |= sub
-    if isinstance(m, torch.Tensor) and m.dtype == torch.bool:
-        return allowed[None, None]
-    dtype = m.dtype if isinstance(m, torch.Tensor) else torch.float32
-    out = torch.zeros(N, N, dtype=dtype, device=dev).masked_fill(~allowed, torch.finfo(dtype).min)
-    return out[None, None]
+    h, calls, index, prompt_mask, packing = pack_rows(plain.hidden, plain.calls, family, root, built, row_images)
+    return LayerReplay(h, plain.layers, calls, index=index, prompt_mask=prompt_mask, packing=packing)
