@@ -176,3 +176,33 @@ def test_mean_corruption_is_deterministic_and_removes_the_entity(world):
     assert not torch.equal(n0.scores, n1.scores)
     with pytest.raises(ValueError, match="corruption"):
         locate(world.model, world.processor, r, probe_layer=probe, corruption="blur")
+
+
+def test_staged_bfloat16_fit_stops_where_the_float32_fit_would_and_gives_every_weight_back(world, world_pool, monkeypatch):
+    """The fast fit (edit image's rows first, bfloat16 steps) must still end with the edit answering in the
+    model's own precision, run fewer tokens per step than the plain float32 fit, and leave the base model
+    bit for bit as it was (the bfloat16 weights are swapped in and out, never cast back)."""
+    from ldke_peft import LDKEConfig
+    from ldke_peft.tuner.layer_replay import LayerReplay
+
+    casts = []
+    real_cast = LayerReplay.cast
+    monkeypatch.setattr(LayerReplay, "cast", lambda self, dtype: casts.append(dtype) or real_cast(self, dtype))
+    full = world.edit_requests(1, seed=5)[0]
+    r = editor_view(full)
+    base = _state(world.model)
+    reports = {}
+    for name, cfg in {"fast": LDKEConfig(edit_fit_dtype="bfloat16"),
+                      "plain": LDKEConfig(edit_fit_stages=False, edit_fit_dtype="float32")}.items():
+        casts.clear()
+        pm = ldke_peft.edit(world.model, world.processor, [r], cfg, negatives=world_pool, progress=False)
+        try:
+            reports[name] = pm.ldke_reports[-1]
+            assert (torch.bfloat16 in casts) == (name == "fast"), casts
+            assert ask(world, pm, full.image, full.prompt) == full.target
+        finally:
+            pm.unload()
+    assert reports["fast"].fit_accuracy == 1.0 and reports["plain"].fit_accuracy == 1.0
+    assert reports["fast"].fit_tokens < reports["plain"].fit_tokens
+    after = world.model.state_dict()
+    assert all(torch.equal(base[k], after[k]) and base[k].dtype == after[k].dtype for k in base)
