@@ -206,3 +206,30 @@ def test_staged_bfloat16_fit_stops_where_the_float32_fit_would_and_gives_every_w
     assert reports["fast"].fit_tokens < reports["plain"].fit_tokens
     after = world.model.state_dict()
     assert all(torch.equal(base[k], after[k]) and base[k].dtype == after[k].dtype for k in base)
+
+
+def test_a_model_that_cannot_step_in_bfloat16_is_fitted_in_its_own_precision(world, world_pool):
+    """bfloat16 steps are a speed-up, never a requirement: a layer that refuses bfloat16 inputs (as some
+    quantized or custom layers do) sends the fit back to the model's precision, and the edit still takes."""
+    from ldke_peft import LDKEConfig
+
+    def refuse(_module, args, kwargs):
+        h = args[0] if args else kwargs.get("hidden_states")
+        if h is not None and h.dtype == torch.bfloat16:
+            raise RuntimeError("this layer does not run in bfloat16")
+
+    layers = world.family.decoder_layers(world.model)
+    handles = [layer.register_forward_pre_hook(refuse, with_kwargs=True) for layer in layers]
+    r = world.edit_requests(1, seed=5)[0]
+    try:
+        pm = ldke_peft.edit(world.model, world.processor, [editor_view(r)], LDKEConfig(edit_fit_dtype="bfloat16"),
+                            negatives=world_pool, progress=False)
+        try:
+            assert pm.ldke_reports[-1].fit_accuracy == 1.0
+            assert ask(world, pm, r.image, r.prompt) == r.target
+        finally:
+            pm.unload()
+    finally:
+        for h in handles:
+            h.remove()
+    assert all(p.dtype == torch.float32 for p in world.model.parameters())

@@ -180,8 +180,10 @@ def fit_delta(
         stages.insert(0, stages[0].select(head) or rows_of(head))
     full = stages[-1]
     # bfloat16 steps only speed up a float32 model (a half-precision one already runs in its own precision)
+    # whose replayed weights are plain tensors (a quantized layer keeps its own compute dtype)
     low = (full.replay is not None and full.replay.hidden.dtype == torch.float32
-           and resolve_fit_dtype(cfg.edit_fit_dtype, device) == torch.bfloat16)
+           and resolve_fit_dtype(cfg.edit_fit_dtype, device) == torch.bfloat16
+           and all(p.is_floating_point() for layer in full.replay.layers for p in layer.parameters()))
 
     ldke_layers = tuner.ldke_layers(adapter_name)
     params = []
@@ -211,8 +213,17 @@ def fit_delta(
         while taken < bound:
             rows = stages[stage]
             last_stage = stage == len(stages) - 1
-            with torch.set_grad_enabled(not check):
-                logits = rows.logits(root, family, fast)
+            try:
+                with torch.set_grad_enabled(not check):
+                    logits = rows.logits(root, family, fast)
+            except (RuntimeError, TypeError) as exc:
+                if fast is None:
+                    raise
+                # a layer that does not run in bfloat16: the fit goes on in the model's own precision
+                logger.info("bfloat16 fit steps unavailable (%s); fitting in the model's precision", exc)
+                casts.close()
+                fast, low = None, False
+                continue
             tgt_ids, core = rows.tgt_ids, rows.core
             ce = torch.nn.functional.cross_entropy(logits.float(), tgt_ids, reduction="none")
             loss = ce[core].mean() + (0.25 * ce[~core].mean() if bool((~core).any()) else 0.0)
