@@ -33,7 +33,7 @@ from typing import Any, Optional, Union
 import torch
 import yaml
 
-from ldke_peft.tuner.config import LDKEConfig
+from ldke_peft.tuner.config import FIT_DTYPES, LDKEConfig
 from ldke_peft.errors import LDKEError
 
 __all__ = [
@@ -421,7 +421,7 @@ def _check_values(hp: LDKEMultimodalHyperParams) -> None:
     need(hp.router_views >= 0, "router_views", "must be >= 0 (0 = only the request's own images)")
     need(hp.router_storage in ("int8", "float32"), "router_storage", "must be 'int8' or 'float32'")
     need(hp.delta_storage in ("float16", "float32"), "delta_storage", "must be 'float16' or 'float32'")
-    need(hp.edit_fit_dtype in ("auto", "bfloat16", "float32"), "edit_fit_dtype", "must be 'auto', 'bfloat16' or 'float32'")
+    need(hp.edit_fit_dtype in FIT_DTYPES, "edit_fit_dtype", f"must be one of {', '.join(FIT_DTYPES)}")
     need(0.0 <= hp.router_margin <= 1.0, "router_margin", "must be between 0 and 1")
     need(hp.probe_layer is None or hp.probe_layer >= 0, "probe_layer", "must be a layer index >= 0 or null")
     need(hp.localization in _LOCALIZATION, "localization", f"must be one of {', '.join(_LOCALIZATION)}")

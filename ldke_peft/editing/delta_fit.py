@@ -236,7 +236,7 @@ def fit_delta(
                 hit_all = logits.argmax(-1) == tgt_ids
                 hit = hit_all[core]
                 acc = float(hit.float().mean())
-                p_min = float(torch.softmax(logits.float(), -1).gather(1, tgt_ids[:, None])[core].min())
+                p_min = float(torch.exp(-ce[core]).min())  # p(target) = exp(-cross-entropy)
             # stop once the answer is confidently the target AND is followed by its end (else the old
             # answer's tail can carry on in generation: "puro" -> "puro puet")
             done = stop_early and bool(hit.all()) and p_min > 0.5 and bool(hit_all.all())

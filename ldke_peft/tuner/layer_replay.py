@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .context import routing_inputs
-from .replay_packing import CannotPack, Packing, pack_calls, pack_rows
+from .replay_packing import CannotPack, Packing, map_calls, pack_calls, pack_rows
 from .routing import NO_SLOT
 
 logger = logging.getLogger(__name__)
@@ -102,13 +102,7 @@ class LayerReplay:
                     if p.is_floating_point() and p.dtype != dtype and not p.requires_grad and "ldke_" not in name:
                         saved.append((p, p.data))
                         p.data = p.data.to(dtype)
-            done: dict[int, tuple[tuple, dict]] = {}
-            calls = []
-            for call in self.calls:
-                if id(call) not in done:
-                    args, kwargs = call
-                    done[id(call)] = (_cast(args, dtype), _cast(kwargs, dtype))
-                calls.append(done[id(call)])
+            calls = map_calls(self.calls, lambda args, kwargs: (_cast(args, dtype), _cast(kwargs, dtype)))
             yield replace(self, hidden=self.hidden.to(dtype), calls=calls)
         finally:
             for p, data in reversed(saved):

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["CannotPack", "Packing", "layer_cost", "pack_calls", "pack_rows"]
+__all__ = ["CannotPack", "Packing", "layer_cost", "map_calls", "pack_calls", "pack_rows"]
 
 
 class CannotPack(Exception):
@@ -88,19 +88,25 @@ def pack_calls(plain_calls: list[tuple[tuple, dict]], B: int, T: int, rb: torch.
                 index: torch.Tensor, real: torch.Tensor, rows: torch.Tensor | None) -> list[tuple[tuple, dict]]:
     """``plain_calls`` (of ``B`` rows of ``T``) packed into the tokens ``(rb, rt)``; ``index``/``real`` are
     those of the packed rows (``rows`` of the ``B``, or all of them)."""
-    done: dict[int, tuple[tuple, dict]] = {}  # a call shared by several layers is packed once
-    calls = []
-    for call in plain_calls:
-        if id(call) not in done:
-            args, kwargs = call
-            done[id(call)] = (
-                tuple(_pack_value(a, B, T, rb, rt, index, real) for a in args),
+    def pack(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return (tuple(_pack_value(a, B, T, rb, rt, index, real) for a in args),
                 {k: (_pack_mask(_rows_of(v, rows, B), index, real)
                      if k == "attention_mask" else _pack_value(v, B, T, rb, rt, index, real))
-                 for k, v in kwargs.items()},
-            )
-        calls.append(done[id(call)])
-    return calls
+                 for k, v in kwargs.items()})
+
+    return map_calls(plain_calls, pack)
+
+
+def map_calls(calls: list[tuple[tuple, dict]], fn: Any) -> list[tuple[tuple, dict]]:
+    """``fn(args, kwargs)`` of every layer call, computed once per distinct call (several layers often share
+    one call object), in the layers' order."""
+    done: dict[int, tuple[tuple, dict]] = {}
+    out = []
+    for call in calls:
+        if id(call) not in done:
+            done[id(call)] = fn(*call)
+        out.append(done[id(call)])
+    return out
 
 
 def layer_cost(queries: int, keys: int, width: int) -> float:
