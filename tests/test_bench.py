@@ -85,27 +85,32 @@ def test_ft_l_recipe_moves_the_target_and_restores_bitwise(world, edits):
 
 def test_lora_edits_and_unloads_bitwise(world, edits):
     from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
 
     r = edits[0]
     digest = model_digest(world.model)
     assert _reliability(world.model, world.processor, r) == 0.0
     model, restore = apply_lora(world.model, world.processor, [editor_view(r)])
-    assert isinstance(model, PeftModel)
-    from peft.tuners.lora import LoraLayer
-
-    names = [n for n, m in model.named_modules() if isinstance(m, LoraLayer)]
-    L = family_of(world.model).num_layers(world.model)
-    assert len(names) == 2 * L and all(".language_model.layers." in n for n in names)  # never the vision tower
-    # upstream's 5 SGD steps lower the loss but do not always flip a toy model's answer; 20 do
-    assert restore.info["loss_last"] < restore.info["loss_first"]
-    assert restore.edit_bytes > 0
-    base = restore()
+    try:
+        assert isinstance(model, PeftModel)
+        names = [n for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+        L = family_of(world.model).num_layers(world.model)
+        assert len(names) == 2 * L and all(".language_model.layers." in n for n in names)  # never the vision tower
+        assert restore.info["loss_last"] < restore.info["loss_first"]
+        assert restore.edit_bytes > 0
+    finally:
+        base = restore()  # the world is shared by the session: a failed assertion must not leave LoRA on it
     assert base is world.model and not isinstance(base, PeftModel)
     assert model_digest(world.model) == digest
     assert not any("lora" in n for n, _ in world.model.named_modules())
-    model, restore = apply_lora(world.model, world.processor, [editor_view(r)], num_steps=20)
-    assert _reliability(model, world.processor, r) == 1.0
-    restore()
+    # upstream's 5 SGD steps lower the loss but do not always flip a toy model's answer, and with upstream's
+    # decay (0.9 per step: the learning rates sum to 10x lr however many steps) the loss can level off above
+    # the flip on a world built on other hardware; 20 steps at a constant rate flip it
+    model, restore = apply_lora(world.model, world.processor, [editor_view(r)], num_steps=20, lr_decay=1.0)
+    try:
+        assert _reliability(model, world.processor, r) == 1.0
+    finally:
+        restore()
     assert model_digest(world.model) == digest
 
 

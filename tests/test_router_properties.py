@@ -175,6 +175,28 @@ def test_int8_projection_is_what_routing_uses(d, p, seed):
     assert all(torch.equal(a, b) for a, b in zip(fresh.project(v, t), (zv, zt)))
 
 
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.sampled_from(["float32", "int8"]))
+def test_projection_of_features_with_a_small_spread_is_exact_enough_for_their_radii(seed, storage):
+    """Features of a tiny model sit close together around their mean; the projection fitted to separate
+    them has large entries. A row must still project to where the float64 arithmetic puts it (to well
+    within a radius fitted on that spread), whatever rows share its batch."""
+    g = torch.Generator().manual_seed(seed)
+    d, p = 32, 8
+    mu = torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0)
+    x = mu + 1e-5 * torch.randn(5, d, generator=g)
+    P = 1e4 * torch.randn(d, p, generator=g)
+    router = RouterState(d, p, 1, storage=storage)
+    router.set_projection(mu_v=mu, proj_v=P, mu_t=torch.zeros(2 * d), proj_t=torch.randn(2 * d, p, generator=g))
+    proj = router.projections()[0].double()
+    want = (x.double() - router.mu_v.double()) @ proj
+    got = router.project(x, torch.zeros(5, 2 * d))[0].double()
+    spread = float(want.std(dim=0).norm())
+    assert float((got - want).norm(dim=1).max()) < 1e-4 * spread
+    one = router.project(x[:1], torch.zeros(1, 2 * d))[0].double()
+    assert float((one - got[:1]).norm()) < 1e-4 * spread
+
+
 def test_empty_router_routes_nothing():
     router = RouterState(4, 2, 0)
     out = router.route(torch.zeros(3, 4), torch.zeros(3, 8), torch.tensor([True, False, True]))

@@ -196,15 +196,15 @@ class RouterState(nn.Module):
     def project(self, visual: torch.Tensor, textual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Features in projection 0's space (the one new slots are fitted in)."""
         # router math in fp32 whatever the model dtype (bf16 distances are too coarse for radii)
-        proj_v, proj_t, bias_v, bias_t = self._projection_tables()
-        return torch.addmm(bias_v, _f32(visual), proj_v), torch.addmm(bias_t, _f32(textual), proj_t)
+        proj_v, proj_t, mu_v, mu_t = self._projection_tables()
+        return _centred(visual, mu_v, proj_v), _centred(textual, mu_t, proj_t)
 
     def _projection_tables(self) -> tuple[torch.Tensor, ...]:
-        """``(proj_v, proj_t, -mu_v @ proj_v, -mu_t @ proj_t)``: projecting is then one ``addmm`` per part,
-        ``x @ P - mu @ P`` (the editor fits keys with this same :meth:`project`, so they agree exactly)."""
+        """``(proj_v, proj_t, mu_v, mu_t)`` in fp32, derived once (the editor fits keys with this same
+        :meth:`project`, so they agree)."""
         proj_v, proj_t = self.projections()
         return _cached(self, "_ptables", (proj_v, proj_t, self.mu_v, self.mu_t), lambda: (
-            proj_v, proj_t, -(_f32(self.mu_v) @ proj_v), -(_f32(self.mu_t) @ proj_t)))
+            proj_v, proj_t, _f32(self.mu_v), _f32(self.mu_t)))
 
     def _slot_tables(self) -> tuple[torch.Tensor, ...]:
         """Per-slot tensors the decision needs, derived from the buffers once and cached.
@@ -257,14 +257,14 @@ class RouterState(nn.Module):
 
         def build():
             pv, pt = _f32(self.extra_proj_v[g - 1]), _f32(self.extra_proj_t[g - 1])
-            return pv, pt, -(_f32(self.extra_mu_v[g - 1]) @ pv), -(_f32(self.extra_mu_t[g - 1]) @ pt)
+            return pv, pt, _f32(self.extra_mu_v[g - 1]), _f32(self.extra_mu_t[g - 1])
 
         return _cached(self, f"_gtables{g}", bufs, build)
 
     def _distances(self, visual: torch.Tensor, textual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, K)`` visual and textual distances of each row to each slot's keys, in the slot's own space.
 
-        Every group projects with the same formula (``addmm`` with its cached ``-mu @ P``), so a merged
+        Every group projects with the same formula (:func:`_centred`), so a merged
         pack scores each slot exactly as the source pack it came from did.
         """
         if self.num_groups == 1:
@@ -280,8 +280,8 @@ class RouterState(nn.Module):
             sel = (group == g).nonzero(as_tuple=True)[0]
             if len(sel) == 0:
                 continue
-            pv, pt, bv, bt = self._group_tables(g)
-            zv, zt = torch.addmm(bv, v, pv), torch.addmm(bt, t, pt)
+            pv, pt, mv, mt = self._group_tables(g)
+            zv, zt = _centred(v, mv, pv), _centred(t, mt, pt)
             dv[:, sel] = torch.cdist(zv, self.keys_v[sel].float())
             dt[:, sel] = torch.cdist(zt, self.keys_t[sel].float())
         return dv, dt
@@ -290,15 +290,15 @@ class RouterState(nn.Module):
         """``(B, K)`` visual distances of each row to each slot's visual key, in the slot's own space."""
         v = _f32(visual)
         if self.num_groups == 1:
-            proj_v, _, bias_v, _ = self._projection_tables()
-            return torch.cdist(torch.addmm(bias_v, v, proj_v), self._slot_tables()[0])
+            proj_v, _, mu_v, _ = self._projection_tables()
+            return torch.cdist(_centred(v, mu_v, proj_v), self._slot_tables()[0])
         dv = torch.zeros((v.shape[0], self.num_slots), device=v.device)
         group = self.proj_group.to(v.device)
         for g in range(self.num_groups):
             sel = (group == g).nonzero(as_tuple=True)[0]
             if len(sel):
-                pv, _, bv, _ = self._group_tables(g)
-                dv[:, sel] = torch.cdist(torch.addmm(bv, v, pv), self.keys_v[sel].float())
+                pv, _, mv, _ = self._group_tables(g)
+                dv[:, sel] = torch.cdist(_centred(v, mv, pv), self.keys_v[sel].float())
         return dv
 
     def may_route(self, visual: torch.Tensor, has_image: torch.Tensor) -> torch.Tensor:
@@ -381,13 +381,13 @@ class RouterState(nn.Module):
 
     def project_group(self, group: int, visual: torch.Tensor, textual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Features in projection ``group``'s space (``project`` for group 0)."""
-        pv, pt, bv, bt = self._group_tables(group)
-        return torch.addmm(bv, _f32(visual), pv), torch.addmm(bt, _f32(textual), pt)
+        pv, pt, mv, mt = self._group_tables(group)
+        return _centred(visual, mv, pv), _centred(textual, mt, pt)
 
     def project_visual(self, group: int, visual: torch.Tensor) -> torch.Tensor:
         """The visual part alone in projection ``group``'s space (what :meth:`project_group` gives for it)."""
-        pv, _, bv, _ = self._group_tables(group)
-        return torch.addmm(bv, _f32(visual), pv)
+        pv, _, mv, _ = self._group_tables(group)
+        return _centred(visual, mv, pv)
 
     @torch.no_grad()
     def set_slot(self, slot: int, *, key_v, key_t, radius_v: float, radius_t: float, needs_image: bool = True) -> None:
@@ -412,6 +412,14 @@ def _cached(owner: nn.Module, slot: str, bufs: tuple, build):
     value = build()
     owner.__dict__[slot] = (bufs, versions, value)
     return value
+
+
+def _centred(x: torch.Tensor, mu: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+    """``(x - mu) @ proj`` in fp32. Centring first matters: a whitening projection of features with a small
+    spread has large entries, and ``x @ P - mu @ P`` then subtracts two large, nearly equal numbers whose
+    rounding depends on the matmul kernel (the batch size picks it on some CPUs), and one input lands
+    at points farther apart than a tight radius."""
+    return (_f32(x) - mu) @ proj
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
