@@ -233,3 +233,34 @@ def test_a_model_that_cannot_step_in_bfloat16_is_fitted_in_its_own_precision(wor
         for h in handles:
             h.remove()
     assert all(p.dtype == torch.float32 for p in world.model.parameters())
+
+
+def test_the_delta_answers_the_callers_own_wordings_of_the_edited_relation(world, world_pool, monkeypatch):
+    """Wordings of the edited relation that the caller put in the negatives pool are among the delta's
+    positives (before templated rephrasings of the edit question), so the edit answers them; with
+    ``delta_bank_wordings=False`` the delta sees only the edit question in other frames."""
+    import ldke_peft.editing.delta_fit as delta_fit
+    from ldke_peft.requests import NegativePool
+
+    full = world.edit_requests(1, seed=11)[0]
+    r = editor_view(full)
+    own_wording = full.rephrase_prompts[0]  # the caller's own wording of the relation, in the world's words
+    pool = NegativePool(questions=list(world_pool.questions) + [(own_wording, r.relation)], images=list(world_pool.images))
+    real = delta_fit.positive_views
+    fitted_on: list[list[str]] = []
+
+    def recording(*args, **kwargs):
+        imgs, prompts = real(*args, **kwargs)
+        fitted_on.append(prompts)
+        return imgs, prompts
+
+    monkeypatch.setattr(delta_fit, "positive_views", recording)
+    for on in (True, False):
+        pm = ldke_peft.edit(world.model, world.processor, [r], ldke_peft.LDKEConfig(delta_bank_wordings=on),
+                            negatives=pool, progress=False)
+        try:
+            assert (own_wording in fitted_on[-1]) is on
+            if on:
+                assert ask(world, pm, r.image, own_wording) == r.target
+        finally:
+            pm.unload()

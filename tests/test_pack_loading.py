@@ -536,7 +536,7 @@ def test_edit_metadata_lives_beside_the_adapter_and_old_packs_keep_theirs(tmp_pa
     assert want and want[0]["prompt"] == "What is shown?" and want[0]["target"] == "Lyon"
     pm.save_pretrained(tmp_path / "pack")
     cfg = json.loads((tmp_path / "pack" / "adapter_config.json").read_text())
-    assert "edits" not in cfg and cfg["pack_format_version"] == "1.5"
+    assert "edits" not in cfg and cfg["pack_format_version"] == "1.6"
     assert json.loads((tmp_path / "pack" / "ldke_edits.json").read_text())["edits"] == json.loads(json.dumps(want))
     assert pm.peft_config["default"].edits is want  # saving leaves the live config as it was
     loaded = [LDKEConfig.from_pretrained(str(tmp_path / "pack")),

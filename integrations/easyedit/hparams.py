@@ -89,6 +89,7 @@ LDKE_KNOBS = (
     "num_edit_layers",
     "edit_steps",
     "edit_lr",
+    "delta_bank_wordings",
     "edit_fit_stages",
     "edit_fit_dtype",
     "max_delta_norm",
@@ -190,6 +191,7 @@ class LDKEMultimodalHyperParams:
     num_edit_layers: int = _config_default("num_edit_layers")
     edit_steps: int = _config_default("edit_steps")
     edit_lr: float = _config_default("edit_lr")
+    delta_bank_wordings: bool = _config_default("delta_bank_wordings")
     edit_fit_stages: bool = _config_default("edit_fit_stages")
     edit_fit_dtype: str = _config_default("edit_fit_dtype")
     max_delta_norm: float = _config_default("max_delta_norm")

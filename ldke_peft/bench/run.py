@@ -61,6 +61,8 @@ LDKE_VARIANTS: dict[str, dict[str, Any]] = {
     "ldke_probe_text": {"router_text_encoder": None, "router_text_margin": None},
     # the delta fit as it was before the staged rows and the bfloat16 steps: every row in every step, float32
     "ldke_plain_fit": {"edit_fit_stages": False, "edit_fit_dtype": "float32"},
+    # the delta fitted on the edit question and templated rephrasings only, not the pool's wordings of its relation
+    "ldke_no_bank_wordings": {"delta_bank_wordings": False},
 }
 METHODS: tuple[str, ...] = (*LDKE_VARIANTS, *BASELINES)
 BASELINE_NAMES: tuple[str, ...] = tuple(BASELINES)

@@ -25,7 +25,7 @@ from ..families import family_of
 from ..tuner.layer_replay import LayerReplay, capture_replay
 from ..tuner.model import LDKEModel, _root_model
 from ..requests import EditRequest
-from .scope import positive_views
+from .scope import NegativePool, positive_views, same_relation_questions
 
 logger = logging.getLogger(__name__)
 
@@ -129,10 +129,12 @@ def fit_delta(
     stop_early: bool = True,
     seed: int = 0,
     stats: dict[str, float] | None = None,
+    pool: NegativePool | None = None,
 ) -> tuple[int, float]:
     """Fit slot ``slot``'s low-rank deltas so every positive answers ``request.target``.
 
-    Returns ``(steps taken, final teacher-forced accuracy on the positives)``. With ``cache_hidden``
+    Returns ``(steps taken, final teacher-forced accuracy on the positives)``. ``pool`` (the caller's
+    negatives) lends its wordings of the edited relation to the positives (``delta_bank_wordings``). With ``cache_hidden``
     the hidden states entering the lowest edited layer are computed once; each step runs only the
     edited span (forward and backward).
 
@@ -155,7 +157,8 @@ def fit_delta(
     slot_layers = cfg.slot_layers[slot]
     lo = min(slot_layers)
 
-    imgs, prompts = positive_views(request, seed=seed, n_views=cfg.auto_views)
+    borrowed = same_relation_questions(request, pool, 0) if pool is not None and cfg.delta_bank_wordings else []
+    imgs, prompts = positive_views(request, seed=seed, n_views=cfg.auto_views, borrowed=borrowed)
     rows_img, rows_q = _positive_rows(imgs, prompts, request.image is not None)
     # fit the answer *and* the end of the answer: without the EOS the old answer's tail can carry on
     # after a shorter new target ("puro" -> "puro puet")

@@ -198,7 +198,7 @@ def _edit(model, processor, requests, config, family, *, pack, adapter_name, neg
         phases = {"localize": t_loc[i]}
         stats: dict[str, float] = {}
         steps, acc = fit_delta(peft_model, processor, r, s, adapter_name=adapter_name, cache_hidden=cache_hidden,
-                               seed=seed + i, stats=stats)
+                               seed=seed + i, stats=stats, pool=pool)
         phases.update(capture=stats["capture"], delta_fit=stats["delta_fit"])
         reports.append(
             SlotReport(

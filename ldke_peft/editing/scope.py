@@ -16,13 +16,15 @@ from ..requests import EditRequest, NegativePool, image_fingerprint
 
 
 def positive_views(r: EditRequest, seed: int = 0, n_auto: int = 2, n_views: int | None = None,
-                   mirror: bool = True) -> tuple[list[Any], list[str]]:
+                   mirror: bool = True, borrowed: Sequence[str] = ()) -> tuple[list[Any], list[str]]:
     """Images and prompts that must trigger the edit (given ones first, automatic ones if too few).
 
     ``n_auto`` tops up the prompts, ``n_views`` (default ``n_auto``) the images: a request without
     rephrase images gets that many augmented views of its image, so the delta learns the entity and
     not one picture of it (M-Generality). ``mirror``: whether those views may be flipped (see
-    :func:`~ldke_peft.editing.augment.image_views`).
+    :func:`~ldke_peft.editing.augment.image_views`). ``borrowed`` (the caller's own wordings of the edited
+    relation, :func:`same_relation_questions`) top up the prompts before templated rephrasings: a wording
+    someone really uses differs from the edit question in more than a frame around it.
     """
     n_views = n_auto if n_views is None else n_views
     imgs: list[Any] = []
@@ -31,6 +33,8 @@ def positive_views(r: EditRequest, seed: int = 0, n_auto: int = 2, n_views: int 
         if len(imgs) < 1 + n_views:
             imgs += image_views(r.image, 1 + n_views - len(imgs), seed=seed, mirror=mirror)
     prompts = dedupe([r.prompt] + list(r.rephrase_prompts))
+    if len(prompts) < 1 + n_auto and borrowed:
+        prompts = dedupe(prompts + [q for q in borrowed if not same_question(q, prompts)])[: 1 + n_auto]
     if len(prompts) < 1 + n_auto:
         prompts = dedupe(prompts + templated_rephrasings(r.prompt, 1 + n_auto - len(prompts)))
     return imgs, prompts

@@ -21,7 +21,7 @@ from .question_key import DEFAULT_TEXT_ENCODER
 
 #: Format version of the saved pack. Bumped on incompatible changes; a pack with a newer major
 #: version than this library understands is refused with a clear error.
-PACK_FORMAT_VERSION = "1.5"
+PACK_FORMAT_VERSION = "1.6"
 #: Subject corruptions Fast Localization and exact tracing know (``LDKEConfig.corruption``).
 CORRUPTIONS = ("mean", "noise")
 #: Format 1.1 added ``router_storage``; packs of format 1.0 stored their router projections in fp32.
@@ -34,6 +34,8 @@ _FORMAT_WITHOUT_DELTA_STORAGE = ("1.0", "1.1", "1.2")
 #: (:mod:`ldke_peft.tuner.pack_meta`).
 #: Format 1.5 added the fit options ``edit_fit_stages`` and ``edit_fit_dtype`` (they act when an edit is made;
 #: a 1.4 pack grown with new edits fits them with the defaults).
+#: Format 1.6 added ``delta_bank_wordings``; an older pack grown with new edits fits them as it was made.
+_FORMAT_WITHOUT_BANK_WORDINGS = ("1.0", "1.1", "1.2", "1.3", "1.4", "1.5")
 #: How a pack may store its slot factors (``LDKEConfig.delta_storage``).
 DELTA_STORAGE = ("float16", "float32")
 #: Precisions the delta fit's steps may run in (``LDKEConfig.edit_fit_dtype``).
@@ -194,6 +196,15 @@ class LDKEConfig(PeftConfig):
     num_edit_layers: int = field(default=1, metadata={"help": "How many localized layers each edit updates."})
     edit_steps: int = field(default=40, metadata={"help": "Maximum optimisation steps per edit (early stop on argmax)."})
     edit_lr: float = field(default=1e-2, metadata={"help": "Learning rate of the delta fit."})
+    delta_bank_wordings: bool = field(
+        default=True,
+        metadata={
+            "help": "Fit the delta on the caller's own wordings of the edited relation (questions of the negatives "
+            "pool labelled with the request's relation) before templated rephrasings of the edit question, when the "
+            "request brings fewer rephrasings than the fit uses: the delta then answers other ways of asking, not "
+            "only the edit question in other frames (T-Generality). Same number of rows, same cost."
+        },
+    )
     edit_fit_stages: bool = field(
         default=True,
         metadata={
@@ -269,6 +280,8 @@ class LDKEConfig(PeftConfig):
             self.delta_storage = "float32"  # written before the field existed: fp32 factors
         if self.delta_storage not in DELTA_STORAGE:
             raise AdapterLoadError(f"LDKEConfig: delta_storage must be one of {DELTA_STORAGE}, got {self.delta_storage!r}")
+        if str(self.pack_format_version) in _FORMAT_WITHOUT_BANK_WORDINGS:
+            self.delta_bank_wordings = False
         if str(self.pack_format_version) in _FORMAT_WITHOUT_TEXT_ENCODER:
             self.router_text_encoder = None  # written before the field existed: probe-layer text features
             self.router_text_margin = None  # and one margin for both parts
