@@ -25,7 +25,7 @@ from ..families import family_of
 from ..tuner.layer_replay import LayerReplay, capture_replay
 from ..tuner.model import LDKEModel, _root_model
 from ..requests import EditRequest
-from .scope import NegativePool, positive_views, same_relation_questions
+from .scope import NegativePool, delta_borrowed_wordings, positive_views
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def fit_delta(
     slot_layers = cfg.slot_layers[slot]
     lo = min(slot_layers)
 
-    borrowed = same_relation_questions(request, pool, 0) if pool is not None and cfg.delta_bank_wordings else []
+    borrowed = delta_borrowed_wordings(request, pool, cfg.delta_bank_wordings)
     imgs, prompts = positive_views(request, seed=seed, n_views=cfg.auto_views, borrowed=borrowed)
     rows_img, rows_q = _positive_rows(imgs, prompts, request.image is not None)
     # fit the answer *and* the end of the answer: without the EOS the old answer's tail can carry on

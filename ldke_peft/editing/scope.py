@@ -75,6 +75,11 @@ def same_relation_questions(r: EditRequest, pool: NegativePool, n_para: int) -> 
     return dedupe(same + [p for q in same for p in paraphrases(q, n_para)])
 
 
+def delta_borrowed_wordings(r: EditRequest, pool: NegativePool | None, enabled: bool) -> list[str]:
+    """The caller's wordings of ``r.relation`` the delta fits on (``LDKEConfig.delta_bank_wordings``)."""
+    return same_relation_questions(r, pool, 0) if enabled and pool is not None else []
+
+
 #: Rule-based rephrasings of each negative question among the router's textual negatives.
 NEGATIVE_PARAPHRASES = 2
 

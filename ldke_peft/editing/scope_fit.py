@@ -26,8 +26,8 @@ from ..tuner.probe_features import collect_probe_features
 from .pack_scope import ScopeMemory, entity_key, guard_entities, guard_leaks, probes_of
 from ..requests import EditRequest, image_fingerprint
 from .router_fit import SlotCalibration, calibrate_slot, fit_projection
-from .scope import (NEGATIVE_PARAPHRASES, NegativePool, negative_images, negative_questions, positive_views,
-                    question_bank, rephrased_negatives, same_relation_questions)
+from .scope import (NEGATIVE_PARAPHRASES, NegativePool, delta_borrowed_wordings, negative_images, negative_questions,
+                    positive_views, question_bank, rephrased_negatives, same_relation_questions)
 
 logger = logging.getLogger(__name__)
 
@@ -338,7 +338,8 @@ def editor_rows(requests: Sequence[EditRequest], config: LDKEConfig | None = Non
     pool = negatives or NegativePool()
     out: list[tuple[Any, str]] = []
     for i, r in enumerate(requests):
-        imgs, prompts = positive_views(r, seed=seed + i, n_views=cfg.auto_views)
+        imgs, prompts = positive_views(r, seed=seed + i, n_views=cfg.auto_views,
+                                       borrowed=delta_borrowed_wordings(r, pool, cfg.delta_bank_wordings))
         out += list(zip(*_positive_rows(imgs, prompts, r.image is not None)))
     rows, _ = router_rows(requests, cfg, pool, lambda key: 0, seed=seed)
     out += list(zip(rows.images, rows.prompts))
