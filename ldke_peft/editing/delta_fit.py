@@ -134,9 +134,9 @@ def fit_delta(
     """Fit slot ``slot``'s low-rank deltas so every positive answers ``request.target``.
 
     Returns ``(steps taken, final teacher-forced accuracy on the positives)``. ``pool`` (the caller's
-    negatives) lends its wordings of the edited relation to the positives (``delta_bank_wordings``). With ``cache_hidden``
-    the hidden states entering the lowest edited layer are computed once; each step runs only the
-    edited span (forward and backward).
+    negatives) lends its wordings of the edited relation to the positives (``delta_bank_wordings``).
+    With ``cache_hidden`` the hidden states entering the lowest edited layer are computed once; each step
+    runs only the edited span (forward and backward).
 
     Two savings that leave the stop exact (``edit_fit_stages``, ``edit_fit_dtype``): the steps first
     train on the edit image's rows alone and move to every positive row once those are done (the other

@@ -34,7 +34,7 @@ def positive_views(r: EditRequest, seed: int = 0, n_auto: int = 2, n_views: int 
             imgs += image_views(r.image, 1 + n_views - len(imgs), seed=seed, mirror=mirror)
     prompts = dedupe([r.prompt] + list(r.rephrase_prompts))
     if len(prompts) < 1 + n_auto and borrowed:
-        prompts = dedupe(prompts + [q for q in borrowed if not same_question(q, prompts)])[: 1 + n_auto]
+        prompts = dedupe(prompts + list(borrowed))[: 1 + n_auto]
     if len(prompts) < 1 + n_auto:
         prompts = dedupe(prompts + templated_rephrasings(r.prompt, 1 + n_auto - len(prompts)))
     return imgs, prompts
