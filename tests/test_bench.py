@@ -4,6 +4,7 @@ written as the benchmark MLLM's build writes it (no 135M model is loaded here)."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict
 
@@ -21,11 +22,12 @@ from ldke_peft.bench.baselines import (
     apply_lora,
     grace_default_layer,
 )
-from ldke_peft.bench.countries import COUNTRIES, RELATIONS, answer_matches
+from ldke_peft.bench.countries import COUNTRIES, RELATIONS, answer_matches, country_by_name
 from ldke_peft.bench.merge import MergeError, merge_runs
 from ldke_peft.bench.mke import (
     PORTABILITY_QUESTIONS,
     build_mke_requests,
+    caller_consequences,
     editor_view,
     export_mke,
     negative_pool,
@@ -36,7 +38,7 @@ from ldke_peft.bench.run import model_digest
 from ldke_peft.bench.smol_llava import DEFAULT_LOOKALIKE_PAIRS
 from ldke_peft.families import family_of
 from ldke_peft.metrics import collect_pre, compute_metrics
-from ldke_peft.requests import load_easyedit, load_jsonl
+from ldke_peft.requests import PROBE_FIELDS, load_easyedit, load_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -230,6 +232,35 @@ def test_mke_requests_cover_every_probe_kind(tmp_path):
     # a build that recorded the facts answered right from every view restricts the edits to those
     robust = dict(meta, editable={"capital": ["France", "Germany"], "currency": ["Japan"]})
     assert usable_facts(robust) == [("France", "capital"), ("Germany", "capital"), ("Japan", "currency")]
+
+
+def test_a_callers_consequences_follow_from_the_new_fact_in_wordings_no_probe_uses():
+    """``ldke_consequences`` hands the editor what follows from the edit as more edits of the same call; they
+    must be the world's consequences of the *new* answer and never a wording a probe is scored on."""
+    meta = _fake_meta(len(COUNTRIES))  # the built MLLM knows every country: owners are the world's
+    facts = {c["name"]: c["facts"] for c in meta["countries"]}
+    reqs = build_mke_requests(meta, 12, seed=3)
+    seen = 0
+    for r in reqs:
+        cons = caller_consequences(r)
+        probed = {r.prompt, *r.rephrase_prompts} | {p.prompt for f in PROBE_FIELDS for p in getattr(r, f)}
+        assert not {c.prompt for c in cons} & probed
+        owners = [n for n, f in facts.items() if f[r.relation][0] == r.target]
+        if r.relation not in PORTABILITY_QUESTIONS or len(owners) != 1:
+            assert cons == []
+            continue
+        two_hop, reverse = cons
+        assert two_hop.image is r.image and two_hop.target == owners[0]
+        assert reverse.image is None and r.target in reverse.prompt
+        assert reverse.target == country_by_name(r.subject).prompt_name
+        assert [c.target for c in caller_consequences(r, ("two_hop",))] == [owners[0]]
+        # the probes of the same kinds ask the same facts in other words
+        kinds = {p.kind.split(":")[0]: p for p in r.portability}
+        assert kinds["two_hop"].answer == two_hop.target and kinds["presupposed"].answer == two_hop.target
+        assert kinds["presupposed"].image is r.image and r.target in kinds["presupposed"].prompt
+        seen += 1
+    assert seen >= 3
+    assert caller_consequences(dataclasses.replace(reqs[0], relation="continent")) == []
 
 
 # ---------------------------------------------------------------------- runner, report, plots

@@ -362,7 +362,11 @@ def test_portability_probes_the_unedited_model_fails_for_the_original_fact_are_n
     # a reverse probe (text only) is checked with the ORIGINAL answer: "Rome" must lead back to Italy
     reqs[1].ground_truth = "Rome"
     reqs[1].portability.append(Probe("Which country has Paris as its capital?", "Italy", None, kind="reverse:capital"))
-    answers = {q: ["It is located in Japan.", "It is in Spain."], "Which country has Rome as its capital?": ["Italy"]}
+    # a presupposed probe (the fact in the wording, on the image) too: "Rome, the capital" must lead back to Italy
+    presupposed = "In which country is Paris, the capital of this country?"
+    reqs[1].portability.append(Probe(presupposed, "France", img, kind="presupposed:capital"))
+    answers = {q: ["It is located in Japan.", "It is in Spain.", "In Spain."],
+               "Which country has Rome as its capital?": ["Italy"]}
     calls = []
 
     def answer(images, prompts):
@@ -371,9 +375,11 @@ def test_portability_probes_the_unedited_model_fails_for_the_original_fact_are_n
 
     out, counts = _verified_portability(reqs, answer)
     # each probe asked once: the image rows together, the text-only reverse row (original answer) apart
-    assert calls == [([q, q], [False, False]), (["Which country has Rome as its capital?"], [True])]
-    assert counts == {"kept": 2, "dropped": 1,
-                      "by_kind": {"two_hop": {"kept": 1, "dropped": 1}, "reverse": {"kept": 1, "dropped": 0}}}
+    assert calls == [([q, q, "In which country is Rome, the capital of this country?"], [False] * 3),
+                     (["Which country has Rome as its capital?"], [True])]
+    assert counts == {"kept": 2, "dropped": 2,
+                      "by_kind": {"two_hop": {"kept": 1, "dropped": 1}, "reverse": {"kept": 1, "dropped": 0},
+                                  "presupposed": {"kept": 0, "dropped": 1}}}
     assert [len(r.portability) for r in out] == [1, 1, 0]
     assert out[0].portability[0].answer == "France"  # the probe itself (new answer) is unchanged
     assert out[1].portability[0].prompt == "Which country has Paris as its capital?"  # scored with the new answer

@@ -17,9 +17,10 @@ MLLM answers **correctly before editing**, with every probe filled:
   :data:`~ldke_peft.bench.countries.NEAR_MISS`) (Near-miss locality);
 * ``portability``: questions whose answer follows from the new fact, when the target belongs to exactly one
   country; each kind is its own column of the report's portability table: ``two_hop`` ("In which country is
-  the capital of this country located?" after ``capital := Madrid`` expects ``Spain``) and ``reverse`` (text
+  the capital of this country located?" after ``capital := Madrid`` expects ``Spain``), ``reverse`` (text
   only, from the new answer back to the entity: "Which country has Madrid as its capital?" expects the
-  edited country).
+  edited country) and ``presupposed`` (:data:`PRESUPPOSED_QUESTIONS`: the new fact stated in the question,
+  "In which country is Madrid, the capital of this country?" expects ``Spain``).
 
 Locality/coupled answers are the MLLM's own pre-edit answers (recorded in ``meta.json``).
 
@@ -48,14 +49,17 @@ from typing import Any, Callable, Sequence
 
 from ..editing.scope import NegativePool
 from ..requests import EditRequest, Probe, image_fingerprint, save_jsonl
-from .countries import NEAR_MISS, SPLITS, WORDINGS, Relation, answer_matches, fold_answer, split_relations
+from .countries import (NEAR_MISS, SPLITS, WORDINGS, Relation, answer_matches, country_by_name, fold_answer,
+                        split_relations)
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "PORTABILITY_QUESTIONS",
+    "PRESUPPOSED_QUESTIONS",
     "REVERSE_QUESTIONS",
     "build_mke_requests",
+    "caller_consequences",
     "editor_view",
     "entity_splits",
     "export_easyedit",
@@ -79,6 +83,31 @@ REVERSE_QUESTIONS: dict[str, str] = {
     "currency": "Which country uses the {x} as its currency?",
     "language": "In which country is {x} the main language?",
 }
+
+#: Questions that state the new fact in their own wording and ask what follows from it (on the edit image):
+#: after ``capital := Madrid``, "In which country is Madrid, the capital of this country?" expects ``Spain``.
+#: No edit is needed to read the answer off the wording; the probe checks that the edit does not answer the
+#: fact it was taught (or the entity) where the question has moved on. Filtered like reverse questions: asked
+#: with the original answer, the unedited model must name the entity.
+PRESUPPOSED_QUESTIONS: dict[str, str] = {
+    "capital": "In which country is {x}, the capital of this country?",
+    "currency": "Which country is the {x}, the currency of this country, from?",
+    "language": "Which country is {x}, the main language of this country, from?",
+}
+
+#: How a *caller* states the consequences of an edit (:func:`caller_consequences`): other wordings than the
+#: probes above, so a probe scored after an edit with consequences is still a question no editor saw.
+CALLER_TWO_HOP: dict[str, str] = {
+    "capital": "Which country is this country's capital city in?",
+    "currency": "Which country does this country's currency come from?",
+    "language": "Which country does this country's main language come from?",
+}
+CALLER_REVERSE: dict[str, str] = {
+    "capital": "{x} is the capital of which country?",
+    "currency": "The {x} is the currency of which country?",
+    "language": "{x} is the main language of which country?",
+}
+
 
 #: Eval-split view indices: the edit image is the view the build verified the answers on.
 EDIT_VIEW = 0
@@ -270,6 +299,8 @@ def build_mke_requests(
         owners = _owners(meta, r).get(target, [])
         if r in PORTABILITY_QUESTIONS and len(owners) == 1:
             portability.append(Probe(PORTABILITY_QUESTIONS[r], owners[0], img, kind=f"two_hop:{r}->country"))
+        if r in PRESUPPOSED_QUESTIONS and len(owners) == 1:
+            portability.append(Probe(PRESUPPOSED_QUESTIONS[r].format(x=target), owners[0], img, kind=f"presupposed:{r}"))
         if r in REVERSE_QUESTIONS and len(owners) == 1:
             # the new answer has one real owner, so the unedited model names that owner, not the entity
             portability.append(Probe(REVERSE_QUESTIONS[r].format(x=target), prompt_names[e], None, kind=f"reverse:{r}",
@@ -298,6 +329,31 @@ def build_mke_requests(
                     requests[i].coupled[k] = Probe(q, _short_answer(a), p.image, kind=p.kind, subject=p.subject)
                     break
     return requests
+
+
+def caller_consequences(r: EditRequest, kinds: Sequence[str] = ("two_hop", "reverse")) -> list[EditRequest]:
+    """The facts that follow from ``r`` as its caller would state them, each one more edit of the same call:
+    ``two_hop`` (the edit image, "which country is this country's <relation> from?" -> the country whose
+    answer the target is) and ``reverse`` (text only, "<target> is the <relation> of which country?" -> the
+    edited entity). Only where the target has exactly one owner (as for the portability probes), in the
+    :data:`CALLER_TWO_HOP` / :data:`CALLER_REVERSE` wordings, never a probe's. World knowledge from
+    :data:`~ldke_peft.bench.countries.COUNTRIES`, not from the probes."""
+    from .countries import COUNTRIES
+
+    if r.relation not in CALLER_TWO_HOP or r.subject is None:
+        return []
+    owners = [c for c in COUNTRIES if fold_answer(c.answer(r.relation)) == fold_answer(r.target)]
+    if len(owners) != 1:
+        return []
+    out = []
+    if "two_hop" in kinds and r.image is not None:
+        out.append(EditRequest(prompt=CALLER_TWO_HOP[r.relation], target=owners[0].name, image=r.image,
+                               subject=r.subject, relation=f"{r.relation}->country"))
+    if "reverse" in kinds:
+        entity = country_by_name(r.subject)
+        out.append(EditRequest(prompt=CALLER_REVERSE[r.relation].format(x=r.target), target=entity.prompt_name,
+                               subject=r.subject, relation=f"{r.relation}^-1"))
+    return out
 
 
 def editor_view(r: EditRequest) -> EditRequest:

@@ -43,7 +43,7 @@ from ..metrics import METRIC_KEYS, collect_pre, compute_metrics, mean_by_kind
 from ..tuner.model import _root_model
 from ..requests import EditRequest
 from .baselines import BASELINES, Restore
-from .mke import editor_view
+from .mke import caller_consequences, editor_view
 
 logger = logging.getLogger(__name__)
 from .report import METHOD_KEYS, bars, markdown_report
@@ -63,7 +63,12 @@ LDKE_VARIANTS: dict[str, dict[str, Any]] = {
     "ldke_plain_fit": {"edit_fit_stages": False, "edit_fit_dtype": "float32"},
     # the delta fitted on the edit question and templated rephrasings only, not the pool's wordings of its relation
     "ldke_no_bank_wordings": {"delta_bank_wordings": False},
+    # the caller also states what follows from the new fact (two-hop, reverse) as more edits of the same call
+    "ldke_consequences": {"caller_consequences": ("two_hop", "reverse")},
+    "ldke_two_hop_consequences": {"caller_consequences": ("two_hop",)},
 }
+#: LDKE_VARIANTS keys that are benchmark choices, not ``LDKEConfig`` fields.
+_BENCH_KEYS = ("localization", "caller_consequences")
 METHODS: tuple[str, ...] = (*LDKE_VARIANTS, *BASELINES)
 BASELINE_NAMES: tuple[str, ...] = tuple(BASELINES)
 SEQUENTIAL_METHODS: tuple[str, ...] = ("ldke", "grace", "lora")
@@ -81,7 +86,7 @@ OVERHEAD_FILES: dict[str, str] = {
 
 
 def _ldke_config(model: Any, overrides: dict[str, Any]) -> LDKEConfig:
-    cfg = LDKEConfig(**{k: v for k, v in overrides.items() if k != "localization"})
+    cfg = LDKEConfig(**{k: v for k, v in overrides.items() if k not in _BENCH_KEYS})
     if overrides.get("localization") == "fixed":
         cfg.localization = "fixed"
         cfg.fixed_layers = [family_of(model).num_layers(model) // 2]
@@ -114,7 +119,8 @@ def apply_ldke(model: Any, processor: Any, requests: Sequence[EditRequest], *, o
 def _editor_requests(r: EditRequest, method: str, protocol: str) -> list[EditRequest]:
     if protocol == "open" and method in LDKE_VARIANTS:
         return [r]
-    return [editor_view(r)]
+    kinds = LDKE_VARIANTS.get(method, {}).get("caller_consequences")
+    return [editor_view(r), *(caller_consequences(r, kinds) if kinds else [])]
 
 
 def _apply(method: str, model: Any, processor: Any, reqs: list[EditRequest], pool: NegativePool,

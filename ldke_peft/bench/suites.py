@@ -119,15 +119,18 @@ def _verified_portability(reqs: list[EditRequest], answer: Callable[[list[Any], 
     any edit measures whether the model can reason in two hops (or back from an answer), not whether the edit
     propagates. Two-hop ("In which country is the capital of this country located?", on the edit image): the
     unedited model must name the entity shown. Reverse ("Which country has <answer> as its capital?", text
-    only): asked with the *original* answer, it must name the entity. Returns the requests and
+    only) and presupposed ("In which country is <answer>, the capital of this country?"): asked with the
+    *original* answer, it must name the entity. Returns the requests and
     ``{"kept": n, "dropped": m, "by_kind": {kind: {"kept", "dropped"}}}``."""
     from .countries import answer_matches, country_by_name
-    from .mke import REVERSE_QUESTIONS
+    from .mke import PRESUPPOSED_QUESTIONS, REVERSE_QUESTIONS
 
     def asked(r: EditRequest, p: Any) -> tuple[Any, str]:
         kind, _, rel = (p.kind or "").partition(":")
         if kind == "reverse" and r.ground_truth:
             return None, REVERSE_QUESTIONS[rel].format(x=r.ground_truth)
+        if kind == "presupposed" and r.ground_truth:
+            return p.image, PRESUPPOSED_QUESTIONS[rel].format(x=r.ground_truth)
         return p.image, p.prompt
 
     rows = [(i, j) for i, r in enumerate(reqs) for j, p in enumerate(r.portability)]
