@@ -211,6 +211,12 @@ def model_card(
             f"{_cell(e.get('subject'))} | {_cell(e.get('relation'))} | {image} | "
             f"{_layers(layers)} |"
         )
+    stated = [(k, c) for k, e in enumerate(edits) for c in e.get("consequences") or []
+              if isinstance(c, (list, tuple)) and len(c) == 2]
+    if stated:
+        lines += ["", "Consequences stated with the edits (fitted into the same slot):", "",
+                  "| # | question (about the edit's image) | answer after the edit |", "|---|---|---|"]
+        lines += [f"| {k} | {_cell(q)} | **{_cell(a)}** |" for k, (q, a) in stated]
     lines.append("")
     lines += _metrics_section(metrics, report_list)
     lines += [

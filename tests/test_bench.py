@@ -242,25 +242,28 @@ def test_a_callers_consequences_follow_from_the_new_fact_in_wordings_no_probe_us
     reqs = build_mke_requests(meta, 12, seed=3)
     seen = 0
     for r in reqs:
-        cons = caller_consequences(r)
+        edits = caller_consequences(r)
+        assert (edits[0].prompt, edits[0].target, edits[0].image) == (r.prompt, r.target, r.image)
+        assert not (edits[0].rephrase_prompts or edits[0].coupled or edits[0].portability)  # no probe
+        stated = [c.prompt for c in edits[0].consequences] + [e.prompt for e in edits[1:]]
         probed = {r.prompt, *r.rephrase_prompts} | {p.prompt for f in PROBE_FIELDS for p in getattr(r, f)}
-        assert not {c.prompt for c in cons} & probed
+        assert not set(stated) & probed
         owners = [n for n, f in facts.items() if f[r.relation][0] == r.target]
         if r.relation not in PORTABILITY_QUESTIONS or len(owners) != 1:
-            assert cons == []
+            assert len(edits) == 1 and not edits[0].consequences
             continue
-        two_hop, reverse = cons
-        assert two_hop.image is r.image and two_hop.target == owners[0]
-        assert reverse.image is None and r.target in reverse.prompt
+        (two_hop,), reverse = edits[0].consequences, edits[1]
+        assert two_hop.image is None and two_hop.answer == owners[0]  # asked on the edit's own image
+        assert reverse.image is None and r.target in reverse.prompt and len(edits) == 2
         assert reverse.target == country_by_name(r.subject).prompt_name
-        assert [c.target for c in caller_consequences(r, ("two_hop",))] == [owners[0]]
+        assert len(caller_consequences(r, ("two_hop",))) == 1
         # the probes of the same kinds ask the same facts in other words
         kinds = {p.kind.split(":")[0]: p for p in r.portability}
-        assert kinds["two_hop"].answer == two_hop.target and kinds["presupposed"].answer == two_hop.target
+        assert kinds["two_hop"].answer == two_hop.answer and kinds["presupposed"].answer == two_hop.answer
         assert kinds["presupposed"].image is r.image and r.target in kinds["presupposed"].prompt
         seen += 1
     assert seen >= 3
-    assert caller_consequences(dataclasses.replace(reqs[0], relation="continent")) == []
+    assert [e.consequences for e in caller_consequences(dataclasses.replace(reqs[0], relation="continent"))] == [[]]
 
 
 # ---------------------------------------------------------------------- runner, report, plots

@@ -264,3 +264,43 @@ def test_the_delta_answers_the_callers_own_wordings_of_the_edited_relation(world
                 assert ask(world, pm, r.image, own_wording) == r.target
         finally:
             pm.unload()
+
+
+def test_a_stated_consequence_is_answered_in_other_words_and_nothing_coupled_moves(world, world_pool, tmp_path):
+    """``EditRequest.consequences``: the caller states what follows from the new fact (the composed
+    question after ``capital := C'`` answers the river of C'); the edit answers it in a wording it was not
+    given, still answers its own question, and leaves the same image's other questions alone."""
+    full = world.edit_requests(1, seed=11)[0]
+    composed = world.related[full.relation]["composed"]
+    expected = world.related[full.relation]["map"][full.target]
+    stated, *_ = [t for t in world.templates[composed]["train"] if t not in {p.prompt for p in full.portability}]
+    unseen = world.templates[composed]["eval"][0]
+    coupled = next(p for p in full.coupled if p.kind == "same_image_other_question")
+    before = {q: ask(world, world.model, full.image, q) for q in (unseen, coupled.prompt)}
+    assert before[unseen] != expected  # the unedited world answers with the old fact
+    r = editor_view(full)
+    r.consequences = [ldke_peft.Probe(stated, expected)]
+    pm = ldke_peft.edit(world.model, world.processor, [r], negatives=world_pool, progress=False)
+    try:
+        assert ask(world, pm, full.image, unseen) == expected
+        assert ask(world, pm, full.rephrase_images[0], unseen) == expected
+        assert ask(world, pm, full.image, full.prompt) == full.target
+        assert ask(world, pm, full.image, coupled.prompt) == before[coupled.prompt]
+        # the shared pack says what it was told, and a reload answers the same
+        folder = ldke_peft.save_edits(pm, tmp_path / "pack")
+        assert f"| 0 | {stated} | **{expected}** |" in (tmp_path / "pack" / "README.md").read_text()
+    finally:
+        pm.unload()
+    from peft import PeftModel
+
+    loaded = PeftModel.from_pretrained(world.model, folder)
+    try:
+        assert loaded.peft_config["default"].edits[0]["consequences"] == [[stated, expected]]
+        assert ask(world, loaded, full.image, unseen) == expected
+    finally:
+        loaded.unload()
+    without = ldke_peft.edit(world.model, world.processor, [editor_view(full)], negatives=world_pool, progress=False)
+    try:
+        assert ask(world, without, full.image, unseen) != expected  # the edit alone does not propagate here
+    finally:
+        without.unload()

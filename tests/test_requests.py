@@ -265,6 +265,7 @@ def _full_request(tmp_path):
         coupled=[Probe("What currency is used there?", "euro", image=mem, kind="same_image"),
                  Probe("What is the capital of the country shown?", "Rome", image=look_alike, kind="look_alike")],
         portability=[Probe("Which river flows through the capital?", "Rhone", image=mem, kind="multi_hop")],
+        consequences=[Probe("In which country is the capital of the country shown?", "France")],
         subject="France",
         relation="capital",
     )
@@ -296,7 +297,10 @@ def test_jsonl_round_trip(tmp_path):
     for name in ("prompt", "target", "ground_truth", "rephrase_prompts", "subject", "relation"):
         assert getattr(back[0], name) == getattr(req, name)
     assert [(p.prompt, p.answer, p.kind) for p in back[0].coupled] == [(p.prompt, p.answer, p.kind) for p in req.coupled]
+    assert [(p.prompt, p.answer) for p in back[0].consequences] == [(p.prompt, p.answer) for p in req.consequences]
+    assert back[0].without_probes().consequences == back[0].consequences  # edit material, not a probe
     assert back[1].image is None and back[1].to_dict() == text_only.to_dict()
+    assert "consequences" not in json.loads(lines[1])  # written only when given (older readers keep working)
     # saving what was loaded gives the same file
     again = tmp_path / "out" / "again.jsonl"
     save_jsonl(back, again)
@@ -332,6 +336,11 @@ def test_jsonl_image_root(tmp_path):
         ('{"prompt": "q?", "target": "a", "m_locality": [{"prompt": "x", "answer": "y", "image": "m.png"}]}',
          "m_locality[0].image", ImageError),
         ('{"prompt": "q?", "target": "a", "portability": "not a list"}', "portability", InvalidRequestError),
+        ('{"prompt": "q?", "target": "a", "consequences": [{"prompt": "x", "answer": ""}]}', "consequences",
+         InvalidRequestError),
+        # a consequence is asked about the edit's own image: another image is an error, not silently ignored
+        ('{"prompt": "q?", "target": "a", "consequences": [{"prompt": "x", "answer": "y", "image": "m.png"}]}',
+         "consequences", InvalidRequestError),
         ('{"prompt": "q?", "target": "a", "subject": 3}', "subject", InvalidRequestError),
         ('[1, 2]', None, InvalidRequestError),
         ('{"prompt": "q?", "target": ', None, InvalidRequestError),

@@ -332,23 +332,24 @@ def build_mke_requests(
 
 
 def caller_consequences(r: EditRequest, kinds: Sequence[str] = ("two_hop", "reverse")) -> list[EditRequest]:
-    """The facts that follow from ``r`` as its caller would state them, each one more edit of the same call:
-    ``two_hop`` (the edit image, "which country is this country's <relation> from?" -> the country whose
-    answer the target is) and ``reverse`` (text only, "<target> is the <relation> of which country?" -> the
-    edited entity). Only where the target has exactly one owner (as for the portability probes), in the
-    :data:`CALLER_TWO_HOP` / :data:`CALLER_REVERSE` wordings, never a probe's. World knowledge from
+    """The edit as its caller would make it when also stating what follows from the new fact:
+    :func:`editor_view` of ``r`` with a ``two_hop`` consequence ("which country is this country's <relation>
+    from?" -> the country whose answer the target is, fitted with the edit), then a text-only ``reverse``
+    edit ("<target> is the <relation> of which country?" -> the edited entity; text-only questions can only
+    reach a text-only edit). Only where the target has exactly one owner (as for the portability probes), in
+    the :data:`CALLER_TWO_HOP` / :data:`CALLER_REVERSE` wordings, never a probe's. World knowledge from
     :data:`~ldke_peft.bench.countries.COUNTRIES`, not from the probes."""
     from .countries import COUNTRIES
 
+    view = editor_view(r)
     if r.relation not in CALLER_TWO_HOP or r.subject is None:
-        return []
+        return [view]
     owners = [c for c in COUNTRIES if fold_answer(c.answer(r.relation)) == fold_answer(r.target)]
     if len(owners) != 1:
-        return []
-    out = []
+        return [view]
     if "two_hop" in kinds and r.image is not None:
-        out.append(EditRequest(prompt=CALLER_TWO_HOP[r.relation], target=owners[0].name, image=r.image,
-                               subject=r.subject, relation=f"{r.relation}->country"))
+        view.consequences = [Probe(CALLER_TWO_HOP[r.relation], owners[0].name, kind=f"two_hop:{r.relation}->country")]
+    out = [view]
     if "reverse" in kinds:
         entity = country_by_name(r.subject)
         out.append(EditRequest(prompt=CALLER_REVERSE[r.relation].format(x=r.target), target=entity.prompt_name,

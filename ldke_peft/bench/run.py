@@ -63,7 +63,8 @@ LDKE_VARIANTS: dict[str, dict[str, Any]] = {
     "ldke_plain_fit": {"edit_fit_stages": False, "edit_fit_dtype": "float32"},
     # the delta fitted on the edit question and templated rephrasings only, not the pool's wordings of its relation
     "ldke_no_bank_wordings": {"delta_bank_wordings": False},
-    # the caller also states what follows from the new fact (two-hop, reverse) as more edits of the same call
+    # the caller also states what follows from the new fact: two-hop consequences fitted with the edit, and
+    # the reverse question as a text-only edit of the same call
     "ldke_consequences": {"caller_consequences": ("two_hop", "reverse")},
     "ldke_two_hop_consequences": {"caller_consequences": ("two_hop",)},
 }
@@ -120,7 +121,7 @@ def _editor_requests(r: EditRequest, method: str, protocol: str) -> list[EditReq
     if protocol == "open" and method in LDKE_VARIANTS:
         return [r]
     kinds = LDKE_VARIANTS.get(method, {}).get("caller_consequences")
-    return [editor_view(r), *(caller_consequences(r, kinds) if kinds else [])]
+    return caller_consequences(r, kinds) if kinds else [editor_view(r)]
 
 
 def _apply(method: str, model: Any, processor: Any, reqs: list[EditRequest], pool: NegativePool,

@@ -81,12 +81,12 @@ class _Rows:
 
 
 def _build_rows(root: Any, family: Any, processor: Any, rows_img: list[Any], rows_q: list[str], imgs: list[Any],
-                fit_target: str, plain_target: str, eos_id: int | None, slot: int, lo: int,
+                rows_t: list[str], eos_appended: bool, eos_id: int | None, slot: int, lo: int,
                 cache_hidden: bool) -> _Rows:
     device = next(root.parameters()).device
     # right-aligned: each row at the positions it has when run alone, and rows that share a prefix
     # share its positions too (the replay computes a shared prefix once)
-    built = family.build_inputs(processor, rows_img, rows_q, [fit_target] * len(rows_q)).right_aligned().to(device)
+    built = family.build_inputs(processor, rows_img, rows_q, rows_t).right_aligned().to(device)
     B = len(built)
     tgt_mask = built.target_mask
     # logits at t-1 predict token t
@@ -96,7 +96,7 @@ def _build_rows(root: Any, family: Any, processor: Any, rows_img: list[Any], row
     # the answer tokens proper (the appended EOS is trained but does not gate early stopping or the
     # reported accuracy: it only stops the old answer's tail from carrying on)
     core = torch.ones_like(tgt_ids, dtype=torch.bool)
-    if fit_target != plain_target and eos_id is not None:
+    if eos_appended and eos_id is not None:
         last = tgt_mask & ~torch.cat([tgt_mask[:, 1:], torch.zeros_like(tgt_mask[:, :1])], dim=1)
         core = ~(last[tgt_mask] & (tgt_ids == eos_id))
     replay = None
@@ -107,7 +107,7 @@ def _build_rows(root: Any, family: Any, processor: Any, rows_img: list[Any], row
             # the first and last rows (another image and another wording) run alone to check the replay
             pick = [0, B - 1]
             pb = family.build_inputs(processor, [rows_img[i] for i in pick], [rows_q[i] for i in pick],
-                                     [fit_target] * 2).right_aligned().to(device)
+                                     [rows_t[i] for i in pick]).right_aligned().to(device)
             pp = torch.zeros_like(pb.target_mask)
             pp[:, :-1] = pb.target_mask[:, 1:]
             probe = (pb, pp, pick)
@@ -131,7 +131,8 @@ def fit_delta(
     stats: dict[str, float] | None = None,
     pool: NegativePool | None = None,
 ) -> tuple[int, float]:
-    """Fit slot ``slot``'s low-rank deltas so every positive answers ``request.target``.
+    """Fit slot ``slot``'s low-rank deltas so every positive answers ``request.target`` (and each of the
+    request's ``consequences``, asked on the same views, answers its own answer).
 
     Returns ``(steps taken, final teacher-forced accuracy on the positives)``. ``pool`` (the caller's
     negatives) lends its wordings of the edited relation to the positives (``delta_bank_wordings``).
@@ -164,8 +165,13 @@ def fit_delta(
     # after a shorter new target ("puro" -> "puro puet")
     tok = family.tokenizer(processor)
     eos = getattr(tok, "eos_token", None)
-    plain_target = request.target.strip()
-    fit_target = plain_target + (eos if isinstance(eos, str) and eos else "")
+    end = eos if isinstance(eos, str) and eos else ""
+    rows_t = [request.target.strip() + end] * len(rows_q)
+    # what follows from the new fact is fitted in the same slot: the router already takes these questions
+    # on the edit's image (they ask about the edited entity), and one slot keeps them in one scope
+    for c in request.consequences:
+        c_img, c_q = _positive_rows(imgs, [c.prompt], request.image is not None)
+        rows_img, rows_q, rows_t = rows_img + c_img, rows_q + c_q, rows_t + [c.answer.strip() + end] * len(c_q)
     eos_id = getattr(tok, "eos_token_id", None)
 
     n_steps = steps if steps is not None else cfg.edit_steps
@@ -174,7 +180,7 @@ def fit_delta(
 
     def rows_of(which: list[int]) -> _Rows:
         return _build_rows(root, family, processor, [rows_img[i] for i in which], [rows_q[i] for i in which], imgs,
-                           fit_target, plain_target, eos_id, slot, lo, cache_hidden)
+                           [rows_t[i] for i in which], bool(end), eos_id, slot, lo, cache_hidden)
 
     every = list(range(len(rows_q)))
     head = [i for i in every if rows_img[i] is rows_img[0]]

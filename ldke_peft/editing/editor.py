@@ -236,7 +236,7 @@ def _edit(model, processor, requests, config, family, *, pack, adapter_name, neg
 
 
 def _edit_meta(r: EditRequest) -> dict[str, Any]:
-    return {
+    meta = {
         "prompt": r.prompt,
         "target": r.target,
         "ground_truth": r.ground_truth,
@@ -245,6 +245,9 @@ def _edit_meta(r: EditRequest) -> dict[str, Any]:
         "image_sha": image_fingerprint(r.image) if r.image is not None else None,
         "fingerprint": r.fingerprint(),
     }
+    if r.consequences:  # only when stated: a pack without them is written as before
+        meta["consequences"] = [[c.prompt, c.answer] for c in r.consequences]
+    return meta
 
 
 # ---------------------------------------------------------------------- rollback

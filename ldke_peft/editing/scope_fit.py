@@ -237,6 +237,10 @@ def router_rows(requests: Sequence[EditRequest], cfg: LDKEConfig, pool: Negative
             prompts = dedupe(prompts + borrowed)
         else:
             borrowed = []
+        # what the caller says follows from the edit is in scope too; like a bank wording it widens the
+        # textual radius but does not move the key off the edit's own question
+        stated = [c.prompt for c in r.consequences if c.prompt not in prompts]
+        prompts, borrowed = dedupe(prompts + stated), borrowed + stated
         own = set(prompts) - set(borrowed)
         others = [o for o in requests if o is not r]
         neg_q = negative_questions(r, pool, prompts, hard=hard)
@@ -340,7 +344,7 @@ def editor_rows(requests: Sequence[EditRequest], config: LDKEConfig | None = Non
     for i, r in enumerate(requests):
         imgs, prompts = positive_views(r, seed=seed + i, n_views=cfg.auto_views,
                                        borrowed=delta_borrowed_wordings(r, pool, cfg.delta_bank_wordings))
-        out += list(zip(*_positive_rows(imgs, prompts, r.image is not None)))
+        out += list(zip(*_positive_rows(imgs, prompts + [c.prompt for c in r.consequences], r.image is not None)))
     rows, _ = router_rows(requests, cfg, pool, lambda key: 0, seed=seed)
     out += list(zip(rows.images, rows.prompts))
     for r in requests:  # the pack-level leak guard reads the requests' own locality probes

@@ -19,8 +19,9 @@ from .images import ImageLike, _check_image, _image_ref, image_fingerprint, load
 from .records import _short
 
 
-#: Probe lists of an :class:`EditRequest`, in a fixed order.
-PROBE_FIELDS = ("locality", "m_locality", "coupled", "portability")
+#: Probe lists of an :class:`EditRequest`, in a fixed order (``consequences`` are edit material, the others
+#: are evaluated).
+PROBE_FIELDS = ("locality", "m_locality", "coupled", "portability", "consequences")
 
 
 @dataclass
@@ -63,7 +64,11 @@ class EditRequest:
         m_locality: image probes of other entities whose answers must not change (M-Locality).
         coupled: probes that share the image or the question but are out of scope (same image +
             other relation; look-alike image + same question); must not change (Coupled-Locality).
-        portability: related questions whose answer must follow from the new fact.
+        portability: related questions whose answer must follow from the new fact (evaluated only).
+        consequences: what follows from the new fact, stated by the caller and fitted with the edit:
+            questions about the edit's own image (``image`` must be ``None``) with the answer each must
+            give after the edit ("In which country is the capital of this country?" -> "Spain" after
+            ``capital := Madrid``). The edit takes them in its scope, other wordings of them included.
         subject: a human-readable name of the edited entity (reports, model cards).
         relation: the relation id/name being edited (used to build hard negatives).
     """
@@ -78,6 +83,7 @@ class EditRequest:
     m_locality: list[Probe] = field(default_factory=list)
     coupled: list[Probe] = field(default_factory=list)
     portability: list[Probe] = field(default_factory=list)
+    consequences: list[Probe] = field(default_factory=list)
     subject: str | None = None
     relation: str | None = None
 
@@ -135,6 +141,10 @@ class EditRequest:
                     raise InvalidRequestError(f"{name}[{i}].answer must be a non-empty string", field=name)
                 if not isinstance(p.kind, str):
                     raise InvalidRequestError(f"{name}[{i}].kind must be a string", field=name)
+                if p.image is not None and name == "consequences":
+                    raise InvalidRequestError(
+                        f"consequences[{i}].image must be None: a consequence is asked about the edit's own image",
+                        field=name)
                 if p.image is not None:
                     p.image = _image(p.image, field=f"{name}[{i}].image")
                 fixed.append(p)
@@ -152,10 +162,10 @@ class EditRequest:
         return self.image is not None
 
     def without_probes(self) -> "EditRequest":
-        """The edit alone (image, prompt, target, ground truth, subject, relation): what an editor may see
-        when the request's probes are kept for evaluation."""
+        """The edit alone (image, prompt, target, ground truth, consequences, subject, relation): what an
+        editor may see when the request's probes are kept for evaluation."""
         return EditRequest(prompt=self.prompt, target=self.target, image=self.image, ground_truth=self.ground_truth,
-                           subject=self.subject, relation=self.relation)
+                           consequences=list(self.consequences), subject=self.subject, relation=self.relation)
 
     def fingerprint(self) -> str:
         """A short stable id of the edit (prompt, target, image bytes) for reports and model cards."""
@@ -172,7 +182,7 @@ class EditRequest:
 
         With ``image_root``, paths are written relative to it.
         """
-        return {
+        out = {
             "prompt": self.prompt,
             "target": self.target,
             "image": _image_ref(self.image, image_root),
@@ -186,6 +196,9 @@ class EditRequest:
             "subject": self.subject,
             "relation": self.relation,
         }
+        if self.consequences:  # only when given: files without them stay readable by older versions
+            out["consequences"] = [p.to_dict(image_root) for p in self.consequences]
+        return out
 
 
 @dataclass
