@@ -57,6 +57,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "PORTABILITY_QUESTIONS",
     "PRESUPPOSED_QUESTIONS",
+    "RELATED_QUESTIONS",
     "REVERSE_QUESTIONS",
     "build_mke_requests",
     "caller_consequences",
@@ -68,45 +69,47 @@ __all__ = [
     "usable_facts",
 ]
 
-#: Two-hop questions per relation: the answer is the country whose (canonical) answer the target is.
-PORTABILITY_QUESTIONS: dict[str, str] = {
-    "capital": "In which country is the capital of this country located?",
-    "currency": "Which country is the currency of this country originally from?",
-    "language": "Which country is the main language of this country originally from?",
+#: Related questions per relation, one wording per kind:
+#:
+#: * ``two_hop``: on the edit image; the answer is the country whose (canonical) answer the target is.
+#: * ``reverse``: text only, from an answer back to the entity it belongs to. Asked with the new target, the
+#:   edited model should name the edited entity; with the original answer, the unedited model must name it
+#:   (else the probe is not scored).
+#: * ``presupposed``: on the edit image, the new fact stated in the question's own wording: after
+#:   ``capital := Madrid``, "In which country is Madrid, the capital of this country?" expects ``Spain``. No edit
+#:   is needed to read the answer off the wording; the probe checks that the edit does not answer the fact it was
+#:   taught (or the entity) where the question has moved on. Filtered like reverse questions.
+#: * ``caller_two_hop`` / ``caller_reverse``: how a *caller* states those consequences
+#:   (:func:`caller_consequences`): other wordings than the probes', so a probe scored after an edit with
+#:   consequences is still a question no editor saw.
+RELATED_QUESTIONS: dict[str, dict[str, str]] = {
+    "capital": {
+        "two_hop": "In which country is the capital of this country located?",
+        "reverse": "Which country has {x} as its capital?",
+        "presupposed": "In which country is {x}, the capital of this country?",
+        "caller_two_hop": "Which country is this country's capital city in?",
+        "caller_reverse": "{x} is the capital of which country?",
+    },
+    "currency": {
+        "two_hop": "Which country is the currency of this country originally from?",
+        "reverse": "Which country uses the {x} as its currency?",
+        "presupposed": "Which country is the {x}, the currency of this country, from?",
+        "caller_two_hop": "Which country does this country's currency come from?",
+        "caller_reverse": "The {x} is the currency of which country?",
+    },
+    "language": {
+        "two_hop": "Which country is the main language of this country originally from?",
+        "reverse": "In which country is {x} the main language?",
+        "presupposed": "Which country is {x}, the main language of this country, from?",
+        "caller_two_hop": "Which country does this country's main language come from?",
+        "caller_reverse": "{x} is the main language of which country?",
+    },
 }
-
-#: Reverse questions per relation (text only): from an answer back to the entity it belongs to. Asked with
-#: the new target, the edited model should name the edited entity; with the original answer, the unedited
-#: model must name it (else the probe is not scored).
-REVERSE_QUESTIONS: dict[str, str] = {
-    "capital": "Which country has {x} as its capital?",
-    "currency": "Which country uses the {x} as its currency?",
-    "language": "In which country is {x} the main language?",
-}
-
-#: Questions that state the new fact in their own wording and ask what follows from it (on the edit image):
-#: after ``capital := Madrid``, "In which country is Madrid, the capital of this country?" expects ``Spain``.
-#: No edit is needed to read the answer off the wording; the probe checks that the edit does not answer the
-#: fact it was taught (or the entity) where the question has moved on. Filtered like reverse questions: asked
-#: with the original answer, the unedited model must name the entity.
-PRESUPPOSED_QUESTIONS: dict[str, str] = {
-    "capital": "In which country is {x}, the capital of this country?",
-    "currency": "Which country is the {x}, the currency of this country, from?",
-    "language": "Which country is {x}, the main language of this country, from?",
-}
-
-#: How a *caller* states the consequences of an edit (:func:`caller_consequences`): other wordings than the
-#: probes above, so a probe scored after an edit with consequences is still a question no editor saw.
-CALLER_TWO_HOP: dict[str, str] = {
-    "capital": "Which country is this country's capital city in?",
-    "currency": "Which country does this country's currency come from?",
-    "language": "Which country does this country's main language come from?",
-}
-CALLER_REVERSE: dict[str, str] = {
-    "capital": "{x} is the capital of which country?",
-    "currency": "The {x} is the currency of which country?",
-    "language": "{x} is the main language of which country?",
-}
+PORTABILITY_QUESTIONS: dict[str, str] = {r: q["two_hop"] for r, q in RELATED_QUESTIONS.items()}
+REVERSE_QUESTIONS: dict[str, str] = {r: q["reverse"] for r, q in RELATED_QUESTIONS.items()}
+PRESUPPOSED_QUESTIONS: dict[str, str] = {r: q["presupposed"] for r, q in RELATED_QUESTIONS.items()}
+CALLER_TWO_HOP: dict[str, str] = {r: q["caller_two_hop"] for r, q in RELATED_QUESTIONS.items()}
+CALLER_REVERSE: dict[str, str] = {r: q["caller_reverse"] for r, q in RELATED_QUESTIONS.items()}
 
 
 #: Eval-split view indices: the edit image is the view the build verified the answers on.
