@@ -67,8 +67,8 @@ class EditRequest:
         portability: related questions whose answer must follow from the new fact (evaluated only).
         consequences: what follows from the new fact, stated by the caller and fitted with the edit:
             questions about the edit's own image (``image`` must be ``None``) with the answer each must
-            give after the edit ("In which country is the capital of this country?" -> "Spain" after
-            ``capital := Madrid``). The edit takes them in its scope, other wordings of them included.
+            give after the edit ("In which city was this building's architect born?" -> "Reus" after
+            ``architect := Antoni Gaudi``). The edit takes them in its scope, other wordings of them included.
         subject: a human-readable name of the edited entity (reports, model cards).
         relation: the relation id/name being edited (used to build hard negatives).
     """
