@@ -132,7 +132,7 @@ def fit_delta(
     pool: NegativePool | None = None,
 ) -> tuple[int, float]:
     """Fit slot ``slot``'s low-rank deltas so every positive answers ``request.target`` (and each of the
-    request's ``consequences``, asked on the same views, answers its own answer).
+    request's ``consequences``, asked on the edit image, answers its own answer).
 
     Returns ``(steps taken, final teacher-forced accuracy on the positives)``. ``pool`` (the caller's
     negatives) lends its wordings of the edited relation to the positives (``delta_bank_wordings``).
@@ -168,9 +168,11 @@ def fit_delta(
     end = eos if isinstance(eos, str) and eos else ""
     rows_t = [request.target.strip() + end] * len(rows_q)
     # what follows from the new fact is fitted in the same slot: the router already takes these questions
-    # on the edit's image (they ask about the edited entity), and one slot keeps them in one scope
+    # on the edit's image (they ask about the edited entity), and one slot keeps them in one scope. On the
+    # edit image alone: every view of a consequence pulls the delta away from the edit's own answer on
+    # its unseen wordings, and the other views answer it anyway
     for c in request.consequences:
-        c_img, c_q = _positive_rows(imgs, [c.prompt], request.image is not None)
+        c_img, c_q = _positive_rows(imgs[:1], [c.prompt], request.image is not None)
         rows_img, rows_q, rows_t = rows_img + c_img, rows_q + c_q, rows_t + [c.answer.strip() + end] * len(c_q)
     eos_id = getattr(tok, "eos_token_id", None)
 

@@ -344,7 +344,8 @@ def editor_rows(requests: Sequence[EditRequest], config: LDKEConfig | None = Non
     for i, r in enumerate(requests):
         imgs, prompts = positive_views(r, seed=seed + i, n_views=cfg.auto_views,
                                        borrowed=delta_borrowed_wordings(r, pool, cfg.delta_bank_wordings))
-        out += list(zip(*_positive_rows(imgs, prompts + [c.prompt for c in r.consequences], r.image is not None)))
+        out += list(zip(*_positive_rows(imgs, prompts, r.image is not None)))
+        out += list(zip(*_positive_rows(imgs[:1], [c.prompt for c in r.consequences], r.image is not None)))
     rows, _ = router_rows(requests, cfg, pool, lambda key: 0, seed=seed)
     out += list(zip(rows.images, rows.prompts))
     for r in requests:  # the pack-level leak guard reads the requests' own locality probes
