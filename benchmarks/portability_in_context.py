@@ -48,9 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from ldke_peft.metrics import compute_metrics, mean_by_kind
 
     suite = load_suite("full", args.n_edits, split=args.split)
-    reqs = [r.without_probes() for r in suite.requests if r.portability]
-    for r, full in zip(reqs, [r for r in suite.requests if r.portability]):
-        r.portability = list(full.portability)
+    reqs = [dataclasses.replace(r.without_probes(), portability=list(r.portability)) for r in suite.requests if r.portability]
 
     def scores(rewrite) -> dict[str, float]:
         rows = []

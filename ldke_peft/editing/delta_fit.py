@@ -160,20 +160,13 @@ def fit_delta(
 
     borrowed = delta_borrowed_wordings(request, pool, cfg.delta_bank_wordings)
     imgs, prompts = positive_views(request, seed=seed, n_views=cfg.auto_views, borrowed=borrowed)
-    rows_img, rows_q = _positive_rows(imgs, prompts, request.image is not None)
     # fit the answer *and* the end of the answer: without the EOS the old answer's tail can carry on
     # after a shorter new target ("puro" -> "puro puet")
     tok = family.tokenizer(processor)
     eos = getattr(tok, "eos_token", None)
     end = eos if isinstance(eos, str) and eos else ""
-    rows_t = [request.target.strip() + end] * len(rows_q)
-    # what follows from the new fact is fitted in the same slot: the router already takes these questions
-    # on the edit's image (they ask about the edited entity), and one slot keeps them in one scope. On the
-    # edit image alone: every view of a consequence pulls the delta away from the edit's own answer on
-    # its unseen wordings, and the other views answer it anyway
-    for c in request.consequences:
-        c_img, c_q = _positive_rows(imgs[:1], [c.prompt], request.image is not None)
-        rows_img, rows_q, rows_t = rows_img + c_img, rows_q + c_q, rows_t + [c.answer.strip() + end] * len(c_q)
+    rows_img, rows_q, rows_t = delta_rows(request, imgs, prompts)
+    rows_t = [t + end for t in rows_t]
     eos_id = getattr(tok, "eos_token_id", None)
 
     n_steps = steps if steps is not None else cfg.edit_steps
@@ -413,6 +406,22 @@ def _argmax_hinge(logits: torch.Tensor, tgt_ids: torch.Tensor) -> torch.Tensor:
     other = logits.scatter(1, tgt_ids[:, None], float("-inf")).amax(-1)
     margin = 0.1 * logits.detach().std(-1)
     return torch.relu(other - z_t + margin).mean()
+
+
+def delta_rows(request: EditRequest, imgs: list[Any], prompts: list[str]) -> tuple[list[Any], list[str], list[str]]:
+    """``(images, questions, answers)`` of every row the delta is fitted on: each view with each wording
+    answers the target, and each of the request's ``consequences`` answers its own answer.
+
+    A consequence is fitted in the edit's own slot (the router already takes these questions on the edit's
+    image: they ask about the edited entity) and on the edit image alone: every further view of it pulls the
+    delta away from the edit's own answer on its unseen wordings, and the other views answer it anyway."""
+    has_image = request.image is not None
+    rows_img, rows_q = _positive_rows(imgs, prompts, has_image)
+    rows_t = [request.target.strip()] * len(rows_q)
+    for c in request.consequences:
+        c_img, c_q = _positive_rows(imgs[:1], [c.prompt], has_image)
+        rows_img, rows_q, rows_t = rows_img + c_img, rows_q + c_q, rows_t + [c.answer.strip()] * len(c_q)
+    return rows_img, rows_q, rows_t
 
 
 def _positive_rows(imgs: list[Any], prompts: list[str], has_image: bool) -> tuple[list[Any], list[str]]:

@@ -19,7 +19,7 @@ import torch
 
 from .augment import dedupe, generic_question_bank, paraphrases
 from ..tuner.config import LDKEConfig
-from .delta_fit import _positive_rows
+from .delta_fit import delta_rows
 from ..families import Family
 from ..tuner.model import LDKEModel, attach_tokenizer, _root_model
 from ..tuner.probe_features import collect_probe_features
@@ -344,8 +344,7 @@ def editor_rows(requests: Sequence[EditRequest], config: LDKEConfig | None = Non
     for i, r in enumerate(requests):
         imgs, prompts = positive_views(r, seed=seed + i, n_views=cfg.auto_views,
                                        borrowed=delta_borrowed_wordings(r, pool, cfg.delta_bank_wordings))
-        out += list(zip(*_positive_rows(imgs, prompts, r.image is not None)))
-        out += list(zip(*_positive_rows(imgs[:1], [c.prompt for c in r.consequences], r.image is not None)))
+        out += list(zip(*delta_rows(r, imgs, prompts)[:2]))
     rows, _ = router_rows(requests, cfg, pool, lambda key: 0, seed=seed)
     out += list(zip(rows.images, rows.prompts))
     for r in requests:  # the pack-level leak guard reads the requests' own locality probes
