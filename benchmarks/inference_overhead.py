@@ -157,14 +157,22 @@ def timed_both(fn: Callable[[], Any]) -> tuple[float, float]:
     return time.perf_counter() - w0, time.process_time() - c0
 
 
+def _sync() -> None:
+    """Wait for queued GPU kernels, so that a timing covers the work and not only its launch."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def run_generate(model: Any, inputs: dict[str, Any], new_tokens: int) -> None:
     with torch.no_grad():
         model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    _sync()
 
 
 def run_prefill(model: Any, inputs: dict[str, Any]) -> None:
     with torch.no_grad():
         model(**inputs)
+    _sync()
 
 
 def breakdown(pm: Any, batch: int, seq: int, reps: int = 50) -> dict[str, float]:
@@ -173,29 +181,31 @@ def breakdown(pm: Any, batch: int, seq: int, reps: int = 50) -> dict[str, float]
 
     router = pm.base_model.router("default")
     d = router.mu_v.shape[0]
-    h = torch.randn(batch, seq, d)
-    im = torch.zeros(batch, seq, dtype=torch.bool)
+    dev = router.mu_v.device
+    h = torch.randn(batch, seq, d, device=dev)
+    im = torch.zeros(batch, seq, dtype=torch.bool, device=dev)
     im[:, 2:6] = True
-    pm_mask = torch.ones(batch, seq, dtype=torch.bool)
+    pm_mask = torch.ones(batch, seq, dtype=torch.bool, device=dev)
     feats = pool_features(h, im, pm_mask)
     d_t = int(router.mu_t.shape[0])
     if feats[1].shape[1] != d_t:  # a sentence-encoder textual key: its width (the question_key_us row times it)
-        feats = (feats[0], torch.nn.functional.normalize(torch.randn(batch, d_t), dim=-1), feats[2])
+        feats = (feats[0], torch.nn.functional.normalize(torch.randn(batch, d_t, device=dev), dim=-1), feats[2])
 
     def med(fn):
         for _ in range(5):
             fn()
-        return 1e6 * statistics.median(timed(fn) for _ in range(reps))
+        return 1e6 * statistics.median(timed(lambda: (fn(), _sync())) for _ in range(reps))
 
     layers = pm.base_model.ldke_layers("default")
     edited = next(l for l in layers.values() if "default" in l.ldke_A)
-    x = torch.randn(batch, 1, edited.in_features)
+    x = torch.randn(batch, 1, edited.in_features, device=dev,
+                    dtype=edited.base_layer.weight.dtype)
     state = edited._routing
     saved = dict(state.slots)
-    state.slots["default"] = torch.zeros(batch, dtype=torch.long)  # every row routed to slot 0 (worst case)
+    state.slots["default"] = torch.zeros(batch, dtype=torch.long, device=dev)  # every row routed to slot 0 (worst case)
     k0 = edited.hosted_slots("default")
     if 0 not in k0:
-        state.slots["default"] = torch.full((batch,), k0[0], dtype=torch.long)
+        state.slots["default"] = torch.full((batch,), k0[0], dtype=torch.long, device=dev)
     with torch.no_grad():
         out = {
             "pool_features_us": med(lambda: pool_features(h, im, pm_mask)),
@@ -203,7 +213,7 @@ def breakdown(pm: Any, batch: int, seq: int, reps: int = 50) -> dict[str, float]
             "decode_layer_base_us": med(lambda: edited.base_layer(x)),
             "decode_layer_ldke_routed_us": med(lambda: edited(x)),
         }
-        state.slots["default"] = torch.full((batch,), -1, dtype=torch.long)
+        state.slots["default"] = torch.full((batch,), -1, dtype=torch.long, device=dev)
         out["decode_layer_ldke_unrouted_us"] = med(lambda: edited(x))
     state.slots.clear()
     state.slots.update(saved)
@@ -262,13 +272,15 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     base, proc, images, prompts, desc = load_model(kind, args.seed)
-    base = base.to(args.device).eval()
+    base = base.eval()
     load_s = time.perf_counter() - t0
     fam = family_of(base)
     anchor = (images[0], prompts[0])
     models: dict[str, Any] = {"base": base}
     for n in args.slots:
+        # packs are built on the CPU (their random tables come from a CPU generator), then moved
         models[f"ldke-{n}"] = make_pack(base, proc, n, anchor, args.rank, args.seed + n).to(args.device)
+    models["base"] = base = base.to(args.device)
     text_encoder = models[f"ldke-{args.slots[0]}"].peft_config["default"].router_text_encoder
     if text_encoder:
         from ldke_peft.tuner.question_key import load_encoder

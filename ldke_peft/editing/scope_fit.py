@@ -80,7 +80,25 @@ def fit_router(
     With ``memory`` (what earlier calls on the same pack recorded) every new slot's radii are also checked
     against the locality probes of every request the pack was edited with, and every earlier slot's
     against this call's probes (:func:`guard_leaks`); ``memory`` is then extended with this call's slots.
+
+    The fit runs on the CPU whatever the model's device: the probe features it works on are CPU tensors
+    (:func:`~ldke_peft.tuner.probe_features.collect_probe_features`), the router is a few small tables,
+    and every forward pass made meanwhile forces its slots (the router is not consulted). The router
+    goes back to its device afterwards, also when the fit raises.
     """
+    router = peft_model.base_model.router(adapter_name)
+    home = router.keys_v.device
+    router.to("cpu")
+    try:
+        return _fit_router(peft_model, processor, requests, slots, adapter_name=adapter_name, pool=pool,
+                           refit_projection=refit_projection, seed=seed, memory=memory)
+    finally:
+        router.to(home)
+
+
+def _fit_router(peft_model: Any, processor: Any, requests: Sequence[EditRequest], slots: Sequence[int], *,
+                adapter_name: str, pool: NegativePool | None, refit_projection: bool, seed: int,
+                memory: "ScopeMemory | None") -> list[SlotCalibration]:
     cfg: LDKEConfig = peft_model.peft_config[adapter_name]
     tuner: LDKEModel = peft_model.base_model
     router = tuner.router(adapter_name)
