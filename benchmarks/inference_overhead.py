@@ -233,7 +233,7 @@ def question_key_us(pm: Any, fam: Any, inputs: dict[str, Any], reps: int = 20) -
     mask = inputs["attention_mask"].bool() & ~fam.image_mask(root, ids)
     tok = routing_state_of(root).tokenizer
     enc = load_encoder(router.text_encoder)
-    fn = lambda: enc.encode(question_texts(tok, ids, mask, router.text_frame))  # noqa: E731
+    fn = lambda: enc.encode(question_texts(tok, ids, mask, router.text_frame), device=ids.device)  # noqa: E731
     for _ in range(3):
         fn()
     return 1e6 * statistics.median(timed(fn) for _ in range(reps))

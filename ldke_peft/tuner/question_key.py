@@ -103,10 +103,28 @@ class SentenceEncoder:
         #: how many questions' embeddings are kept (0 = none: every call encodes)
         self.memo_size = memo_size
         self._lock = threading.Lock()
+        self._replicas: dict[torch.device, Any] = {}
+
+    def _model_on(self, device: torch.device | str | None) -> Any:
+        """The encoder on ``device`` (one float32 copy per accelerator, made at first use): on a GPU the
+        CPU encoder would cost a served prefill more than the model's own forward."""
+        device = torch.device("cpu") if device is None else torch.device(device)
+        if device.type == "cpu":
+            return self.model
+        rep = self._replicas.get(device)
+        if rep is None:
+            import copy
+
+            rep = self._replicas[device] = copy.deepcopy(self.model).to(device)
+        return rep
 
     @torch.no_grad()
-    def encode(self, texts: Sequence[str]) -> torch.Tensor:
-        """``(len(texts), dim)`` fp32 CPU embeddings."""
+    def encode(self, texts: Sequence[str], device: torch.device | str | None = None) -> torch.Tensor:
+        """``(len(texts), dim)`` fp32 CPU embeddings, computed on ``device`` (default: the CPU).
+
+        The routing hooks and the fit's probe features pass the model's device, so a pack on a GPU is
+        calibrated and served with the GPU's arithmetic (the memo keeps one embedding per question,
+        whichever device made it)."""
         if not texts:
             return torch.zeros(0, self.dim)
         with self._lock:
@@ -115,10 +133,12 @@ class SentenceEncoder:
             got = {t: self._memo[t] for t in texts if t in self._memo}
             todo = list(dict.fromkeys(t for t in texts if t not in got))
             if todo:
-                batch = self.tokenizer(todo, padding=True, truncation=True, max_length=128, return_tensors="pt")
-                hidden = self.model(**batch).last_hidden_state
+                model = self._model_on(device)
+                batch = self.tokenizer(todo, padding=True, truncation=True, max_length=128,
+                                       return_tensors="pt").to(model.device)
+                hidden = model(**batch).last_hidden_state
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                emb = F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0), dim=-1)
+                emb = F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0), dim=-1).cpu()
                 for t, e in zip(todo, emb):
                     got[t] = self._memo[t] = e
                 while len(self._memo) > self.memo_size:

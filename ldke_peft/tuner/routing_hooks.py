@@ -263,7 +263,7 @@ def _route_by_question(state: RoutingState, router: Any, feats: tuple, input_ids
     if todo:
         sel = torch.tensor(todo, device=input_ids.device)
         qs = question_texts(_state_tokenizer(state), input_ids[sel], text_mask.to(input_ids.device)[sel], key[1])
-        for i, f in zip(todo, load_encoder(key[0]).encode(qs)):
+        for i, f in zip(todo, load_encoder(key[0]).encode(qs, device=visual.device)):
             known[i] = f
     t = torch.stack([known[int(i)] for i in rows.tolist()]).to(visual.device)
     if router.text_probe:
