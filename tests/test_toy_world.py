@@ -128,6 +128,28 @@ def test_one_thread_restores_on_error():
         tw.build_world(0, 2, evaluate=False, steps=0)
 
 
+def test_compose_holdout_leaves_those_entities_compositions_untrained(caplog):
+    """``compose_holdout`` (the composition study, issue #23) drops exactly the held-out entities' composed
+    questions from training; a share outside [0, 1) is refused before any training."""
+    import logging
+    import re
+
+    from ldke_peft.testing.toy_world.spec import IMAGE_TEMPLATES, RELATED
+
+    rows = {}
+    for share in (0.0, 0.5):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="ldke_peft.testing.toy_world.build"):
+            world = tw.build_world(0, 4, evaluate=False, steps=1, compose_holdout=share)
+        rows[share] = int(re.search(r"(\d+) image rows", caplog.text).group(1))
+        held = world.spec.build_info.get("compose_heldout", [])
+        assert len(held) == int(4 * share) and set(held) <= set(world.spec.entities)
+    per_entity = sum(len(IMAGE_TEMPLATES[info["composed"]][0]) for info in RELATED.values())
+    assert rows[0.0] - rows[0.5] == 2 * per_entity
+    with pytest.raises(ValueError, match="compose_holdout"):
+        tw.build_world(0, 4, evaluate=False, steps=1, compose_holdout=1.0)
+
+
 # ---------------------------------------------------------------------- the trained world
 
 

@@ -15,7 +15,8 @@ from typing import Any, Iterator, Sequence
 import torch
 from PIL import Image
 
-from .spec import DEFAULT_N_ENTITIES, EOS, IMAGE_SIZE, IMAGE_TEMPLATES, PATCH_SIZE, TEXT_TEMPLATES, WorldSpec, _recipe, _Recipe, make_spec
+from .spec import (DEFAULT_N_ENTITIES, EOS, IMAGE_SIZE, IMAGE_TEMPLATES, PATCH_SIZE, RELATED, TEXT_TEMPLATES, WorldSpec, _recipe,
+                   _Recipe, make_spec)
 from .world import ToyWorld, _render
 
 logger = logging.getLogger(__name__)
@@ -121,10 +122,13 @@ class _Rows:
     entity: torch.Tensor  # entity index for image rows, -1 for text rows
 
 
-def _tokenise_rows(family: Any, processor: Any, spec: WorldSpec, render0: list[Image.Image]) -> tuple[_Rows, _Rows]:
+def _tokenise_rows(family: Any, processor: Any, spec: WorldSpec, render0: list[Image.Image],
+                   untrained: frozenset[tuple[str, str]] = frozenset()) -> tuple[_Rows, _Rows]:
     img_items, txt_items = [], []
     for i, e in enumerate(spec.entities):
         for rel, (train_t, _) in IMAGE_TEMPLATES.items():
+            if (e, rel) in untrained:
+                continue
             for t in train_t:
                 img_items.append((i, t, spec.answers[rel][e]))
     for trel, by_s in spec.hops.items():
@@ -279,19 +283,34 @@ def one_thread() -> Iterator[None]:
 
 
 def build_world(
-    seed: int = 0, n_entities: int = DEFAULT_N_ENTITIES, *, evaluate: bool = True, steps: int | None = None
+    seed: int = 0, n_entities: int = DEFAULT_N_ENTITIES, *, evaluate: bool = True, steps: int | None = None,
+    compose_holdout: float = 0.0,
 ) -> ToyWorld:
     """Generate and train a world (no cache). :func:`toy_world` is the cached entry point.
 
     Runs on one torch thread (:func:`one_thread`), so the weights are the same whatever the caller's
     thread settings. ``steps`` overrides the recipe's number of training steps (tests of the build
-    itself; a world trained for fewer steps does not know its facts).
+    itself; a world trained for fewer steps does not know its facts). ``compose_holdout``: the share of
+    entities whose composed questions are *not* trained (listed in ``spec.build_info["compose_heldout"]``):
+    whether the world answers those anyway tells composition from memorisation. 0 (the cached worlds)
+    changes nothing.
     """
     with one_thread():
-        return _build_world(seed, n_entities, evaluate=evaluate, steps=steps)
+        return _build_world(seed, n_entities, evaluate=evaluate, steps=steps, compose_holdout=compose_holdout)
 
 
-def _build_world(seed: int, n_entities: int, *, evaluate: bool, steps: int | None) -> ToyWorld:
+def _heldout_compositions(spec: WorldSpec, share: float, seed: int) -> list[str]:
+    """The entities whose composed questions are left out of training (a fixed draw per seed)."""
+    import random
+
+    if not 0.0 <= share < 1.0:
+        raise ValueError(f"compose_holdout must be in [0, 1), got {share}")
+    k = int(round(share * len(spec.entities)))
+    return sorted(random.Random(f"compose-{seed}").sample(list(spec.entities), k)) if k else []
+
+
+def _build_world(seed: int, n_entities: int, *, evaluate: bool, steps: int | None,
+                 compose_holdout: float = 0.0) -> ToyWorld:
     from ...families import family_of
 
     if steps is not None and steps < 1:
@@ -305,7 +324,10 @@ def _build_world(seed: int, n_entities: int, *, evaluate: bool, steps: int | Non
     model = _build_model(spec, processor, recipe, seed)
     family = family_of(model)
     render0 = [_render(spec, i, 0) for i in range(n_entities)]
-    img_rows, txt_rows = _tokenise_rows(family, processor, spec, render0)
+    heldout = _heldout_compositions(spec, compose_holdout, seed)
+    composed = [info["composed"] for info in RELATED.values()]
+    img_rows, txt_rows = _tokenise_rows(family, processor, spec, render0,
+                                        frozenset((e, rel) for e in heldout for rel in composed))
     unk = processor.tokenizer.unk_token_id
     if bool((img_rows.input_ids == unk).any() or (txt_rows.input_ids == unk).any()):
         raise RuntimeError("toy world tokenizer produced <unk>; the vocabulary is incomplete")
@@ -321,6 +343,8 @@ def _build_world(seed: int, n_entities: int, *, evaluate: bool, steps: int | Non
     info["torch_threads"] = torch.get_num_threads()
     info["params"] = sum(p.numel() for p in model.parameters())
     info["recipe"] = recipe.__dict__
+    if heldout:
+        info["compose_heldout"] = heldout
     spec.build_info = info
     world = ToyWorld(model=model, processor=processor, spec=spec)
     if evaluate:
