@@ -1,8 +1,9 @@
 """Does an edit made on a CUDA GPU behave as one made on the CPU, in float32 and in bfloat16?
 
-On the toy world (:mod:`ldke_peft.testing.toy_world`), the same ``n`` edits (one call, one pack) are made
-three times (half in one call, the rest appended to the same pack in a second): on the CPU in float32 (the reference), on ``--device`` in float32 and on ``--device`` in
-bfloat16 (the whole model cast, as a user serving in bf16 would). Each pack is scored with
+On the toy world (:mod:`ldke_peft.testing.toy_world`), the same ``n`` edits (half in one call, the rest
+appended to the same pack in a second) are made three times: on the CPU in float32 (the reference), on
+``--device`` in float32 and on ``--device`` in bfloat16 (the whole model cast, as a user serving in bf16
+would); the question encoder's memo is emptied before each, so each encodes on its own device. Each pack is scored with
 :func:`ldke_peft.evaluate` where it was made, saved, and reloaded with ``PeftModel.from_pretrained`` onto a
 fresh float32 CPU base, where it is scored again: a pack made on a GPU must serve on a CPU. Edit times are
 wall clock with ``torch.cuda.synchronize``; GPU against CPU is a ratio within the same run.
@@ -43,6 +44,10 @@ def _scores(metrics: dict) -> dict:
 
 
 def stage(device: str, dtype: torch.dtype, n: int, seed: int, out: dict) -> None:
+    from ldke_peft.tuner.question_key import _ENCODERS
+
+    for enc in _ENCODERS.values():  # each stage encodes its questions on its own device, not from the memo
+        enc.clear_memo()
     world = toy_world(seed)
     requests = world.edit_requests(n, seed=seed)
     model = world.model.to(device=device, dtype=dtype)

@@ -22,16 +22,17 @@ import json
 import logging
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from ldke_peft.testing.toy_world import build_world
+from ldke_peft.testing.toy_world import ToyWorld, build_world
 from ldke_peft.testing.toy_world.spec import IMAGE_TEMPLATES, RELATED, TEXT_TEMPLATES
 
 
-def probe(world, entities: list[str], n_views: int = 2) -> dict:
+def probe(world: "ToyWorld", entities: list[str], n_views: int = 2) -> dict:
     """Per relation: composed accuracy, hop accuracies and composed accuracy where both hops are right."""
     spec = world.spec
     rows = []  # (relation, entity, kind, image, prompt, answer)
@@ -77,14 +78,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    report = {"command": "python benchmarks/toy_composition.py " + " ".join(argv or __import__("sys").argv[1:]),
+    report = {"command": "python benchmarks/toy_composition.py " + " ".join(argv or sys.argv[1:]),
               "commit": commit, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
               "worlds": []}
     for n in args.sizes:
         t0 = time.perf_counter()
         world = build_world(args.seed, n, evaluate=False, compose_holdout=args.holdout)
-        held = world.spec.build_info["compose_heldout"]
+        held = world.spec.build_info.get("compose_heldout", [])
         trained = [e for e in world.spec.entities if e not in set(held)]
+        if not held or not trained:
+            raise SystemExit(f"--holdout {args.holdout} leaves {len(held)} of {n} entities out: nothing to compare")
         row = {"n_entities": n, "holdout": args.holdout, "build_seconds": time.perf_counter() - t0,
                "held_out_entities": len(held), "recipe": world.spec.build_info["recipe"],
                "held_out": probe(world, held[: args.max_entities]),

@@ -311,11 +311,23 @@ def test_interrupt_mid_edit_rolls_back(llava):
         handle.remove()
 
 
+def _assert_pack_as_before(pack, proc, before: dict, image) -> None:
+    """Same modules, hooks, flags and tensors as in ``before``, and the pack's one slot still routes ``image``."""
+    after = snapshot(pack)
+    assert after["modules"] == before["modules"]
+    assert after["hooks"] == before["hooks"]
+    assert after["requires_grad"] == before["requires_grad"]
+    assert after["state"].keys() == before["state"].keys()
+    assert all(torch.equal(v, after["state"][k]) for k, v in before["state"].items())
+    with torch.no_grad():
+        pack(**ldke_peft.family_of(pack).build_inputs(proc, [image], [PROMPT]).inputs)
+    assert pack.base_model.last_routing("default").tolist() == [0]
+
+
 def test_interrupt_while_appending_to_a_pack_rolls_the_pack_back(llava):
     """Sequential editing: a failure while adding slots (here on a layer the pack did not wrap yet) leaves the
     pack with exactly its previous slots, tensors, wrapped layers and hooks; it still routes, saves and grows."""
     model, proc = llava
-    fam = ldke_peft.family_of(model)
     first = EditRequest(image=_flag(), prompt=PROMPT, target="Lyon")
     pack = ldke_peft.edit(model, proc, [first], _cfg(), progress=False)
     cfg = pack.peft_config["default"]
@@ -329,19 +341,43 @@ def test_interrupt_while_appending_to_a_pack_rolls_the_pack_back(llava):
             ldke_peft.edit(pack, proc, [second], pack=pack, progress=False)
     finally:
         handle.remove()
-    after = snapshot(pack)
     assert cfg.to_dict() == cfg_before
-    assert after["modules"] == before["modules"]
-    assert after["hooks"] == before["hooks"]
-    assert after["requires_grad"] == before["requires_grad"]
-    assert after["state"].keys() == before["state"].keys()
-    assert all(torch.equal(v, after["state"][k]) for k, v in before["state"].items())
-    with torch.no_grad():
-        pack(**fam.build_inputs(proc, [first.image], [PROMPT]).inputs)
-    assert pack.base_model.last_routing("default").tolist() == [0]
+    _assert_pack_as_before(pack, proc, before, first.image)
     # the pack grows normally afterwards
     ldke_peft.edit(pack, proc, [second], pack=pack, progress=False)
     assert cfg.num_slots == 2 and cfg.slot_layers == [[2], [3]]
+
+
+def test_a_peft_model_of_another_method_is_refused(llava):
+    """LDKE packs go on the base model or beside LDKE packs; a LoRA-wrapped model is refused, untouched."""
+    from peft import LoraConfig, get_peft_model
+
+    model, proc = llava
+    lora = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    before = snapshot(lora)
+    with pytest.raises(UnsupportedModelError, match="LORA.*merge_and_unload"):
+        ldke_peft.edit(lora, proc, [EditRequest(image=_flag(), prompt=PROMPT, target="Lyon")], _cfg(), progress=False)
+    after = snapshot(lora)
+    assert after["modules"] == before["modules"] and after["hooks"] == before["hooks"]
+    assert list(lora.peft_config) == ["default"] and not any(isinstance(m, LDKELayer) for m in lora.modules())
+
+
+def test_interrupt_while_adding_a_second_pack_leaves_the_first_as_it_was(llava):
+    """A new adapter on a PeftModel of LDKE packs (``adapter_name`` it does not have): a failure mid-fit removes
+    that adapter and nothing else; the first pack keeps its slots, hooks, active set and routing."""
+    model, proc = llava
+    first = EditRequest(image=_flag(), prompt=PROMPT, target="Lyon")
+    pack = ldke_peft.edit(model, proc, [first], _cfg(), progress=False)
+    before = snapshot(pack)
+    second = EditRequest(image=_flag((30, 160, 30)), prompt=PROMPT, target="Rome")
+    handle = _interrupt_when(model, lambda: "other" in pack.peft_config)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ldke_peft.edit(pack, proc, [second], _cfg(fixed_layers=[3]), adapter_name="other", progress=False)
+    finally:
+        handle.remove()
+    assert list(pack.peft_config) == ["default"] and pack.base_model.active_adapters == ["default"]
+    _assert_pack_as_before(pack, proc, before, first.image)
 
 
 def test_unknown_corruption_is_refused():

@@ -266,6 +266,40 @@ def test_the_delta_answers_the_callers_own_wordings_of_the_edited_relation(world
             pm.unload()
 
 
+def test_a_second_pack_goes_beside_the_first_and_both_answer(world, world_pool, tmp_path):
+    """``edit(pack, ..., adapter_name=new)`` adds a pack to the same PeftModel (no PeftModel inside a PeftModel)
+    and leaves both active: here an image edit and a text-only edit of another fact, each answered, an
+    unrelated question unchanged, and both packs saved and reloaded as PEFT saves two adapters."""
+    from peft import PeftModel
+
+    r = editor_view(world.edit_requests(1, seed=3)[0])
+    other = next(e for e in world.entities if e != r.subject)
+    q = world.text_prompt("capital_of", r.subject)
+    old = ask(world, world.model, None, q)
+    new = next(c for c in world.answer_vocab("capital_of") if c != old)
+    untouched = {x: ask(world, world.model, None, x) for x in (world.text_prompt("capital_of", other),)}
+    pm = ldke_peft.edit(world.model, world.processor, [r], negatives=world_pool, progress=False)
+    try:
+        same = ldke_peft.edit(pm, world.processor, [EditRequest(prompt=q, target=new)], negatives=world_pool,
+                              adapter_name="text", progress=False)
+        assert same is pm and not isinstance(pm.base_model.model, PeftModel)
+        assert pm.base_model.active_adapters == ["default", "text"]
+        assert ask(world, pm, r.image, r.prompt) == r.target
+        assert ask(world, pm, None, q) == new
+        assert {x: ask(world, pm, None, x) for x in untouched} == untouched
+        pm.save_pretrained(tmp_path / "packs")
+    finally:
+        pm.unload()
+    loaded = PeftModel.from_pretrained(world.model, tmp_path / "packs")
+    try:
+        loaded.load_adapter(str(tmp_path / "packs" / "text"), adapter_name="text")
+        loaded.base_model.set_adapter(["default", "text"])
+        assert ask(world, loaded, r.image, r.prompt) == r.target
+        assert ask(world, loaded, None, q) == new
+    finally:
+        loaded.unload()
+
+
 def test_a_stated_consequence_is_answered_in_other_words_and_nothing_coupled_moves(world, world_pool, tmp_path):
     """``EditRequest.consequences``: the caller states what follows from the new fact (the composed
     question after ``capital := C'`` answers the river of C'); the edit answers it in a wording it was not

@@ -128,24 +128,28 @@ def test_one_thread_restores_on_error():
         tw.build_world(0, 2, evaluate=False, steps=0)
 
 
-def test_compose_holdout_leaves_those_entities_compositions_untrained(caplog):
+def test_compose_holdout_leaves_those_entities_compositions_untrained():
     """``compose_holdout`` (the composition study, issue #23) drops exactly the held-out entities' composed
-    questions from training; a share outside [0, 1) is refused before any training."""
-    import logging
-    import re
+    questions from training, nothing else; a share outside [0, 1) is refused before anything is built."""
+    from ldke_peft.families import get_family
+    from ldke_peft.testing.toy_world.build import _build_processor, _heldout_compositions, _tokenise_rows
+    from ldke_peft.testing.toy_world.spec import IMAGE_TEMPLATES, RELATED, make_spec
+    from ldke_peft.testing.toy_world.world import _render
 
-    from ldke_peft.testing.toy_world.spec import IMAGE_TEMPLATES, RELATED
-
-    rows = {}
-    for share in (0.0, 0.5):
-        caplog.clear()
-        with caplog.at_level(logging.INFO, logger="ldke_peft.testing.toy_world.build"):
-            world = tw.build_world(0, 4, evaluate=False, steps=1, compose_holdout=share)
-        rows[share] = int(re.search(r"(\d+) image rows", caplog.text).group(1))
-        held = world.spec.build_info.get("compose_heldout", [])
-        assert len(held) == int(4 * share) and set(held) <= set(world.spec.entities)
-    per_entity = sum(len(IMAGE_TEMPLATES[info["composed"]][0]) for info in RELATED.values())
-    assert rows[0.0] - rows[0.5] == 2 * per_entity
+    spec = make_spec(0, 4, 2)
+    held = _heldout_compositions(spec, 0.5, seed=0)
+    assert len(held) == 2 and set(held) <= set(spec.entities)
+    assert held == _heldout_compositions(make_spec(0, 4, 2), 0.5, seed=0)  # a fixed draw per seed
+    composed = [info["composed"] for info in RELATED.values()]
+    processor, family = _build_processor(spec), get_family("llava")
+    render0 = [_render(spec, i, 0) for i in range(4)]
+    full_img, full_txt = _tokenise_rows(family, processor, spec, render0)
+    img, txt = _tokenise_rows(family, processor, spec, render0, frozenset((e, r) for e in held for r in composed))
+    per_entity_composed = sum(len(IMAGE_TEMPLATES[r][0]) for r in composed)
+    for i, e in enumerate(spec.entities):
+        dropped = int((full_img.entity == i).sum() - (img.entity == i).sum())
+        assert dropped == (per_entity_composed if e in held else 0), e
+    assert torch.equal(full_txt.input_ids, txt.input_ids)  # the text facts (both hops' second) all stay
     with pytest.raises(ValueError, match="compose_holdout"):
         tw.build_world(0, 4, evaluate=False, steps=1, compose_holdout=1.0)
 

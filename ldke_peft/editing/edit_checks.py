@@ -11,7 +11,7 @@ import math
 from typing import Any, Sequence
 
 from ..tuner.config import LDKEConfig
-from ..errors import InvalidRequestError
+from ..errors import InvalidRequestError, UnsupportedModelError
 from ..families import Family, base_model_of
 from ..tuner.model import _root_model
 from ..requests import EditRequest
@@ -35,6 +35,22 @@ def _check_pack(model: Any, pack: Any, adapter_name: str) -> None:
         raise InvalidRequestError(
             "model and pack are different models: pass the pack itself (or the model it wraps) as model",
             field="pack",
+        )
+
+
+def _check_host(model: Any) -> None:
+    """A ``PeftModel`` given as ``model`` (with no ``pack``) gets the new pack as one more adapter beside its
+    LDKE packs; a PeftModel of another PEFT method is refused (an LDKE pack wrapped around another tuner's
+    layers would edit and route a model that no longer exists once that adapter is unloaded)."""
+    from peft import PeftModel
+
+    from ..tuner.model import LDKEModel
+
+    if isinstance(model, PeftModel) and not isinstance(model.base_model, LDKEModel):
+        kinds = sorted({str(getattr(c, "peft_type", "?")).rsplit(".", 1)[-1] for c in model.peft_config.values()})
+        raise UnsupportedModelError(
+            f"model is a PeftModel with {'/'.join(kinds)} adapter(s): LDKE packs go on the base model or beside "
+            "other LDKE packs. Call merge_and_unload() (or unload()) first, then edit the model it returns."
         )
 
 

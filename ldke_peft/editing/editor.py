@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..tuner.config import LDKEConfig
 from .delta_fit import EditDivergedError, fit_delta, fit_step_bound
-from .edit_checks import _check_config, _check_lengths, _check_processor, _check_pack
+from .edit_checks import _check_config, _check_host, _check_lengths, _check_processor, _check_pack
 from ..errors import InvalidRequestError
 from ..families import family_of
 from ..tuner.layer import LDKELayer
@@ -81,7 +81,10 @@ def edit(
     """Edit ``model`` so that each request's image + prompt answers its target, and nothing else changes.
 
     Args:
-        model: a transformers MLLM of a supported family (or a ``PeftModel`` with an LDKE pack).
+        model: a transformers MLLM of a supported family, or a ``PeftModel`` with LDKE packs: with an
+            ``adapter_name`` it has, the edits are appended to that pack; with a new one, a new pack is added
+            beside the others (PEFT's ``add_adapter``) and is active together with the packs that were
+            active. A ``PeftModel`` of another PEFT method is refused (:class:`UnsupportedModelError`).
         processor: its processor.
         requests: one or more :class:`EditRequest`.
         config: an :class:`LDKEConfig` (defaults from the model family when ``None``).
@@ -106,10 +109,12 @@ def edit(
     requests = list(requests)
     if not requests:
         raise InvalidRequestError("edit() needs at least one EditRequest", field="requests")
-    if pack is None and isinstance(model, PeftModel) and adapter_name in model.peft_config:
+    if pack is None and isinstance(model, PeftModel) and isinstance(model.peft_config.get(adapter_name), LDKEConfig):
         pack = model
     if pack is not None:
         _check_pack(model, pack, adapter_name)
+    else:
+        _check_host(model)
     family = family_of(pack if pack is not None else model)
     tok = family.tokenizer(processor)
     for i, r in enumerate(requests):
@@ -137,7 +142,7 @@ def edit(
 
 def _edit(model, processor, requests, config, family, *, pack, adapter_name, negatives, progress, cache_hidden, seed):
     """The edit loop proper (inputs already validated); see :func:`edit`."""
-    from peft import get_peft_model
+    from peft import PeftModel, get_peft_model
 
     if pack is not None:
         cfg: LDKEConfig = pack.peft_config[adapter_name]
@@ -174,12 +179,18 @@ def _edit(model, processor, requests, config, family, *, pack, adapter_name, neg
 
     meta = [_edit_meta(r) for r in requests]
     # 2. create or grow the pack
+    host = model if pack is None and isinstance(model, PeftModel) else None  # a new pack beside LDKE packs
+    was_active = list(host.base_model.active_adapters) if host is not None else []
     if pack is None:
         cfg.slot_layers = slot_layers
         cfg.num_slots = len(slot_layers)
         cfg.edits = meta
         cfg.base_model_name_or_path = getattr(root, "name_or_path", None) or cfg.base_model_name_or_path
-        peft_model = get_peft_model(model, cfg, adapter_name=adapter_name)
+        if host is not None:
+            host.add_adapter(adapter_name, cfg)
+            peft_model = host
+        else:
+            peft_model = get_peft_model(model, cfg, adapter_name=adapter_name)
         new_slots = list(range(len(requests)))
         fresh = True
     else:
@@ -189,7 +200,8 @@ def _edit(model, processor, requests, config, family, *, pack, adapter_name, neg
         fresh = False
     tuner: LDKEModel = peft_model.base_model
     cfg = peft_model.peft_config[adapter_name]
-    tuner.set_adapter(adapter_name) if len(tuner.active_adapters) == 1 else None
+    # the fit forces slots per call, not per adapter: only the pack being edited may be active meanwhile
+    tuner.set_adapter(adapter_name) if len(tuner.active_adapters) == 1 or host is not None else None
 
     # 3. localized update, one slot at a time
     reports: list[SlotReport] = []
@@ -213,7 +225,9 @@ def _edit(model, processor, requests, config, family, *, pack, adapter_name, neg
 
     # 4. Disentanglement Classifier
     t0 = time.perf_counter()
-    old_memory = None if fresh else getattr(peft_model, "ldke_scope_memory", None)
+    memories = getattr(peft_model, "ldke_scope_memory", None)
+    memories = memories if isinstance(memories, dict) else {}
+    old_memory = None if fresh else memories.get(adapter_name)
     memory = old_memory.copy() if isinstance(old_memory, ScopeMemory) else ScopeMemory()
     cals = fit_router(peft_model, processor, requests, new_slots, adapter_name=adapter_name, pool=pool,
                       refit_projection=fresh, seed=seed, memory=memory)
@@ -230,7 +244,9 @@ def _edit(model, processor, requests, config, family, *, pack, adapter_name, neg
         cfg.edits[s]["layers"] = rep.layers
     prev = getattr(peft_model, "ldke_reports", [])
     peft_model.ldke_reports = list(prev) + reports
-    peft_model.ldke_scope_memory = memory
+    peft_model.ldke_scope_memory = {**memories, adapter_name: memory}  # per pack: each guards its own slots
+    if host is not None:  # the new pack works beside the packs that were active
+        tuner.set_adapter(list(dict.fromkeys(was_active + [adapter_name])))
     peft_model.eval()
     return peft_model
 
@@ -266,8 +282,13 @@ class _Rollback:
     _ROOT_ATTRS = ("peft_config", "_ldke_routing_state")
 
     def __init__(self, model: Any, pack: Any | None, adapter_name: str):
+        from peft import PeftModel
+
         self.pack = pack
         self.adapter_name = adapter_name
+        # a new pack added to a PeftModel of LDKE packs: those packs, their hooks and their active set stay
+        self.host = model if pack is None and isinstance(model, PeftModel) else None
+        self.active = list(self.host.base_model.active_adapters) if self.host is not None else []
         self.root = _root_model(pack if pack is not None else model)
         self.training = [(m, m.training) for m in self.root.modules()]
         self.requires_grad = [(p, p.requires_grad) for p in self.root.parameters()]
@@ -293,7 +314,13 @@ class _Rollback:
     def restore(self) -> None:
         # 1. unwrap every layer this call wrapped (all of them for a fresh edit)
         state = self.root.__dict__.get("_ldke_routing_state")
-        if self.pack is None and state is not None:
+        if self.host is not None:
+            self.host.base_model.set_adapter(self.active)  # first: deleting an active adapter warns
+            if self.adapter_name in self.host.peft_config:
+                self.host.base_model.delete_adapter(self.adapter_name)
+            if state is not None:
+                state.reset_call()  # an interrupted forward (Ctrl-C) can leave a half-recorded call behind
+        elif self.pack is None and state is not None:
             state.remove_all()
         for name, m in list(self.root.named_modules()):
             if isinstance(m, LDKELayer) and id(m) not in self.wrapped:

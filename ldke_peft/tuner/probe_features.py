@@ -90,7 +90,7 @@ def collect_probe_features(
 
             pm = built.prompt_mask.to(image_mask.device).bool()
             enc = load_encoder(text_key[0]).encode(question_texts(tokenizer, built.input_ids, pm & ~image_mask, text_key[1]),
-                                                   device=device)
+                                                   device=hidden.device)  # where serving encodes (routing_hooks)
             t = torch.cat([t.float().cpu(), enc], dim=1) if with_probe else enc
         out_v.append(v.cpu())
         out_t.append(t.cpu())

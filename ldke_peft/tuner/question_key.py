@@ -16,6 +16,7 @@ Layer: tuner (README "Architecture"): imports only data and tuner modules, never
 
 from __future__ import annotations
 
+import copy
 import importlib
 import logging
 import os
@@ -111,20 +112,26 @@ class SentenceEncoder:
         device = torch.device("cpu") if device is None else torch.device(device)
         if device.type == "cpu":
             return self.model
+        if device.type == "cuda" and device.index is None:  # one copy per card, however it is named
+            device = torch.device("cuda", torch.cuda.current_device())
         rep = self._replicas.get(device)
         if rep is None:
-            import copy
-
             rep = self._replicas[device] = copy.deepcopy(self.model).to(device)
         return rep
+
+    def clear_memo(self) -> None:
+        """Forget every memoised embedding (a measurement that must encode again, on another device)."""
+        with self._lock:
+            self._memo.clear()
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str], device: torch.device | str | None = None) -> torch.Tensor:
         """``(len(texts), dim)`` fp32 CPU embeddings, computed on ``device`` (default: the CPU).
 
-        The routing hooks and the fit's probe features pass the model's device, so a pack on a GPU is
-        calibrated and served with the GPU's arithmetic (the memo keeps one embedding per question,
-        whichever device made it)."""
+        The routing hooks and the fit's probe features pass the device of the probe layer's hidden states.
+        The memo keeps one embedding per question, whichever device made it (a CPU and a GPU embedding of
+        one question differ by rounding, far inside any radius). Always in float32: a caller's autocast does
+        not reach the encoder, whose embeddings the pack's radii were calibrated on."""
         if not texts:
             return torch.zeros(0, self.dim)
         with self._lock:
@@ -136,7 +143,8 @@ class SentenceEncoder:
                 model = self._model_on(device)
                 batch = self.tokenizer(todo, padding=True, truncation=True, max_length=128,
                                        return_tensors="pt").to(model.device)
-                hidden = model(**batch).last_hidden_state
+                with torch.autocast(model.device.type, enabled=False):
+                    hidden = model(**batch).last_hidden_state
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 emb = F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0), dim=-1).cpu()
                 for t, e in zip(todo, emb):

@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import math
 import os
+import random
 import sys
 import time
 from dataclasses import dataclass
@@ -295,16 +296,14 @@ def build_world(
     whether the world answers those anyway tells composition from memorisation. 0 (the cached worlds)
     changes nothing.
     """
+    if not 0.0 <= compose_holdout < 1.0:
+        raise ValueError(f"compose_holdout must be in [0, 1), got {compose_holdout}")
     with one_thread():
         return _build_world(seed, n_entities, evaluate=evaluate, steps=steps, compose_holdout=compose_holdout)
 
 
 def _heldout_compositions(spec: WorldSpec, share: float, seed: int) -> list[str]:
     """The entities whose composed questions are left out of training (a fixed draw per seed)."""
-    import random
-
-    if not 0.0 <= share < 1.0:
-        raise ValueError(f"compose_holdout must be in [0, 1), got {share}")
     k = int(round(share * len(spec.entities)))
     return sorted(random.Random(f"compose-{seed}").sample(list(spec.entities), k)) if k else []
 
