@@ -266,6 +266,33 @@ def test_a_callers_consequences_follow_from_the_new_fact_in_wordings_no_probe_us
     assert [e.consequences for e in caller_consequences(dataclasses.replace(reqs[0], relation="continent"))] == [[]]
 
 
+def test_a_text_only_consequence_can_go_into_a_pack_of_its_own(world, world_pool):
+    """``ldke_consequences_own_pack``: the text-only edits of a call go into a second pack beside the image
+    edit's; both answer, and the bench's restore gives the base model back bit for bit."""
+    from ldke_peft import EditRequest
+
+    r = editor_view(world.edit_requests(1, seed=4)[0])
+    q = world.text_prompt("capital_of", r.subject)
+    target = next(c for c in world.answer_vocab("capital_of") if c != world.ask(None, q))
+    digest = model_digest(world.model)
+    pm, restore = bench_run.apply_ldke(world.model, world.processor, [r, EditRequest(prompt=q, target=target)],
+                                       overrides=bench_run.LDKE_VARIANTS["ldke_consequences_own_pack"],
+                                       pool=world_pool)
+    try:
+        assert {a: c.num_slots for a, c in pm.peft_config.items()} == {"default": 1, "text": 1}
+        assert pm.peft_config["text"].edits[0]["prompt"] == q and pm.base_model.active_adapters == ["default", "text"]
+        fam = family_of(pm)
+        tok = fam.tokenizer(world.processor)
+        for image, prompt, want in ((r.image, r.prompt, r.target), (None, q, target)):
+            built = fam.build_inputs(world.processor, [image], [prompt]).to(world.model.device)
+            out = pm.generate(**built.inputs, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+            assert tok.decode(out[0, built.input_ids.shape[1]:], skip_special_tokens=True).strip() == want
+        assert restore.edit_bytes > 0
+    finally:
+        restore()
+    assert model_digest(world.model) == digest
+
+
 # ---------------------------------------------------------------------- runner, report, plots
 
 

@@ -67,9 +67,11 @@ LDKE_VARIANTS: dict[str, dict[str, Any]] = {
     # the reverse question as a text-only edit of the same call
     "ldke_consequences": {"caller_consequences": ("two_hop", "reverse")},
     "ldke_two_hop_consequences": {"caller_consequences": ("two_hop",)},
+    # the same, with the reverse text-only edit in a pack of its own beside the image edit's (its own router)
+    "ldke_consequences_own_pack": {"caller_consequences": ("two_hop", "reverse"), "text_only_pack": "text"},
 }
 #: LDKE_VARIANTS keys that are benchmark choices, not ``LDKEConfig`` fields.
-_BENCH_KEYS = ("localization", "caller_consequences")
+_BENCH_KEYS = ("localization", "caller_consequences", "text_only_pack")
 METHODS: tuple[str, ...] = (*LDKE_VARIANTS, *BASELINES)
 BASELINE_NAMES: tuple[str, ...] = tuple(BASELINES)
 SEQUENTIAL_METHODS: tuple[str, ...] = ("ldke", "grace", "lora")
@@ -107,11 +109,20 @@ def ldke_bytes(pm: Any, adapter_name: str = "default") -> int:
 
 def apply_ldke(model: Any, processor: Any, requests: Sequence[EditRequest], *, overrides: dict[str, Any],
                pool: NegativePool, pack: Any | None = None) -> tuple[Any, Restore]:
-    """LDKE (or an ablation) in the baselines' ``(edited_model, restore)`` form."""
-    pm = edit(model if pack is None else pack, processor, list(requests), _ldke_config(model, overrides),
+    """LDKE (or an ablation) in the baselines' ``(edited_model, restore)`` form. With ``text_only_pack`` (single
+    edits) the text-only requests go into a second pack of that name, beside the first."""
+    second = overrides.get("text_only_pack") if pack is None else None
+    apart = [r for r in requests if second and r.image is None]
+    first = [r for r in requests if not any(r is a for a in apart)]
+    pm = edit(model if pack is None else pack, processor, first, _ldke_config(model, overrides),
               pack=pack, negatives=pool, progress=False)
+    if apart:
+        pm = edit(pm, processor, apart, _ldke_config(model, overrides), adapter_name=second, negatives=pool,
+                  progress=False)
     reports = getattr(pm, "ldke_reports", [])[-len(requests):]
-    return pm, Restore(pm.unload, edit_bytes=ldke_bytes(pm),
+    slots = sum(c.num_slots for c in pm.peft_config.values())
+    nbytes = sum(ldke_bytes(pm, a) * max(1, c.num_slots) for a, c in pm.peft_config.items()) // max(1, slots)
+    return pm, Restore(pm.unload, edit_bytes=nbytes,
                        info={"layers": [r.layers for r in reports], "fit_steps": [r.fit_steps for r in reports],
                              "router": [r.router for r in reports], "phases": [r.phases for r in reports],
                              "fit_tokens": [r.fit_tokens for r in reports], "fit_span": [r.fit_span for r in reports]})
