@@ -172,7 +172,8 @@ def model_card(
     hub_base = recorded if _is_repo_id(recorded) else None
     if reports is None:
         reports = getattr(peft_model, "ldke_reports", None)
-    report_list = _report_dicts(reports)
+    # another pack's slots are numbered from 0 too: its reports are not this card's
+    report_list = [r for r in _report_dicts(reports) if r.get("adapter_name", adapter_name) == adapter_name]
     fp = dict(config.base_model_fingerprint or {})
     edits = list(config.edits or [])
     slot_layers = list(config.slot_layers or [])

@@ -4,6 +4,8 @@ views, and nothing else changes."""
 
 from __future__ import annotations
 
+import re
+
 import torch
 import pytest
 
@@ -288,6 +290,12 @@ def test_a_second_pack_goes_beside_the_first_and_both_answer(world, world_pool, 
         assert ask(world, pm, None, q) == new
         assert {x: ask(world, pm, None, x) for x in untouched} == untouched
         pm.save_pretrained(tmp_path / "packs")
+        # each pack's card lists its own slots only (both packs number theirs from 0)
+        ldke_peft.save_edits(pm, tmp_path / "text_card", adapter_name="text")
+        assert [r.adapter_name for r in pm.ldke_reports] == ["default", "text"]
+        text = (tmp_path / "text_card" / "README.md").read_text()
+        reports = text.split("## Edit reports", 1)[1]
+        assert new in text and r.target not in text and len(re.findall(r"^\| 0 \|", reports, re.M)) == 1
     finally:
         pm.unload()
     loaded = PeftModel.from_pretrained(world.model, tmp_path / "packs")

@@ -60,6 +60,8 @@ class SlotReport:
     #: FLOPs per token and layer)
     fit_tokens: int = 0
     fit_span: int = 0
+    #: the pack (adapter) the slot belongs to: one PeftModel can hold several packs, numbered from 0 each
+    adapter_name: str = "default"
 
 
 # ---------------------------------------------------------------------- public API
@@ -217,7 +219,7 @@ def _edit(model, processor, requests, config, family, *, pack, adapter_name, neg
                 slot=s, layers=slot_layers[i], localization=None if locs[i] is None else locs[i].to_dict(),
                 fit_steps=steps, fit_seconds=time.perf_counter() - t0, fit_accuracy=acc, router={},
                 seconds=t_loc[i] + time.perf_counter() - t0, fit_reached=acc >= 1.0, phases=phases,
-                fit_tokens=int(stats["tokens"]), fit_span=int(stats["span"]),
+                fit_tokens=int(stats["tokens"]), fit_span=int(stats["span"]), adapter_name=adapter_name,
             )
         )
         bar.update(1)
