@@ -144,7 +144,7 @@ def edit(
 
 def _edit(model, processor, requests, config, family, *, pack, adapter_name, negatives, progress, cache_hidden, seed):
     """The edit loop proper (inputs already validated); see :func:`edit`."""
-    from peft import PeftModel, get_peft_model
+    from peft import get_peft_model
 
     if pack is not None:
         cfg: LDKEConfig = pack.peft_config[adapter_name]
@@ -181,7 +181,7 @@ def _edit(model, processor, requests, config, family, *, pack, adapter_name, neg
 
     meta = [_edit_meta(r) for r in requests]
     # 2. create or grow the pack
-    host = model if pack is None and isinstance(model, PeftModel) else None  # a new pack beside LDKE packs
+    host = _new_pack_host(model, pack)
     was_active = list(host.base_model.active_adapters) if host is not None else []
     if pack is None:
         cfg.slot_layers = slot_layers
@@ -203,7 +203,8 @@ def _edit(model, processor, requests, config, family, *, pack, adapter_name, neg
     tuner: LDKEModel = peft_model.base_model
     cfg = peft_model.peft_config[adapter_name]
     # the fit forces slots per call, not per adapter: only the pack being edited may be active meanwhile
-    tuner.set_adapter(adapter_name) if len(tuner.active_adapters) == 1 or host is not None else None
+    if len(tuner.active_adapters) == 1 or host is not None:
+        tuner.set_adapter(adapter_name)
 
     # 3. localized update, one slot at a time
     reports: list[SlotReport] = []
@@ -253,6 +254,13 @@ def _edit(model, processor, requests, config, family, *, pack, adapter_name, neg
     return peft_model
 
 
+def _new_pack_host(model: Any, pack: Any | None) -> Any | None:
+    """The PeftModel a new pack is added to (beside its LDKE packs), or ``None`` (a fresh model or an append)."""
+    from peft import PeftModel
+
+    return model if pack is None and isinstance(model, PeftModel) else None
+
+
 def _edit_meta(r: EditRequest) -> dict[str, Any]:
     meta = {
         "prompt": r.prompt,
@@ -284,12 +292,10 @@ class _Rollback:
     _ROOT_ATTRS = ("peft_config", "_ldke_routing_state")
 
     def __init__(self, model: Any, pack: Any | None, adapter_name: str):
-        from peft import PeftModel
-
         self.pack = pack
         self.adapter_name = adapter_name
         # a new pack added to a PeftModel of LDKE packs: those packs, their hooks and their active set stay
-        self.host = model if pack is None and isinstance(model, PeftModel) else None
+        self.host = _new_pack_host(model, pack)
         self.active = list(self.host.base_model.active_adapters) if self.host is not None else []
         self.root = _root_model(pack if pack is not None else model)
         self.training = [(m, m.training) for m in self.root.modules()]
