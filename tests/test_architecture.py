@@ -21,7 +21,7 @@ EDITING = {"editing"}
 #: the product around edits and the benchmark; never imported by the layers above
 OUTER = {"bench", "testing", "cli", "cli_front", "demo", "hub", "merge", "merge_sources", "distributed_launch", "distributed", "metrics", "plots"}
 #: math on tensors or text only: import nothing of the library (``package.module`` inside a layer's package)
-LEAVES = {"tuner.routing", "editing.router_fit", "editing.augment", "errors"}
+LEAVES = {"tuner.projection", "tuner.text_anchors", "editing.router_fit", "editing.augment", "errors"}
 #: where each top-level name sits (a subpackage's modules are in its layer)
 LAYER_OF = {**{m: "data" for m in DATA}, **{m: "tuner" for m in TUNER}, **{m: "editing" for m in EDITING},
             **{m: "product" for m in OUTER}}

@@ -346,3 +346,61 @@ def test_a_stated_consequence_is_answered_in_other_words_and_nothing_coupled_mov
         assert ask(world, without, full.image, unseen) != expected  # the edit alone does not propagate here
     finally:
         without.unload()
+
+
+def test_textual_anchors_are_fitted_saved_and_reloaded_and_only_ever_veto(world, world_pool, tmp_path):
+    """``router_neighbour_questions``: each slot keeps textual anchors; the pack still answers its edit and its
+    rephrasings, the anchors travel with the safetensors adapter (PEFT's own loader rebuilds them), and a
+    reloaded pack routes every probe as the fitted one did. The veto only removes routes: no probe the
+    radius-only router leaves unrouted is routed with the anchors."""
+    from peft import PeftModel
+
+    from ldke_peft import LDKEConfig
+    from ldke_peft.tuner.probe_features import collect_probe_features
+
+    r = editor_view(world.edit_requests(1, seed=5)[0])
+    pm = ldke_peft.edit(world.model, world.processor, [r], LDKEConfig(router_neighbour_questions=6),
+                        negatives=world_pool, progress=False)
+    try:
+        cfg = pm.peft_config["default"]
+        router = pm.base_model.router("default")
+        assert router.num_anchors > 0 and cfg.router_text_anchors == router.num_anchors
+        assert set(router.anchors_slot.tolist()) == {0} and 0 < float(router.anchors_pos.sum()) < router.num_anchors
+        assert ask(world, pm, r.image, r.prompt) == r.target
+        other = world.question_bank(next(rel for rel in world.relations if rel != r.relation))[0]
+        images = [r.image] * (2 + len(r.rephrase_prompts)) + [None]
+        prompts = [r.prompt, other] + list(r.rephrase_prompts) + [other]
+        v, t, h = collect_probe_features(pm, world.processor, cfg.probe_layer, images, prompts)
+        with_veto = router.route(v, t, h)
+        keep = {k: getattr(router, k).clone() for k in router.ANCHOR_BUFFERS}
+        for k in router.ANCHOR_BUFFERS:
+            delattr(router, k)
+        radius_only = router.route(v, t, h)
+        for k, val in keep.items():
+            router.register_buffer(k, val)
+        assert int(with_veto[0]) == 0
+        assert not bool(((with_veto >= 0) & (radius_only < 0)).any())
+        pm.save_pretrained(tmp_path / "pack")
+    finally:
+        pm.unload()
+    loaded = PeftModel.from_pretrained(world.model, tmp_path / "pack")
+    try:
+        lr = loaded.base_model.router("default")
+        assert lr.num_anchors == len(keep["anchors_t"]) and torch.equal(lr.anchors_t, keep["anchors_t"])
+        v, t, h = collect_probe_features(loaded, world.processor, cfg.probe_layer, images, prompts)
+        assert torch.equal(lr.route(v, t, h), with_veto)
+        assert ask(world, loaded, r.image, r.prompt) == r.target
+    finally:
+        loaded.unload()
+    # an anchor naming a slot the pack does not have is refused before any weight is loaded
+    from safetensors.torch import load_file, save_file
+
+    from ldke_peft.errors import CorruptAdapterError
+
+    f = tmp_path / "pack" / "adapter_model.safetensors"
+    tensors = load_file(f)
+    key = next(k for k in tensors if k.endswith("anchors_slot"))
+    tensors[key] = torch.full_like(tensors[key], 7)
+    save_file(tensors, f)
+    with pytest.raises(CorruptAdapterError, match=r"anchors_slot.*names slot\(s\) \[7\]"):
+        PeftModel.from_pretrained(world.model, tmp_path / "pack")

@@ -271,3 +271,23 @@ def test_rows_the_visual_gate_turns_away_route_nowhere(case):
     got = router.route(visual, textual, has_image)
     assert gate.shape == got.shape and gate.dtype == torch.bool
     assert bool((gate | (got == NO_SLOT)).all()), (gate, got)
+
+
+def test_textual_anchors_veto_rows_nearest_to_an_out_of_scope_anchor():
+    """Inside the textual radius, a row routes when its nearest anchor of the slot is in scope and not when
+    it is out of scope; a slot without anchors (slot 1) decides by its radii alone, as before."""
+    router = RouterState(2, 2, 2)
+    eye = torch.eye(2)
+    router.set_projection(mu_v=torch.zeros(2), proj_v=eye, mu_t=torch.zeros(4), proj_t=torch.cat([eye, eye * 0]))
+    for k in (0, 1):
+        router.set_slot(k, key_v=torch.zeros(2), key_t=torch.zeros(2) + 10 * k, radius_v=1.0, radius_t=1.0)
+    router.set_text_anchors(0, pos=torch.tensor([[0.0, 0.0], [0.0, 0.8]]), neg=torch.tensor([[0.8, 0.0]]))
+    assert router.num_anchors == 3
+    # textual rows (projection keeps the first two coordinates): near the edit's own wordings / near the neighbour
+    textual = torch.tensor([[0.1, 0.7, 0, 0], [0.7, 0.1, 0, 0], [10.6, 10.1, 0, 0], [10.1, 10.6, 0, 0]])
+    got = router.route(torch.zeros(4, 2), textual, torch.ones(4, dtype=torch.bool)).tolist()
+    assert got == [0, NO_SLOT, 1, 1]
+    # replacing slot 0's anchors drops the old ones
+    router.set_text_anchors(0, pos=torch.tensor([[0.8, 0.0]]), neg=torch.zeros(0, 2))
+    assert router.num_anchors == 1
+    assert router.route(torch.zeros(4, 2), textual, torch.ones(4, dtype=torch.bool)).tolist()[:2] == [0, 0]

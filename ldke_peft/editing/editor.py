@@ -307,7 +307,7 @@ class _Rollback:
             cfg = pack.peft_config[adapter_name]
             self.cfg_fields = {k: copy.deepcopy(getattr(cfg, k))
                                for k in ("slot_layers", "num_slots", "edits", "target_modules", "layers_to_transform",
-                                         "router_groups")}
+                                         "router_groups", "router_text_anchors")}
             tuner = pack.base_model
             self.tuner_lists = {k: list(getattr(tuner, k)) for k in ("targeted_module_names", "targeted_parameter_names")
                                 if isinstance(getattr(tuner, k, None), list)}

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .anchor_fit import fit_text_anchors
 from .augment import dedupe, generic_question_bank, paraphrases
 from ..tuner.config import LDKEConfig
 from .delta_fit import delta_rows
@@ -28,8 +29,6 @@ from ..requests import EditRequest, image_fingerprint
 from .router_fit import SlotCalibration, calibrate_slot, fit_projection
 from .scope import (NEGATIVE_PARAPHRASES, NegativePool, delta_borrowed_wordings, negative_images, negative_questions,
                     positive_views, question_bank, rephrased_negatives, same_relation_questions)
-
-logger = logging.getLogger(__name__)
 
 logger = logging.getLogger(__name__)
 
@@ -200,6 +199,7 @@ def _fit_router(peft_model: Any, processor: Any, requests: Sequence[EditRequest]
         router.set_slot(s, key_v=cal.key_v, key_t=cal.key_t, radius_v=cal.radius_v, radius_t=cal.radius_t,
                         needs_image=cal.needs_image)
         router.set_slot_group(s, group)
+    fit_text_anchors(peft_model, processor, router, cfg, requests, slots, rows, per_req, t, pool)
     if memory is not None and cfg.use_router:
         protected = []
         for (a, b), r in zip(per_req, requests):

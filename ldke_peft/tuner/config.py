@@ -107,6 +107,23 @@ class LDKEConfig(PeftConfig):
             "separately keeps each source's projection (ldke_peft.merge.merge_packs) and records how many here."
         },
     )
+    router_neighbour_questions: int = field(
+        default=0,
+        metadata={
+            "help": "Questions the edited model proposes per edit by swapping the word the edit question asks about "
+            "(0 = none). With them each slot keeps textual anchors, and a question inside the textual radius whose "
+            "nearest anchor is out of scope (a proposed neighbour or another question on the same image) does not "
+            "route: questions about a neighbouring fact stay out that no radius can keep out without losing the "
+            "edit's farthest rewordings. Costs a few seconds per edit and a few KB per slot."
+        },
+    )
+    router_text_anchors: int = field(
+        default=0,
+        metadata={
+            "help": "Number of textual anchor rows the pack's router holds (set by edit() when "
+            "router_neighbour_questions > 0; read by the loader)."
+        },
+    )
     router_margin: float = field(
         default=0.5,
         metadata={
@@ -290,6 +307,8 @@ class LDKEConfig(PeftConfig):
             raise AdapterLoadError(f"LDKEConfig: corruption must be one of {CORRUPTIONS}, got {self.corruption!r}")
         if self.router_storage not in ("int8", "float32"):
             raise AdapterLoadError(f"LDKEConfig: router_storage must be 'int8' or 'float32', got {self.router_storage!r}")
+        if int(self.router_neighbour_questions) < 0 or int(self.router_text_anchors) < 0:
+            raise AdapterLoadError("LDKEConfig: router_neighbour_questions and router_text_anchors must be >= 0")
         if int(self.router_groups) < 1:
             raise AdapterLoadError(f"LDKEConfig: router_groups must be >= 1, got {self.router_groups}")
         if self.num_slots == 0 and self.slot_layers:

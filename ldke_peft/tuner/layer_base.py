@@ -111,7 +111,7 @@ class LDKELayer(BaseTunerLayer):
                 self.ldke_router[adapter_name] = RouterState(
                     d_model, config.router_dim, config.num_slots, groups=groups,
                     storage=getattr(config, "router_storage", "float32"),
-                    d_text=_text_dim(config, d_model),
+                    d_text=_text_dim(config, d_model), anchors=int(getattr(config, "router_text_anchors", 0) or 0),
                 )
             router = self.ldke_router[adapter_name]
             router.text_encoder = _text_encoder(config)

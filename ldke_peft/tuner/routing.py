@@ -17,7 +17,7 @@ This module holds the storage (:class:`RouterState`, saved with the adapter) and
 per-call state and feature pooling are :mod:`ldke_peft.tuner.routing_state`. Fitting keys, radii and projections is the editor's job
 (:mod:`ldke_peft.editing.router_fit`).
 
-Layer: tuner, a leaf (README "Architecture"): imports nothing of the library.
+Layer: tuner (README "Architecture"): imports only data and tuner modules, never the editing or product code.
 """
 
 from __future__ import annotations
@@ -25,31 +25,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .projection import _init_proj, dequantize_projection, quantize_projection  # noqa: F401 (re-exported)
+from .text_anchors import ANCHOR_BUFFERS, anchor_count, empty_anchors, veto, with_slot_anchors
+
 NO_SLOT = -1
 
 #: How a pack stores its router projections (``LDKEConfig.router_storage``).
 ROUTER_STORAGE = ("int8", "float32")
-
-
-def quantize_projection(proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-column int8 quantization: ``(q int8 (d, p), scale fp32 (p,))``.
-
-    The projections are most of a single-edit pack's bytes (``3 d p`` floats against ``r (d + d_ff)``
-    for the delta). Stored as int8 they are 4x smaller, and nothing is approximated at routing time:
-    the editor quantizes the fitted projection *before* it places keys and radii, and routing always
-    uses :func:`dequantize_projection` of the stored bytes, so calibration and inference see the very
-    same matrix. What int8 changes is only which projection that is (a fitted one, perturbed by
-    under 0.4% of each column's largest entry).
-    """
-    p = proj.detach().float()
-    scale = p.abs().amax(dim=0).clamp_min(1e-30) / 127.0
-    q = torch.round(p / scale).clamp_(-127, 127).to(torch.int8)
-    return q, scale
-
-
-def dequantize_projection(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The fp32 projection an int8-stored one stands for (the only formula used, so results are exact)."""
-    return q.float() * scale.float()
 
 
 class RouterState(nn.Module):
@@ -89,9 +71,12 @@ class RouterState(nn.Module):
     SCALE_BUFFERS = ("proj_v_scale", "proj_t_scale")
     #: Only present when ``groups > 1`` (a merged pack that keeps several source projections).
     GROUP_BUFFERS = ("proj_group", "extra_mu_v", "extra_proj_v", "extra_mu_t", "extra_proj_t")
+    #: Only present in a pack whose slots keep textual anchors (:mod:`ldke_peft.tuner.text_anchors`).
+    ANCHOR_BUFFERS = ANCHOR_BUFFERS
 
     def __init__(self, d_model: int, proj_dim: int, num_slots: int, groups: int = 1, storage: str = "float32",
-                 d_text: int | None = None, text_encoder: str | None = None, text_frame: tuple[str, ...] = ()):
+                 d_text: int | None = None, text_encoder: str | None = None, text_frame: tuple[str, ...] = (),
+                 anchors: int = 0):
         super().__init__()
         if groups < 1:
             raise ValueError(f"a router needs at least one projection group, got groups={groups}")
@@ -127,6 +112,9 @@ class RouterState(nn.Module):
             self.register_buffer("extra_proj_v", torch.zeros(groups - 1, d_v, proj_dim))
             self.register_buffer("extra_mu_t", torch.zeros(groups - 1, d_t))
             self.register_buffer("extra_proj_t", torch.zeros(groups - 1, d_t, proj_dim))
+        if anchors > 0:
+            for name, buf in empty_anchors(anchors, proj_dim).items():
+                self.register_buffer(name, buf)
 
     def _apply(self, fn, recurse: bool = True):
         # ``model.to(torch.bfloat16)`` (and PEFT moving an adapter to its base layer's dtype) would round
@@ -247,7 +235,24 @@ class RouterState(nn.Module):
         img = has_image if has_image.dtype == torch.bool and has_image.device == dv.device else has_image.to(dv.device).bool()
         # a text-only slot's visual part weighs 0, also when the distance overflowed (inf * 0 is NaN)
         score = torch.maximum(torch.where(inv_v > 0, dv * inv_v, 0.0), dt * inv_t)
+        if self.num_anchors:
+            score = torch.where(self._anchor_veto(textual), float("inf"), score)
         return score + torch.where(img.unsqueeze(1), pen_img, pen_txt)
+
+    @property
+    def num_anchors(self) -> int:
+        """Textual anchors held for all slots (0: every slot decides by its radii alone)."""
+        return anchor_count(self._buffers)
+
+    def _anchor_veto(self, textual: torch.Tensor) -> torch.Tensor:
+        """``(B, K)``: rows a slot's textual anchors veto, each slot judged in its own projection."""
+        group = self.proj_group[self.anchors_slot] if "proj_group" in self._buffers else None
+        out = torch.zeros((textual.shape[0], self.num_slots), dtype=torch.bool, device=textual.device)
+        for g in range(self.num_groups):
+            sel = slice(None) if group is None else (group == g)
+            out |= veto(self.project_textual(g, textual), self.anchors_t[sel], self.anchors_slot[sel], self.anchors_pos[sel],
+                        self.num_slots)
+        return out
 
     def _group_tables(self, g: int) -> tuple[torch.Tensor, ...]:
         """``project``'s tables for projection group ``g`` (0 = ``mu_*``/``proj_*``)."""
@@ -389,6 +394,20 @@ class RouterState(nn.Module):
         pv, _, mv, _ = self._group_tables(group)
         return _centred(visual, mv, pv)
 
+    def project_textual(self, group: int, textual: torch.Tensor) -> torch.Tensor:
+        """The textual part alone in projection ``group``'s space (what :meth:`project_group` gives for it)."""
+        _, pt, _, mt = self._group_tables(group)
+        return _centred(textual, mt, pt)
+
+    @torch.no_grad()
+    def set_text_anchors(self, slot: int, pos: torch.Tensor, neg: torch.Tensor) -> None:
+        """Replace slot ``slot``'s textual anchors (rows in its projection's space; see :mod:`.text_anchors`)."""
+        for name, buf in with_slot_anchors(self._buffers, slot, pos, neg, self.proj_dim).items():
+            if name in self._buffers:
+                setattr(self, name, buf)
+            else:
+                self.register_buffer(name, buf)
+
     @torch.no_grad()
     def set_slot(self, slot: int, *, key_v, key_t, radius_v: float, radius_t: float, needs_image: bool = True) -> None:
         """Write one slot's keys/radii directly (keys are in *projected* space)."""
@@ -425,11 +444,3 @@ def _centred(x: torch.Tensor, mu: torch.Tensor, proj: torch.Tensor) -> torch.Ten
 def _f32(t: torch.Tensor) -> torch.Tensor:
     """``t`` as fp32 without a kernel call when it already is (the router runs at every prefill)."""
     return t if t.dtype == torch.float32 else t.float()
-
-
-def _init_proj(d_in: int, p: int, seed: int) -> torch.Tensor:
-    """Deterministic orthonormal-ish default projection (a fitted pack overwrites it)."""
-    g = torch.Generator().manual_seed(seed)
-    m = torch.randn(d_in, p, generator=g)
-    q, _ = torch.linalg.qr(m)
-    return q[:, :p].contiguous()

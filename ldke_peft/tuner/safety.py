@@ -213,7 +213,7 @@ def _parse_key(key: str, layer_re: re.Pattern, targets: set[str] | None) -> tupl
 def _router_buffers() -> tuple[str, ...]:
     from .routing import RouterState
 
-    return RouterState.BUFFERS + RouterState.SCALE_BUFFERS + RouterState.GROUP_BUFFERS
+    return RouterState.BUFFERS + RouterState.SCALE_BUFFERS + RouterState.GROUP_BUFFERS + RouterState.ANCHOR_BUFFERS
 
 
 def _router_storage(config: Any) -> str:
@@ -301,6 +301,9 @@ def _expected_layout(config: Any) -> dict[tuple[int, str], tuple[int | None, ...
             "proj_group": (K,), "extra_mu_v": (G - 1, "d"), "extra_proj_v": (G - 1, "d", p),
             "extra_mu_t": (G - 1, t), "extra_proj_t": (G - 1, t, p),
         })
+    A = int(getattr(config, "router_text_anchors", 0) or 0)
+    if A > 0:  # textual anchors (tuner.text_anchors)
+        router_shapes.update({"anchors_t": (A, p), "anchors_slot": (A,), "anchors_pos": (A,)})
     for buf, shape in router_shapes.items():
         layout[(P, _ROUTER_PREFIX + buf)] = shape  # type: ignore[assignment]
     return layout
@@ -365,7 +368,7 @@ def _check_shapes(entries: dict[tuple[int, str], _Entry], expected: dict, config
 
 
 #: Integer tensors: per-layer slot ids and (merged packs) each slot's projection group.
-_INDEX_TENSORS = ("ldke_slot_ids", _ROUTER_PREFIX + "proj_group")
+_INDEX_TENSORS = ("ldke_slot_ids", _ROUTER_PREFIX + "proj_group", _ROUTER_PREFIX + "anchors_slot")
 
 _SYMBOL_DOC = {"in": "input features of the edited MLP projections", "d": "hidden size"}
 
@@ -404,6 +407,11 @@ def _check_slot_ids_and_values(handle: Any, entries: dict[tuple[int, str], _Entr
                     f"tensor {e.key!r} assigns slots to projection group(s) {sorted(set(bad))}, but the config has "
                     f"router_groups={G}"
                 )
+        elif tensor == _ROUTER_PREFIX + "anchors_slot":
+            bad = [int(v) for v in t.tolist() if not 0 <= int(v) < int(config.num_slots)]
+            if bad:
+                raise CorruptAdapterError(f"tensor {e.key!r} names slot(s) {sorted(set(bad))} of a pack with "
+                                          f"{config.num_slots} slots")
         elif t.is_floating_point() and not bool(torch.isfinite(t).all()):
             n_bad = int((~torch.isfinite(t)).sum())
             raise CorruptAdapterError(

@@ -1,0 +1,133 @@
+"""Neighbouring questions the edited model proposes for an edit question: its asked-for word swapped.
+
+A sentence-embedding key puts a question about a *neighbouring* fact of the same image ("largest city"
+next to "capital") about as close to the edit question as a reworded question with the same meaning, so
+a radius cannot tell them apart, and the caller's negatives rarely name every neighbouring fact. The
+question itself says where its neighbours are: swap the word it asks about for other words the model
+finds likely in that place and the result asks for another fact in the same frame. These questions are
+textual anchors of the router's nearest-anchor veto (:mod:`ldke_peft.editing.anchor_fit`), never
+negatives of the radius: a radius fitted on them shrinks until the edit's own rewordings fall out.
+
+Owns: :func:`neighbour_questions`, :func:`frame_words`. Knows no relation, domain or wording.
+
+Layer: editing (README "Architecture"): imports data, tuner and editing modules, never the product code.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..families import family_of
+from ..tuner.context import routing_inputs
+from ..tuner.routing import NO_SLOT
+
+#: How many next-token candidates the model's distribution offers for the swapped word.
+CANDIDATES = 400
+#: Swaps whose sentence embedding has at least this cosine with the edit question are likely rewordings.
+REWORDING_COSINE = 0.9
+_BATCH = 64
+
+
+def _bare(word: str) -> str:
+    return word.strip("?,.!;:\"'").casefold()
+
+
+def frame_words(questions: Sequence[str]) -> set[str]:
+    """Words in at least half of ``questions`` (two or more): the frame every question shares ("what",
+    "this", the kind of thing shown), which is never the word a question asks about."""
+    if len(questions) < 2:
+        return set()
+    df = Counter(w for q in questions for w in {_bare(x) for x in q.split()})
+    return {w for w, c in df.items() if c >= len(questions) / 2}
+
+
+def _asked_for_word(question: str, frame: set[str], encode: Any) -> int | None:
+    """Index of the word whose removal moves the question's sentence embedding most (frame words aside)."""
+    words = question.split()
+    if len(words) < 2:
+        return None
+    rows = [question] + [" ".join(words[:i] + words[i + 1:]) for i in range(len(words))]
+    e = F.normalize(encode(rows).float(), dim=-1)
+    drop = 1.0 - e[1:] @ e[0]
+    order = [int(i) for i in drop.argsort(descending=True) if _bare(words[int(i)]) not in frame and _bare(words[int(i)])]
+    return order[0] if order else None
+
+
+@torch.no_grad()
+def _sentence_logprobs(model: Any, tok: Any, family: Any, sentences: Sequence[str]) -> torch.Tensor:
+    """Each sentence's total log-probability under the base language model (no slot applies)."""
+    lm = family.language_model(model)
+    device = next(lm.parameters()).device
+    out = []
+    for i in range(0, len(sentences), _BATCH):
+        enc = tok(list(sentences[i:i + _BATCH]), return_tensors="pt", padding=True).to(device)
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        with routing_inputs(model, prompt_mask=mask.bool(), slots=torch.full((len(ids),), NO_SLOT, device=device)):
+            hidden = lm(input_ids=ids, attention_mask=mask).last_hidden_state
+        lp = family.logits_from_hidden(model, hidden).float().log_softmax(-1)
+        tok_lp = lp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0] * mask[:, 1:]
+        out.append(tok_lp.sum(1).cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+@torch.no_grad()
+def neighbour_questions(model: Any, processor: Any, question: str, *, n: int, encode: Any,
+                        frame: set[str] = frozenset(), exclude: Sequence[str] = ()) -> list[str]:
+    """Up to ``n`` questions that ask for another fact in ``question``'s frame, most likely first.
+
+    The asked-for word (see :func:`_asked_for_word`) is replaced by word tokens the base model predicts
+    after the words before it; each swapped sentence is ranked by its full log-probability, so the words
+    after the swap count too. Swaps that repeat the word (or its plural), or whose embedding is a likely
+    rewording of ``question`` (``encode``: texts -> embeddings), are dropped, as are ``exclude``.
+    """
+    if n <= 0:
+        return []
+    words = question.split()
+    i = _asked_for_word(question, set(frame), encode)
+    if not i:  # none, or the first word (the model proposes a word from what comes before it)
+        return []
+    family = family_of(model)
+    tok = _right_padded(family.tokenizer(processor))
+    prefix = " ".join(words[:i])
+    orig = _bare(words[i]).rstrip("s")
+    tail = words[i][len(words[i].rstrip("?,.!;:")):]
+    lm = family.language_model(model)
+    device = next(lm.parameters()).device
+    ids = tok(prefix, return_tensors="pt")["input_ids"].to(device)
+    with routing_inputs(model, prompt_mask=torch.ones_like(ids, dtype=torch.bool),
+                        slots=torch.full((1,), NO_SLOT, device=device)):
+        hidden = lm(input_ids=ids).last_hidden_state
+    logits = family.logits_from_hidden(model, hidden)[0, -1].float()
+    top = logits.topk(min(CANDIDATES, logits.shape[-1])).indices.tolist()
+    skip = {q.strip().casefold() for q in exclude}
+    cands: list[str] = []
+    for t in top:
+        piece = tok.decode([t])
+        w = piece.strip()
+        if not piece.startswith(" ") or not w.isalpha() or len(w) < 3 or w.casefold().rstrip("s") == orig:
+            continue
+        s = " ".join(words[:i] + [w + tail] + words[i + 1:])
+        if s.strip().casefold() not in skip:
+            cands.append(s)
+    if not cands:
+        return []
+    lp = _sentence_logprobs(model, tok, family, cands)
+    e = F.normalize(encode([question] + cands).float(), dim=-1)
+    keep = (e[1:] @ e[0]) < REWORDING_COSINE
+    order = [int(j) for j in lp.argsort(descending=True) if bool(keep[int(j)])]
+    return [cands[j] for j in order[:n]]
+
+
+def _right_padded(tok: Any) -> Any:
+    """A copy of ``tok`` that pads on the right (a sentence's tokens keep their positions), with its
+    end-of-sequence token where it has no pad token; the caller's tokenizer is not changed."""
+    tok = copy.copy(tok)
+    tok.padding_side = "right"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok

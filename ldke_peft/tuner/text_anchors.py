@@ -1,0 +1,58 @@
+"""Textual anchors: a nearest-anchor veto on top of each slot's textual radius.
+
+A radius around one key cannot hold both a long rewording of the edit question (far from the key) and
+keep out a question about a neighbouring fact (as near to the key). A slot with anchors keeps some of
+its own projected textual rows, in scope (its wordings) and out of scope (other questions on the same
+image, and the neighbouring questions the model proposed at edit time), and a question inside the radius
+is vetoed when its nearest anchor is an out-of-scope one. Slots without anchors (and packs written
+before them) decide by the radius alone.
+
+Stored as three router buffers, present only in a pack that has anchors: ``anchors_t`` (rows in the
+slot's projection space), ``anchors_slot`` (owner slot) and ``anchors_pos`` (1 = in scope, 0 = out).
+
+Layer: tuner, a leaf (README "Architecture"): imports nothing of the library.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ANCHOR_BUFFERS = ("anchors_t", "anchors_slot", "anchors_pos")
+
+
+def anchor_count(buffers: dict) -> int:
+    """How many anchors a router's buffers hold (0 without the anchor buffers)."""
+    t = buffers.get("anchors_t")
+    return 0 if t is None else int(t.shape[0])
+
+
+def empty_anchors(n: int, dim: int, device=None) -> dict[str, torch.Tensor]:
+    """Zero-filled anchor buffers for ``n`` anchors (what a pack's loader fills)."""
+    return {"anchors_t": torch.zeros(n, dim, device=device), "anchors_slot": torch.zeros(n, dtype=torch.long, device=device),
+            "anchors_pos": torch.zeros(n, device=device)}
+
+
+def with_slot_anchors(buffers: dict, slot: int, pos: torch.Tensor, neg: torch.Tensor, dim: int) -> dict[str, torch.Tensor]:
+    """The anchor buffers with slot ``slot``'s anchors replaced by ``pos`` (in scope) and ``neg`` (out)."""
+    dev = buffers["keys_t"].device
+    old = {k: buffers[k] for k in ANCHOR_BUFFERS} if "anchors_t" in buffers else empty_anchors(0, dim, dev)
+    keep = old["anchors_slot"] != int(slot)
+    rows = torch.cat([pos, neg]).float().to(dev)
+    return {
+        "anchors_t": torch.cat([old["anchors_t"][keep], rows]),
+        "anchors_slot": torch.cat([old["anchors_slot"][keep], torch.full((len(rows),), int(slot), dtype=torch.long, device=dev)]),
+        "anchors_pos": torch.cat([old["anchors_pos"][keep], torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]).to(dev)]),
+    }
+
+
+def veto(zt: torch.Tensor, anchors: torch.Tensor, slot: torch.Tensor, pos: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """``(B, K)`` bool: rows whose nearest anchor of slot ``k`` is out of scope (``zt``: rows projected in
+    the anchors' space; only slots that own anchors of both kinds can veto)."""
+    B = zt.shape[0]
+    d = torch.cdist(zt.float(), anchors.float())  # (B, A)
+    inf = torch.full((B, num_slots), float("inf"), device=zt.device)
+    is_pos = pos > 0.5
+    idx = slot.to(zt.device).unsqueeze(0).expand(B, -1)
+    d_pos = inf.scatter_reduce(1, idx, torch.where(is_pos, d, float("inf")), "amin")
+    d_neg = inf.scatter_reduce(1, idx, torch.where(is_pos, float("inf"), d), "amin")
+    return d_neg < d_pos
