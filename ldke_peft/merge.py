@@ -384,6 +384,7 @@ def _assemble(packs: list[_Pack], kept: list[SlotRef]) -> tuple[LDKEConfig, dict
         )
         for j, n in enumerate(_PROJ):
             r["extra_" + n] = torch.stack([g[j] for g in groups[1:]])
+    r.update(_merged_anchors(packs, kept, p_dim))
     for name, t in r.items():
         sd[f"{ref.router_module}.{_ROUTER}{name}"] = t.contiguous()
 
@@ -405,6 +406,7 @@ def _assemble(packs: list[_Pack], kept: list[SlotRef]) -> tuple[LDKEConfig, dict
         alpha=alpha,
         router_dim=p_dim,
         router_groups=G,
+        router_text_anchors=int(r["anchors_t"].shape[0]) if "anchors_t" in r else 0,
         # the projections above are the fp32 matrices each source routed with; re-quantizing them could
         # move a slot's scores by an ulp, so a merged pack stores them as they are
         router_storage="float32",
@@ -412,6 +414,22 @@ def _assemble(packs: list[_Pack], kept: list[SlotRef]) -> tuple[LDKEConfig, dict
         target_modules=[modules[l].removeprefix(_PEFT_PREFIX) for l in layers],
     )
     return config, sd, G
+
+
+def _merged_anchors(packs: Any, kept: list, p_dim: int) -> dict[str, torch.Tensor]:
+    """Each kept slot's textual anchors under its new index (in its source projection's space, which the
+    merged pack keeps as that slot's group; zero-padded columns leave distances unchanged)."""
+    rows_t, rows_slot, rows_pos = [], [], []
+    for j, (p, k) in enumerate(kept):
+        src = packs[p].router
+        if "anchors_t" in src:
+            mine = src["anchors_slot"] == k
+            rows_t.append(_pad_cols(src["anchors_t"][mine].float(), p_dim))
+            rows_slot.append(torch.full((int(mine.sum()),), j, dtype=torch.long))
+            rows_pos.append(src["anchors_pos"][mine].float())
+    if not rows_t:
+        return {}
+    return {"anchors_t": torch.cat(rows_t), "anchors_slot": torch.cat(rows_slot), "anchors_pos": torch.cat(rows_pos)}
 
 
 def _pad_cols(t: torch.Tensor, n: int) -> torch.Tensor:

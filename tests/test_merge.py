@@ -213,3 +213,31 @@ def test_merge_command(packs, tmp_path, capsys):
     assert LDKEConfig.from_pretrained(tmp_path / "m").num_slots == 4
     with pytest.raises(ValueError, match="on_conflict"):
         merge_packs(packs, on_conflict="newest")
+
+
+def test_textual_anchors_are_merged_with_their_slots(world, world_pool, reqs, tmp_path):
+    """Packs whose slots keep textual anchors (``router_neighbour_questions``) merge into a pack whose slots
+    keep them under their new index, in their source projection's space: every probe row one source takes
+    routes to that slot in the merged pack, every row no source takes routes nowhere."""
+    paths = []
+    for i, shard in enumerate((reqs[0:1], reqs[1:2])):
+        pm = ldke_peft.edit(world.model, world.processor, shard, LDKEConfig(router_neighbour_questions=6),
+                            negatives=world_pool, progress=False)
+        assert pm.base_model.router("default").num_anchors > 0
+        pm.save_pretrained(tmp_path / f"a{i}")
+        pm.unload()
+        paths.append(tmp_path / f"a{i}")
+    res = merge_packs(paths, out=tmp_path / "merged")
+    n = [load_pack(p)[0].router_text_anchors for p in paths]
+    assert res.config.router_text_anchors == sum(n) > 0
+    slots = res.state_dict[ROUTER + "anchors_slot"].tolist()
+    new = {s: i for i, s in enumerate(res.report.slot_map)}
+    assert sorted(slots) == sorted([new[(0, 0)]] * n[0] + [new[(1, 0)]] * n[1])
+    rows = probe_rows(reqs[:2])
+    merged = PeftModel.from_pretrained(fresh(world), tmp_path / "merged")
+    got = decisions(merged, world.processor, rows)
+    src = [_source_decisions(world, paths[p], rows) for p in range(2)]
+    for i, row in enumerate(zip(*src)):
+        routed = [new[(p, k)] for p, k in enumerate(row) if k >= 0]
+        if len(routed) <= 1:
+            assert got[i] == (routed[0] if routed else -1), f"row {i} ({rows[i][1]!r}): {got[i]} vs sources {row}"

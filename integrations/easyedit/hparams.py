@@ -64,6 +64,7 @@ INTERNAL_CONFIG_FIELDS = frozenset(
         "router_groups",  # set by ldke_peft.merge for merged packs
         "router_text_dim",  # set by the editor from the text encoder
         "router_text_frame",  # recorded by the editor from the model's chat template
+        "router_text_anchors",  # set by the editor with router_neighbour_questions
     }
 )
 
@@ -77,6 +78,7 @@ LDKE_KNOBS = (
     "delta_storage",
     "router_margin",
     "router_paraphrases",
+    "router_neighbour_questions",
     "router_text_encoder",
     "router_text_margin",
     "router_text_probe",
@@ -179,6 +181,7 @@ class LDKEMultimodalHyperParams:
     delta_storage: str = _config_default("delta_storage")
     router_margin: float = _config_default("router_margin")
     router_paraphrases: int = _config_default("router_paraphrases")
+    router_neighbour_questions: int = _config_default("router_neighbour_questions")
     router_text_encoder: Optional[str] = _config_default("router_text_encoder")
     router_text_margin: Optional[float] = _config_default("router_text_margin")
     router_text_probe: bool = _config_default("router_text_probe")
@@ -413,6 +416,7 @@ def _check_values(hp: LDKEMultimodalHyperParams) -> None:
         need(getattr(hp, key) > 0, key, "must be > 0")
     need(hp.max_delta_norm >= 0, "max_delta_norm", "must be >= 0 (0 = no bound)")
     need(hp.router_paraphrases >= 0, "router_paraphrases", "must be >= 0 (0 = only the request's own wordings)")
+    need(hp.router_neighbour_questions >= 0, "router_neighbour_questions", "must be >= 0 (0 = no textual anchors)")
     need(hp.router_text_steps is None or hp.router_text_steps >= 0, "router_text_steps",
          "must be >= 0 (0 = the PCA start only) or null (0 with an encoder, router_steps without)")
     need(hp.router_text_margin is None or 0 <= hp.router_text_margin <= 1, "router_text_margin",
