@@ -93,8 +93,11 @@ def describe(model: Any) -> dict[str, Any]:
     }
 
 
-def make_pack(base: Any, processor: Any, n_slots: int, anchor: tuple[Any, str], rank: int, seed: int) -> Any:
-    """``base`` (a deep copy) with an ``n_slots`` pack; slot 0 fires exactly on ``anchor``."""
+def make_pack(base: Any, processor: Any, n_slots: int, anchor: tuple[Any, str], rank: int, seed: int,
+              text_anchors: int = 0) -> Any:
+    """``base`` (a deep copy) with an ``n_slots`` pack; slot 0 fires exactly on ``anchor``. With
+    ``text_anchors``, every slot also keeps that many random textual anchors (half in scope, half out; slot
+    0's in-scope ones include ``anchor``'s own textual feature, so it still fires): the veto is scored."""
     from peft import get_peft_model
 
     from ldke_peft import LDKEConfig, family_of
@@ -126,6 +129,15 @@ def make_pack(base: Any, processor: Any, n_slots: int, anchor: tuple[Any, str], 
         router.radius_v.fill_(0.05)
         router.radius_t.fill_(0.05)
         router.set_slot(0, key_v=zv[0], key_t=zt[0], radius_v=0.05, radius_t=0.05)
+        if text_anchors:
+            half = max(1, text_anchors // 2)
+            rows = torch.randn(n_slots * 2 * half, router.proj_dim, generator=g) * 10
+            rows[0] = zt[0]
+            slot = torch.arange(n_slots).repeat_interleave(2 * half)
+            pos = torch.arange(2 * half).repeat(n_slots) < half
+            for name, val in (("anchors_t", rows), ("anchors_slot", slot), ("anchors_pos", pos.float())):
+                router.register_buffer(name, val)
+            assert router.num_anchors == len(rows)
         for layer in pm.base_model.ldke_layers("default").values():
             if "default" in layer.ldke_B:
                 layer.ldke_B["default"].normal_(generator=g)
@@ -255,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefill-reps", type=int, default=3, help="prefill timings per generate timing")
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--text-anchors", type=int, default=0,
+                    help="random textual anchors per slot (router_neighbour_questions packs keep ~50-150)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -279,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     models: dict[str, Any] = {"base": base}
     for n in args.slots:
         # packs are built on the CPU (their random tables come from a CPU generator), then moved
-        models[f"ldke-{n}"] = make_pack(base, proc, n, anchor, args.rank, args.seed + n).to(args.device)
+        models[f"ldke-{n}"] = make_pack(base, proc, n, anchor, args.rank, args.seed + n, args.text_anchors).to(args.device)
     models["base"] = base = base.to(args.device)
     text_encoder = models[f"ldke-{args.slots[0]}"].peft_config["default"].router_text_encoder
     if text_encoder:
@@ -337,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         **describe(base),
         "slots": args.slots,
         "rank": args.rank,
+        "text_anchors_per_slot": args.text_anchors,
         "text_encoder": text_encoder,
         "new_tokens": args.new_tokens,
         "reps": args.reps,

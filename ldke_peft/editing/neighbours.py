@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from ..families import family_of
 from ..tuner.context import routing_inputs
+from ..tuner.model import _root_model
 from ..tuner.routing import NO_SLOT
 
 #: How many next-token candidates the model's distribution offers for the swapped word.
@@ -31,6 +32,7 @@ CANDIDATES = 400
 #: Swaps whose sentence embedding has at least this cosine with the edit question are likely rewordings.
 REWORDING_COSINE = 0.9
 _BATCH = 64
+WORD_WEIGHT = 1.0
 
 
 def _bare(word: str) -> str:
@@ -58,21 +60,30 @@ def _asked_for_word(question: str, frame: set[str], encode: Any) -> int | None:
     return order[0] if order else None
 
 
+def _logits(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The base model's next-token logits for text-only rows (no slot applies; every supported family
+    answers text-only questions through its own forward)."""
+    root = _root_model(model)
+    with routing_inputs(model, prompt_mask=mask.bool(), slots=torch.full((len(ids),), NO_SLOT, device=ids.device)):
+        return root(input_ids=ids, attention_mask=mask).logits.float()
+
+
 @torch.no_grad()
-def _sentence_logprobs(model: Any, tok: Any, family: Any, sentences: Sequence[str]) -> torch.Tensor:
-    """Each sentence's total log-probability under the base language model (no slot applies)."""
-    lm = family.language_model(model)
-    device = next(lm.parameters()).device
+def _sentence_logprobs(model: Any, tok: Any, sentences: Sequence[str]) -> torch.Tensor:
+    """Each sentence's total log-probability under the base language model."""
+    device = _device(model)
     out = []
     for i in range(0, len(sentences), _BATCH):
         enc = tok(list(sentences[i:i + _BATCH]), return_tensors="pt", padding=True).to(device)
         ids, mask = enc["input_ids"], enc["attention_mask"]
-        with routing_inputs(model, prompt_mask=mask.bool(), slots=torch.full((len(ids),), NO_SLOT, device=device)):
-            hidden = lm(input_ids=ids, attention_mask=mask).last_hidden_state
-        lp = family.logits_from_hidden(model, hidden).float().log_softmax(-1)
+        lp = _logits(model, ids, mask).log_softmax(-1)
         tok_lp = lp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0] * mask[:, 1:]
         out.append(tok_lp.sum(1).cpu())
     return torch.cat(out) if out else torch.zeros(0)
+
+
+def _device(model: Any) -> torch.device:
+    return next(_root_model(model).parameters()).device
 
 
 @torch.no_grad()
@@ -91,21 +102,16 @@ def neighbour_questions(model: Any, processor: Any, question: str, *, n: int, en
     i = _asked_for_word(question, set(frame), encode)
     if not i:  # none, or the first word (the model proposes a word from what comes before it)
         return []
-    family = family_of(model)
-    tok = _right_padded(family.tokenizer(processor))
+    tok = _right_padded(family_of(model).tokenizer(processor))
     prefix = " ".join(words[:i])
     orig = _bare(words[i]).rstrip("s")
     tail = words[i][len(words[i].rstrip("?,.!;:")):]
-    lm = family.language_model(model)
-    device = next(lm.parameters()).device
-    ids = tok(prefix, return_tensors="pt")["input_ids"].to(device)
-    with routing_inputs(model, prompt_mask=torch.ones_like(ids, dtype=torch.bool),
-                        slots=torch.full((1,), NO_SLOT, device=device)):
-        hidden = lm(input_ids=ids).last_hidden_state
-    logits = family.logits_from_hidden(model, hidden)[0, -1].float()
+    ids = tok(prefix, return_tensors="pt")["input_ids"].to(_device(model))
+    logits = _logits(model, ids, torch.ones_like(ids))[0, -1].log_softmax(-1)
     top = logits.topk(min(CANDIDATES, logits.shape[-1])).indices.tolist()
     skip = {q.strip().casefold() for q in exclude}
     cands: list[str] = []
+    word_lp: list[float] = []
     for t in top:
         piece = tok.decode([t])
         w = piece.strip()
@@ -114,9 +120,11 @@ def neighbour_questions(model: Any, processor: Any, question: str, *, n: int, en
         s = " ".join(words[:i] + [w + tail] + words[i + 1:])
         if s.strip().casefold() not in skip:
             cands.append(s)
+            word_lp.append(float(logits[t]))
     if not cands:
         return []
-    lp = _sentence_logprobs(model, tok, family, cands)
+    # how well the words after the swap follow it, plus (WORD_WEIGHT) how likely the word is where it stands
+    lp = _sentence_logprobs(model, tok, cands) - (1.0 - WORD_WEIGHT) * torch.tensor(word_lp)
     e = F.normalize(encode([question] + cands).float(), dim=-1)
     keep = (e[1:] @ e[0]) < REWORDING_COSINE
     order = [int(j) for j in lp.argsort(descending=True) if bool(keep[int(j)])]
