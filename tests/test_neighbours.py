@@ -1,0 +1,38 @@
+"""Neighbouring questions the edited model proposes (:mod:`ldke_peft.editing.neighbours`), on the toy world."""
+
+from __future__ import annotations
+
+import pytest
+
+import ldke_peft
+from ldke_peft.bench.mke import editor_view
+from ldke_peft.editing.neighbours import frame_words, neighbour_questions
+from ldke_peft.tuner.question_key import DEFAULT_TEXT_ENCODER, load_encoder
+
+pytestmark = pytest.mark.slow
+
+
+def test_frame_words_are_those_most_questions_share():
+    qs = ["What is the capital of this land?", "Which sea is near this land?", "What is spoken in this land?"]
+    assert frame_words(qs) == {"what", "is", "this", "land"}
+    assert frame_words(qs[:1]) == set(), "one question has no frame to tell"
+
+
+def test_neighbours_swap_one_word_for_another_and_never_return_the_question(world, world_pool):
+    r = editor_view(world.edit_requests(1, seed=5)[0])
+    pm = ldke_peft.edit(world.model, world.processor, [r], negatives=world_pool, progress=False)
+    try:
+        encode = load_encoder(DEFAULT_TEXT_ENCODER).encode
+        frame = frame_words([q for q, _ in world_pool.questions])
+        got = neighbour_questions(pm, world.processor, r.prompt, n=5, encode=encode, frame=frame)
+        words = r.prompt.split()
+        assert 0 < len(got) <= 5 and len(set(got)) == len(got)
+        for q in got:
+            diff = [i for i, (a, b) in enumerate(zip(words, q.split())) if a != b]
+            assert len(q.split()) == len(words) and len(diff) == 1, q
+            assert words[diff[0]].strip("?").casefold() not in frame, "frame words are never the swapped word"
+        again = neighbour_questions(pm, world.processor, r.prompt, n=5, encode=encode, frame=frame, exclude=got[:2])
+        assert not set(again) & set(got[:2]), "excluded questions are never proposed"
+        assert neighbour_questions(pm, world.processor, r.prompt, n=0, encode=encode, frame=frame) == []
+    finally:
+        pm.unload()
