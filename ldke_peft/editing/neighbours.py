@@ -32,7 +32,6 @@ CANDIDATES = 400
 #: Swaps whose sentence embedding has at least this cosine with the edit question are likely rewordings.
 REWORDING_COSINE = 0.9
 _BATCH = 64
-WORD_WEIGHT = 1.0
 
 
 def _bare(word: str) -> str:
@@ -107,11 +106,10 @@ def neighbour_questions(model: Any, processor: Any, question: str, *, n: int, en
     orig = _bare(words[i]).rstrip("s")
     tail = words[i][len(words[i].rstrip("?,.!;:")):]
     ids = tok(prefix, return_tensors="pt")["input_ids"].to(_device(model))
-    logits = _logits(model, ids, torch.ones_like(ids))[0, -1].log_softmax(-1)
+    logits = _logits(model, ids, torch.ones_like(ids))[0, -1]
     top = logits.topk(min(CANDIDATES, logits.shape[-1])).indices.tolist()
     skip = {q.strip().casefold() for q in exclude}
     cands: list[str] = []
-    word_lp: list[float] = []
     for t in top:
         piece = tok.decode([t])
         w = piece.strip()
@@ -120,11 +118,9 @@ def neighbour_questions(model: Any, processor: Any, question: str, *, n: int, en
         s = " ".join(words[:i] + [w + tail] + words[i + 1:])
         if s.strip().casefold() not in skip:
             cands.append(s)
-            word_lp.append(float(logits[t]))
     if not cands:
         return []
-    # how well the words after the swap follow it, plus (WORD_WEIGHT) how likely the word is where it stands
-    lp = _sentence_logprobs(model, tok, cands) - (1.0 - WORD_WEIGHT) * torch.tensor(word_lp)
+    lp = _sentence_logprobs(model, tok, cands)
     e = F.normalize(encode([question] + cands).float(), dim=-1)
     keep = (e[1:] @ e[0]) < REWORDING_COSINE
     order = [int(j) for j in lp.argsort(descending=True) if bool(keep[int(j)])]

@@ -7,7 +7,8 @@ sys.path.insert(0, "benchmarks")
 import ldke_peft.editing.neighbours as nb
 
 nb.CANDIDATES = int(os.environ.get("NB_CANDIDATES", nb.CANDIDATES))
-nb.WORD_WEIGHT = float(os.environ.get("NB_WORD_WEIGHT", nb.WORD_WEIGHT))
+if "NB_WORD_WEIGHT" in os.environ:  # the study's second variant (not kept in the library): rank by the words after
+    nb.WORD_WEIGHT = float(os.environ["NB_WORD_WEIGHT"])  # the swap only (0) instead of the whole sentence (1)
 import routing_study
 
 raise SystemExit(routing_study.main(sys.argv[1:] + ["--set", f"router_neighbour_questions={os.environ.get('NB_N', '8')}"]))
