@@ -16,10 +16,8 @@ Loading (:func:`load_edits`) downloads just the pack's files (``snapshot_downloa
 ``PeftModel.from_pretrained`` on the local folder: the pack's files are validated before injection
 (:mod:`ldke_peft.tuner.safety`) and the base-model fingerprint is checked before any module is replaced, so
 a foreign or corrupt pack raises an :class:`~ldke_peft.errors.AdapterLoadError` subclass and leaves
-the base model as it was.
-
-Pushing was tested against an in-process fake Hub (:class:`ldke_peft.testing.fake_hub.FakeHub`), not
-against huggingface.co.
+the base model as it was. Pushing was tested against an in-process fake Hub
+(:class:`ldke_peft.testing.fake_hub.FakeHub`), not against huggingface.co.
 
 Layer: product (README "Architecture"): may import every layer; no library layer imports it.
 """
@@ -257,6 +255,9 @@ def model_card(
             "`ldke_peft.attach_tokenizer(model, processor)` once.",
             "",
         ]
+    if int(getattr(config, "router_text_anchors", 0) or 0):
+        lines += [f"Slots keep {config.router_text_anchors} textual anchors: a question nearest to an out-of-scope one (another "
+                  "question on the edit image, or one the base model proposed at edit time) does not fire the edit.", ""]
     lines += [
         f"Format: LDKE pack v{config.pack_format_version}, {config.num_slots} edit slot(s), safetensors only.",
         "",

@@ -381,6 +381,8 @@ def test_textual_anchors_are_fitted_saved_and_reloaded_and_only_ever_veto(world,
         assert int(with_veto[0]) == 0
         assert not bool(((with_veto >= 0) & (radius_only < 0)).any())
         pm.save_pretrained(tmp_path / "pack")
+        ldke_peft.save_edits(pm, tmp_path / "card")
+        assert f"Slots keep {router.num_anchors} textual anchors" in (tmp_path / "card" / "README.md").read_text()
     finally:
         pm.unload()
     loaded = PeftModel.from_pretrained(world.model, tmp_path / "pack")
