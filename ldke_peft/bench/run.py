@@ -63,8 +63,8 @@ LDKE_VARIANTS: dict[str, dict[str, Any]] = {
     "ldke_plain_fit": {"edit_fit_stages": False, "edit_fit_dtype": "float32"},
     # the delta fitted on the edit question and templated rephrasings only, not the pool's wordings of its relation
     "ldke_no_bank_wordings": {"delta_bank_wordings": False},
-    # the model proposes neighbouring questions per edit; each slot keeps textual anchors (nearest-anchor veto)
-    "ldke_neighbours": {"router_neighbour_questions": 8},
+    # no textual anchors: the textual decision is the radius alone (the default before router_neighbour_questions)
+    "ldke_no_neighbours": {"router_neighbour_questions": 0},
     # the caller also states what follows from the new fact: two-hop consequences fitted with the edit, and
     # the reverse question as a text-only edit of the same call
     "ldke_consequences": {"caller_consequences": ("two_hop", "reverse")},

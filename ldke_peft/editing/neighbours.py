@@ -1,7 +1,7 @@
 """Neighbouring questions the edited model proposes for an edit question: its asked-for word swapped.
 
-A sentence-embedding key puts a question about a *neighbouring* fact of the same image ("largest city"
-next to "capital") about as close to the edit question as a reworded question with the same meaning, so
+A sentence-embedding key puts a question about a *neighbouring* fact of the same image (who painted it,
+next to when it was painted) about as close to the edit question as a reworded question with the same meaning, so
 a radius cannot tell them apart, and the caller's negatives rarely name every neighbouring fact. The
 question itself says where its neighbours are: swap the word it asks about for other words the model
 finds likely in that place and the result asks for another fact in the same frame. These questions are
@@ -16,13 +16,14 @@ Layer: editing (README "Architecture"): imports data, tuner and editing modules,
 from __future__ import annotations
 
 import copy
-from collections import Counter
+import weakref
+from collections import Counter, OrderedDict
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from ..families import family_of
+from ..families import family_of, raw_text_inputs
 from ..tuner.context import routing_inputs
 from ..tuner.model import _root_model
 from ..tuner.routing import NO_SLOT
@@ -59,23 +60,22 @@ def _asked_for_word(question: str, frame: set[str], encode: Any) -> int | None:
     return order[0] if order else None
 
 
-def _logits(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The base model's next-token logits for text-only rows (no slot applies; every supported family
-    answers text-only questions through its own forward)."""
-    root = _root_model(model)
+def _logits(model: Any, processor: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The base model's next-token logits for text-only rows, through its own forward (no slot applies)."""
+    inputs = raw_text_inputs(family_of(model), processor, ids, mask)
     with routing_inputs(model, prompt_mask=mask.bool(), slots=torch.full((len(ids),), NO_SLOT, device=ids.device)):
-        return root(input_ids=ids, attention_mask=mask).logits.float()
+        return _root_model(model)(**inputs).logits.float()
 
 
 @torch.no_grad()
-def _sentence_logprobs(model: Any, tok: Any, sentences: Sequence[str]) -> torch.Tensor:
+def _sentence_logprobs(model: Any, processor: Any, tok: Any, sentences: Sequence[str]) -> torch.Tensor:
     """Each sentence's total log-probability under the base language model."""
     device = _device(model)
     out = []
     for i in range(0, len(sentences), _BATCH):
         enc = tok(list(sentences[i:i + _BATCH]), return_tensors="pt", padding=True).to(device)
         ids, mask = enc["input_ids"], enc["attention_mask"]
-        lp = _logits(model, ids, mask).log_softmax(-1)
+        lp = _logits(model, processor, ids, mask).log_softmax(-1)
         tok_lp = lp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0] * mask[:, 1:]
         out.append(tok_lp.sum(1).cpu())
     return torch.cat(out) if out else torch.zeros(0)
@@ -85,7 +85,6 @@ def _device(model: Any) -> torch.device:
     return next(_root_model(model).parameters()).device
 
 
-@torch.no_grad()
 def neighbour_questions(model: Any, processor: Any, question: str, *, n: int, encode: Any,
                         frame: set[str] = frozenset(), exclude: Sequence[str] = ()) -> list[str]:
     """Up to ``n`` questions that ask for another fact in ``question``'s frame, most likely first.
@@ -94,11 +93,30 @@ def neighbour_questions(model: Any, processor: Any, question: str, *, n: int, en
     after the words before it; each swapped sentence is ranked by its full log-probability, so the words
     after the swap count too. Swaps that repeat the word (or its plural), or whose embedding is a likely
     rewording of ``question`` (``encode``: texts -> embeddings), are dropped, as are ``exclude``.
+    The ranking depends only on the base model, the question and the frame, so it is computed once per
+    model and question (edits of one relation usually share their question).
     """
     if n <= 0:
         return []
+    memo = _MEMO.setdefault(_root_model(model), OrderedDict())
+    key = (question, frozenset(frame), id(getattr(encode, "__self__", encode)))
+    if key not in memo:
+        memo[key] = _ranked(model, processor, question, set(frame), encode)
+        while len(memo) > _MEMO_SIZE:
+            memo.popitem(last=False)
+    skip = {q.strip().casefold() for q in exclude}
+    return [q for q in memo[key] if q.strip().casefold() not in skip][:n]
+
+
+#: Ranked neighbours per base model (weakly held) and question: ``_MEMO_SIZE`` questions per model.
+_MEMO: "weakref.WeakKeyDictionary[Any, OrderedDict]" = weakref.WeakKeyDictionary()
+_MEMO_SIZE = 256
+
+
+@torch.no_grad()
+def _ranked(model: Any, processor: Any, question: str, frame: set[str], encode: Any) -> list[str]:
     words = question.split()
-    i = _asked_for_word(question, set(frame), encode)
+    i = _asked_for_word(question, frame, encode)
     if not i:  # none, or the first word (the model proposes a word from what comes before it)
         return []
     tok = _right_padded(family_of(model).tokenizer(processor))
@@ -106,25 +124,21 @@ def neighbour_questions(model: Any, processor: Any, question: str, *, n: int, en
     orig = _bare(words[i]).rstrip("s")
     tail = words[i][len(words[i].rstrip("?,.!;:")):]
     ids = tok(prefix, return_tensors="pt")["input_ids"].to(_device(model))
-    logits = _logits(model, ids, torch.ones_like(ids))[0, -1]
+    logits = _logits(model, processor, ids, torch.ones_like(ids))[0, -1]
     top = logits.topk(min(CANDIDATES, logits.shape[-1])).indices.tolist()
-    skip = {q.strip().casefold() for q in exclude}
     cands: list[str] = []
     for t in top:
         piece = tok.decode([t])
         w = piece.strip()
         if not piece.startswith(" ") or not w.isalpha() or len(w) < 3 or w.casefold().rstrip("s") == orig:
             continue
-        s = " ".join(words[:i] + [w + tail] + words[i + 1:])
-        if s.strip().casefold() not in skip:
-            cands.append(s)
+        cands.append(" ".join(words[:i] + [w + tail] + words[i + 1:]))
     if not cands:
         return []
-    lp = _sentence_logprobs(model, tok, cands)
+    lp = _sentence_logprobs(model, processor, tok, cands)
     e = F.normalize(encode([question] + cands).float(), dim=-1)
     keep = (e[1:] @ e[0]) < REWORDING_COSINE
-    order = [int(j) for j in lp.argsort(descending=True) if bool(keep[int(j)])]
-    return [cands[j] for j in order[:n]]
+    return [cands[int(j)] for j in lp.argsort(descending=True) if bool(keep[int(j)])]
 
 
 def _right_padded(tok: Any) -> Any:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from .base import Family
 from .blip2 import Blip2Family
-from .inputs import BuiltInputs
+from .inputs import BuiltInputs, raw_text_inputs
 from .llava_onevision import LlavaOnevisionFamily
 from .paligemma import PaliGemmaFamily
 from .processors import image_only_processor
@@ -35,6 +35,7 @@ from .support import check_config
 from .unwrap import base_model_of
 
 __all__ = [
+    "raw_text_inputs",
     "Blip2Family",
     "BuiltInputs",
     "Family",

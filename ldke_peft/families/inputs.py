@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["BuiltInputs", "cat_zero_padded"]
+__all__ = ["BuiltInputs", "cat_zero_padded", "raw_text_inputs"]
 
 
 @dataclass
@@ -117,3 +117,10 @@ def cat_zero_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
         out.append(torch.nn.functional.pad(t, pad) if any(pad) else t)
     return torch.cat(out, dim=0)
 
+
+def raw_text_inputs(family: Any, processor: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
+    """Inputs for the model's own forward on text as it is (no chat template, no image), with what the
+    family adds to a batch without images (BLIP-2's forward needs a placeholder image no token receives)."""
+    inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+    family._finalize_batch(processor, inputs)
+    return {k: v.to(input_ids.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}

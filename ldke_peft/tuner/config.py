@@ -108,7 +108,7 @@ class LDKEConfig(PeftConfig):
         },
     )
     router_neighbour_questions: int = field(
-        default=0,
+        default=8,
         metadata={
             "help": "Questions the edited model proposes per edit by swapping the word the edit question asks about "
             "(0 = none). With them each slot keeps textual anchors, and a question inside the textual radius whose "
