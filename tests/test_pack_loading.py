@@ -536,7 +536,7 @@ def test_edit_metadata_lives_beside_the_adapter_and_old_packs_keep_theirs(tmp_pa
     assert want and want[0]["prompt"] == "What is shown?" and want[0]["target"] == "Lyon"
     pm.save_pretrained(tmp_path / "pack")
     cfg = json.loads((tmp_path / "pack" / "adapter_config.json").read_text())
-    assert "edits" not in cfg and cfg["pack_format_version"] == "1.6"
+    assert "edits" not in cfg and cfg["pack_format_version"] == "1.7"
     assert json.loads((tmp_path / "pack" / "ldke_edits.json").read_text())["edits"] == json.loads(json.dumps(want))
     assert pm.peft_config["default"].edits is want  # saving leaves the live config as it was
     loaded = [LDKEConfig.from_pretrained(str(tmp_path / "pack")),
@@ -555,3 +555,28 @@ def test_edit_metadata_lives_beside_the_adapter_and_old_packs_keep_theirs(tmp_pa
     again.save_pretrained(tmp_path / "resaved")  # an old-format config keeps its format's layout
     assert json.loads((tmp_path / "resaved" / "adapter_config.json").read_text())["edits"][0]["target"] == "Lyon"
     assert not (tmp_path / "resaved" / "ldke_edits.json").exists()
+
+
+def test_a_format_1_6_pack_grows_without_textual_anchors(tmp_path):
+    """Format 1.7 added ``router_neighbour_questions`` (on by default): a 1.6 pack, written before the field
+    existed, reloads with it off, so slots appended to it are fitted as the pack was made (no anchors)."""
+    from PIL import Image
+
+    from ldke_peft import EditRequest, edit
+    from ldke_peft.testing.tiny import tiny_model
+
+    model, proc = tiny_model("llava")
+    req = EditRequest(image=Image.new("RGB", (32, 32), (200, 30, 30)), prompt="What is shown?", target="Lyon")
+    pm = edit(model, proc, [req], LDKEConfig(localization="fixed", fixed_layers=[2], edit_steps=2,
+                                             router_neighbour_questions=0), progress=False)
+    pm.save_pretrained(tmp_path / "pack")
+    path = tmp_path / "pack" / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    assert cfg["router_neighbour_questions"] == 0 and cfg["router_text_anchors"] == 0
+    for k in ("router_neighbour_questions", "router_text_anchors"):
+        del cfg[k]
+    path.write_text(json.dumps({**cfg, "pack_format_version": "1.6"}))
+    assert LDKEConfig.from_pretrained(str(tmp_path / "pack")).router_neighbour_questions == 0
+    path.write_text(json.dumps({**cfg, "pack_format_version": "1.7"}))
+    default = LDKEConfig().router_neighbour_questions
+    assert default > 0 and LDKEConfig.from_pretrained(str(tmp_path / "pack")).router_neighbour_questions == default

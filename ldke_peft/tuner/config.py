@@ -21,7 +21,7 @@ from .question_key import DEFAULT_TEXT_ENCODER
 
 #: Format version of the saved pack. Bumped on incompatible changes; a pack with a newer major
 #: version than this library understands is refused with a clear error.
-PACK_FORMAT_VERSION = "1.6"
+PACK_FORMAT_VERSION = "1.7"
 #: Subject corruptions Fast Localization and exact tracing know (``LDKEConfig.corruption``).
 CORRUPTIONS = ("mean", "noise")
 #: Format 1.1 added ``router_storage``; packs of format 1.0 stored their router projections in fp32.
@@ -36,6 +36,9 @@ _FORMAT_WITHOUT_DELTA_STORAGE = ("1.0", "1.1", "1.2")
 #: a 1.4 pack grown with new edits fits them with the defaults).
 #: Format 1.6 added ``delta_bank_wordings``; an older pack grown with new edits fits them as it was made.
 _FORMAT_WITHOUT_BANK_WORDINGS = ("1.0", "1.1", "1.2", "1.3", "1.4", "1.5")
+#: Format 1.7 added ``router_neighbour_questions`` and the textual anchors; an older pack grown with new edits
+#: fits them without anchors, as it was made.
+_FORMAT_WITHOUT_NEIGHBOURS = _FORMAT_WITHOUT_BANK_WORDINGS + ("1.6",)
 #: How a pack may store its slot factors (``LDKEConfig.delta_storage``).
 DELTA_STORAGE = ("float16", "float32")
 #: Precisions the delta fit's steps may run in (``LDKEConfig.edit_fit_dtype``).
@@ -299,6 +302,8 @@ class LDKEConfig(PeftConfig):
             raise AdapterLoadError(f"LDKEConfig: delta_storage must be one of {DELTA_STORAGE}, got {self.delta_storage!r}")
         if str(self.pack_format_version) in _FORMAT_WITHOUT_BANK_WORDINGS:
             self.delta_bank_wordings = False
+        if str(self.pack_format_version) in _FORMAT_WITHOUT_NEIGHBOURS:
+            self.router_neighbour_questions = 0
         if str(self.pack_format_version) in _FORMAT_WITHOUT_TEXT_ENCODER:
             self.router_text_encoder = None  # written before the field existed: probe-layer text features
             self.router_text_margin = None  # and one margin for both parts
