@@ -424,9 +424,9 @@ def _merged_anchors(packs: Any, kept: list, p_dim: int) -> dict[str, torch.Tenso
         src = packs[p].router
         if "anchors_t" in src:
             mine = src["anchors_slot"] == k
-            rows_t.append(_pad_cols(src["anchors_t"][mine].float(), p_dim))
-            rows_slot.append(torch.full((int(mine.sum()),), j, dtype=torch.long))
-            rows_pos.append(src["anchors_pos"][mine].float())
+            rows_t.append(_pad_cols(src["anchors_t"][mine].half(), p_dim))
+            rows_slot.append(torch.full((int(mine.sum()),), j, dtype=torch.int32))
+            rows_pos.append(src["anchors_pos"][mine].half())
     if not rows_t:
         return {}
     return {"anchors_t": torch.cat(rows_t), "anchors_slot": torch.cat(rows_slot), "anchors_pos": torch.cat(rows_pos)}

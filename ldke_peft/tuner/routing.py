@@ -246,7 +246,7 @@ class RouterState(nn.Module):
 
     def _anchor_veto(self, textual: torch.Tensor) -> torch.Tensor:
         """``(B, K)``: rows a slot's textual anchors veto, each slot judged in its own projection."""
-        group = self.proj_group[self.anchors_slot] if "proj_group" in self._buffers else None
+        group = self.proj_group[self.anchors_slot.long()] if "proj_group" in self._buffers else None
         out = torch.zeros((textual.shape[0], self.num_slots), dtype=torch.bool, device=textual.device)
         for g in range(self.num_groups):
             sel = slice(None) if group is None else (group == g)

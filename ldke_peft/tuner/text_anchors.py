@@ -8,7 +8,9 @@ is vetoed when its nearest anchor is an out-of-scope one. Slots without anchors 
 before them) decide by the radius alone.
 
 Stored as three router buffers, present only in a pack that has anchors: ``anchors_t`` (rows in the
-slot's projection space), ``anchors_slot`` (owner slot) and ``anchors_pos`` (1 = in scope, 0 = out).
+slot's projection space), ``anchors_slot`` (owner slot, int32) and ``anchors_pos`` (1 = in scope, 0 = out).
+Rows and flags are float16 from the moment they are set (a slot keeps dozens of anchors; float32 would put a
+single-edit pack past 100 KB), so the veto that runs at fit time is the one that is saved.
 
 Layer: tuner, a leaf (README "Architecture"): imports nothing of the library.
 """
@@ -28,8 +30,9 @@ def anchor_count(buffers: dict) -> int:
 
 def empty_anchors(n: int, dim: int, device=None) -> dict[str, torch.Tensor]:
     """Zero-filled anchor buffers for ``n`` anchors (what a pack's loader fills)."""
-    return {"anchors_t": torch.zeros(n, dim, device=device), "anchors_slot": torch.zeros(n, dtype=torch.long, device=device),
-            "anchors_pos": torch.zeros(n, device=device)}
+    return {"anchors_t": torch.zeros(n, dim, dtype=torch.float16, device=device),
+            "anchors_slot": torch.zeros(n, dtype=torch.int32, device=device),
+            "anchors_pos": torch.zeros(n, dtype=torch.float16, device=device)}
 
 
 def with_slot_anchors(buffers: dict, slot: int, pos: torch.Tensor, neg: torch.Tensor, dim: int) -> dict[str, torch.Tensor]:
@@ -37,11 +40,12 @@ def with_slot_anchors(buffers: dict, slot: int, pos: torch.Tensor, neg: torch.Te
     dev = buffers["keys_t"].device
     old = {k: buffers[k] for k in ANCHOR_BUFFERS} if "anchors_t" in buffers else empty_anchors(0, dim, dev)
     keep = old["anchors_slot"] != int(slot)
-    rows = torch.cat([pos, neg]).float().to(dev)
+    rows = torch.cat([pos, neg]).to(device=dev, dtype=torch.float16)
+    flags = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]).to(device=dev, dtype=torch.float16)
     return {
         "anchors_t": torch.cat([old["anchors_t"][keep], rows]),
-        "anchors_slot": torch.cat([old["anchors_slot"][keep], torch.full((len(rows),), int(slot), dtype=torch.long, device=dev)]),
-        "anchors_pos": torch.cat([old["anchors_pos"][keep], torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]).to(dev)]),
+        "anchors_slot": torch.cat([old["anchors_slot"][keep], torch.full((len(rows),), int(slot), dtype=torch.int32, device=dev)]),
+        "anchors_pos": torch.cat([old["anchors_pos"][keep], flags]),
     }
 
 
@@ -52,7 +56,7 @@ def veto(zt: torch.Tensor, anchors: torch.Tensor, slot: torch.Tensor, pos: torch
     d = torch.cdist(zt.float(), anchors.float())  # (B, A)
     inf = torch.full((B, num_slots), float("inf"), device=zt.device)
     is_pos = pos > 0.5
-    idx = slot.to(zt.device).unsqueeze(0).expand(B, -1)
+    idx = slot.to(device=zt.device, dtype=torch.long).unsqueeze(0).expand(B, -1)
     d_pos = inf.scatter_reduce(1, idx, torch.where(is_pos, d, float("inf")), "amin")
     d_neg = inf.scatter_reduce(1, idx, torch.where(is_pos, float("inf"), d), "amin")
     return d_neg < d_pos
