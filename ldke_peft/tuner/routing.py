@@ -57,13 +57,10 @@ class RouterState(nn.Module):
         ``extra_mu_v (G-1, d_v)``, ``extra_proj_v (G-1, d_v, p)``, ``extra_mu_t (G-1, d_t)``,
         ``extra_proj_t (G-1, d_t, p)``: projections ``1 .. G-1``.
 
-    Each slot's score is then computed exactly as in its source pack, so a merged pack routes every
-    input the way the source pack owning the best-scoring slot would. Slots appended later (sequential
-    editing) join group 0. With ``G == 1`` none of these buffers exist: the layout of a pack that was
-    never merged is unchanged.
-
-    Floating buffers stay fp32 whatever ``.to(dtype)`` the model gets (see :meth:`_apply`): radii sit
-    between a positive and a negative a few percent apart, and bf16 keys/projections would move them.
+    Each slot's score is then computed exactly as in its source pack; slots appended later join group 0.
+    With ``G == 1`` none of these buffers exist. Floating buffers keep their stored dtype whatever
+    ``.to(dtype)`` the model gets (:meth:`_apply`): radii sit between a positive and a negative a few
+    percent apart, and bf16 keys/projections would move them.
     """
 
     BUFFERS = ("mu_v", "proj_v", "mu_t", "proj_t", "keys_v", "keys_t", "radius_v", "radius_t", "needs_image")
@@ -235,23 +232,28 @@ class RouterState(nn.Module):
         img = has_image if has_image.dtype == torch.bool and has_image.device == dv.device else has_image.to(dv.device).bool()
         # a text-only slot's visual part weighs 0, also when the distance overflowed (inf * 0 is NaN)
         score = torch.maximum(torch.where(inv_v > 0, dv * inv_v, 0.0), dt * inv_t)
+        score = score + torch.where(img.unsqueeze(1), pen_img, pen_txt)
         if self.num_anchors:
-            score = torch.where(self._anchor_veto(textual), float("inf"), score)
-        return score + torch.where(img.unsqueeze(1), pen_img, pen_txt)
+            # anchors only ever veto a row inside a slot's scope: only those slots' anchors are read
+            inside = score <= 1.0
+            if bool(inside.any()):
+                score = torch.where(inside & self._anchor_veto(textual, inside.any(dim=0)), float("inf"), score)
+        return score
 
     @property
     def num_anchors(self) -> int:
         """Textual anchors held for all slots (0: every slot decides by its radii alone)."""
         return anchor_count(self._buffers)
 
-    def _anchor_veto(self, textual: torch.Tensor) -> torch.Tensor:
-        """``(B, K)``: rows a slot's textual anchors veto, each slot judged in its own projection."""
-        group = self.proj_group[self.anchors_slot.long()] if "proj_group" in self._buffers else None
+    def _anchor_veto(self, textual: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """``(B, K)``: rows the textual anchors of ``slots`` (``(K,)`` bool) veto, each slot in its own projection."""
+        owner = self.anchors_slot.long()
+        mine = slots.to(owner.device)[owner]
+        group = self.proj_group[owner] if "proj_group" in self._buffers else torch.zeros_like(owner)
         out = torch.zeros((textual.shape[0], self.num_slots), dtype=torch.bool, device=textual.device)
         for g in range(self.num_groups):
-            sel = slice(None) if group is None else (group == g)
-            out |= veto(self.project_textual(g, textual), self.anchors_t[sel], self.anchors_slot[sel], self.anchors_pos[sel],
-                        self.num_slots)
+            if bool((sel := mine & (group == g)).any()):
+                out |= veto(self.project_textual(g, textual), self.anchors_t[sel], owner[sel], self.anchors_pos[sel], self.num_slots)
         return out
 
     def _group_tables(self, g: int) -> tuple[torch.Tensor, ...]:
