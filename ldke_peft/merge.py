@@ -427,7 +427,7 @@ def _merged_anchors(packs: Any, kept: list, p_dim: int) -> dict[str, torch.Tenso
             rows_t.append(_pad_cols(src["anchors_t"][mine].half(), p_dim))
             rows_slot.append(torch.full((int(mine.sum()),), j, dtype=torch.int32))
             rows_pos.append(src["anchors_pos"][mine].half())
-    if not rows_t:
+    if not sum(len(x) for x in rows_t):
         return {}
     return {"anchors_t": torch.cat(rows_t), "anchors_slot": torch.cat(rows_slot), "anchors_pos": torch.cat(rows_pos)}
 

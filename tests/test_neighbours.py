@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 import ldke_peft
@@ -25,6 +27,13 @@ def test_neighbours_swap_one_word_for_another_and_never_return_the_question(worl
         encode = load_encoder(DEFAULT_TEXT_ENCODER).encode
         frame = frame_words([q for q, _ in world_pool.questions])
         got = neighbour_questions(pm, world.processor, r.prompt, n=5, encode=encode, frame=frame)
+        # a tokenizer without a pad token is padded on a copy: the caller's is left as it was
+        proc = copy.deepcopy(world.processor)
+        tok = world.family.tokenizer(proc)
+        tok.pad_token = None
+        side = tok.padding_side
+        assert neighbour_questions(pm, proc, r.prompt + " ", n=5, encode=encode, frame=frame)  # (another memo key)
+        assert tok.pad_token is None and tok.padding_side == side
         words = r.prompt.split()
         assert 0 < len(got) <= 5 and len(set(got)) == len(got)
         for q in got:

@@ -287,7 +287,10 @@ def test_textual_anchors_veto_rows_nearest_to_an_out_of_scope_anchor():
     textual = torch.tensor([[0.1, 0.7, 0, 0], [0.7, 0.1, 0, 0], [10.6, 10.1, 0, 0], [10.1, 10.6, 0, 0]])
     got = router.route(torch.zeros(4, 2), textual, torch.ones(4, dtype=torch.bool)).tolist()
     assert got == [0, NO_SLOT, 1, 1]
+    # a slot whose anchors are all out of scope has nothing to compare with: it decides by its radius
+    router.set_text_anchors(1, pos=torch.zeros(0, 2), neg=torch.tensor([[10.6, 10.1]]))
+    assert router.route(torch.zeros(4, 2), textual, torch.ones(4, dtype=torch.bool)).tolist() == [0, NO_SLOT, 1, 1]
     # replacing slot 0's anchors drops the old ones
     router.set_text_anchors(0, pos=torch.tensor([[0.8, 0.0]]), neg=torch.zeros(0, 2))
-    assert router.num_anchors == 1
+    assert router.num_anchors == 2
     assert router.route(torch.zeros(4, 2), textual, torch.ones(4, dtype=torch.bool)).tolist()[:2] == [0, 0]

@@ -100,12 +100,13 @@ def neighbour_questions(model: Any, processor: Any, question: str, *, n: int, en
         return []
     memo = _MEMO.setdefault(_root_model(model), OrderedDict())
     key = (question, frozenset(frame), id(getattr(encode, "__self__", encode)))
-    if key not in memo:
-        memo[key] = _ranked(model, processor, question, set(frame), encode)
+    ranked = memo.get(key)
+    if ranked is None:
+        ranked = memo[key] = _ranked(model, processor, question, set(frame), encode)
         while len(memo) > _MEMO_SIZE:
             memo.popitem(last=False)
     skip = {q.strip().casefold() for q in exclude}
-    return [q for q in memo[key] if q.strip().casefold() not in skip][:n]
+    return [q for q in ranked if q.strip().casefold() not in skip][:n]
 
 
 #: Ranked neighbours per base model (weakly held) and question: ``_MEMO_SIZE`` questions per model.
@@ -144,7 +145,7 @@ def _ranked(model: Any, processor: Any, question: str, frame: set[str], encode: 
 def _right_padded(tok: Any) -> Any:
     """A copy of ``tok`` that pads on the right (a sentence's tokens keep their positions), with its
     end-of-sequence token where it has no pad token; the caller's tokenizer is not changed."""
-    tok = copy.copy(tok)
+    tok = copy.deepcopy(tok)  # a shallow copy shares the special-token table (and the fast backend's padding)
     tok.padding_side = "right"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token

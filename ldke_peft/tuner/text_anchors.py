@@ -51,7 +51,7 @@ def with_slot_anchors(buffers: dict, slot: int, pos: torch.Tensor, neg: torch.Te
 
 def veto(zt: torch.Tensor, anchors: torch.Tensor, slot: torch.Tensor, pos: torch.Tensor, num_slots: int) -> torch.Tensor:
     """``(B, K)`` bool: rows whose nearest anchor of slot ``k`` is out of scope (``zt``: rows projected in
-    the anchors' space; only slots that own anchors of both kinds can veto)."""
+    the anchors' space; a slot without an in-scope anchor never vetoes)."""
     B = zt.shape[0]
     d = torch.cdist(zt.float(), anchors.float())  # (B, A)
     inf = torch.full((B, num_slots), float("inf"), device=zt.device)
@@ -59,4 +59,4 @@ def veto(zt: torch.Tensor, anchors: torch.Tensor, slot: torch.Tensor, pos: torch
     idx = slot.to(device=zt.device, dtype=torch.long).unsqueeze(0).expand(B, -1)
     d_pos = inf.scatter_reduce(1, idx, torch.where(is_pos, d, float("inf")), "amin")
     d_neg = inf.scatter_reduce(1, idx, torch.where(is_pos, float("inf"), d), "amin")
-    return d_neg < d_pos
+    return (d_neg < d_pos) & torch.isfinite(d_pos)
