@@ -45,6 +45,9 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="LDKEConfig override (JSON value), e.g. --set router_margin=0.4")
     ap.add_argument("--single", action="store_true", help="each edit alone on the base model (not one pack)")
+    ap.add_argument("--hold-out-relation", action="store_true",
+                    help="with --single: each edit's negative pool without the questions of its own relation (what a "
+                         "test edit of the held-out relation gets: no caller wordings of the edited relation)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -52,6 +55,7 @@ def main(argv=None) -> int:
 
     import ldke_peft.editing.editor as editor
     from ldke_peft import LDKEConfig, edit
+    from ldke_peft.requests import NegativePool
     from ldke_peft.bench.mke import editor_view
     from ldke_peft.bench.run import load_suite
     from ldke_peft.tuner.probe_features import collect_probe_features
@@ -65,7 +69,11 @@ def main(argv=None) -> int:
     if args.single:
         per = []
         for r in reqs:
-            pm = edit(suite.model, suite.processor, [editor_view(r)], LDKEConfig(**overrides), negatives=suite.pool,
+            pool = suite.pool
+            if args.hold_out_relation:
+                pool = NegativePool(questions=[(q, rel) for q, rel in pool.questions if rel != r.relation],
+                                    images=pool.images)
+            pm = edit(suite.model, suite.processor, [editor_view(r)], LDKEConfig(**overrides), negatives=pool,
                       progress=False)
             per.append(score(pm, suite.processor, [r], collect_probe_features))
             pm.unload()
@@ -87,7 +95,8 @@ def main(argv=None) -> int:
             print(k, json.dumps({a: round(b["rate"], 3) for a, b in out[str(k)].items() if a != "slots"}), flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     args.out.write_text(json.dumps({"command": " ".join(sys.argv), "commit": commit, "overrides": overrides,
-                                    "suite": args.suite, "split": args.split, "seconds": time.perf_counter() - t0,
+                                    "suite": args.suite, "split": args.split,
+                                    "hold_out_relation": args.hold_out_relation, "seconds": time.perf_counter() - t0,
                                     "results": out}, indent=1))
     return 0
 
