@@ -6,6 +6,7 @@ same-image question / proposed neighbour / rephrasing of a neighbour) and record
 whether it lies inside the slot's radius and its distance to each anchor. ``--hold-out-relation`` takes the edited
 relation's questions out of the pool (what an edit of the test split's held-out relation gets).
 Usage: OMP_NUM_THREADS=1 python dump.py N OUT.pt [--hold-out-relation] [--extra-pos]
+(--extra-pos: TEMPLATES around the asked-for word, recorded as ``pos_template`` anchors.)
 """
 import sys
 
@@ -59,6 +60,22 @@ EXTRA = {
 }
 
 
+#: --extra-pos: generic possessive/verb frames around the asked-for word, tried as extra in-scope anchors.
+TEMPLATES = ("What {w} does this {x} have?", "Tell me this {x}'s {w}.", "What is this {x}'s {w}?", "{W} of this {x}?",
+             "This {x}'s {w} is what?", "Which {w} goes with this {x}?")
+
+
+def template_wordings(question, frame, encode):
+    import re
+    from ldke_peft.editing.neighbours import _asked_for_word
+    i = _asked_for_word(question, frame, encode)
+    m = re.search(r"\bthis (\w+)", question, flags=re.IGNORECASE)
+    if i is None or m is None:
+        return []
+    w = question.split()[i].strip("?,.!;:").lower()
+    return [t.format(w=w, W=w.capitalize(), x=m.group(1)) for t in TEMPLATES]
+
+
 def _noop_fit(peft_model, processor, r, s, *, stats=None, **kw):
     if stats is not None:
         stats.update(capture=0.0, delta_fit=0.0, tokens=0, span=0)
@@ -100,6 +117,7 @@ for r in suite.requests[:n]:
                               exclude=own)
     reph = [p for p, _ in rephrased_negatives(gen, own, NEGATIVE_PARAPHRASES, fuzzy=False)]
     qs = [q for q in dict.fromkeys(gen + reph) if q not in own]
+    tpl = template_wordings(r.prompt, frame, enc) if "--extra-pos" in sys.argv else []
     probes = [("reliability", r.image, r.prompt)] + [("t_generality", r.image, q) for q in r.rephrase_prompts]
     for p in r.coupled:
         k = "near_miss" if p.kind.startswith("near_miss") else p.kind
@@ -108,7 +126,7 @@ for r in suite.requests[:n]:
     probes += [("x_in_scope", r.image, q) for q in EXTRA.get(r.relation, {}).get("in", [])]
     probes += [("x_near_miss", r.image, q) for q in EXTRA.get(r.relation, {}).get("near", [])]
     with torch.no_grad():
-        _, t_gen, _ = collect_probe_features(pm, suite.processor, cfg.probe_layer, [r.image] * len(qs), qs)
+        _, t_gen, _ = collect_probe_features(pm, suite.processor, cfg.probe_layer, [r.image] * len(qs + tpl), qs + tpl)
         v, t, h = collect_probe_features(pm, suite.processor, cfg.probe_layer, [p[1] for p in probes], [p[2] for p in probes])
         g = router.slot_group(0)
         z_anchor = router.project_textual(g, torch.cat([textual[pos], textual[neg], t_gen]))
@@ -117,7 +135,8 @@ for r in suite.requests[:n]:
         router._anchor_veto = lambda tt, ss: torch.zeros(tt.shape[0], router.num_slots, dtype=torch.bool)
         inside = router.route(v, t, h)
     kinds = ["pos"] * len(pos) + ["same_image"] * len(neg) + ["neighbour" if q in gen else "neighbour_reph" for q in qs]
-    texts = own + [rows.prompts[i] for i in neg] + qs
+    kinds += ["pos_template"] * len(tpl)
+    texts = own + [rows.prompts[i] for i in neg] + qs + tpl
     key = router.keys_t[0].float()
     out.append({"subject": r.subject, "relation": r.relation, "radius_t": float(router.radius_t[0]),
                 "anchor_kinds": kinds, "anchor_texts": texts, "anchor_to_key": (z_anchor - key).norm(dim=-1),

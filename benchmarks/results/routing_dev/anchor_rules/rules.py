@@ -10,10 +10,10 @@ IN_SCOPE = {"reliability", "t_generality", "x_in_scope"}
 
 
 def rules():
-    def nn(e, keep=lambda k: True, ratio=1.0):
+    def nn(e, keep=lambda k: True, ratio=1.0, pos_kinds=("pos",)):
         kinds = e["anchor_kinds"]
-        pos = torch.tensor([k == "pos" for k in kinds])
-        neg = torch.tensor([k != "pos" and keep(k) for k in kinds])
+        pos = torch.tensor([k in pos_kinds for k in kinds])
+        neg = torch.tensor([not k.startswith("pos") and keep(k) for k in kinds])
         d = e["dist"]
         dp = d[:, pos].min(1).values
         dn = d[:, neg].min(1).values if neg.any() else torch.full_like(dp, float("inf"))
@@ -22,17 +22,19 @@ def rules():
     def kth(e, k):
         kinds = e["anchor_kinds"]
         pos = torch.tensor([k_ == "pos" for k_ in kinds])
+        negm = torch.tensor([not k_.startswith("pos") for k_ in kinds])
         d = e["dist"]
         dp = d[:, pos].min(1).values
-        dn = d[:, ~pos].sort(1).values[:, min(k, int((~pos).sum())) - 1]
+        dn = d[:, negm].sort(1).values[:, min(k, int(negm.sum())) - 1]
         return dn < dp
 
     def vote(e, k):
         # the k nearest anchors vote; out of scope wins only with a majority
         kinds = e["anchor_kinds"]
         pos = torch.tensor([k_ == "pos" for k_ in kinds])
-        idx = e["dist"].argsort(1)[:, :k]
-        return (~pos[idx]).sum(1) * 2 > k
+        negm = torch.tensor([not k_.startswith("pos") for k_ in kinds])
+        idx = e["dist"][:, pos | negm].argsort(1)[:, :k]
+        return (~pos[pos | negm][idx]).sum(1) * 2 > k
 
     def balanced(e):
         # as many out-of-scope anchors as in-scope ones: the ones nearest the key
@@ -40,13 +42,14 @@ def rules():
         pos = torch.tensor([k == "pos" for k in kinds])
         npos = int(pos.sum())
         ak = e["anchor_to_key"]
-        negidx = (~pos).nonzero()[:, 0]
+        negidx = torch.tensor([not k.startswith("pos") for k in kinds]).nonzero()[:, 0]
         keep = negidx[ak[negidx].argsort()[:npos]]
         d = e["dist"]
         return d[:, keep].min(1).values < d[:, pos].min(1).values
 
     out = {"none": lambda e: torch.zeros(len(e["probe_kinds"]), dtype=torch.bool),
            "nearest (library)": lambda e: nn(e),
+           "nearest, template wordings in scope too": lambda e: nn(e, pos_kinds=("pos", "pos_template")),
            "neighbours only": lambda e: nn(e, lambda k: k.startswith("neighbour")),
            "neighbours w/o rephrasings + same-image": lambda e: nn(e, lambda k: k != "neighbour_reph"),
            "same-image only": lambda e: nn(e, lambda k: k == "same_image"),
@@ -109,7 +112,7 @@ def first_n(n):
         src = source_of(e)
         kinds = e["anchor_kinds"]
         pos = torch.tensor([k == "pos" for k in kinds])
-        neg = torch.tensor([k != "pos" and (s < n) for k, s in zip(kinds, src)])
+        neg = torch.tensor([not k.startswith("pos") and (s < n) for k, s in zip(kinds, src)])
         d = e["dist"]
         return d[:, neg].min(1).values < d[:, pos].min(1).values
     return rule
