@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
             --negatives FILE (JSONL) gives the router questions and images from your domain: questions
             of other relations and other entities' images are the hard negatives that keep coupled
             inputs (same image + other question, look-alike image + same question) out of an edit's
-            scope; questions labelled with the edit's own relation join its scope. One object a line:
+            scope; questions labelled with the edit's own relation join its scope (give one or more for
+            each relation you edit: without them fewer of its other wordings route). One object a line:
               {"question": "When was this building completed?", "relation": "completion year"}
               {"image": "img/notre_dame.png", "entity": "Notre-Dame de Paris"}
             (relative image paths: as for REQUESTS). Without it the router only has each request's own

@@ -348,7 +348,24 @@ def test_a_stated_consequence_is_answered_in_other_words_and_nothing_coupled_mov
         without.unload()
 
 
-def test_textual_anchors_are_fitted_saved_and_reloaded_and_only_ever_veto(world, world_pool, tmp_path):
+def test_anchors_warn_when_the_negatives_hold_no_wording_of_the_edited_relation(world, world_pool, caplog):
+    """With anchors on, a pool that labels no question with the edit's relation (and a request without
+    rephrasings) leaves only rewrites of the edit question in scope: the caller is told which relation to add."""
+    from ldke_peft import LDKEConfig
+    from ldke_peft.requests import NegativePool
+
+    r = editor_view(world.edit_requests(1, seed=5)[0])
+    assert r.relation in {rel for _, rel in world_pool.questions}
+    thin = NegativePool(questions=[(q, rel) for q, rel in world_pool.questions if rel != r.relation],
+                        images=world_pool.images)
+    with caplog.at_level("WARNING", logger="ldke_peft.editing.anchor_fit"):
+        pm = ldke_peft.edit(world.model, world.processor, [r], LDKEConfig(router_neighbour_questions=2),
+                            negatives=thin, progress=False)
+        pm.unload()
+    assert any(f"labelled with its relation {r.relation!r}" in m for m in caplog.messages)
+
+
+def test_textual_anchors_are_fitted_saved_and_reloaded_and_only_ever_veto(world, world_pool, tmp_path, caplog):
     """``router_neighbour_questions``: each slot keeps textual anchors; the pack still answers its edit and its
     rephrasings, the anchors travel with the safetensors adapter (PEFT's own loader rebuilds them), and a
     reloaded pack routes every probe as the fitted one did. The veto only removes routes: no probe the
@@ -359,8 +376,10 @@ def test_textual_anchors_are_fitted_saved_and_reloaded_and_only_ever_veto(world,
     from ldke_peft.tuner.probe_features import collect_probe_features
 
     r = editor_view(world.edit_requests(1, seed=5)[0])
-    pm = ldke_peft.edit(world.model, world.processor, [r], LDKEConfig(router_neighbour_questions=6),
-                        negatives=world_pool, progress=False)
+    with caplog.at_level("WARNING", logger="ldke_peft.editing.anchor_fit"):
+        pm = ldke_peft.edit(world.model, world.processor, [r], LDKEConfig(router_neighbour_questions=6),
+                            negatives=world_pool, progress=False)
+    assert not any("labelled with its relation" in m for m in caplog.messages)  # the pool names its relation
     try:
         cfg = pm.peft_config["default"]
         router = pm.base_model.router("default")

@@ -60,7 +60,15 @@ def fit_text_anchors(peft_model: Any, processor: Any, router: Any, cfg: LDKEConf
     caller = [q for q, _ in pool.questions]
     frame = frame_words(caller if len(caller) >= 2 else [q for q, _ in question_bank(pool)])
     dev = router.keys_t.device
+    pool_relations = {rel for _, rel in pool.questions}
     for (a, b), r, s in zip(per_req, requests, slots):
+        if pool.questions and r.relation is not None and r.relation not in pool_relations and not r.rephrase_prompts:
+            # the nearest-anchor veto weighs the edit's wordings against its neighbours: with rewrites of one
+            # sentence on the in-scope side it vetoes more of the edit's other wordings
+            logger.warning("edit %r: no question of the negatives is labelled with its relation %r and the request "
+                           "has no rephrase_prompts, so its textual anchors in scope are rewrites of one question and "
+                           "may keep other wordings of it out; add a wording of %r to the negatives", r.prompt,
+                           r.relation, r.relation)
         pos = _first_per_prompt([i for i in range(a, b) if rows.t_pos[i]], rows.prompts)
         neg = _first_per_prompt([i for i in range(a, b) if not rows.t_pos[i]], rows.prompts)
         own = [rows.prompts[i] for i in pos]
