@@ -50,6 +50,8 @@ def main(argv=None) -> int:
                          "test edit of the held-out relation gets: no caller wordings of the edited relation)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
+    if args.hold_out_relation and not args.single:
+        ap.error("--hold-out-relation needs --single (a pack shares one negative pool)")
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
 

@@ -349,23 +349,31 @@ def test_a_stated_consequence_is_answered_in_other_words_and_nothing_coupled_mov
 
 
 def test_anchors_warn_when_the_negatives_hold_no_wording_of_the_edited_relation(world, world_pool, caplog):
-    """With anchors on, a pool that labels no question with the edit's relation (and a request without
-    rephrasings) leaves only rewrites of the edit question in scope: the caller is told which relation to add."""
+    """With anchors on, a pool whose only question of the edit's relation is the edit question itself (and a
+    request without rephrasings) leaves only rewrites of one question in scope: the caller is told which
+    relation needs another wording, and is not told once the pool has one."""
     from ldke_peft import LDKEConfig
     from ldke_peft.requests import NegativePool
 
     r = editor_view(world.edit_requests(1, seed=5)[0])
     assert r.relation in {rel for _, rel in world_pool.questions}
-    thin = NegativePool(questions=[(q, rel) for q, rel in world_pool.questions if rel != r.relation],
-                        images=world_pool.images)
+    thin = NegativePool(questions=[(q, rel) for q, rel in world_pool.questions if rel != r.relation]
+                        + [(r.prompt, r.relation)], images=world_pool.images)
+    warned = "no other wording of relation(s)"
     with caplog.at_level("WARNING", logger="ldke_peft.editing.anchor_fit"):
-        pm = ldke_peft.edit(world.model, world.processor, [r], LDKEConfig(router_neighbour_questions=2),
-                            negatives=thin, progress=False)
-        pm.unload()
-    assert any(f"labelled with its relation {r.relation!r}" in m for m in caplog.messages)
+        ldke_peft.edit(world.model, world.processor, [r], LDKEConfig(router_neighbour_questions=2), negatives=thin,
+                       progress=False).unload()
+    assert [m for m in caplog.messages if warned in m and repr(r.relation) in m]
+    caplog.clear()
+    other = next(q for q in world.question_bank(r.relation) if q != r.prompt)
+    thin.questions.append((other, r.relation))
+    with caplog.at_level("WARNING", logger="ldke_peft.editing.anchor_fit"):
+        ldke_peft.edit(world.model, world.processor, [r], LDKEConfig(router_neighbour_questions=2), negatives=thin,
+                       progress=False).unload()
+    assert not [m for m in caplog.messages if warned in m]
 
 
-def test_textual_anchors_are_fitted_saved_and_reloaded_and_only_ever_veto(world, world_pool, tmp_path, caplog):
+def test_textual_anchors_are_fitted_saved_and_reloaded_and_only_ever_veto(world, world_pool, tmp_path):
     """``router_neighbour_questions``: each slot keeps textual anchors; the pack still answers its edit and its
     rephrasings, the anchors travel with the safetensors adapter (PEFT's own loader rebuilds them), and a
     reloaded pack routes every probe as the fitted one did. The veto only removes routes: no probe the
@@ -376,10 +384,8 @@ def test_textual_anchors_are_fitted_saved_and_reloaded_and_only_ever_veto(world,
     from ldke_peft.tuner.probe_features import collect_probe_features
 
     r = editor_view(world.edit_requests(1, seed=5)[0])
-    with caplog.at_level("WARNING", logger="ldke_peft.editing.anchor_fit"):
-        pm = ldke_peft.edit(world.model, world.processor, [r], LDKEConfig(router_neighbour_questions=6),
-                            negatives=world_pool, progress=False)
-    assert not any("labelled with its relation" in m for m in caplog.messages)  # the pool names its relation
+    pm = ldke_peft.edit(world.model, world.processor, [r], LDKEConfig(router_neighbour_questions=6),
+                        negatives=world_pool, progress=False)
     try:
         cfg = pm.peft_config["default"]
         router = pm.base_model.router("default")

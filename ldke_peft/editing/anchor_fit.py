@@ -23,7 +23,8 @@ from ..tuner.config import LDKEConfig
 from ..tuner.probe_features import collect_probe_features
 from ..tuner.question_key import load_encoder
 from .neighbours import frame_words, neighbour_questions
-from .scope import NEGATIVE_PARAPHRASES, NegativePool, question_bank, rephrased_negatives
+from .augment import same_question
+from .scope import NEGATIVE_PARAPHRASES, NegativePool, question_bank, rephrased_negatives, same_relation_questions
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,22 @@ def _first_per_prompt(idx: Sequence[int], prompts: Sequence[str]) -> list[int]:
             seen.add(prompts[i])
             out.append(i)
     return out
+
+
+def _warn_single_wording(cfg: LDKEConfig, requests: Sequence[EditRequest], pool: NegativePool) -> None:
+    """Tell the caller which relations reach the veto with rewrites of one question as their only wordings.
+
+    The nearest-anchor veto weighs an edit's wordings against its neighbours; with only rewrites of one
+    sentence in scope it keeps more of the edit's other wordings out. Another wording joins the scope from
+    the request's ``rephrase_prompts`` or from the question bank (the caller's negatives labelled with the
+    relation, when ``router_paraphrases`` lets bank wordings in)."""
+    thin = sorted({r.relation for r in requests if r.relation is not None and not r.rephrase_prompts
+                   and not (cfg.router_paraphrases and [q for q in same_relation_questions(r, pool, 0)
+                                                       if not same_question(q, [r.prompt])])})
+    if thin:
+        logger.warning("textual anchors: no other wording of relation(s) %s is known (no rephrase_prompts, no "
+                       "negatives question labelled with it), so they may keep other wordings of these edits out; "
+                       "add a question labelled with each relation to the negatives", thin)
 
 
 @torch.no_grad()
@@ -60,15 +77,8 @@ def fit_text_anchors(peft_model: Any, processor: Any, router: Any, cfg: LDKEConf
     caller = [q for q, _ in pool.questions]
     frame = frame_words(caller if len(caller) >= 2 else [q for q, _ in question_bank(pool)])
     dev = router.keys_t.device
-    pool_relations = {rel for _, rel in pool.questions}
+    _warn_single_wording(cfg, requests, pool)
     for (a, b), r, s in zip(per_req, requests, slots):
-        if pool.questions and r.relation is not None and r.relation not in pool_relations and not r.rephrase_prompts:
-            # the nearest-anchor veto weighs the edit's wordings against its neighbours: with rewrites of one
-            # sentence on the in-scope side it vetoes more of the edit's other wordings
-            logger.warning("edit %r: no question of the negatives is labelled with its relation %r and the request "
-                           "has no rephrase_prompts, so its textual anchors in scope are rewrites of one question and "
-                           "may keep other wordings of it out; add a wording of %r to the negatives", r.prompt,
-                           r.relation, r.relation)
         pos = _first_per_prompt([i for i in range(a, b) if rows.t_pos[i]], rows.prompts)
         neg = _first_per_prompt([i for i in range(a, b) if not rows.t_pos[i]], rows.prompts)
         own = [rows.prompts[i] for i in pos]
