@@ -54,9 +54,10 @@ def _warn_single_wording(cfg: LDKEConfig, requests: Sequence[EditRequest], pool:
                    and not (cfg.router_paraphrases and [q for q in same_relation_questions(r, pool, 0)
                                                        if not same_question(q, [r.prompt])])})
     if thin:
-        logger.warning("textual anchors: no other wording of relation(s) %s is known (no rephrase_prompts, no "
-                       "negatives question labelled with it), so they may keep other wordings of these edits out; "
-                       "add a question labelled with each relation to the negatives", thin)
+        logger.warning("textual anchors: no other wording of relation(s) %s is known (the requests have no "
+                       "rephrase_prompts and the negatives label no other question with it), so the anchors may keep "
+                       "other wordings of these edits out; add another wording of each, labelled, to the negatives",
+                       thin)
 
 
 @torch.no_grad()
