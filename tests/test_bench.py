@@ -439,9 +439,22 @@ def test_bars_are_computed_from_the_numbers():
     assert {b["bar"]: b for b in bars(res)}["LDKE >= every baseline on portability"]["status"] == "n/a"
 
 
+def test_an_ablation_named_in_sequential_methods_grows_a_pack(tmp_path):
+    """Only ldke/grace/lora grow packs by default (every ablation would multiply the cost); a method named in
+    ``--sequential-methods`` gets its sequential rows too."""
+    out = tmp_path / "seq"
+    assert bench_run.main(["--suite", "toy", "--n-edits", "1", "--methods", "ldke_no_neighbours", "--sequential", "1",
+                           "--sequential-methods", "ldke_no_neighbours", "--localization", "0", "--speed", "0",
+                           "--no-overhead", "--no-plots", "--no-generate", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["sequential"]["ldke_no_neighbours"]["1"]["reliability"] == 1.0
+
+
 def test_unknown_method_and_suite_are_refused():
     with pytest.raises(SystemExit):
         bench_run.main(["--suite", "toy", "--methods", "ldke,rome"])
+    with pytest.raises(SystemExit):
+        bench_run.main(["--suite", "toy", "--methods", "ldke", "--sequential-methods", "rome"])
     with pytest.raises(ValueError, match="unknown suite"):
         bench_run.load_suite("nope", 1)
 

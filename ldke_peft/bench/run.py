@@ -380,7 +380,8 @@ class _Phase:
 def run_benchmark(suite: Suite, methods: Sequence[str], *, sequential: Sequence[int], n_localization: int,
                   n_positions: int, n_speed: int, protocol: str = "heldout", generate: bool = True,
                   hparams: dict[str, dict[str, Any]] | None = None, overhead_file: Path | None = None,
-                  measure_overhead_if_missing: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+                  measure_overhead_if_missing: bool = True,
+                  sequential_methods: Sequence[str] = SEQUENTIAL_METHODS) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run every study; returns ``(results, details)``."""
     hparams = hparams or {}
     timings: dict[str, float] = {}
@@ -408,7 +409,7 @@ def run_benchmark(suite: Suite, methods: Sequence[str], *, sequential: Sequence[
             res = run_single(suite, name, pres, protocol=protocol, generate=generate, hparams=hparams)
         results["methods"][name] = {k: res["summary"].get(k) for k in METHOD_KEYS}
         details["methods"][name] = res
-    for name in [m for m in SEQUENTIAL_METHODS if m in methods] if sequential else []:
+    for name in [m for m in sequential_methods if m in methods] if sequential else []:
         with _Phase(timings, cpu, f"sequential {name}"):
             results["sequential"][name] = run_sequential(suite, name, pres, sequential, protocol=protocol,
                                                          hparams=hparams)
@@ -508,6 +509,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     ap.add_argument("--n-edits", type=int, default=None, help="single-edit requests (default: per suite; full = every usable fact)")
     ap.add_argument("--sequential", default=None, help="comma-separated sequential sizes, e.g. 1,10,100 (0 = skip)")
+    ap.add_argument("--sequential-methods", default=",".join(SEQUENTIAL_METHODS),
+                    help="those of --methods that also grow a pack for the sequential table (default: %(default)s; "
+                    "any method, e.g. an ablation, may be named)")
     ap.add_argument("--localization", type=int, default=None, help="requests for Fast vs exact localization (0 = skip)")
     ap.add_argument("--positions", type=int, default=None, help="of those, traced per (layer, position) too")
     ap.add_argument("--speed", type=int, default=None, help="requests for the cached-vs-full edit-speed study (0 = skip)")
@@ -578,6 +582,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         ap.error(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
+    seq_methods = [m.strip() for m in args.sequential_methods.split(",") if m.strip()]
+    unknown = [m for m in seq_methods if m not in METHODS]
+    if unknown:
+        ap.error(f"unknown --sequential-methods {', '.join(unknown)}; known: {', '.join(METHODS)}")
     d = SUITES[args.suite]
     n_edits = args.n_edits if args.n_edits is not None else d["n_edits"]
     sequential = _parse_sizes(args.sequential) if args.sequential is not None else d["sequential"]
@@ -597,7 +605,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         n_positions=args.positions if args.positions is not None else d["positions"],
         n_speed=args.speed if args.speed is not None else d["speed"],
         protocol=args.protocol, generate=not args.no_generate,
-        hparams=json.loads(args.hparams) if args.hparams else None,
+        hparams=json.loads(args.hparams) if args.hparams else None, sequential_methods=seq_methods,
         overhead_file=Path(args.overhead_file) if args.overhead_file else None,
         measure_overhead_if_missing=not args.no_overhead,
     )
