@@ -49,7 +49,9 @@ def test_sequential_editing(tmp_path):
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     out = _run("sequential_editing.py", "--edits", "3", tmpdir=tmp)  # no --out: a temporary pack folder
-    assert not list(tmp.iterdir()), "the example must remove its temporary folder"
+    # torch's compiler cache, which some transformers versions make at import (torch._dynamo), is not the example's
+    left = [p for p in tmp.iterdir() if not p.name.startswith("torchinductor_")]
+    assert not left, "the example must remove its temporary folder"
     steps = [line for line in out.splitlines() if line[:4].strip().isdigit()]
     assert len(steps) == 3
     assert "pack: 3 slots" in out and "reloaded metrics match" in out
