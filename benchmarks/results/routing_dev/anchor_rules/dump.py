@@ -5,9 +5,11 @@ the slot as it does by default; this script then rebuilds the same anchors with 
 same-image question / proposed neighbour / rephrasing of a neighbour) and records, for every probe of the edit,
 whether it lies inside the slot's radius and its distance to each anchor. ``--hold-out-relation`` takes the edited
 relation's questions out of the pool (what an edit of the test split's held-out relation gets).
-Usage: OMP_NUM_THREADS=1 python dump.py N OUT.pt [--hold-out-relation] [--extra-pos]
+Usage: OMP_NUM_THREADS=1 python dump.py N OUT.json.gz [--hold-out-relation] [--extra-pos]
 (--extra-pos: TEMPLATES around the asked-for word, recorded as ``pos_template`` anchors.)
 """
+import gzip
+import json
 import sys
 
 import torch
@@ -146,4 +148,6 @@ for r in suite.requests[:n]:
     print(r.subject, r.relation, "anchors", router.num_anchors, "inside", int((inside == 0).sum()), "routed",
           int((routed == 0).sum()), flush=True)
     pm.unload()
-torch.save({"argv": sys.argv, "hold_out_relation": hold, "edits": out}, sys.argv[2])
+with gzip.open(sys.argv[2], "wt") as fh:  # gzipped JSON, not a pickle: rules.py reads it back with json.load
+    json.dump({"argv": sys.argv, "hold_out_relation": hold,
+               "edits": [{k: v.tolist() if torch.is_tensor(v) else v for k, v in e.items()} for e in out]}, fh)

@@ -1,5 +1,6 @@
 """Offline veto rules over dump.py's distances (dev): per probe kind, the share routed as it should.
-Usage: python rules.py DUMP.pt [DUMP.pt ...]"""
+Usage: python rules.py DUMP.json.gz [DUMP.json.gz ...] OUT.json"""
+import gzip
 import json
 import sys
 from collections import defaultdict
@@ -68,8 +69,12 @@ def rules():
 
 def main():
     out = {"command": "python " + " ".join(sys.argv), "results": {}}
-    for f in [a for a in sys.argv[1:] if a.endswith(".pt")]:
-        d = torch.load(f)
+    dumps, outs = sys.argv[1:-1], sys.argv[-1:]
+    for f in dumps:
+        with gzip.open(f, "rt") as fh:
+            d = json.load(fh)
+        for e in d["edits"]:
+            e.update({k: torch.tensor(e[k]) for k in ("dist", "inside", "routed", "anchor_to_key", "probe_to_key")})
         print(f, "hold_out_relation", d["hold_out_relation"])
         table = out["results"]["hold_out_relation" if d["hold_out_relation"] else "pool"] = {}
         all_rules = dict(rules())
@@ -85,7 +90,6 @@ def main():
                     agg[k][1] += 1
             table[name] = {k: round(a / n, 3) for k, (a, n) in sorted(agg.items())}
             print(f"  {name:42s}", json.dumps(table[name]))
-    outs = [a for a in sys.argv[1:] if a.endswith(".json")]
     if outs:
         with open(outs[0], "w") as fh:
             json.dump(out, fh, indent=1)
