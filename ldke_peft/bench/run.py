@@ -65,7 +65,6 @@ LDKE_VARIANTS: dict[str, dict[str, Any]] = {
     "ldke_no_bank_wordings": {"delta_bank_wordings": False},
     # no textual anchors: the textual decision is the radius alone (the default before router_neighbour_questions)
     "ldke_no_neighbours": {"router_neighbour_questions": 0},
-    "ldke_keep_rows": {"edit_keep_questions": 8},
     # the caller also states what follows from the new fact: two-hop consequences fitted with the edit, and
     # the reverse question as a text-only edit of the same call
     "ldke_consequences": {"caller_consequences": ("two_hop", "reverse")},

@@ -25,7 +25,6 @@ from ..families import family_of
 from ..tuner.layer_replay import LayerReplay, capture_replay
 from ..tuner.model import LDKEModel, _root_model
 from ..requests import EditRequest
-from .keep_rows import keep_questions
 from .scope import NegativePool, delta_borrowed_wordings, positive_views
 
 logger = logging.getLogger(__name__)
@@ -50,19 +49,6 @@ class _Rows:
     replay: LayerReplay | None
     slot_vec: torch.Tensor
     step_mask: torch.Tensor
-    keep: torch.Tensor | None = None  # target tokens of keep rows (answers the delta must leave as they were)
-
-    def fitted(self, logits: torch.Tensor) -> torch.Tensor:
-        """The positive rows' part of ``logits`` (what the stop and the accuracy read)."""
-        return logits if self.keep is None else logits[~self.keep]
-
-    @property
-    def pos_ids(self) -> torch.Tensor:
-        return self.fitted(self.tgt_ids)
-
-    @property
-    def pos_core(self) -> torch.Tensor:
-        return self.fitted(self.core)
 
     def select(self, rows: list[int]) -> "_Rows | None":
         """These rows alone, cut from a packed replay (no second capture); ``None`` when not packed."""
@@ -72,13 +58,8 @@ class _Rows:
         tgt_mask = self.built.target_mask
         core_at = torch.zeros_like(tgt_mask)
         core_at[tgt_mask] = self.core
-        keep = None
-        if self.keep is not None:
-            keep_at = torch.zeros_like(tgt_mask)
-            keep_at[tgt_mask] = self.keep
-            keep = keep_at[rows][tgt_mask[rows]]
         return _Rows(None, self.pred_pos[rows], self.built.input_ids[rows][tgt_mask[rows]], core_at[rows][tgt_mask[rows]],
-                     replay, self.slot_vec[:1], replay.prompt_mask, keep)
+                     replay, self.slot_vec[:1], replay.prompt_mask)
 
     @property
     def tokens(self) -> int:
@@ -101,7 +82,7 @@ class _Rows:
 
 def _build_rows(root: Any, family: Any, processor: Any, rows_img: list[Any], rows_q: list[str], imgs: list[Any],
                 rows_t: list[str], eos_appended: bool, eos_id: int | None, slot: int, lo: int,
-                cache_hidden: bool, keep_from: int | None = None) -> _Rows:
+                cache_hidden: bool) -> _Rows:
     device = next(root.parameters()).device
     # right-aligned: each row at the positions it has when run alone, and rows that share a prefix
     # share its positions too (the replay computes a shared prefix once)
@@ -133,11 +114,7 @@ def _build_rows(root: Any, family: Any, processor: Any, rows_img: list[Any], row
         replay = capture_replay(root, family, lo, built, pred_pos, row_images=row_images, probe=probe)
     n = replay.rows if replay is not None else B
     step_mask = built.prompt_mask if replay is None or replay.prompt_mask is None else replay.prompt_mask
-    keep = None
-    if keep_from is not None and keep_from < B:
-        row_of = torch.arange(B, device=tgt_mask.device)[:, None].expand_as(tgt_mask)[tgt_mask]
-        keep = row_of >= keep_from
-    return _Rows(built, pred_pos, tgt_ids, core, replay, torch.full((n,), slot, dtype=torch.long), step_mask, keep)
+    return _Rows(built, pred_pos, tgt_ids, core, replay, torch.full((n,), slot, dtype=torch.long), step_mask)
 
 
 def fit_delta(
@@ -190,12 +167,6 @@ def fit_delta(
     end = eos if isinstance(eos, str) and eos else ""
     rows_img, rows_q, rows_t = delta_rows(request, imgs, prompts)
     rows_t = [t + end for t in rows_t]
-    n_pos = len(rows_q)
-    if cfg.edit_keep_questions > 0 and imgs and imgs[0] is not None:
-        kept = keep_questions(peft_model, processor, request, pool, cfg.edit_keep_questions,
-                              cfg.router_text_encoder, own=prompts)
-        rows_img, rows_q, rows_t = rows_img + [imgs[0]] * len(kept), rows_q + [q for q, _ in kept], \
-            rows_t + [a for _, a in kept]
     eos_id = getattr(tok, "eos_token_id", None)
 
     n_steps = steps if steps is not None else cfg.edit_steps
@@ -204,8 +175,7 @@ def fit_delta(
 
     def rows_of(which: list[int]) -> _Rows:
         return _build_rows(root, family, processor, [rows_img[i] for i in which], [rows_q[i] for i in which], imgs,
-                           [rows_t[i] for i in which], bool(end), eos_id, slot, lo, cache_hidden,
-                           keep_from=sum(i < n_pos for i in which))
+                           [rows_t[i] for i in which], bool(end), eos_id, slot, lo, cache_hidden)
 
     every = list(range(len(rows_q)))
     head = [i for i in every if rows_img[i] is rows_img[0]]
@@ -258,14 +228,9 @@ def fit_delta(
                 casts.close()
                 fast, low = None, False
                 continue
-            keep_loss = 0.0
-            if rows.keep is not None and bool(rows.keep.any()):
-                keep_loss = KEEP_WEIGHT * torch.nn.functional.cross_entropy(logits[rows.keep].float(),
-                                                                           rows.tgt_ids[rows.keep])
-                logits = rows.fitted(logits)
-            tgt_ids, core = rows.pos_ids, rows.pos_core
+            tgt_ids, core = rows.tgt_ids, rows.core
             ce = torch.nn.functional.cross_entropy(logits.float(), tgt_ids, reduction="none")
-            loss = ce[core].mean() + (0.25 * ce[~core].mean() if bool((~core).any()) else 0.0) + keep_loss
+            loss = ce[core].mean() + (0.25 * ce[~core].mean() if bool((~core).any()) else 0.0)
             if not bool(torch.isfinite(loss)):
                 raise EditDivergedError(
                     f"edit {request.prompt!r} -> {request.target!r} diverged at step {taken}: the loss is "
@@ -335,18 +300,18 @@ def fit_delta(
         if not reached:
             # the loop ran out (or gave up) after a step: score the deltas it ends with, or the best ones seen
             with torch.no_grad():
-                hit_all = full.fitted(full.logits(root, family)).argmax(-1) == full.pos_ids
+                hit_all = full.logits(root, family).argmax(-1) == full.tgt_ids
                 if best is not None and int(hit_all.sum()) < best[0]:
                     for p, v in zip(params, best[1]):
                         p.copy_(v)
-                    hit_all = full.fitted(full.logits(root, family)).argmax(-1) == full.pos_ids
-                acc = float(hit_all[full.pos_core].float().mean())
+                    hit_all = full.logits(root, family).argmax(-1) == full.tgt_ids
+                acc = float(hit_all[full.core].float().mean())
             rounded = False
         if not rounded and _round_to_storage(params, cfg.delta_storage):
             # the pack stores the factors in float16: check the edit on what will be saved
             with torch.no_grad():
-                hit_all = full.fitted(full.logits(root, family)).argmax(-1) == full.pos_ids
-            after = float(hit_all[full.pos_core].float().mean())
+                hit_all = full.logits(root, family).argmax(-1) == full.tgt_ids
+            after = float(hit_all[full.core].float().mean())
             if after < acc:
                 logger.info("edit %r -> %r: rounding the factors to float16 lowered target accuracy %.3f -> %.3f",
                             request.prompt, request.target, acc, after)
@@ -411,9 +376,6 @@ def resolve_fit_dtype(choice: str, device: torch.device) -> torch.dtype:
         return torch.bfloat16 if native else torch.float32
     return torch.float32
 
-
-#: Weight of the keep rows' loss (their unedited answers) beside the positives' (their target).
-KEEP_WEIGHT = 1.0
 
 #: Steps without a new best (more target tokens right) before phase 2 of :func:`fit_delta` gives up.
 FIT_PATIENCE = 300

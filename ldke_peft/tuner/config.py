@@ -225,15 +225,6 @@ class LDKEConfig(PeftConfig):
             "only the edit question in other frames (T-Generality). Same number of rows, same cost."
         },
     )
-    edit_keep_questions: int = field(
-        default=0,
-        metadata={
-            "help": "Keep rows: up to N questions on the edit image asking for other facts (the model's proposed "
-            "neighbours, then the negatives' questions of other relations), answered once by the unedited model; the "
-            "delta is fitted to leave those answers as they were, so a question the router admits by mistake keeps "
-            "its answer. A question answered as the edit question is not kept. 0 = off."
-        },
-    )
     edit_fit_stages: bool = field(
         default=True,
         metadata={
