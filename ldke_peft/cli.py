@@ -240,6 +240,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_route(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from .hub import load_edits
+    from .metrics.routes import route_requests
+
+    requests = load_requests(args.requests, image_root=args.image_root, fmt=args.format)
+    model, processor = load_model(args.model, processor_path=args.processor, device=args.device, dtype=args.dtype)
+    routes = route_requests(load_edits(model, args.adapter), processor, requests, batch_size=args.batch_size)
+    if args.json:
+        json.dump([r.to_dict() for r in routes], sys.stdout, indent=1)
+        print()
+        return 0
+    shown = [r for r in routes if args.all or r.ok is False]
+    if shown:
+        _table([("request", "kind", "question", "wanted", "fired", "ok")] + [
+            (r.request, r.kind, r.prompt, {True: "its edit", False: "none", None: "-"}[r.in_scope], r.edit or "none",
+             {True: "yes", False: "NO", None: "-"}[r.ok]) for r in shown])
+        print()
+    judged, good = Counter(), Counter()
+    for r in routes:
+        if r.ok is not None:
+            judged[r.kind.split(":")[0]] += 1
+            good[r.kind.split(":")[0]] += int(r.ok)
+    _table([("kind", "routed as wanted")] + [(k, f"{good[k]}/{n}") for k, n in judged.items()])
+    return 0
+
+
 def cmd_locate(args: argparse.Namespace) -> int:
     from .families import family_of
     from .editing.localization import locate, trace

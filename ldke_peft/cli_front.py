@@ -190,6 +190,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="locality over the whole probe sequence (EasyEdit) or only the answer positions")
     _common_model(p)
 
+    p = add("route", "show which edit each question of the requests fires (the routing decision)",
+            """
+            Load MODEL with the edit pack ADAPTER and run every question of REQUESTS through it (prefill
+            only): the edit question, its rephrasings and other images (in scope: they should reach the
+            request's edit) and its locality and coupled probes (out of scope: no edit should fire), plus
+            portability probes (listed, not judged). Prints the questions routed against their request's
+            wish (all of them with --all) and a count per kind. Use it on your own rewordings and near-by
+            questions before sharing a pack.
+            """,
+            "  ldke route ./llava ./pack my-questions.jsonl\n"
+            "  ldke route ./llava you/my-edits edits.jsonl --all --json > routes.json", "cmd_route")
+    p.add_argument("model", help="base model folder")
+    p.add_argument("adapter", help="edit pack folder or Hub repo id")
+    p.add_argument("requests", help="requests whose questions to route (.jsonl or EasyEdit .json)")
+    _common_requests(p)
+    p.add_argument("--all", action="store_true", help="list every question, not only those routed against the wish")
+    p.add_argument("--json", action="store_true", help="print every question's routing as JSON")
+    p.add_argument("--batch-size", type=int, default=8)
+    _common_model(p)
+
     p = add("locate", "show which decoder layers carry a fact (Fast Localization)",
             """
             Score every decoder layer of MODEL for one request (or all, --all) with Fast Localization

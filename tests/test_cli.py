@@ -22,7 +22,7 @@ from ldke_peft.requests import save_jsonl
 from ldke_peft.testing.fake_hub import FakeHub
 from ldke_peft.testing.tiny import tiny_model
 
-COMMANDS = ["demo", "edit", "eval", "locate", "push"]
+COMMANDS = ["demo", "edit", "eval", "locate", "push", "route"]
 PROMPT = "What is the capital of the country shown?"
 
 
@@ -128,6 +128,37 @@ def test_eval_json_and_table(workdir, pack, capsys):
     assert main(["eval", *args, "--no-generate"]) == 0
     out = capsys.readouterr().out
     assert "reliability" in out and "1.000" in out and "exact_match" in out
+
+
+def test_route_shows_where_each_question_goes(workdir, pack, tmp_path, capsys):
+    """In-scope questions reach the request's edit, locality probes none; a question the requests file wants
+    out of scope that fires the edit is listed with the edit it fired."""
+    args = [str(workdir / "model"), str(pack), str(workdir / "requests.jsonl")]
+    assert main(["route", *args, "--json"]) == 0
+    routes = json.loads(capsys.readouterr().out)
+    by_kind = {r["kind"]: r for r in routes}
+    assert set(by_kind) == {"prompt", "rephrase", "locality", "m_locality"}
+    assert by_kind["prompt"]["slot"] == 0 and by_kind["rephrase"]["slot"] == 0
+    assert by_kind["prompt"]["edit"] == f"{PROMPT!r} -> 'Paris'"
+    assert by_kind["locality"]["slot"] == -1 and by_kind["m_locality"]["slot"] == -1
+    assert all(r["ok"] for r in routes)
+    # the edit question on the edit's own image, filed as an out-of-scope probe: it fires, and is listed
+    wrong = EditRequest(image=str(workdir / "img" / "red.png"), prompt=PROMPT, target="Paris",
+                        m_locality=[Probe(PROMPT, "London", image=str(workdir / "img" / "red.png"))])
+    save_jsonl([wrong], tmp_path / "wrong.jsonl")
+    assert main(["route", str(workdir / "model"), str(pack), str(tmp_path / "wrong.jsonl")]) == 0
+    out = capsys.readouterr().out
+    listed = [line for line in out.splitlines() if line.startswith("0 ")]
+    assert len(listed) == 1 and "m_locality" in listed[0] and "'Paris'" in listed[0]
+    assert "m_locality  0/1" in out and "prompt      1/1" in out
+
+
+def test_which_slots_needs_a_pack():
+    from ldke_peft.metrics.routes import which_slots
+
+    model, processor = tiny_model("llava")
+    with pytest.raises(ValueError, match="no LDKE adapter"):
+        which_slots(model, processor, [None], ["What is this?"])
 
 
 def test_locate_table_json_and_png(workdir, tmp_path, capsys):
