@@ -35,7 +35,8 @@ def _ldke_adapters(model: Any) -> list[str]:
 def which_slots(model: Any, processor: Any, images: Sequence[Any | None], prompts: Sequence[str], *,
                 batch_size: int = 8) -> list[dict[str, int]]:
     """For each ``(images[i], prompts[i])``: ``{adapter name: slot}`` of every LDKE adapter of ``model``
-    (a ``PeftModel`` or a transformers model a pack was loaded into), ``-1`` where no slot fires.
+    (a ``PeftModel`` or a transformers model a pack was loaded into), ``-1`` where no slot fires (an adapter
+    that is not active fires none).
 
     Rows with and without an image run in separate batches (not every family mixes them in one)."""
     if len(images) != len(prompts):
@@ -53,6 +54,8 @@ def which_slots(model: Any, processor: Any, images: Sequence[Any | None], prompt
         for k in range(0, len(rows), max(1, batch_size)):
             chunk = rows[k:k + batch_size]
             built = family.build_inputs(processor, [images[i] for i in chunk], [prompts[i] for i in chunk]).to(device, dtype)
+            for name in adapters:  # an adapter that is not active decides nothing in this call
+                state.slots.pop(name, None)
             with prompt_mask_context(model, built.prompt_mask):
                 model(**built.inputs, use_cache=False)
             for name in adapters:
