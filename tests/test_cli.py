@@ -153,6 +153,21 @@ def test_route_shows_where_each_question_goes(workdir, pack, tmp_path, capsys):
     assert "m_locality  0/1" in out and "prompt      1/1" in out
 
 
+def test_which_slots_reads_only_active_adapters(workdir, pack):
+    from ldke_peft.cli import load_model
+    from ldke_peft.hub import load_edits
+    from ldke_peft.metrics.routes import which_slots
+
+    model, processor = load_model(str(workdir / "model"))
+    pm = load_edits(model, str(pack))
+    pm.load_adapter(str(pack), adapter_name="second")  # same edit, loaded but not active
+    red, blue = Image.open(workdir / "img" / "red.png"), Image.open(workdir / "img" / "blue.png")
+    assert which_slots(pm, processor, [red, blue], [PROMPT, PROMPT]) == [{"default": 0, "second": -1},
+                                                                          {"default": -1, "second": -1}]
+    pm.set_adapter("second")
+    assert which_slots(pm, processor, [red], [PROMPT]) == [{"default": -1, "second": 0}]
+
+
 def test_which_slots_needs_a_pack():
     from ldke_peft.metrics.routes import which_slots
 
