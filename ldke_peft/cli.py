@@ -256,9 +256,13 @@ def cmd_route(args: argparse.Namespace) -> int:
     shown = [r for r in routes if args.all or r.ok is False]
     if shown:
         _table([("request", "kind", "question", "wanted", "fired", "ok")] + [
-            (r.request, r.kind, r.prompt, {True: "its edit", False: "none", None: "-"}[r.in_scope], r.edit or "none",
-             {True: "yes", False: "NO", None: "-"}[r.ok]) for r in shown])
+            (r.request, r.kind, r.prompt, {True: "its edit", False: "none", None: "-"}[r.in_scope],
+             f"slot {r.slot}: {r.edit}" if r.slot >= 0 else "none", {True: "yes", False: "NO", None: "-"}[r.ok])
+            for r in shown])
         print()
+    for i in sorted({r.request for r in routes if r.in_scope and r.expected_slot is None}):
+        print(f"note: request {i} ({requests[i].prompt!r} -> {requests[i].target!r}) is not an edit of this pack "
+              "(no edit with its prompt, target and image): its in-scope questions are not judged")
     judged, good = Counter(), Counter()
     for r in routes:
         if r.ok is not None:

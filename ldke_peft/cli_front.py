@@ -194,10 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
             """
             Load MODEL with the edit pack ADAPTER and run every question of REQUESTS through it (prefill
             only): the edit question, its rephrasings and other images (in scope: they should reach the
-            request's edit) and its locality and coupled probes (out of scope: no edit should fire), plus
-            portability probes (listed, not judged). Prints the questions routed against their request's
-            wish (all of them with --all) and a count per kind. Use it on your own rewordings and near-by
-            questions before sharing a pack.
+            request's edit) and its locality and coupled probes (out of scope: no edit should fire);
+            portability probes are routed but not judged. Prints the questions routed against their
+            request's wish (every question with --all) and a count per kind. Use it on your own rewordings
+            and near-by questions before sharing a pack.
             """,
             "  ldke route ./llava ./pack my-questions.jsonl\n"
             "  ldke route ./llava you/my-edits edits.jsonl --all --json > routes.json", "cmd_route")
@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common_requests(p)
     p.add_argument("--all", action="store_true", help="list every question, not only those routed against the wish")
     p.add_argument("--json", action="store_true", help="print every question's routing as JSON")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="questions per forward pass (default 8)")
     _common_model(p)
 
     p = add("locate", "show which decoder layers carry a fact (Fast Localization)",

@@ -134,7 +134,7 @@ def test_route_shows_where_each_question_goes(workdir, pack, tmp_path, capsys):
     """In-scope questions reach the request's edit, locality probes none; a question the requests file wants
     out of scope that fires the edit is listed with the edit it fired."""
     args = [str(workdir / "model"), str(pack), str(workdir / "requests.jsonl")]
-    assert main(["route", *args, "--json"]) == 0
+    assert main(["route", *args, "--json", "--batch-size", "2"]) == 0
     routes = json.loads(capsys.readouterr().out)
     by_kind = {r["kind"]: r for r in routes}
     assert set(by_kind) == {"prompt", "rephrase", "locality", "m_locality"}
@@ -151,12 +151,41 @@ def test_route_shows_where_each_question_goes(workdir, pack, tmp_path, capsys):
     listed = [line for line in out.splitlines() if line.startswith("0 ")]
     assert len(listed) == 1 and "m_locality" in listed[0] and "'Paris'" in listed[0]
     assert "m_locality  0/1" in out and "prompt      1/1" in out
+    assert "slot 0: " in listed[0] and "note:" not in out
+
+
+def test_route_tells_edits_of_one_question_apart_and_reads_a_separate_processor(workdir, tmp_path, capsys):
+    """Two edits ask the same question of different images with the same answer: each image's questions are
+    judged against its own edit. A model folder without its processor works with --processor."""
+    red, blue = str(workdir / "img" / "red.png"), str(workdir / "img" / "blue.png")
+    reqs = [EditRequest(image=im, prompt=PROMPT, target="Paris", rephrase_prompts=["Which city is the capital of this country?"])
+            for im in (red, blue)]
+    save_jsonl(reqs, tmp_path / "two.jsonl")
+    assert main(["edit", str(workdir / "model"), str(tmp_path / "two.jsonl"), "--out", str(tmp_path / "pack"),
+                 "--no-progress"]) == 0
+    bare = tmp_path / "bare"
+    shutil.copytree(workdir / "model", bare, ignore=lambda d, names: [n for n in names if not (
+        n.startswith("model") or n in ("config.json", "generation_config.json"))])
+    assert not (bare / "tokenizer_config.json").exists()
+    capsys.readouterr()
+    assert main(["route", str(bare), str(tmp_path / "pack"), str(tmp_path / "two.jsonl"), "--processor",
+                 str(workdir / "model"), "--json"]) == 0
+    routes = json.loads(capsys.readouterr().out)
+    assert [(r["request"], r["kind"], r["slot"], r["expected_slot"]) for r in routes if r["kind"] == "prompt"] == \
+        [(0, "prompt", 0, 0), (1, "prompt", 1, 1)]
+    assert all(r["ok"] for r in routes)
+    # a request the pack does not hold: noted, its in-scope questions not judged
+    other = EditRequest(image=red, prompt=PROMPT, target="Rome")
+    save_jsonl([other], tmp_path / "other.jsonl")
+    assert main(["route", str(workdir / "model"), str(tmp_path / "pack"), str(tmp_path / "other.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert "note: request 0 (" in out and "'Rome'" in out and "prompt" not in out.split("note:")[0]
 
 
 def test_which_slots_reads_only_active_adapters(workdir, pack):
     from ldke_peft.cli import load_model
     from ldke_peft.hub import load_edits
-    from ldke_peft.metrics.routes import which_slots
+    from ldke_peft.metrics.routes import route_requests, which_slots
 
     model, processor = load_model(str(workdir / "model"))
     pm = load_edits(model, str(pack))
@@ -166,6 +195,12 @@ def test_which_slots_reads_only_active_adapters(workdir, pack):
                                                                           {"default": -1, "second": -1}]
     pm.set_adapter("second")
     assert which_slots(pm, processor, [red], [PROMPT]) == [{"default": -1, "second": 0}]
+    # route_requests judges against the active adapter by default
+    req = EditRequest(image=str(workdir / "img" / "red.png"), prompt=PROMPT, target="Paris", ground_truth="London")
+    (route,) = route_requests(pm, processor, [req])
+    assert (route.slot, route.expected_slot, route.ok) == (0, 0, True)
+    with pytest.raises(ValueError, match="batch_size"):
+        which_slots(pm, processor, [red], [PROMPT], batch_size=0)
 
 
 def test_which_slots_needs_a_pack():

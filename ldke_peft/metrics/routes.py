@@ -20,7 +20,8 @@ import torch
 from ..families import family_of
 from ..requests import EditRequest
 from ..tuner.context import prompt_mask_context
-from ..tuner.model import NO_SLOT, _root_model, routing_state_of
+from ..tuner.model import NO_SLOT, _root_model, attach_tokenizer, routing_state_of
+from .pre import _eval_mode
 
 __all__ = ["Route", "route_requests", "which_slots"]
 
@@ -38,25 +39,29 @@ def which_slots(model: Any, processor: Any, images: Sequence[Any | None], prompt
     (a ``PeftModel`` or a transformers model a pack was loaded into), ``-1`` where no slot fires (an adapter
     that is not active fires none).
 
-    Rows with and without an image run in separate batches (not every family mixes them in one)."""
+    Rows with and without an image run in separate batches (not every family mixes them in one); the model
+    runs in eval mode (no dropout) and is left in the mode it was in."""
     if len(images) != len(prompts):
         raise ValueError(f"which_slots: {len(images)} images for {len(prompts)} prompts")
+    if batch_size < 1:
+        raise ValueError(f"which_slots: batch_size must be at least 1, got {batch_size}")
     adapters = _ldke_adapters(model)
     if not adapters:
         raise ValueError("which_slots: the model carries no LDKE adapter (load a pack first)")
     root = _root_model(model)
     family = family_of(root)
     device, dtype = next((p.device, p.dtype) for p in root.parameters() if p.is_floating_point())
+    # a pack that reads the question's text decodes the inputs with the processor they are built with
+    attach_tokenizer(root, family.tokenizer(processor))
     state = routing_state_of(root)
     out: list[dict[str, int]] = [{} for _ in prompts]
     for with_image in (True, False):
         rows = [i for i, im in enumerate(images) if (im is not None) == with_image]
-        for k in range(0, len(rows), max(1, batch_size)):
+        for k in range(0, len(rows), batch_size):
             chunk = rows[k:k + batch_size]
             built = family.build_inputs(processor, [images[i] for i in chunk], [prompts[i] for i in chunk]).to(device, dtype)
-            for name in adapters:  # an adapter that is not active decides nothing in this call
-                state.slots.pop(name, None)
-            with prompt_mask_context(model, built.prompt_mask):
+            # every prefill clears the decisions it does not make: an adapter that is not active reads as none
+            with _eval_mode(model), prompt_mask_context(model, built.prompt_mask):
                 model(**built.inputs, use_cache=False)
             for name in adapters:
                 got = state.slots.get(name)
@@ -83,22 +88,34 @@ class Route:
 
 
 def _slot_of(edits: Sequence[dict], r: EditRequest) -> int | None:
+    """The pack's slot of ``r``: the edit with ``r``'s fingerprint (prompt, target and image bytes), so that
+    two edits asking the same question of different images are told apart."""
+    fp = r.fingerprint()
     for s, e in enumerate(edits):
-        if e.get("prompt") == r.prompt and str(e.get("target", "")).strip() == r.target.strip():
+        if e.get("fingerprint") == fp:
             return s
     return None
 
 
+def _active_adapter(model: Any, adapters: list[str]) -> str:
+    active = getattr(model, "active_adapters", None)
+    active = active() if callable(active) else active  # a method on transformers models, a property on PeftModel
+    if isinstance(active, str):
+        active = [active]
+    return next((a for a in (active or []) if a in adapters), adapters[0])
+
+
 def route_requests(model: Any, processor: Any, requests: Sequence[EditRequest], *, adapter_name: str | None = None,
                    batch_size: int = 8) -> list[Route]:
-    """Route every question of ``requests`` through ``model``'s pack: the edit question, its rephrasings and
-    other images (in scope: they should reach the request's own slot) and its locality, coupled and
-    portability probes (out of scope: no slot should fire; portability probes are listed but not judged,
-    since whether a related question should follow the edit depends on how the pack was made)."""
+    """Route every question of ``requests`` through ``model``'s pack (``adapter_name``, default the active
+    one): the edit question, its rephrasings and other images (in scope: they should reach the request's
+    own slot) and its locality and coupled probes (out of scope: no slot should fire). Portability probes
+    are routed but not judged (``ok`` None): whether a related question should follow the edit depends on
+    how the pack was made. So are the in-scope questions of a request whose edit the pack does not hold."""
     adapters = _ldke_adapters(model)
     if not adapters:
         raise ValueError("route_requests: the model carries no LDKE adapter (load a pack first)")
-    name = adapter_name or adapters[0]
+    name = adapter_name or _active_adapter(model, adapters)
     if name not in adapters:
         raise ValueError(f"route_requests: no LDKE adapter {name!r} (the model has {adapters})")
     edits = list(getattr(model.peft_config[name], "edits", []) or [])
