@@ -23,6 +23,7 @@ from peft import PeftModel
 
 import ldke_peft  # registers the LDKE PEFT type (needed before PeftModel.from_pretrained)
 from ldke_peft import EditRequest
+from ldke_peft.metrics.routes import which_slots
 from ldke_peft.testing.toy_world import toy_world
 
 
@@ -82,9 +83,11 @@ def run(args: argparse.Namespace, out: str) -> int:
         "other country": (world.render(world.entities[(args.entity + 1) % len(world.entities)]), question),
     }
     after = {name: answer(edited, processor, im, q) for name, (im, q) in probes.items()}
+    # which inputs the edit fired on (the router's decision; `ldke route` does the same from the command line)
+    fired = which_slots(edited, processor, [im for im, _ in probes.values()], [q for _, q in probes.values()])
     print(f"{country}: {question}  {old} -> {new}")
-    for name, text in after.items():
-        print(f"  {name:28s} {text}")
+    for (name, text), slots in zip(after.items(), fired):
+        print(f"  {name:28s} {text:14s} {'edit fired' if slots['default'] >= 0 else 'original weights'}")
 
     # 4. Save: adapter_config.json + adapter_model.safetensors + ldke_edits.json (an "edit pack").
     edited.save_pretrained(out)

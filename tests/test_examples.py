@@ -32,6 +32,8 @@ def _run(script: str, *args: str, timeout: int = 900, tmpdir: Path | None = None
 def test_quickstart(tmp_path):
     out = _run("quickstart.py", "--out", str(tmp_path / "pack"))
     assert "reloaded with PeftModel.from_pretrained: same answers" in out
+    lines = {line.split("  ")[1].strip(): line for line in out.splitlines() if line.startswith("  ")}
+    assert lines["edit question"].endswith("edit fired") and lines["other country"].endswith("original weights")
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(tmp_path / "pack"))
 
 
