@@ -1,0 +1,24 @@
+import gzip, json, sys, torch
+from collections import defaultdict
+IN = {"reliability", "t_generality", "x_in_scope", "lookalike_same_question"}
+def run(f, cs, ref):
+    d = json.load(gzip.open(f, "rt"))
+    for c in cs:
+        agg = defaultdict(lambda: [0, 0])
+        for e in d["edits"]:
+            kinds = e["anchor_kinds"]; ak = torch.tensor(e["anchor_to_key"]); dist = torch.tensor(e["dist"])
+            pos = torch.tensor([k == "pos" for k in kinds]); neg = torch.tensor([not k.startswith("pos") for k in kinds])
+            if c is not None:
+                R = {'max': ak[pos].max(), 'median': ak[pos].median(), 'radius': torch.tensor(e['radius_t'])}[ref]
+                neg = neg & (ak >= c * R)
+            dp = dist[:, pos].min(1).values
+            dn = dist[:, neg].min(1).values if neg.any() else torch.full_like(dp, float("inf"))
+            routed = torch.tensor(e["inside"]) & ~(dn < dp)
+            for k, r in zip(e["probe_kinds"], routed.tolist()):
+                k = "near_miss" if k.startswith("near_miss") else k
+                ok = r if k in IN else not r
+                agg[k][0] += ok; agg[k][1] += 1
+        print(f.split("/")[-1][:22], ref, c, " ".join(f"{k}={a/n:.3f}" for k, (a, n) in sorted(agg.items()) if k in ("t_generality","x_in_scope","near_miss","x_near_miss")))
+for f in sys.argv[1:]:
+    for ref in ('median','radius'):
+        run(f, [0.5, 0.8, 1.0, 1.2, 1.5, 2.0], ref)
