@@ -43,6 +43,12 @@ def _first_per_prompt(idx: Sequence[int], prompts: Sequence[str]) -> list[int]:
     return out
 
 
+def _single_wording(cfg: LDKEConfig, r: EditRequest, pool: NegativePool) -> bool:
+    """Whether rewrites of ``r.prompt`` are the only wordings of its edit that join the scope."""
+    return not r.rephrase_prompts and not (cfg.router_paraphrases and [
+        q for q in same_relation_questions(r, pool, 0) if not same_question(q, [r.prompt])])
+
+
 def _warn_single_wording(cfg: LDKEConfig, requests: Sequence[EditRequest], pool: NegativePool) -> None:
     """Tell the caller which relations reach the veto with rewrites of one question as their only wordings.
 
@@ -50,9 +56,7 @@ def _warn_single_wording(cfg: LDKEConfig, requests: Sequence[EditRequest], pool:
     sentence in scope it keeps more of the edit's other wordings out. Another wording joins the scope from
     the request's ``rephrase_prompts`` or from the question bank (the caller's negatives labelled with the
     relation, when ``router_paraphrases`` lets bank wordings in)."""
-    thin = sorted({r.relation for r in requests if r.relation is not None and not r.rephrase_prompts
-                   and not (cfg.router_paraphrases and [q for q in same_relation_questions(r, pool, 0)
-                                                       if not same_question(q, [r.prompt])])})
+    thin = sorted({r.relation for r in requests if r.relation is not None and _single_wording(cfg, r, pool)})
     if thin:
         logger.warning("textual anchors: no other wording of relation(s) %s is known (the requests have no "
                        "rephrase_prompts and the negatives label no other question with it), so the anchors may keep "
@@ -91,7 +95,13 @@ def fit_text_anchors(peft_model: Any, processor: Any, router: Any, cfg: LDKEConf
         g = router.slot_group(s)
         z_pos = router.project_textual(g, textual[pos].to(dev))
         z_neg = router.project_textual(g, torch.cat([textual[neg].to(dev), t_gen.to(dev)]))
-        near = (z_neg - router.keys_t[s].float()).norm(dim=-1) <= _KEEP_RADII * float(router.radius_t[s])
+        d_neg = (z_neg - router.keys_t[s].float()).norm(dim=-1)
+        near = d_neg <= _KEEP_RADII * float(router.radius_t[s])
+        if cfg.router_anchor_clearance > 0 and len(z_pos) and _single_wording(cfg, r, pool):
+            # only rewrites of one sentence in scope: an out-of-scope anchor within their reach of the key
+            # would veto the edit's other wordings, which lie farther out
+            reach = float((z_pos - router.keys_t[s].float()).norm(dim=-1).max())
+            near &= d_neg >= cfg.router_anchor_clearance * reach
         router.set_text_anchors(s, z_pos, z_neg[near])
         logger.info("router: slot %d keeps %d in-scope and %d out-of-scope textual anchors (%d proposed neighbours: %s)",
                     s, len(z_pos), int(near.sum()), len(gen), gen[:4])

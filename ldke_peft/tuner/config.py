@@ -120,6 +120,12 @@ class LDKEConfig(PeftConfig):
             "edit's farthest rewordings. Costs a few seconds per edit and a few KB per slot."
         },
     )
+    router_anchor_clearance: float = field(
+        default=0.85,
+        metadata={"help": "For an edit whose only in-scope wordings are rewrites of its question (no rephrase_prompts, "
+                  "no labelled wording in the negatives): no out-of-scope anchor nearer the key than this fraction of "
+                  "its farthest in-scope anchor is kept (they veto the edit's other wordings). 0 = keep them all."},
+    )
     router_text_anchors: int = field(
         default=0,
         metadata={
