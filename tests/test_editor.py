@@ -373,6 +373,39 @@ def test_anchors_warn_when_the_negatives_hold_no_wording_of_the_edited_relation(
     assert not [m for m in caplog.messages if warned in m]
 
 
+def test_anchor_clearance_drops_out_of_scope_anchors_inside_a_single_wording_edit(world, world_pool):
+    """``router_anchor_clearance``: an edit whose only in-scope wordings are rewrites of its question keeps no
+    out-of-scope anchor nearer its key than that fraction of its farthest in-scope anchor; an edit with another
+    wording of its relation in the negatives keeps the same anchors as without the option."""
+    from ldke_peft import LDKEConfig
+    from ldke_peft.requests import NegativePool
+
+    r = editor_view(world.edit_requests(1, seed=9)[0])  # an edit with an out-of-scope anchor inside its reach
+    thin = NegativePool(questions=[(q, rel) for q, rel in world_pool.questions if rel != r.relation]
+                        + [(r.prompt, r.relation)], images=world_pool.images)
+
+    def anchors(pool, clearance):
+        pm = ldke_peft.edit(world.model, world.processor, [r], LDKEConfig(router_neighbour_questions=4,
+                            router_anchor_clearance=clearance), negatives=pool, progress=False)
+        router = pm.base_model.router("default")
+        d = (router.anchors_t.float() - router.keys_t[0].float()).norm(dim=-1)
+        pos = router.anchors_pos.bool()
+        pm.unload()
+        return d[pos], d[~pos]
+
+    c = LDKEConfig().router_anchor_clearance
+    pos, neg_all = anchors(thin, 0.0)
+    reach = float(pos.max())
+    assert bool((neg_all < c * reach).any()), "the thin edit must have an out-of-scope anchor to drop"
+    pos_c, neg_c = anchors(thin, c)
+    assert torch.equal(pos_c, pos) and bool((neg_c >= c * reach - 1e-3).all()) and len(neg_c) < len(neg_all)
+    other = next(q for q in world.question_bank(r.relation) if q != r.prompt)
+    rich = NegativePool(questions=thin.questions + [(other, r.relation)], images=thin.images)
+    assert torch.equal(anchors(rich, c)[1], anchors(rich, 0.0)[1])  # another wording known: every anchor kept
+    with pytest.raises(ValueError, match="router_anchor_clearance"):
+        LDKEConfig(router_anchor_clearance=1.0)
+
+
 def test_textual_anchors_are_fitted_saved_and_reloaded_and_only_ever_veto(world, world_pool, tmp_path):
     """``router_neighbour_questions``: each slot keeps textual anchors; the pack still answers its edit and its
     rephrasings, the anchors travel with the safetensors adapter (PEFT's own loader rebuilds them), and a

@@ -536,7 +536,7 @@ def test_edit_metadata_lives_beside_the_adapter_and_old_packs_keep_theirs(tmp_pa
     assert want and want[0]["prompt"] == "What is shown?" and want[0]["target"] == "Lyon"
     pm.save_pretrained(tmp_path / "pack")
     cfg = json.loads((tmp_path / "pack" / "adapter_config.json").read_text())
-    assert "edits" not in cfg and cfg["pack_format_version"] == "1.7"
+    assert "edits" not in cfg and cfg["pack_format_version"] == "1.8"
     assert json.loads((tmp_path / "pack" / "ldke_edits.json").read_text())["edits"] == json.loads(json.dumps(want))
     assert pm.peft_config["default"].edits is want  # saving leaves the live config as it was
     loaded = [LDKEConfig.from_pretrained(str(tmp_path / "pack")),
@@ -580,3 +580,27 @@ def test_a_format_1_6_pack_grows_without_textual_anchors(tmp_path):
     path.write_text(json.dumps({**cfg, "pack_format_version": "1.7"}))
     default = LDKEConfig().router_neighbour_questions
     assert default > 0 and LDKEConfig.from_pretrained(str(tmp_path / "pack")).router_neighbour_questions == default
+
+
+def test_a_format_1_7_pack_grows_keeping_every_anchor(tmp_path):
+    """Format 1.8 added ``router_anchor_clearance`` (on by default): a 1.7 pack reloads with it off, so slots
+    appended to it keep their anchors as the pack's first slots did; a 1.8 pack keeps its own value."""
+    from PIL import Image
+
+    from ldke_peft import EditRequest, edit
+    from ldke_peft.testing.tiny import tiny_model
+
+    model, proc = tiny_model("llava")
+    req = EditRequest(image=Image.new("RGB", (32, 32), (200, 30, 30)), prompt="What is shown?", target="Lyon")
+    pm = edit(model, proc, [req], LDKEConfig(localization="fixed", fixed_layers=[2], edit_steps=2,
+                                             router_neighbour_questions=0), progress=False)
+    pm.save_pretrained(tmp_path / "pack")
+    path = tmp_path / "pack" / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    default = LDKEConfig().router_anchor_clearance
+    assert default > 0 and cfg["router_anchor_clearance"] == default
+    path.write_text(json.dumps({**{k: v for k, v in cfg.items() if k != "router_anchor_clearance"},
+                                "pack_format_version": "1.7"}))
+    assert LDKEConfig.from_pretrained(str(tmp_path / "pack")).router_anchor_clearance == 0.0
+    path.write_text(json.dumps({**cfg, "router_anchor_clearance": 0.5}))
+    assert LDKEConfig.from_pretrained(str(tmp_path / "pack")).router_anchor_clearance == 0.5

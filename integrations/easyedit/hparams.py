@@ -79,6 +79,7 @@ LDKE_KNOBS = (
     "router_margin",
     "router_paraphrases",
     "router_neighbour_questions",
+    "router_anchor_clearance",
     "router_text_encoder",
     "router_text_margin",
     "router_text_probe",
@@ -182,6 +183,7 @@ class LDKEMultimodalHyperParams:
     router_margin: float = _config_default("router_margin")
     router_paraphrases: int = _config_default("router_paraphrases")
     router_neighbour_questions: int = _config_default("router_neighbour_questions")
+    router_anchor_clearance: float = _config_default("router_anchor_clearance")
     router_text_encoder: Optional[str] = _config_default("router_text_encoder")
     router_text_margin: Optional[float] = _config_default("router_text_margin")
     router_text_probe: bool = _config_default("router_text_probe")
@@ -417,6 +419,7 @@ def _check_values(hp: LDKEMultimodalHyperParams) -> None:
     need(hp.max_delta_norm >= 0, "max_delta_norm", "must be >= 0 (0 = no bound)")
     need(hp.router_paraphrases >= 0, "router_paraphrases", "must be >= 0 (0 = only the request's own wordings)")
     need(hp.router_neighbour_questions >= 0, "router_neighbour_questions", "must be >= 0 (0 = no textual anchors)")
+    need(0 <= hp.router_anchor_clearance < 1, "router_anchor_clearance", "must be in [0, 1) (0 = keep every anchor)")
     need(hp.router_text_steps is None or hp.router_text_steps >= 0, "router_text_steps",
          "must be >= 0 (0 = the PCA start only) or null (0 with an encoder, router_steps without)")
     need(hp.router_text_margin is None or 0 <= hp.router_text_margin <= 1, "router_text_margin",

@@ -17,11 +17,12 @@ from peft.utils import CONFIG_NAME
 from ..errors import AdapterLoadError, UnsafeAdapterError
 from .pack_meta import has_edits_file, write_edits
 from .peft_type import LDKEPeftType
+from .load_check import install_generic_loader_check
 from .question_key import DEFAULT_TEXT_ENCODER
 
 #: Format version of the saved pack. Bumped on incompatible changes; a pack with a newer major
 #: version than this library understands is refused with a clear error.
-PACK_FORMAT_VERSION = "1.7"
+PACK_FORMAT_VERSION = "1.8"
 #: Subject corruptions Fast Localization and exact tracing know (``LDKEConfig.corruption``).
 CORRUPTIONS = ("mean", "noise")
 #: Format 1.1 added ``router_storage``; packs of format 1.0 stored their router projections in fp32.
@@ -39,6 +40,8 @@ _FORMAT_WITHOUT_BANK_WORDINGS = ("1.0", "1.1", "1.2", "1.3", "1.4", "1.5")
 #: Format 1.7 added ``router_neighbour_questions`` and the textual anchors; an older pack grown with new edits
 #: fits them without anchors, as it was made.
 _FORMAT_WITHOUT_NEIGHBOURS = _FORMAT_WITHOUT_BANK_WORDINGS + ("1.6",)
+#: Format 1.8 added ``router_anchor_clearance``; an older pack grown with new edits keeps every anchor, as it was made.
+_FORMAT_WITHOUT_CLEARANCE = _FORMAT_WITHOUT_NEIGHBOURS + ("1.7",)
 #: How a pack may store its slot factors (``LDKEConfig.delta_storage``).
 DELTA_STORAGE = ("float16", "float32")
 #: Precisions the delta fit's steps may run in (``LDKEConfig.edit_fit_dtype``).
@@ -298,6 +301,8 @@ class LDKEConfig(PeftConfig):
         self.peft_type = LDKEPeftType.LDKE
         if self.rank <= 0:
             raise ValueError(f"rank must be positive, got {self.rank}")
+        if not 0 <= self.router_anchor_clearance < 1:
+            raise ValueError(f"router_anchor_clearance must be in [0, 1), got {self.router_anchor_clearance}")
         if self.edit_fit_dtype not in FIT_DTYPES:
             raise ValueError(f"edit_fit_dtype must be one of {FIT_DTYPES}, got {self.edit_fit_dtype!r}")
         if str(self.pack_format_version) in _FORMAT_WITHOUT_ROUTER_STORAGE:
@@ -310,6 +315,8 @@ class LDKEConfig(PeftConfig):
             self.delta_bank_wordings = False
         if str(self.pack_format_version) in _FORMAT_WITHOUT_NEIGHBOURS:
             self.router_neighbour_questions = 0
+        if str(self.pack_format_version) in _FORMAT_WITHOUT_CLEARANCE:
+            self.router_anchor_clearance = 0.0
         if str(self.pack_format_version) in _FORMAT_WITHOUT_TEXT_ENCODER:
             self.router_text_encoder = None  # written before the field existed: probe-layer text features
             self.router_text_margin = None  # and one margin for both parts
@@ -421,35 +428,5 @@ _strict_init.__wrapped__ = _dataclass_init
 LDKEConfig.__init__ = _strict_init
 
 
-def _install_generic_loader_check() -> None:
-    """Validate LDKE packs loaded through ``PeftConfig.from_pretrained`` too.
-
-    transformers' ``model.load_adapter()`` loads the config with the *generic*
-    ``PeftConfig.from_pretrained`` (which builds an ``LDKEConfig`` via ``from_peft_type`` and never
-    calls :meth:`LDKEConfig.from_pretrained`), then injects, then reads the weights. Without this
-    wrapper a corrupt or pickle-carrying pack would be injected before failing. The wrapper only acts
-    when the loaded config is an LDKE config; every other PEFT type passes through untouched.
-    Idempotent (re-imports do not stack wrappers).
-    """
-    current = PeftConfig.__dict__.get("from_pretrained")
-    if getattr(getattr(current, "__func__", None), "_ldke_wrapped", False):
-        return
-    original = PeftConfig.from_pretrained.__func__
-
-    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
-        config = original(cls, pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        # LDKEConfig.from_pretrained validates itself (it reaches this wrapper through super()).
-        if getattr(config, "peft_type", None) == LDKEPeftType.LDKE and not getattr(cls, "_validates_on_load", False):
-            from .safety import validate_pack
-
-            validate_pack(pretrained_model_name_or_path, config, subfolder=subfolder, **kwargs)
-        return config
-
-    from_pretrained._ldke_wrapped = True  # type: ignore[attr-defined]
-    from_pretrained.__wrapped__ = original  # type: ignore[attr-defined]
-    from_pretrained.__doc__ = original.__doc__
-    PeftConfig.from_pretrained = classmethod(from_pretrained)
-
-
 LDKEConfig._validates_on_load = True
-_install_generic_loader_check()
+install_generic_loader_check()
