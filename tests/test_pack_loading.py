@@ -557,9 +557,8 @@ def test_edit_metadata_lives_beside_the_adapter_and_old_packs_keep_theirs(tmp_pa
     assert not (tmp_path / "resaved" / "ldke_edits.json").exists()
 
 
-def test_a_format_1_6_pack_grows_without_textual_anchors(tmp_path):
-    """Format 1.7 added ``router_neighbour_questions`` (on by default): a 1.6 pack, written before the field
-    existed, reloads with it off, so slots appended to it are fitted as the pack was made (no anchors)."""
+def _saved_pack_without_anchors(tmp_path: Path) -> Path:
+    """A one-edit pack of a tiny LLaVA, saved without textual anchors: its ``adapter_config.json``."""
     from PIL import Image
 
     from ldke_peft import EditRequest, edit
@@ -570,7 +569,13 @@ def test_a_format_1_6_pack_grows_without_textual_anchors(tmp_path):
     pm = edit(model, proc, [req], LDKEConfig(localization="fixed", fixed_layers=[2], edit_steps=2,
                                              router_neighbour_questions=0), progress=False)
     pm.save_pretrained(tmp_path / "pack")
-    path = tmp_path / "pack" / "adapter_config.json"
+    return tmp_path / "pack" / "adapter_config.json"
+
+
+def test_a_format_1_6_pack_grows_without_textual_anchors(tmp_path):
+    """Format 1.7 added ``router_neighbour_questions`` (on by default): a 1.6 pack, written before the field
+    existed, reloads with it off, so slots appended to it are fitted as the pack was made (no anchors)."""
+    path = _saved_pack_without_anchors(tmp_path)
     cfg = json.loads(path.read_text())
     assert cfg["router_neighbour_questions"] == 0 and cfg["router_text_anchors"] == 0
     for k in ("router_neighbour_questions", "router_text_anchors"):
@@ -585,17 +590,7 @@ def test_a_format_1_6_pack_grows_without_textual_anchors(tmp_path):
 def test_a_format_1_7_pack_grows_keeping_every_anchor(tmp_path):
     """Format 1.8 added ``router_anchor_clearance`` (on by default): a 1.7 pack reloads with it off, so slots
     appended to it keep their anchors as the pack's first slots did; a 1.8 pack keeps its own value."""
-    from PIL import Image
-
-    from ldke_peft import EditRequest, edit
-    from ldke_peft.testing.tiny import tiny_model
-
-    model, proc = tiny_model("llava")
-    req = EditRequest(image=Image.new("RGB", (32, 32), (200, 30, 30)), prompt="What is shown?", target="Lyon")
-    pm = edit(model, proc, [req], LDKEConfig(localization="fixed", fixed_layers=[2], edit_steps=2,
-                                             router_neighbour_questions=0), progress=False)
-    pm.save_pretrained(tmp_path / "pack")
-    path = tmp_path / "pack" / "adapter_config.json"
+    path = _saved_pack_without_anchors(tmp_path)
     cfg = json.loads(path.read_text())
     default = LDKEConfig().router_anchor_clearance
     assert default > 0 and cfg["router_anchor_clearance"] == default
