@@ -266,8 +266,9 @@ def cmd_route(args: argparse.Namespace) -> int:
     judged, good = Counter(), Counter()
     for r in routes:
         if r.ok is not None:
-            judged[r.kind.split(":")[0]] += 1
-            good[r.kind.split(":")[0]] += int(r.ok)
+            field = r.kind.split(":")[0]
+            judged[field] += 1
+            good[field] += int(r.ok)
     _table([("kind", "routed as wanted")] + [(k, f"{good[k]}/{n}") for k, n in judged.items()])
     return 0
 

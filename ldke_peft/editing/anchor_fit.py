@@ -95,12 +95,13 @@ def fit_text_anchors(peft_model: Any, processor: Any, router: Any, cfg: LDKEConf
         g = router.slot_group(s)
         z_pos = router.project_textual(g, textual[pos].to(dev))
         z_neg = router.project_textual(g, torch.cat([textual[neg].to(dev), t_gen.to(dev)]))
-        d_neg = (z_neg - router.keys_t[s].float()).norm(dim=-1)
+        key = router.keys_t[s].float()
+        d_neg = (z_neg - key).norm(dim=-1)
         near = d_neg <= _KEEP_RADII * float(router.radius_t[s])
         if cfg.router_anchor_clearance > 0 and len(z_pos) and _single_wording(cfg, r, pool):
             # only rewrites of one sentence in scope: an out-of-scope anchor within their reach of the key
             # would veto the edit's other wordings, which lie farther out
-            reach = float((z_pos - router.keys_t[s].float()).norm(dim=-1).max())
+            reach = float((z_pos - key).norm(dim=-1).max())
             near &= d_neg >= cfg.router_anchor_clearance * reach
         router.set_text_anchors(s, z_pos, z_neg[near])
         logger.info("router: slot %d keeps %d in-scope and %d out-of-scope textual anchors (%d proposed neighbours: %s)",

@@ -20,7 +20,9 @@ import torch
 from ..families import family_of
 from ..requests import EditRequest
 from ..tuner.context import prompt_mask_context
-from ..tuner.model import NO_SLOT, _root_model, attach_tokenizer, routing_state_of
+from ..tuner.model import NO_SLOT, _root_model, routing_state_of
+from ..tuner.peft_type import LDKEPeftType
+from .compute import _attach_tokenizer
 from .pre import _eval_mode
 
 __all__ = ["Route", "route_requests", "which_slots"]
@@ -28,8 +30,7 @@ __all__ = ["Route", "route_requests", "which_slots"]
 
 def _ldke_adapters(model: Any) -> list[str]:
     config = getattr(model, "peft_config", None) or {}
-    return [name for name, cfg in config.items() if getattr(cfg, "peft_type", None) is not None
-            and str(getattr(cfg.peft_type, "value", cfg.peft_type)) == "LDKE"]
+    return [name for name, cfg in config.items() if getattr(cfg, "peft_type", None) == LDKEPeftType.LDKE]
 
 
 @torch.no_grad()
@@ -51,8 +52,7 @@ def which_slots(model: Any, processor: Any, images: Sequence[Any | None], prompt
     root = _root_model(model)
     family = family_of(root)
     device, dtype = next((p.device, p.dtype) for p in root.parameters() if p.is_floating_point())
-    # a pack that reads the question's text decodes the inputs with the processor they are built with
-    attach_tokenizer(root, family.tokenizer(processor))
+    _attach_tokenizer(root, family, processor)
     state = routing_state_of(root)
     out: list[dict[str, int]] = [{} for _ in prompts]
     for with_image in (True, False):
