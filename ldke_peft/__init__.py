@@ -47,6 +47,14 @@ def evaluate(model_or_peft, processor, requests, pre=None, **kwargs):
     return _evaluate(model_or_peft, processor, requests, pre=pre, **kwargs)
 
 
+def refine_scope(peft_model, processor, requests, **kwargs):
+    """Route the requests' questions as they wish by changing only the pack's router (radii, textual anchors):
+    see :func:`ldke_peft.editing.scope_refine.refine_scope`. Returns one ``ScopeFix`` per question."""
+    from .editing.scope_refine import refine_scope as _refine_scope
+
+    return _refine_scope(peft_model, processor, requests, **kwargs)
+
+
 def save_edits(peft_model, save_directory, **kwargs):
     """Save an LDKE pack atomically with LDKE's model card: see :func:`ldke_peft.hub.save_edits`."""
     from .hub import save_edits as _save_edits
@@ -89,6 +97,7 @@ __all__ = [
     "is_ldke_model",
     "prompt_mask_context",
     "register_family",
+    "refine_scope",
     "save_edits",
     "supported_model_types",
 ]

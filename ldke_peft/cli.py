@@ -248,9 +248,13 @@ def cmd_route(args: argparse.Namespace) -> int:
 
     requests = load_requests(args.requests, image_root=args.image_root, fmt=args.format)
     model, processor = load_model(args.model, processor_path=args.processor, device=args.device, dtype=args.dtype)
-    routes = route_requests(load_edits(model, args.adapter), processor, requests, batch_size=args.batch_size)
+    peft_model = load_edits(model, args.adapter)
+    fixes = _fix_routes(args, peft_model, processor, requests) if args.fix else None
+    routes = route_requests(peft_model, processor, requests, batch_size=args.batch_size)
     if args.json:
-        json.dump([r.to_dict() for r in routes], sys.stdout, indent=1)
+        rows = [r.to_dict() for r in routes]
+        json.dump(rows if fixes is None else {"fixes": [f.to_dict() for f in fixes], "routes": rows}, sys.stdout,
+                  indent=1)
         print()
         return 0
     shown = [r for r in routes if args.all or r.ok is False]
@@ -271,6 +275,34 @@ def cmd_route(args: argparse.Namespace) -> int:
             good[field] += int(r.ok)
     _table([("kind", "routed as wanted")] + [(k, f"{good[k]}/{n}") for k, n in judged.items()])
     return 0
+
+
+def _fix_routes(args: argparse.Namespace, peft_model: Any, processor: Any, requests: list) -> list:
+    """``ldke route --fix OUT``: refine the pack's scope for ``requests`` and save it to OUT (with the source
+    pack's edit report); prints what changed unless --json."""
+    import shutil
+
+    from .editing.scope_refine import refine_scope
+    from .hub import save_edits
+    from .tuner.io import atomic_dir
+
+    name = peft_model.active_adapter
+    fixes = refine_scope(peft_model, processor, requests, adapter_name=name)
+    with atomic_dir(args.fix) as stage:
+        save_edits(peft_model, stage, adapter_name=name)
+        report = os.path.join(args.adapter, "ldke_report.json")
+        if os.path.isfile(report):
+            shutil.copyfile(report, os.path.join(stage, "ldke_report.json"))
+    if not args.json:
+        changed = [f for f in fixes if f.action]
+        if changed:
+            _table([("request", "kind", "question", "before", "after", "change")] + [
+                (f.request, f.kind, f.prompt, f.before, f.after, f.action) for f in changed])
+            print()
+        print(f"fixed {sum(f.ok and f.before != f.wanted for f in fixes)} of "
+              f"{sum(f.before != f.wanted for f in fixes)} question(s) routed against their request's wish "
+              f"(no delta changed); saved the pack to {args.fix}\n")
+    return fixes
 
 
 def cmd_locate(args: argparse.Namespace) -> int:

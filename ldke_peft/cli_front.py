@@ -198,9 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
             portability probes are routed but not judged. Prints the questions routed against their
             request's wish (every question with --all) and a count per kind. Use it on your own rewordings
             and near-by questions before sharing a pack.
+
+            --fix OUT changes the pack's routing so that these questions route as their requests wish and
+            saves it to OUT: a question that fires an edit but should not is kept out (on another image by
+            the edit's visual radius, on the edit's own image by an out-of-scope textual anchor), a wording
+            of an edit that does not fire is let in (an in-scope anchor, a wider textual radius). No delta
+            changes and no other file is needed; what cannot be fixed that way is listed with the reason.
             """,
             "  ldke route ./llava ./pack my-questions.jsonl\n"
-            "  ldke route ./llava you/my-edits edits.jsonl --all --json > routes.json", "cmd_route")
+            "  ldke route ./llava you/my-edits edits.jsonl --all --json > routes.json\n"
+            "  ldke route ./llava ./pack my-questions.jsonl --fix ./pack-fixed", "cmd_route")
     p.add_argument("model", help="base model folder")
     p.add_argument("adapter", help="edit pack folder or Hub repo id")
     p.add_argument("requests", help="requests whose questions to route (.jsonl or EasyEdit .json)")
@@ -208,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="list every question, not only those routed against the wish")
     p.add_argument("--json", action="store_true", help="print every question's routing as JSON")
     p.add_argument("--batch-size", type=int, default=8, help="questions per forward pass (default 8)")
+    p.add_argument("--fix", metavar="OUT", help="change the pack's routing (radii and textual anchors, never a delta) "
+                   "so that the questions route as their requests wish, and save the pack to OUT")
     _common_model(p)
 
     p = add("locate", "show which decoder layers carry a fact (Fast Localization)",

@@ -12,6 +12,7 @@ import tempfile
 
 import huggingface_hub
 import pytest
+import torch
 from huggingface_hub import ModelCard
 from PIL import Image
 
@@ -152,6 +153,39 @@ def test_route_shows_where_each_question_goes(workdir, pack, tmp_path, capsys):
     assert len(listed) == 1 and "m_locality" in listed[0] and "'Paris'" in listed[0]
     assert "m_locality  0/1" in out and "prompt      1/1" in out
     assert "slot 0: " in listed[0] and "note:" not in out
+
+
+def test_route_fix_saves_a_pack_that_routes_the_filed_questions_as_wished(workdir, pack, tmp_path, capsys):
+    """--fix: a near question filed as out of scope stops firing, a vetoed wording filed as a rephrasing fires,
+    a question identical to one of the edit's own wordings is listed as not fixable; the saved pack routes so
+    (PEFT's loader, a real forward), keeps its edit report and card, and holds the very same delta tensors."""
+    from safetensors.torch import load_file
+
+    red = str(workdir / "img" / "red.png")
+    filed = EditRequest(image=red, prompt=PROMPT, target="Paris",
+                        rephrase_prompts=["Which city is the capital of this country?", "Capital here?"],
+                        coupled=[Probe(q, "x", image=red, kind="near_miss") for q in
+                                 ("Tell me the capital of this country.", f"Question: {PROMPT}", "Describe the image.")])
+    save_jsonl([filed], tmp_path / "filed.jsonl")
+    args = [str(workdir / "model"), str(pack), str(tmp_path / "filed.jsonl")]
+    assert main(["route", *args, "--json"]) == 0
+    before = {r["prompt"]: r for r in json.loads(capsys.readouterr().out) if r["kind"] != "prompt"}
+    assert before["Tell me the capital of this country."]["slot"] == 0 and before[f"Question: {PROMPT}"]["slot"] == 0
+    assert main(["route", *args, "--fix", str(tmp_path / "fixed"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    not_fixed = [f for f in out["fixes"] if not f["ok"]]
+    assert [f["prompt"] for f in not_fixed] == [f"Question: {PROMPT}"] and "could not fix" in not_fixed[0]["action"]
+    assert [r["prompt"] for r in out["routes"] if not r["ok"]] == [f"Question: {PROMPT}"]
+    assert {"README.md", "ldke_report.json", "adapter_model.safetensors"} <= set(os.listdir(tmp_path / "fixed"))
+    # the saved pack, loaded afresh, routes as the fixed model did
+    assert main(["route", str(workdir / "model"), str(tmp_path / "fixed"), str(tmp_path / "filed.jsonl"), "--json"]) == 0
+    assert [(r["prompt"], r["slot"]) for r in json.loads(capsys.readouterr().out)] == \
+        [(r["prompt"], r["slot"]) for r in out["routes"]]
+    old, new = (load_file(p / "adapter_model.safetensors") for p in (pack, tmp_path / "fixed"))
+    deltas = [k for k in old if "ldke_router" not in k]
+    assert deltas and all(torch.equal(old[k], new[k]) for k in deltas)
+    assert main(["route", *args, "--fix", str(tmp_path / "fixed2")]) == 0
+    assert "fixed 2 of 3 question(s) routed against their request's wish" in capsys.readouterr().out
 
 
 def test_route_tells_edits_of_one_question_apart_and_reads_a_separate_processor(workdir, tmp_path, capsys):

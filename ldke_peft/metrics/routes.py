@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import torch
 
 from ..families import family_of
+from ..editing.scope_refine import slot_of
 from ..requests import EditRequest
 from ..tuner.context import prompt_mask_context
 from ..tuner.model import NO_SLOT, _root_model, routing_state_of
@@ -87,16 +88,6 @@ class Route:
         return asdict(self)
 
 
-def _slot_of(edits: Sequence[dict], r: EditRequest) -> int | None:
-    """The pack's slot of ``r``: the edit with ``r``'s fingerprint (prompt, target and image bytes), so that
-    two edits asking the same question of different images are told apart."""
-    fp = r.fingerprint()
-    for s, e in enumerate(edits):
-        if e.get("fingerprint") == fp:
-            return s
-    return None
-
-
 def _active_adapter(model: Any, adapters: list[str]) -> str:
     active = getattr(model, "active_adapters", None)
     active = active() if callable(active) else active  # a method on transformers models, a property on PeftModel
@@ -132,7 +123,7 @@ def route_requests(model: Any, processor: Any, requests: Sequence[EditRequest], 
     out = []
     for (i, kind, _, prompt, want), got in zip(rows, slots):
         s = got[name]
-        own = _slot_of(edits, requests[i])
+        own = slot_of(edits, requests[i])
         edit = None
         if 0 <= s < len(edits):
             edit = f"{edits[s].get('prompt')!r} -> {edits[s].get('target')!r}"

@@ -1,0 +1,295 @@
+"""Correcting an edit's scope afterwards: a pack made to route a request's questions as the request wants.
+
+An edit's scope is its slot's radii and textual anchors, fitted once from what the editor knew. A user who
+finds a question that fires an edit but should not (a near-by question on the edit's image), or a wording of
+the edit that does not fire, should not have to refit the edit: the delta is right, the decision is wrong.
+:func:`refine_scope` changes the decision alone, never a delta:
+
+* an out-of-scope question that fires a slot on another image than the edit's own (farther from the slot's
+  visual key than every image of the requests that want the slot) is put out by a cut of the visual radius:
+  the image is what should decide there, and a textual anchor would also keep that wording out on the edit's
+  own image. On the edit's own image it becomes one of the slot's out-of-scope textual anchors, so the
+  nearest-anchor veto keeps it out, and with it the questions that lie nearer to it than to any of the edit's
+  wordings;
+* an in-scope question that the veto keeps out becomes an in-scope anchor, and one outside the textual radius
+  widens it. A stored out-of-scope anchor stays out (it is its own nearest anchor). An image outside the
+  visual radius is not let in: nothing here knows which other entities' images lie as near.
+
+Every change is checked against every row of the call until none moves; the router is restored when the
+refinement raises.
+
+Owns: :func:`refine_scope`, :class:`ScopeFix`, :func:`slot_of`.
+
+Layer: editing (README "Architecture"): imports data, tuner and editing modules, never the product code.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import torch
+
+from ..errors import LDKEError
+from ..requests import EditRequest
+from ..tuner.probe_features import collect_probe_features
+from ..tuner.routing import NO_SLOT
+from ..tuner.text_anchors import ANCHOR_BUFFERS
+from .pack_scope import LEAK_RADIUS_FACTOR
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ScopeFix", "ScopeRefineError", "refine_scope", "slot_of"]
+
+#: A textual radius widened to admit a question ends this factor beyond it (the inverse of the cut's factor).
+WIDEN_FACTOR = 1.0 / LEAK_RADIUS_FACTOR
+#: Passes over the rows: a change for one row can move another (an in-scope anchor lets a near question in).
+_MAX_PASSES = 4
+
+
+class ScopeRefineError(LDKEError, ValueError):
+    """A scope refinement was asked of something that cannot hold one (no LDKE pack, no edit of the pack)."""
+
+
+@dataclass
+class ScopeFix:
+    """One question of the requests: where it routed before and after, and what was changed for it."""
+
+    request: int
+    kind: str  # "prompt", "rephrase", "rephrase_image", or a probe field ("locality", "coupled:<kind>", ...)
+    prompt: str
+    wanted: int  # the slot it should reach (-1 = none)
+    before: int  # the slot it reached before (-1 = none)
+    after: int  # the slot it reaches now
+    action: str  # what was changed for it ("" when it already routed as wanted)
+
+    @property
+    def ok(self) -> bool:
+        return self.after == self.wanted
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+
+def slot_of(edits: Sequence[dict], r: EditRequest) -> int | None:
+    """The pack's slot of ``r``: the edit with ``r``'s fingerprint (prompt, target and image bytes), so that
+    two edits asking the same question of different images are told apart."""
+    fp = r.fingerprint()
+    for s, e in enumerate(edits):
+        if e.get("fingerprint") == fp:
+            return s
+    return None
+
+
+def _rows(requests: Sequence[EditRequest], edits: Sequence[dict]) -> list[tuple[int, str, Any, str, int]]:
+    """``(request, kind, image, prompt, wanted slot)`` of every question the requests judge; in-scope questions
+    of a request the pack does not hold are left out (nothing says which slot they want)."""
+    rows = []
+    for i, r in enumerate(requests):
+        own = slot_of(edits, r)
+        if own is not None:
+            rows.append((i, "prompt", r.image, r.prompt, own))
+            rows += [(i, "rephrase", r.image, q, own) for q in r.rephrase_prompts]
+            rows += [(i, "rephrase_image", im, r.prompt, own) for im in r.rephrase_images]
+        for field in ("locality", "m_locality", "coupled"):
+            for p in getattr(r, field):
+                kind = f"{field}:{p.kind}" if getattr(p, "kind", None) else field
+                rows.append((i, kind, p.image, p.prompt, NO_SLOT))
+    return rows
+
+
+class _Refiner:
+    """The change loop on one router: raw features of the rows in, radii and anchors of the router out."""
+
+    def __init__(self, router: Any, v: torch.Tensor, t: torch.Tensor, h: torch.Tensor, wanted: torch.Tensor) -> None:
+        self.router, self.v, self.t, self.h, self.wanted = router, v, t, h, wanted
+        self.actions: dict[int, str] = {}
+
+    def route(self) -> torch.Tensor:
+        return self.router.route(self.v, self.t, self.h).cpu()
+
+    def _anchors(self, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slot ``s``'s in-scope and out-of-scope anchor rows (float32)."""
+        r = self.router
+        if not r.num_anchors:
+            empty = r.keys_t[:0].float()
+            return empty, empty
+        mine = r.anchors_slot.long() == s
+        pos = r.anchors_pos > 0.5
+        return r.anchors_t[mine & pos].float(), r.anchors_t[mine & ~pos].float()
+
+    def _z(self, s: int, i: int) -> torch.Tensor:
+        return self.router.project_textual(self.router.slot_group(s), self.t[i:i + 1]).float()
+
+    def _set_anchors(self, s: int, pos: torch.Tensor, neg: torch.Tensor) -> None:
+        if not len(pos) and len(neg):  # a veto needs an in-scope anchor: the key stands for the edit's wordings
+            pos = self.router.keys_t[s:s + 1].float()
+        self.router.set_text_anchors(s, pos, neg)
+
+    def _fires(self, s: int, i: int) -> bool:
+        return int(self.router.route(self.v[i:i + 1], self.t[i:i + 1], self.h[i:i + 1])[0]) == s
+
+    def _held(self, s: int) -> torch.Tensor:
+        """Rows that want slot ``s`` and reach it now: a change for another row must keep them."""
+        return ((self.wanted == s) & (self.route() == s)).nonzero(as_tuple=True)[0]
+
+    def _anchor_out(self, s: int, i: int) -> bool:
+        """Make row ``i`` an out-of-scope anchor of slot ``s`` if that puts it out and keeps the slot's held rows;
+        where the new anchor would veto a held row, the held rows' wordings join the in-scope anchors first."""
+        held = self._held(s)
+        pos, neg = self._anchors(s)
+        z_held = self.router.project_textual(self.router.slot_group(s), self.t[held]).float()
+        base = pos if len(pos) else self.router.keys_t[s:s + 1].float()
+        for p in (pos, torch.cat([base, z_held])):
+            self._set_anchors(s, p, torch.cat([neg, self._z(s, i)]))
+            if not self._fires(s, i) and bool((self.route()[held] == s).all()):
+                return True
+        self.router.set_text_anchors(s, pos, neg)
+        return False
+
+    def _visual_cut(self, s: int, i: int) -> tuple[float | None, str]:
+        """The visual radius that puts row ``i`` out of slot ``s`` and keeps the images of the rows that want it,
+        or None and why there is none."""
+        r = self.router
+        if not (bool(r.needs_image[s] > 0) and bool(self.h[i])):
+            return None, "no image"
+        keep = (self.wanted == s) & self.h.bool()
+        if not bool(keep.any()):
+            return None, "no request of the call wants the slot, so none says which images it must keep"
+        d = (r.project_visual(r.slot_group(s), self.v) - r.keys_v[s].float()).norm(dim=1)
+        cut = LEAK_RADIUS_FACTOR * float(d[i])
+        if cut <= float(d[keep].max()):
+            return None, "its image is as near the slot's key as an image the edit must keep"
+        return cut, ""
+
+    def keep_out(self, s: int, i: int) -> bool:
+        """Put row ``i`` out of slot ``s``: by the visual radius where its image lies farther from the key than every
+        image the edit must keep (another image: the visual part is what should decide), else by an out-of-scope
+        textual anchor (another question on the edit's own image)."""
+        r = self.router
+        cut, why = self._visual_cut(s, i)
+        if cut is not None:
+            logger.info("scope: slot %d's visual radius %.3f -> %.3f to keep out row %d", s, float(r.radius_v[s]), cut, i)
+            r.radius_v[s] = min(float(r.radius_v[s]), cut)
+            self.actions[i] = f"visual radius of slot {s} cut"
+            return True
+        if self._anchor_out(s, i):
+            self.actions[i] = f"out-of-scope anchor of slot {s}"
+            return True
+        self.actions[i] = (f"could not fix: no textual anchor tells its question from slot {s}'s own wordings, and "
+                           f"no visual cut fits ({why})")
+        return False
+
+    def let_in(self, s: int, i: int) -> bool:
+        """Let row ``i`` into slot ``s``: widen the textual radius as far as it needs and make it an in-scope anchor."""
+        r = self.router
+        g = r.slot_group(s)
+        if bool(r.needs_image[s] > 0):
+            if not bool(self.h[i]):
+                self.actions[i] = f"could not fix: slot {s} takes image questions only"
+                return False
+            dv = float((r.project_visual(g, self.v[i:i + 1]) - r.keys_v[s].float()).norm())
+            if dv > float(r.radius_v[s]):
+                self.actions[i] = (f"could not fix: its image lies outside slot {s}'s visual scope (re-edit with it "
+                                   "in rephrase_images)")
+                return False
+        z = self._z(s, i)
+        dt = float((z[0] - r.keys_t[s].float()).norm())
+        done = []
+        if dt > float(r.radius_t[s]):
+            logger.info("scope: slot %d's textual radius %.3f -> %.3f to let %r in", s, float(r.radius_t[s]),
+                        WIDEN_FACTOR * dt, i)
+            r.radius_t[s] = WIDEN_FACTOR * dt
+            done.append("textual radius widened")
+        if r.num_anchors and not self._fires(s, i):
+            pos, neg = self._anchors(s)
+            self._set_anchors(s, torch.cat([pos, z]), neg)
+            done.append("in-scope anchor")
+        self.actions[i] = f"{' and '.join(done)} of slot {s}" if done else ""
+        return self._fires(s, i)
+
+
+def _snapshot(router: Any) -> dict[str, torch.Tensor]:
+    return {k: b.clone() for k, b in router._buffers.items() if b is not None}
+
+
+def _restore(router: Any, snap: dict[str, torch.Tensor]) -> None:
+    for k in ANCHOR_BUFFERS:
+        if k not in snap:
+            router._buffers.pop(k, None)
+    router._buffers.update(snap)
+
+
+def _drop_empty_anchors(router: Any) -> None:
+    """A router left with no anchor row holds no anchor buffers (the loader expects none for a count of 0)."""
+    if not router.num_anchors:
+        for k in ANCHOR_BUFFERS:
+            router._buffers.pop(k, None)
+
+
+@torch.no_grad()
+def refine_scope(peft_model: Any, processor: Any, requests: Sequence[EditRequest], *,
+                 adapter_name: str = "default") -> list[ScopeFix]:
+    """Change the pack's routing (radii and textual anchors; never a delta) so that every question of ``requests``
+    routes as the request wants: its edit question, rephrasings and other images to the request's own edit (when
+    the pack holds it, matched by fingerprint), its locality, M-locality and coupled probes to no edit.
+    Portability probes are left alone. Returns one :class:`ScopeFix` per question judged; a question that
+    cannot be fixed says why in its ``action`` (and routes as before, or as the other fixes left it).
+    The router's decision is read on the features inference computes; save the pack afterwards to keep it."""
+    config = getattr(peft_model, "peft_config", {}).get(adapter_name)
+    if config is None or getattr(peft_model, "base_model", None) is None or not hasattr(peft_model.base_model, "router"):
+        raise ScopeRefineError(f"refine_scope: the model has no LDKE adapter {adapter_name!r} (load a pack first)")
+    edits = list(getattr(config, "edits", []) or [])
+    if requests and all(slot_of(edits, r) is None for r in requests):
+        raise ScopeRefineError("refine_scope: none of the requests is an edit of this pack (no edit with their prompt, "
+                               "target and image): pass the requests the pack was made with")
+    rows = _rows(requests, edits)
+    if not rows:
+        return []
+    router = peft_model.base_model.router(adapter_name)
+    home = router.keys_v.device
+    router.to("cpu")
+    snap = _snapshot(router)
+    try:
+        v, t, h = collect_probe_features(peft_model, processor, config.probe_layer, [x[2] for x in rows],
+                                         [x[3] for x in rows])
+        wanted = torch.tensor([x[4] for x in rows])
+        ref = _Refiner(router, v, t, h, wanted)
+        before = ref.route()
+        for _ in range(_MAX_PASSES):
+            now = ref.route()
+            wrong = [i for i in range(len(rows)) if int(now[i]) != int(wanted[i]) and not
+                     ref.actions.get(i, "").startswith("could not fix")]
+            if not wrong:
+                break
+            for i in wrong:
+                got, want = int(ref.route()[i]), int(wanted[i])
+                if got == want:  # a change made for an earlier row fixed this one too
+                    continue
+                if got != NO_SLOT:
+                    ref.keep_out(got, i)
+                else:
+                    ref.let_in(want, i)
+        after = ref.route()
+        _drop_empty_anchors(router)
+        config.router_text_anchors = router.num_anchors
+    except BaseException:
+        _restore(router, snap)
+        raise
+    finally:
+        router.to(home)
+    def action(j: int, want: int) -> str:
+        if j in ref.actions:
+            return ref.actions[j]
+        if int(before[j]) != want and int(after[j]) == want:
+            return "fixed by the change for another question"
+        return ""
+
+    out = [ScopeFix(i, kind, prompt, want, int(before[j]), int(after[j]), action(j, want))
+           for j, (i, kind, _, prompt, want) in enumerate(rows)]
+    for f in out:
+        if not f.ok:
+            logger.warning("scope: request %d %s %r still routes to %s (wanted %s)%s", f.request, f.kind, f.prompt,
+                           f.after, f.wanted, f": {f.action}" if f.action else "")
+    return out
