@@ -130,9 +130,13 @@ class _Refiner:
     def _fires(self, s: int, i: int) -> bool:
         return int(self.router.route(self.v[i:i + 1], self.t[i:i + 1], self.h[i:i + 1])[0]) == s
 
+    def _route_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.router.route(self.v[rows], self.t[rows], self.h[rows]).cpu()
+
     def _held(self, s: int) -> torch.Tensor:
         """Rows that want slot ``s`` and reach it now: a change for another row must keep them."""
-        return ((self.wanted == s) & (self.route() == s)).nonzero(as_tuple=True)[0]
+        rows = (self.wanted == s).nonzero(as_tuple=True)[0]
+        return rows[self._route_rows(rows) == s]
 
     def _anchor_out(self, s: int, i: int) -> bool:
         """Make row ``i`` an out-of-scope anchor of slot ``s`` if that puts it out and keeps the slot's held rows;
@@ -143,7 +147,7 @@ class _Refiner:
         base = pos if len(pos) else self.router.keys_t[s:s + 1].float()
         for p in (pos, torch.cat([base, z_held])):
             self._set_anchors(s, p, torch.cat([neg, self._z(s, i)]))
-            if not self._fires(s, i) and bool((self.route()[held] == s).all()):
+            if not self._fires(s, i) and bool((self._route_rows(held) == s).all()):
                 return True
         self.router.set_text_anchors(s, pos, neg)
         return False
@@ -272,6 +276,9 @@ def refine_scope(peft_model: Any, processor: Any, requests: Sequence[EditRequest
                 else:
                     ref.let_in(want, i)
         after = ref.route()
+        for j in range(len(rows)):
+            if int(after[j]) != int(wanted[j]) and not ref.actions.get(j, "").startswith("could not fix"):
+                ref.actions[j] = "could not fix: the changes for other questions of the requests undo it (they conflict)"
         _drop_empty_anchors(router)
         config.router_text_anchors = router.num_anchors
     except BaseException:
