@@ -38,6 +38,17 @@ def test_quickstart(tmp_path):
 
 
 @pytest.mark.slow
+def test_fix_scope(tmp_path):
+    out = _run("fix_scope.py", "--out", str(tmp_path / "pack"))
+    assert "reloaded with PeftModel.from_pretrained: same routing" in out
+    fixed = [line for line in out.splitlines() if "in-scope anchor" in line]
+    assert len(fixed) == 1 and "original weights -> edit fired" in fixed[0] and "NOT OK" not in out
+    kept_out = [line for line in out.splitlines() if line.lstrip().startswith("coupled:")]
+    assert len(kept_out) == 3 and all("-> original weights" in line for line in kept_out)
+    assert "before the fix" in out and {"README.md", "adapter_model.safetensors"} <= set(os.listdir(tmp_path / "pack"))
+
+
+@pytest.mark.slow
 def test_hub_share(tmp_path):
     out = _run("hub_share.py", "--cache-dir", str(tmp_path / "hf"), "--repo-id", "org/example-pack")
     assert "pushed: http://127.0.0.1:" in out
