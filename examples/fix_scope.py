@@ -16,22 +16,13 @@ from __future__ import annotations
 import argparse
 import tempfile
 
-import torch
 from peft import PeftModel
 
 import ldke_peft
 from ldke_peft import EditRequest, Probe
 from ldke_peft.metrics.routes import which_slots
 from ldke_peft.testing.toy_world import toy_world
-
-
-@torch.no_grad()
-def answer(model, processor, image, question: str) -> str:
-    family = ldke_peft.family_of(model)
-    inputs = family.build_inputs(processor, [image], [question]).inputs
-    tok = family.tokenizer(processor)
-    out = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
-    return tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+from quickstart import answer  # greedy answer of a base or edited model (examples/quickstart.py)
 
 
 def main(argv=None) -> int:
