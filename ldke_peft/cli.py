@@ -287,12 +287,15 @@ def _fix_routes(args: argparse.Namespace, peft_model: Any, processor: Any, reque
     from .tuner.io import atomic_dir
 
     name = peft_model.active_adapter
-    fixes = refine_scope(peft_model, processor, requests, adapter_name=name)
+    fixes = refine_scope(peft_model, processor, requests, adapter_name=name, batch_size=args.batch_size)
     with atomic_dir(args.fix) as stage:
         save_edits(peft_model, stage, adapter_name=name)
-        report = os.path.join(args.adapter, "ldke_report.json")
-        if os.path.isfile(report):
-            shutil.copyfile(report, os.path.join(stage, "ldke_report.json"))
+        report, staged = os.path.join(args.adapter, "ldke_report.json"), os.path.join(stage, "ldke_report.json")
+        same = os.path.exists(staged) and os.path.isfile(report) and os.path.samefile(report, staged)  # fixed in place
+        if os.path.exists(staged) and not same:
+            os.remove(staged)  # a link to OUT's earlier report (describing other edits): never written through
+        if os.path.isfile(report) and not same:
+            shutil.copyfile(report, staged)
     if not args.json:
         changed = [f for f in fixes if f.action]
         if changed:

@@ -118,3 +118,112 @@ def test_bad_input_raises_and_leaves_the_router_as_it_was(world, world_pool, tmp
         pm.unload()
     with pytest.raises(ScopeRefineError, match="no LDKE adapter"):
         refine_scope(world.model, world.processor, [r])
+
+
+def test_another_edits_slot_is_changed_only_with_its_own_questions_filed(world, world_pool):
+    """Request A files a wording of edit B (on B's image) as out of scope. With B's request absent nothing says
+    which of B's questions to keep, so B's slot is left alone ("could not fix"); with B's request filed too, the
+    question is put out and every wording of B still fires B."""
+    a, b = world.edit_requests(2, seed=0)
+    pm = ldke_peft.edit(world.model, world.processor, [editor_view(a), editor_view(b)], LDKEConfig(),
+                        negatives=world_pool, progress=False)
+    try:
+        q = b.rephrase_prompts[0]
+        filed = dataclasses.replace(a, m_locality=[Probe(q, "-", image=b.image, kind="other_entity")])
+        assert _fires(world, pm, b.image, [q]) == [1]
+        state = _router_state(pm)
+        (fix,) = [f for f in refine_scope(pm, world.processor, [filed]) if f.kind == "m_locality:other_entity"]
+        assert (fix.after, fix.ok) == (1, False) and "add its request" in fix.action
+        now = _router_state(pm)
+        assert all(torch.equal(now[k], state[k]) for k in state)
+        keep = dataclasses.replace(b, rephrase_prompts=list(b.rephrase_prompts[1:]), coupled=[], locality=[],
+                                   m_locality=[])
+        fixes = refine_scope(pm, world.processor, [filed, keep])
+        assert all(f.ok for f in fixes)
+        assert _fires(world, pm, b.image, [b.prompt, *b.rephrase_prompts[1:]]) == [1] * len(b.rephrase_prompts)
+    finally:
+        pm.unload()
+
+
+def test_a_wording_outside_the_textual_radius_widens_it(world, world_pool):
+    """A long wording of the edit lies outside the textual radius: the fix widens the radius just past it, and the
+    edit's locality probes (text only, other relations' questions on its image) stay out."""
+    r = world.edit_requests(1, seed=3)[0]
+    pm = ldke_peft.edit(world.model, world.processor, [editor_view(r)], LDKEConfig(), negatives=world_pool,
+                        progress=False)
+    try:
+        router = pm.base_model.router("default")
+        long = f"Could you tell me, for the country whose flag is in this picture, the answer to: {r.prompt}"
+        assert _fires(world, pm, r.image, [long]) == [NO_SLOT]
+        radius = float(router.radius_t[0])
+        fixes = refine_scope(pm, world.processor, [dataclasses.replace(r, rephrase_prompts=[long])])
+        assert all(f.ok for f in fixes)
+        (fix,) = [f for f in fixes if f.prompt == long]
+        assert "textual radius widened" in fix.action and float(router.radius_t[0]) > radius
+        assert _fires(world, pm, r.image, [long]) == [0]
+    finally:
+        pm.unload()
+
+
+def test_an_error_after_a_change_restores_the_router(world, world_pool, monkeypatch):
+    """A failure in the middle of the fix (after a first change was written) leaves the router and the config's
+    anchor count exactly as before the call."""
+    from ldke_peft.editing import scope_refine
+
+    r = world.edit_requests(1, seed=3)[0]
+    pm = ldke_peft.edit(world.model, world.processor, [editor_view(r)], LDKEConfig(), negatives=world_pool,
+                        progress=False)
+    real = scope_refine._Refiner.let_in
+
+    def let_in_then_fail(self, s, i):
+        real(self, s, i)
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(scope_refine._Refiner, "let_in", let_in_then_fail)
+    try:
+        state, anchors = _router_state(pm), pm.peft_config["default"].router_text_anchors
+        wordings = [q for q in world.question_bank(r.relation) if q != r.prompt]
+        with pytest.raises(RuntimeError, match="interrupted"):
+            refine_scope(pm, world.processor, [dataclasses.replace(r, rephrase_prompts=wordings)])
+        now = _router_state(pm)
+        assert now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
+        assert pm.peft_config["default"].router_text_anchors == anchors
+    finally:
+        pm.unload()
+
+
+def test_the_edit_question_on_an_image_nearer_than_the_edits_own_is_not_anchored_out():
+    """A look-alike image nearer the slot's visual key than the edit's own image, asked the edit question: no
+    visual cut keeps the edit's image, and an out-of-scope anchor of the edit question would also keep it out on
+    the edit's other views. It is reported as not fixable and the edit keeps every view."""
+    from PIL import Image
+
+    from ldke_peft import EditRequest
+    from ldke_peft.testing import tiny_model
+    from ldke_peft.tuner.probe_features import collect_probe_features
+
+    model, processor = tiny_model("llava")
+    prompt = "What is the capital of this country?"
+    red = lambda c: Image.new("RGB", (40, 40), c)  # noqa: E731
+    views = [red((225, 0, 0)), red((255, 30, 30))]
+    req = EditRequest(image=red((255, 0, 0)), prompt=prompt, target="Paris", rephrase_images=views)
+    pm = ldke_peft.edit(model, processor, [req], LDKEConfig(), progress=False)
+    try:
+        router = pm.base_model.router("default")
+        shades = [red((255 - k, k // 2, 0)) for k in range(10, 200, 10)]
+        v, _, _ = collect_probe_features(pm, processor, pm.peft_config["default"].probe_layer,
+                                         shades + [req.image], [prompt] * (len(shades) + 1))
+        d = (router.project_visual(0, v) - router.keys_v[0].float()).norm(dim=1)
+        fired = [s == 0 for s in (x["default"] for x in which_slots(pm, processor, shades, [prompt] * len(shades)))]
+        near = [i for i in range(len(shades)) if fired[i] and float(d[i]) < float(d[-1])]
+        assert near, "the test needs a firing shade nearer the key than the edit image"
+        look = shades[near[0]]
+        state = _router_state(pm)
+        fixes = refine_scope(pm, processor, [dataclasses.replace(req, coupled=[Probe(prompt, "-", image=look)])])
+        (fix,) = [f for f in fixes if f.kind == "coupled"]
+        assert not fix.ok and "one of slot 0's own wordings" in fix.action
+        now = _router_state(pm)
+        assert all(torch.equal(now[k], state[k]) for k in state)
+        assert [x["default"] for x in which_slots(pm, processor, [req.image, *views], [prompt] * 3)] == [0, 0, 0]
+    finally:
+        pm.unload()

@@ -15,8 +15,9 @@ the edit that does not fire, should not have to refit the edit: the delta is rig
   widens it. A stored out-of-scope anchor stays out (it is its own nearest anchor). An image outside the
   visual radius is not let in: nothing here knows which other entities' images lie as near.
 
-Every change is checked against every row of the call until none moves; the router is restored when the
-refinement raises.
+Every change is checked against every row of the call until none moves: a slot none of whose own questions the
+call holds is not changed, and no wording of a slot's own (its edit question, the wordings filed for it) becomes
+one of its out-of-scope anchors. The router is restored when the refinement raises.
 
 Owns: :func:`refine_scope`, :class:`ScopeFix`, :func:`slot_of`.
 
@@ -36,6 +37,7 @@ from ..requests import EditRequest
 from ..tuner.probe_features import collect_probe_features
 from ..tuner.routing import NO_SLOT
 from ..tuner.text_anchors import ANCHOR_BUFFERS
+from .augment import same_question
 from .pack_scope import LEAK_RADIUS_FACTOR
 
 logger = logging.getLogger(__name__)
@@ -102,8 +104,12 @@ def _rows(requests: Sequence[EditRequest], edits: Sequence[dict]) -> list[tuple[
 class _Refiner:
     """The change loop on one router: raw features of the rows in, radii and anchors of the router out."""
 
-    def __init__(self, router: Any, v: torch.Tensor, t: torch.Tensor, h: torch.Tensor, wanted: torch.Tensor) -> None:
+    def __init__(self, router: Any, v: torch.Tensor, t: torch.Tensor, h: torch.Tensor, wanted: torch.Tensor,
+                 prompts: Sequence[str], own: dict[int, list[str]]) -> None:
         self.router, self.v, self.t, self.h, self.wanted = router, v, t, h, wanted
+        self.prompts = prompts
+        #: slot -> its edit question and the wordings the requests file for it: never made out-of-scope anchors
+        self.own = own
         self.actions: dict[int, str] = {}
 
     def route(self) -> torch.Tensor:
@@ -170,14 +176,23 @@ class _Refiner:
     def keep_out(self, s: int, i: int) -> bool:
         """Put row ``i`` out of slot ``s``: by the visual radius where its image lies farther from the key than every
         image the edit must keep (another image: the visual part is what should decide), else by an out-of-scope
-        textual anchor (another question on the edit's own image)."""
+        textual anchor (another question on the edit's own image). Neither happens for a slot none of whose own
+        questions the requests file (nothing would check the change against them), and no anchor is made of one of
+        the slot's own wordings (it would keep that wording out on the edit's other images too)."""
         r = self.router
+        if not bool((self.wanted == s).any()):
+            self.actions[i] = (f"could not fix: slot {s} fires on it, and the requests file none of slot {s}'s own "
+                               "questions to keep (add its request)")
+            return False
         cut, why = self._visual_cut(s, i)
         if cut is not None:
             logger.info("scope: slot %d's visual radius %.3f -> %.3f to keep out row %d", s, float(r.radius_v[s]), cut, i)
             r.radius_v[s] = min(float(r.radius_v[s]), cut)
             self.actions[i] = f"visual radius of slot {s} cut"
             return True
+        if same_question(self.prompts[i], self.own.get(s, [])):
+            self.actions[i] = (f"could not fix: it asks one of slot {s}'s own wordings, and no visual cut fits ({why})")
+            return False
         if self._anchor_out(s, i):
             self.actions[i] = f"out-of-scope anchor of slot {s}"
             return True
@@ -234,7 +249,7 @@ def _drop_empty_anchors(router: Any) -> None:
 
 @torch.no_grad()
 def refine_scope(peft_model: Any, processor: Any, requests: Sequence[EditRequest], *,
-                 adapter_name: str = "default") -> list[ScopeFix]:
+                 adapter_name: str = "default", batch_size: int = 32) -> list[ScopeFix]:
     """Change the pack's routing (radii and textual anchors; never a delta) so that every question of ``requests``
     routes as the request wants: its edit question, rephrasings and other images to the request's own edit (when
     the pack holds it, matched by fingerprint), its locality, M-locality and coupled probes to no edit.
@@ -257,9 +272,13 @@ def refine_scope(peft_model: Any, processor: Any, requests: Sequence[EditRequest
     snap = _snapshot(router)
     try:
         v, t, h = collect_probe_features(peft_model, processor, config.probe_layer, [x[2] for x in rows],
-                                         [x[3] for x in rows])
+                                         [x[3] for x in rows], batch_size=batch_size)
         wanted = torch.tensor([x[4] for x in rows])
-        ref = _Refiner(router, v, t, h, wanted)
+        own: dict[int, list[str]] = {s: [e.get("prompt", "")] for s, e in enumerate(edits)}
+        for _, _, _, prompt, want in rows:
+            if want != NO_SLOT:
+                own.setdefault(want, []).append(prompt)
+        ref = _Refiner(router, v, t, h, wanted, [x[3] for x in rows], own)
         before = ref.route()
         for _ in range(_MAX_PASSES):
             now = ref.route()
@@ -287,11 +306,10 @@ def refine_scope(peft_model: Any, processor: Any, requests: Sequence[EditRequest
     finally:
         router.to(home)
     def action(j: int, want: int) -> str:
-        if j in ref.actions:
-            return ref.actions[j]
-        if int(before[j]) != want and int(after[j]) == want:
+        done = ref.actions.get(j, "")
+        if int(after[j]) == want and int(before[j]) != want and (not done or done.startswith("could not fix")):
             return "fixed by the change for another question"
-        return ""
+        return done
 
     out = [ScopeFix(i, kind, prompt, want, int(before[j]), int(after[j]), action(j, want))
            for j, (i, kind, _, prompt, want) in enumerate(rows)]
