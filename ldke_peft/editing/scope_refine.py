@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from ..errors import LDKEError
 from ..requests import EditRequest
@@ -249,7 +250,7 @@ def _drop_empty_anchors(router: Any) -> None:
 
 @torch.no_grad()
 def refine_scope(peft_model: Any, processor: Any, requests: Sequence[EditRequest], *,
-                 adapter_name: str = "default", batch_size: int = 32) -> list[ScopeFix]:
+                 adapter_name: str = "default", batch_size: int = 32, progress: bool = True) -> list[ScopeFix]:
     """Change the pack's routing (radii and textual anchors; never a delta) so that every question of ``requests``
     routes as the request wants: its edit question, rephrasings and other images to the request's own edit (when
     the pack holds it, matched by fingerprint), its locality, M-locality and coupled probes to no edit.
@@ -286,8 +287,8 @@ def refine_scope(peft_model: Any, processor: Any, requests: Sequence[EditRequest
                      ref.actions.get(i, "").startswith("could not fix")]
             if not wrong:
                 break
-            for i in wrong:
-                got, want = int(ref.route()[i]), int(wanted[i])
+            for i in tqdm(wrong, desc="LDKE scope fix", unit="question", disable=not progress or len(wrong) < 50):
+                got, want = int(ref._route_rows(torch.tensor([i]))[0]), int(wanted[i])
                 if got == want:  # a change made for an earlier row fixed this one too
                     continue
                 if got != NO_SLOT:
