@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks instead of one-line errors")
 
     def add(name: str, help: str, description: str, example: str, func: str) -> argparse.ArgumentParser:  # noqa: A002
-        p = sub.add_parser(name, help=help, description=_fmt(description), epilog="example:\n  " + _fmt(example),
+        p = sub.add_parser(name, help=help, description=_fmt(description), epilog="example:\n" + textwrap.indent(_fmt(example), "  "),
                            formatter_class=argparse.RawDescriptionHelpFormatter, parents=[common])
         p.set_defaults(func=func)
         return p
