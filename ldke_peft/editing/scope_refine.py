@@ -19,7 +19,7 @@ Every change is checked against every row of the call until none moves: a slot n
 call holds is not changed, and no wording of a slot's own (its edit question, the wordings filed for it) becomes
 one of its out-of-scope anchors. The router is restored when the refinement raises.
 
-Owns: :func:`refine_scope`, :class:`ScopeFix`, :func:`slot_of`.
+Owns: :func:`refine_scope`, :class:`ScopeFix`, :func:`slot_of`, :func:`request_questions`.
 
 Layer: editing (README "Architecture"): imports data, tuner and editing modules, never the product code.
 """
@@ -43,7 +43,7 @@ from .pack_scope import LEAK_RADIUS_FACTOR
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ScopeFix", "ScopeRefineError", "refine_scope", "slot_of"]
+__all__ = ["ScopeFix", "ScopeRefineError", "refine_scope", "request_questions", "slot_of"]
 
 #: A textual radius widened to admit a question ends this factor beyond it (the inverse of the cut's factor).
 WIDEN_FACTOR = 1.0 / LEAK_RADIUS_FACTOR
@@ -85,20 +85,31 @@ def slot_of(edits: Sequence[dict], r: EditRequest) -> int | None:
     return None
 
 
+def request_questions(r: EditRequest) -> list[tuple[str, Any, str, bool | None]]:
+    """``(kind, image, prompt, in scope)`` of every question of ``r``: its edit question, rephrasings and other images
+    (True: they should reach its edit), its locality, M-locality and coupled probes (False: no edit should fire) and
+    its portability probes (None: whether they should follow the edit depends on how the pack was made)."""
+    rows: list[tuple[str, Any, str, bool | None]] = [("prompt", r.image, r.prompt, True)]
+    rows += [("rephrase", r.image, q, True) for q in r.rephrase_prompts]
+    rows += [("rephrase_image", im, r.prompt, True) for im in r.rephrase_images]
+    for field in ("locality", "m_locality", "coupled", "portability"):
+        for p in getattr(r, field):
+            kind = f"{field}:{p.kind}" if getattr(p, "kind", None) else field
+            rows.append((kind, p.image, p.prompt, None if field == "portability" else False))
+    return rows
+
+
 def _rows(requests: Sequence[EditRequest], edits: Sequence[dict]) -> list[tuple[int, str, Any, str, int]]:
     """``(request, kind, image, prompt, wanted slot)`` of every question the requests judge; in-scope questions
     of a request the pack does not hold are left out (nothing says which slot they want)."""
     rows = []
     for i, r in enumerate(requests):
         own = slot_of(edits, r)
-        if own is not None:
-            rows.append((i, "prompt", r.image, r.prompt, own))
-            rows += [(i, "rephrase", r.image, q, own) for q in r.rephrase_prompts]
-            rows += [(i, "rephrase_image", im, r.prompt, own) for im in r.rephrase_images]
-        for field in ("locality", "m_locality", "coupled"):
-            for p in getattr(r, field):
-                kind = f"{field}:{p.kind}" if getattr(p, "kind", None) else field
-                rows.append((i, kind, p.image, p.prompt, NO_SLOT))
+        for kind, image, prompt, in_scope in request_questions(r):
+            if in_scope is False:
+                rows.append((i, kind, image, prompt, NO_SLOT))
+            elif in_scope and own is not None:
+                rows.append((i, kind, image, prompt, own))
     return rows
 
 

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import torch
 
 from ..families import family_of
-from ..editing.scope_refine import slot_of
+from ..editing.scope_refine import request_questions, slot_of
 from ..requests import EditRequest
 from ..tuner.context import prompt_mask_context
 from ..tuner.model import NO_SLOT, _root_model, routing_state_of
@@ -110,15 +110,7 @@ def route_requests(model: Any, processor: Any, requests: Sequence[EditRequest], 
     if name not in adapters:
         raise ValueError(f"route_requests: no LDKE adapter {name!r} (the model has {adapters})")
     edits = list(getattr(model.peft_config[name], "edits", []) or [])
-    rows: list[tuple[int, str, Any, str, bool | None]] = []
-    for i, r in enumerate(requests):
-        rows.append((i, "prompt", r.image, r.prompt, True))
-        rows += [(i, "rephrase", r.image, q, True) for q in r.rephrase_prompts]
-        rows += [(i, "rephrase_image", im, r.prompt, True) for im in r.rephrase_images]
-        for field in ("locality", "m_locality", "coupled", "portability"):
-            for p in getattr(r, field):
-                kind = f"{field}:{p.kind}" if getattr(p, "kind", None) else field
-                rows.append((i, kind, p.image, p.prompt, None if field == "portability" else False))
+    rows = [(i, *q) for i, r in enumerate(requests) for q in request_questions(r)]
     slots = which_slots(model, processor, [x[2] for x in rows], [x[3] for x in rows], batch_size=batch_size)
     out = []
     for (i, kind, _, prompt, want), got in zip(rows, slots):
