@@ -202,8 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
             --fix OUT changes the pack's routing so that these questions route as their requests wish and
             saves it to OUT: a question that fires an edit but should not is kept out (on another image by
             the edit's visual radius, on the edit's own image by an out-of-scope textual anchor), a wording
-            of an edit that does not fire is let in (an in-scope anchor, a wider textual radius). No delta
-            changes and no other file is needed; what cannot be fixed that way is listed with the reason.
+            of an edit that does not fire is let in (an in-scope anchor, a wider textual radius), and so is
+            another view of the entity (a wider visual radius, bounded by the look-alike images the file
+            names as out of scope). No delta changes and no other file is needed; what cannot be fixed that
+            way is listed with the reason.
             """,
             "  ldke route ./llava ./pack my-questions.jsonl\n"
             "  ldke route ./llava you/my-edits edits.jsonl --all --json > routes.json\n"

@@ -227,3 +227,48 @@ def test_the_edit_question_on_an_image_nearer_than_the_edits_own_is_not_anchored
         assert [x["default"] for x in which_slots(pm, processor, [req.image, *views], [prompt] * 3)] == [0, 0, 0]
     finally:
         pm.unload()
+
+
+def test_another_view_outside_the_visual_radius_widens_it_only_as_far_as_filed_look_alikes_allow():
+    """A view of the entity farther from the slot's visual key than its radius does not fire. Filed alone it is not
+    let in (nothing bounds the widening); filed with a look-alike farther out, the radius widens just past the view
+    and the look-alike stays out; with a look-alike nearer than the view, nothing changes."""
+    from PIL import Image
+
+    from ldke_peft import EditRequest
+    from ldke_peft.testing import tiny_model
+
+    model, processor = tiny_model("llava")
+    prompt = "What is the capital of this country?"
+    red = lambda k: Image.new("RGB", (40, 40), (255 - k, k // 2, 0))  # noqa: E731  (farther from red as k grows)
+    req = EditRequest(image=red(0), prompt=prompt, target="Paris", rephrase_images=[red(30), red(20)])
+    pm = ldke_peft.edit(model, processor, [req], LDKEConfig(), progress=False)
+
+    def fired(ks):
+        return [x["default"] for x in which_slots(pm, processor, [red(k) for k in ks], [prompt] * len(ks))]
+
+    try:
+        router = pm.base_model.router("default")
+        assert fired([0, 20, 30, 60, 70, 80, 90]) == [0, 0, 0, NO_SLOT, NO_SLOT, NO_SLOT, NO_SLOT]
+        state, radius = _router_state(pm), float(router.radius_v[0])
+        view = dataclasses.replace(req, rephrase_images=[red(30), red(20), red(60)])
+
+        (fix,) = [f for f in refine_scope(pm, processor, [view]) if not f.ok]
+        assert fix.kind == "rephrase_image" and "no image the requests file as out of scope" in fix.action
+        assert all(torch.equal(_router_state(pm)[k], state[k]) for k in state)
+
+        too_near = dataclasses.replace(req, rephrase_images=[red(30), red(20), red(80)],
+                                       coupled=[Probe(prompt, "-", image=red(70), kind="lookalike_same_question")])
+        (fix,) = [f for f in refine_scope(pm, processor, [too_near]) if not f.ok]
+        assert fix.kind == "rephrase_image" and "lies as near" in fix.action
+        assert all(torch.equal(_router_state(pm)[k], state[k]) for k in state)
+
+        bounded = dataclasses.replace(view, coupled=[Probe(prompt, "-", image=red(90), kind="lookalike_same_question")])
+        fixes = refine_scope(pm, processor, [bounded])
+        assert all(f.ok for f in fixes)
+        (fix,) = [f for f in fixes if f.before != f.wanted]
+        assert fix.kind == "rephrase_image" and fix.action == "visual radius widened of slot 0"
+        assert float(router.radius_v[0]) > radius
+        assert fired([0, 20, 30, 60, 90]) == [0, 0, 0, 0, NO_SLOT]
+    finally:
+        pm.unload()

@@ -13,7 +13,9 @@ the edit that does not fire, should not have to refit the edit: the delta is rig
   wordings;
 * an in-scope question that the veto keeps out becomes an in-scope anchor, and one outside the textual radius
   widens it. A stored out-of-scope anchor stays out (it is its own nearest anchor). An image outside the
-  visual radius is not let in: nothing here knows which other entities' images lie as near.
+  visual radius (another view of the entity) widens it only as far as the images known to be other entities
+  allow: those the requests file as out of scope, which must include one beyond the radius, and the pack's
+  other edits' images.
 
 Every change is checked against every row of the call until none moves: a slot none of whose own questions the
 call holds is not changed, and no wording of a slot's own (its edit question, the wordings filed for it) becomes
@@ -185,6 +187,32 @@ class _Refiner:
             return None, "its image is as near the slot's key as an image the edit must keep"
         return cut, ""
 
+    def _visual_widening(self, s: int, dv: float) -> tuple[float | None, str]:
+        """The visual radius that lets an image at distance ``dv`` into slot ``s``, or None and why there is none.
+
+        Only images known to be other entities bound it: the rows of the call that want no edit or another one on
+        an image farther than the radius (look-alikes the caller files as out of scope), and the images of the
+        pack's other edits. The widened radius must leave each of them out as a cut would, and at least one filed
+        image must bound it: with none, nothing says how far the entity's look-alikes begin."""
+        r = self.router
+        g = r.slot_group(s)
+        radius = float(r.radius_v[s])
+        d = (r.project_visual(g, self.v) - r.keys_v[s].float()).norm(dim=1)
+        out = (self.wanted != s) & self.h.bool() & (d > radius)
+        bounds = [float(x) for x in d[out]]
+        if not bounds:
+            return None, ("no image the requests file as out of scope lies beyond it to bound a widening: file "
+                          "look-alike images as m_locality or coupled probes, or re-edit with it in rephrase_images")
+        others = [k for k in range(r.num_slots) if k != s and r.slot_group(k) == g and bool(r.needs_image[k] > 0)]
+        if others:
+            dk = (r.keys_v[others].float() - r.keys_v[s].float()).norm(dim=1)
+            bounds += [float(x) for x in dk[dk > radius]]
+        widened = WIDEN_FACTOR * dv
+        if widened >= LEAK_RADIUS_FACTOR * min(bounds):
+            return None, ("an image that must stay out (filed as out of scope, or another edit's) lies as near "
+                          "the slot's key")
+        return widened, ""
+
     def keep_out(self, s: int, i: int) -> bool:
         """Put row ``i`` out of slot ``s``: by the visual radius where its image lies farther from the key than every
         image the edit must keep (another image: the visual part is what should decide), else by an out-of-scope
@@ -216,18 +244,23 @@ class _Refiner:
         """Let row ``i`` into slot ``s``: widen the textual radius as far as it needs and make it an in-scope anchor."""
         r = self.router
         g = r.slot_group(s)
+        done = []
         if bool(r.needs_image[s] > 0):
             if not bool(self.h[i]):
                 self.actions[i] = f"could not fix: slot {s} takes image questions only"
                 return False
             dv = float((r.project_visual(g, self.v[i:i + 1]) - r.keys_v[s].float()).norm())
             if dv > float(r.radius_v[s]):
-                self.actions[i] = (f"could not fix: its image lies outside slot {s}'s visual scope (re-edit with it "
-                                   "in rephrase_images)")
-                return False
+                widened, why = self._visual_widening(s, dv)
+                if widened is None:
+                    self.actions[i] = f"could not fix: its image lies outside slot {s}'s visual scope ({why})"
+                    return False
+                logger.info("scope: slot %d's visual radius %.3f -> %.3f to let row %d's image in", s,
+                            float(r.radius_v[s]), widened, i)
+                r.radius_v[s] = widened
+                done.append("visual radius widened")
         z = self._z(s, i)
         dt = float((z[0] - r.keys_t[s].float()).norm())
-        done = []
         if dt > float(r.radius_t[s]):
             logger.info("scope: slot %d's textual radius %.3f -> %.3f to let %r in", s, float(r.radius_t[s]),
                         WIDEN_FACTOR * dt, i)
