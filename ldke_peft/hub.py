@@ -216,6 +216,14 @@ def model_card(
         lines += ["", "Consequences stated with the edits (fitted into the same slot):", "",
                   "| # | question (about the edit's image) | answer after the edit |", "|---|---|---|"]
         lines += [f"| {k} | {_cell(q)} | **{_cell(a)}** |" for k, (q, a) in stated]
+    fixed = [(k, f) for k, e in enumerate(edits) for f in e.get("scope_fixes") or [] if isinstance(f, dict)]
+    if fixed:
+        lines += ["", "## Scope corrections", "",
+                  f"The router was corrected after editing (`ldke route --fix`, `ldke_peft.refine_scope`) for {len(fixed)} "
+                  "question(s); no weight delta was changed:", "",
+                  "| # | question | should fire the edit | change |", "|---|---|---|---|"]
+        lines += [f"| {k} | {_cell(f.get('question'))} | {'yes' if f.get('in_scope') else 'no'} | {_cell(f.get('change'))} |"
+                  for k, f in fixed]
     lines.append("")
     lines += _metrics_section(metrics, report_list)
     lines += [

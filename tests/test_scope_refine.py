@@ -71,7 +71,8 @@ def test_a_look_alike_leak_is_cut_by_the_image_and_a_near_question_by_an_anchor(
 
 def test_vetoed_wordings_are_let_in_and_the_fix_survives_save_and_load(world, world_pool, tmp_path):
     """Seed 3 with the default anchors: two wordings of the edit are vetoed. The fix makes them in-scope anchors;
-    the saved pack (safetensors, PEFT's loader) routes them to the edit, as the fixed model in memory does."""
+    the saved pack (safetensors, PEFT's loader) routes them to the edit, as the fixed model in memory does, and
+    records each change in the edit's metadata and on its model card."""
     r = world.edit_requests(1, seed=3)[0]
     pm = ldke_peft.edit(world.model, world.processor, [editor_view(r)], LDKEConfig(), negatives=world_pool,
                         progress=False)
@@ -90,9 +91,15 @@ def test_vetoed_wordings_are_let_in_and_the_fix_survives_save_and_load(world, wo
         ldke_peft.save_edits(pm, tmp_path / "pack")
     finally:
         pm.unload()
+    changed = [f for f in fixes if f.action == "in-scope anchor of slot 0"]
+    card = (tmp_path / "pack" / "README.md").read_text()
+    assert "## Scope corrections" in card and all(f.prompt[:40] in card for f in changed)
     loaded = PeftModel.from_pretrained(world.model, tmp_path / "pack")
     try:
         assert _fires(world, loaded, r.image, wordings) == fixed
+        recorded = loaded.peft_config["default"].edits[0]["scope_fixes"]  # the pack says its scope was hand-fixed
+        assert [(x["question"], x["in_scope"], x["change"]) for x in recorded] == [
+            (f.prompt, True, f.action) for f in changed]
     finally:
         loaded.unload()
 

@@ -292,6 +292,18 @@ def _drop_empty_anchors(router: Any) -> None:
             router._buffers.pop(k, None)
 
 
+def _record(edits: list[dict], fixes: Sequence[ScopeFix]) -> None:
+    """Each change in its edit's metadata (``scope_fixes``, saved with the pack and listed on its card): whoever
+    loads the pack can tell a hand-corrected scope from the one the editor fitted."""
+    for f in fixes:
+        if not f.action or f.action.startswith(("could not fix", "fixed by")):
+            continue
+        s = f.wanted if f.wanted != NO_SLOT else f.before
+        if 0 <= s < len(edits):
+            edits[s].setdefault("scope_fixes", []).append(
+                {"question": f.prompt, "kind": f.kind, "in_scope": f.wanted != NO_SLOT, "change": f.action})
+
+
 @torch.no_grad()
 def refine_scope(peft_model: Any, processor: Any, requests: Sequence[EditRequest], *,
                  adapter_name: str = "default", batch_size: int = 32, progress: bool = True) -> list[ScopeFix]:
@@ -300,7 +312,9 @@ def refine_scope(peft_model: Any, processor: Any, requests: Sequence[EditRequest
     the pack holds it, matched by fingerprint), its locality, M-locality and coupled probes to no edit.
     Portability probes are left alone. Returns one :class:`ScopeFix` per question judged; a question that
     cannot be fixed says why in its ``action`` (and routes as before, or as the other fixes left it).
-    The router's decision is read on the features inference computes; save the pack afterwards to keep it."""
+    The router's decision is read on the features inference computes; save the pack afterwards to keep it.
+    Each change is recorded in its edit's metadata (``config.edits[slot]["scope_fixes"]``), which the pack's
+    model card lists."""
     config = getattr(peft_model, "peft_config", {}).get(adapter_name)
     if config is None or getattr(peft_model, "base_model", None) is None or not hasattr(peft_model.base_model, "router"):
         raise ScopeRefineError(f"refine_scope: the model has no LDKE adapter {adapter_name!r} (load a pack first)")
@@ -358,6 +372,7 @@ def refine_scope(peft_model: Any, processor: Any, requests: Sequence[EditRequest
 
     out = [ScopeFix(i, kind, prompt, want, int(before[j]), int(after[j]), action(j, want))
            for j, (i, kind, _, prompt, want) in enumerate(rows)]
+    _record(edits, out)
     for f in out:
         if not f.ok:
             logger.warning("scope: request %d %s %r still routes to %s (wanted %s)%s", f.request, f.kind, f.prompt,
