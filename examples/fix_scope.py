@@ -79,6 +79,8 @@ def run(args: argparse.Namespace, out: str) -> int:
     fired = [d["default"] for d in which_slots(reloaded, processor, [im for im, _ in rows], [q for _, q in rows])]
     same = fired == [f.after for f in fixes]
     print(f"saved to {out}; reloaded with PeftModel.from_pretrained: {'same routing' if same else 'DIFFERENT routing'}")
+    recorded = reloaded.peft_config["default"].edits[0].get("scope_fixes", [])  # the pack says it was hand-fixed
+    print(f"the pack records {len(recorded)} scope correction(s), listed on its model card ({out}/README.md)")
     return 0 if same and all(f.ok for f in fixes) and after_answer == new else 1
 
 

@@ -204,8 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
             the edit's visual radius, on the edit's own image by an out-of-scope textual anchor), a wording
             of an edit that does not fire is let in (an in-scope anchor, a wider textual radius), and so is
             another view of the entity (a wider visual radius, bounded by the look-alike images the file
-            names as out of scope). No delta changes and no other file is needed; what cannot be fixed that
-            way is listed with the reason.
+            names as out of scope and by the pack's other edits' images). No delta changes and no other
+            file is needed; each change is recorded in the pack and on its model card; what cannot be
+            fixed that way is listed with the reason.
             """,
             "  ldke route ./llava ./pack my-questions.jsonl\n"
             "  ldke route ./llava you/my-edits edits.jsonl --all --json > routes.json\n"

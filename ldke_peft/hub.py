@@ -73,6 +73,13 @@ def _config_of(peft_model_or_config: Any, adapter_name: str) -> Any:
     return config
 
 
+def _fix_image(image: Any, edit_image: Any) -> str:
+    """The image of a scope correction's question, as the card's table names it."""
+    if not image:
+        return "text-only"
+    return "the edit's" if image == edit_image else f"`{_cell(image, 40)}`"
+
+
 def _cell(value: Any, limit: int = 80) -> str:
     """A markdown table cell: no pipes or newlines, long text shortened."""
     if value is None or value == "":
@@ -221,9 +228,9 @@ def model_card(
         lines += ["", "## Scope corrections", "",
                   f"The router was corrected after editing (`ldke route --fix`, `ldke_peft.refine_scope`) for {len(fixed)} "
                   "question(s); no weight delta was changed:", "",
-                  "| # | question | should fire the edit | change |", "|---|---|---|---|"]
-        lines += [f"| {k} | {_cell(f.get('question'))} | {'yes' if f.get('in_scope') else 'no'} | {_cell(f.get('change'))} |"
-                  for k, f in fixed]
+                  "| # | question | image | should fire edit # | change |", "|---|---|---|---|---|"]
+        lines += [f"| {k} | {_cell(f.get('question'))} | {_fix_image(f.get('image'), edits[k].get('image_sha'))} | "
+                  f"{'yes' if f.get('in_scope') else 'no'} | {_cell(f.get('change'))} |" for k, f in fixed]
     lines.append("")
     lines += _metrics_section(metrics, report_list)
     lines += [

@@ -46,6 +46,8 @@ def test_fix_scope(tmp_path):
     kept_out = [line for line in out.splitlines() if line.lstrip().startswith("coupled:")]
     assert len(kept_out) == 3 and all("-> original weights" in line for line in kept_out)
     assert "before the fix" in out and {"README.md", "adapter_model.safetensors"} <= set(os.listdir(tmp_path / "pack"))
+    assert "the pack records 1 scope correction(s)" in out
+    assert "## Scope corrections" in (tmp_path / "pack" / "README.md").read_text()
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import PIL.Image
 import pytest
 import torch
 from peft import PeftModel
@@ -166,7 +167,7 @@ def test_a_wording_outside_the_textual_radius_widens_it(world, world_pool):
         fixes = refine_scope(pm, world.processor, [dataclasses.replace(r, rephrase_prompts=[long])])
         assert all(f.ok for f in fixes)
         (fix,) = [f for f in fixes if f.prompt == long]
-        assert "textual radius widened" in fix.action and float(router.radius_t[0]) > radius
+        assert "textual radius of slot 0 widened" in fix.action and float(router.radius_t[0]) > radius
         assert _fires(world, pm, r.image, [long]) == [0]
     finally:
         pm.unload()
@@ -237,31 +238,30 @@ def test_the_edit_question_on_an_image_nearer_than_the_edits_own_is_not_anchored
 
 
 def test_another_view_outside_the_visual_radius_widens_it_only_as_far_as_filed_look_alikes_allow():
-    """A view of the entity farther from the slot's visual key than its radius does not fire. Filed alone it is not
-    let in (nothing bounds the widening); filed with a look-alike farther out, the radius widens just past the view
-    and the look-alike stays out; with a look-alike nearer than the view, nothing changes."""
-    from PIL import Image
-
+    """A view of the entity farther from the slot's visual key than its radius does not fire. Filed alone, or with
+    only an unrelated image out of scope, it is not let in (nothing bounds the widening); filed with a look-alike
+    asked the edit question farther out, the radius widens just past the view, the look-alike stays out and so does
+    another question filed on the view itself; with a look-alike nearer than the view, nothing changes."""
     from ldke_peft import EditRequest
     from ldke_peft.testing import tiny_model
 
     model, processor = tiny_model("llava")
     prompt = "What is the capital of this country?"
-    red = lambda k: Image.new("RGB", (40, 40), (255 - k, k // 2, 0))  # noqa: E731  (farther from red as k grows)
+    red = _red
     req = EditRequest(image=red(0), prompt=prompt, target="Paris", rephrase_images=[red(30), red(20)])
     pm = ldke_peft.edit(model, processor, [req], LDKEConfig(), progress=False)
 
-    def fired(ks):
-        return [x["default"] for x in which_slots(pm, processor, [red(k) for k in ks], [prompt] * len(ks))]
+    def fired(ks, question=prompt):
+        return [x["default"] for x in which_slots(pm, processor, [red(k) for k in ks], [question] * len(ks))]
 
     try:
         router = pm.base_model.router("default")
         assert fired([0, 20, 30, 60, 70, 80, 90]) == [0, 0, 0, NO_SLOT, NO_SLOT, NO_SLOT, NO_SLOT]
         state, radius = _router_state(pm), float(router.radius_v[0])
-        view = dataclasses.replace(req, rephrase_images=[red(30), red(20), red(60)])
-
+        sky = Probe("What is in the sky?", "-", image=PIL.Image.new("RGB", (40, 40), (0, 90, 255)), kind="other")
+        view = dataclasses.replace(req, rephrase_images=[red(30), red(20), red(60)], m_locality=[sky])
         (fix,) = [f for f in refine_scope(pm, processor, [view]) if not f.ok]
-        assert fix.kind == "rephrase_image" and "no image the requests file as out of scope" in fix.action
+        assert fix.kind == "rephrase_image" and "no look-alike image asked its question" in fix.action
         assert all(torch.equal(_router_state(pm)[k], state[k]) for k in state)
 
         too_near = dataclasses.replace(req, rephrase_images=[red(30), red(20), red(80)],
@@ -269,13 +269,89 @@ def test_another_view_outside_the_visual_radius_widens_it_only_as_far_as_filed_l
         (fix,) = [f for f in refine_scope(pm, processor, [too_near]) if not f.ok]
         assert fix.kind == "rephrase_image" and "lies as near" in fix.action
         assert all(torch.equal(_router_state(pm)[k], state[k]) for k in state)
+        assert "scope_fixes" not in pm.peft_config["default"].edits[0]  # nothing changed, nothing recorded
 
-        bounded = dataclasses.replace(view, coupled=[Probe(prompt, "-", image=red(90), kind="lookalike_same_question")])
+        colour = "What colour is this flag?"
+        bounded = dataclasses.replace(view, coupled=[Probe(prompt, "-", image=red(90), kind="lookalike_same_question"),
+                                                     Probe(colour, "-", image=red(60), kind="same_view")])
         fixes = refine_scope(pm, processor, [bounded])
         assert all(f.ok for f in fixes)
         (fix,) = [f for f in fixes if f.before != f.wanted]
-        assert fix.kind == "rephrase_image" and fix.action == "visual radius widened of slot 0"
+        assert fix.kind == "rephrase_image" and fix.action == "visual radius of slot 0 widened"
         assert float(router.radius_v[0]) > radius
-        assert fired([0, 20, 30, 60, 90]) == [0, 0, 0, 0, NO_SLOT]
+        assert fired([0, 20, 30, 60, 90]) == [0, 0, 0, 0, NO_SLOT] and fired([60], colour) == [NO_SLOT]
+        (rec,) = pm.peft_config["default"].edits[0]["scope_fixes"]
+        assert rec == {"question": prompt, "kind": "rephrase_image", "image": ldke_peft.requests.image_fingerprint(red(60)),
+                       "in_scope": True, "change": "visual radius of slot 0 widened"}
+    finally:
+        pm.unload()
+
+
+def _red(k: int) -> PIL.Image.Image:
+    """A flag-sized image that lies farther from pure red as ``k`` grows (a colour ramp of look-alikes)."""
+    return PIL.Image.new("RGB", (40, 40), (255 - k, k // 2, 0))
+
+
+def _two_edits():
+    """A tiny LLaVA with one pack of two edits of the same question, on images at both ends of the ramp."""
+    from ldke_peft import EditRequest
+    from ldke_peft.testing import tiny_model
+
+    model, processor = tiny_model("llava")
+    prompt = "What is the capital of this country?"
+    a = EditRequest(image=_red(0), prompt=prompt, target="Paris", rephrase_images=[_red(30), _red(20)])
+    b = EditRequest(image=_red(200), prompt=prompt, target="Rome", rephrase_images=[_red(190), _red(180)])
+    return ldke_peft.edit(model, processor, [a, b], LDKEConfig(), progress=False), processor, a, b
+
+
+def test_a_view_that_fires_another_edit_is_moved_and_each_edit_records_its_own_change():
+    """Two edits on images at both ends of a colour ramp; a view of edit 0 lies inside edit 1's visual radius. The fix
+    cuts edit 1's radius (its own images keep firing it) and widens edit 0's, bounded by a filed look-alike that
+    edit 1 also takes (and is cut to leave out): one question, two changes, each recorded in the metadata of the
+    edit it changed."""
+    pm, processor, a, b = _two_edits()
+    prompt = a.prompt
+
+    def fired(ims):
+        return [x["default"] for x in which_slots(pm, processor, ims, [prompt] * len(ims))]
+
+    try:
+        look = PIL.Image.new("RGB", (40, 40), (120, 0, 0))  # dark red: far from edit 0's key, inside edit 1's radius
+        assert fired([_red(90), look]) == [1, 1]
+        filed = dataclasses.replace(a, rephrase_images=[_red(30), _red(20), _red(90)],
+                                    coupled=[Probe(prompt, "-", image=look, kind="lookalike_same_question")])
+        fixes = refine_scope(pm, processor, [filed, b])
+        assert all(f.ok for f in fixes)
+        (fix,) = [f for f in fixes if f.kind == "rephrase_image" and f.before != f.wanted]
+        assert (fix.before, fix.after) == (1, 0)
+        assert fix.action == "visual radius of slot 1 cut; visual radius of slot 0 widened"
+        assert fired([_red(0), _red(20), _red(30), _red(90), _red(180), _red(190), _red(200), look]) == [0, 0, 0, 0, 1, 1, 1, NO_SLOT]
+        edits = pm.peft_config["default"].edits
+        assert [(x["in_scope"], x["change"]) for x in edits[0]["scope_fixes"]] == [(True, "visual radius of slot 0 widened")]
+        assert [(x["kind"], x["in_scope"], x["change"]) for x in edits[1]["scope_fixes"]] == [
+            ("rephrase_image", False, "visual radius of slot 1 cut"),
+            ("coupled:lookalike_same_question", False, "visual radius of slot 1 cut")]
+    finally:
+        pm.unload()
+
+
+def test_a_widening_never_takes_in_another_edits_image():
+    """Edit 1's visual key moved to lie just beyond edit 0's visual radius, nearer than a view of edit 0 that a filed
+    look-alike would otherwise let the radius widen to: the view is not let in, and nothing changes."""
+    pm, processor, a, b = _two_edits()
+    prompt = a.prompt
+    try:
+        router = pm.base_model.router("default")
+        look = PIL.Image.new("RGB", (40, 40), (120, 0, 0))
+        filed = dataclasses.replace(a, rephrase_images=[_red(30), _red(20), _red(90)],
+                                    coupled=[Probe(prompt, "-", image=look, kind="lookalike_same_question")])
+        away = torch.nn.functional.normalize(torch.randn(router.keys_v.shape[1], generator=torch.Generator().manual_seed(0)), dim=0)
+        with torch.no_grad():  # edit 1's image now lies 1% beyond edit 0's radius, off the colour ramp
+            router.keys_v[1] = router.keys_v[0] + 1.01 * float(router.radius_v[0]) * away
+        assert [x["default"] for x in which_slots(pm, processor, [_red(90), look], [prompt] * 2)] == [NO_SLOT, NO_SLOT]
+        state = _router_state(pm)
+        (fix,) = [f for f in refine_scope(pm, processor, [filed]) if not f.ok]
+        assert fix.kind == "rephrase_image" and "the image of edit 1 of the pack lies as near" in fix.action
+        assert all(torch.equal(_router_state(pm)[k], state[k]) for k in state)
     finally:
         pm.unload()

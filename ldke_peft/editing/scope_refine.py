@@ -14,12 +14,13 @@ the edit that does not fire, should not have to refit the edit: the delta is rig
 * an in-scope question that the veto keeps out becomes an in-scope anchor, and one outside the textual radius
   widens it. A stored out-of-scope anchor stays out (it is its own nearest anchor). An image outside the
   visual radius (another view of the entity) widens it only as far as the images known to be other entities
-  allow: those the requests file as out of scope, which must include one beyond the radius, and the pack's
-  other edits' images.
+  allow: the look-alikes the requests file as out of scope with a question the slot would otherwise take, one
+  of which must lie beyond the radius, and the pack's other edits' images.
 
 Every change is checked against every row of the call until none moves: a slot none of whose own questions the
 call holds is not changed, and no wording of a slot's own (its edit question, the wordings filed for it) becomes
-one of its out-of-scope anchors. The router is restored when the refinement raises.
+one of its out-of-scope anchors. The router is restored when the refinement raises. Every change is recorded
+with the edit whose slot it changed (``scope_fixes`` in its metadata), which the pack's model card lists.
 
 Owns: :func:`refine_scope`, :class:`ScopeFix`, :func:`slot_of`, :func:`request_questions`.
 
@@ -33,10 +34,11 @@ from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from ..errors import LDKEError
-from ..requests import EditRequest
+from ..requests import EditRequest, image_fingerprint
 from ..tuner.probe_features import collect_probe_features
 from ..tuner.routing import NO_SLOT
 from ..tuner.text_anchors import ANCHOR_BUFFERS
@@ -125,6 +127,12 @@ class _Refiner:
         #: slot -> its edit question and the wordings the requests file for it: never made out-of-scope anchors
         self.own = own
         self.actions: dict[int, str] = {}
+        #: every change applied, in order: (row, slot changed, what) -- a row can change several slots
+        self.changes: list[tuple[int, int, str]] = []
+
+    def _changed(self, i: int, s: int, what: str) -> None:
+        self.changes.append((i, s, what))
+        self.actions[i] = "; ".join(w for j, _, w in self.changes if j == i)
 
     def route(self) -> torch.Tensor:
         return self.router.route(self.v, self.t, self.h).cpu()
@@ -190,27 +198,33 @@ class _Refiner:
     def _visual_widening(self, s: int, dv: float) -> tuple[float | None, str]:
         """The visual radius that lets an image at distance ``dv`` into slot ``s``, or None and why there is none.
 
-        Only images known to be other entities bound it: the rows of the call that want no edit or another one on
-        an image farther than the radius (look-alikes the caller files as out of scope), and the images of the
-        pack's other edits. The widened radius must leave each of them out as a cut would, and at least one filed
-        image must bound it: with none, nothing says how far the entity's look-alikes begin."""
+        Only images known to be other entities bound it: the look-alikes the call files as out of scope, asked a
+        question the slot's textual part admits (farther than the radius: only the image keeps them out now), and
+        the pack's other edits' images. The widened radius must leave each of them out as a cut would, and at
+        least one filed look-alike must bound it: with none, nothing says how far the entity's look-alikes begin.
+        A question the textual part keeps out (another question on some image) neither bounds nor blocks it."""
         r = self.router
         g = r.slot_group(s)
         radius = float(r.radius_v[s])
         d = (r.project_visual(g, self.v) - r.keys_v[s].float()).norm(dim=1)
-        out = (self.wanted != s) & self.h.bool() & (d > radius)
-        bounds = [float(x) for x in d[out]]
-        if not bounds:
-            return None, ("no image the requests file as out of scope lies beyond it to bound a widening: file "
-                          "look-alike images as m_locality or coupled probes, or re-edit with it in rephrase_images")
-        others = [k for k in range(r.num_slots) if k != s and r.slot_group(k) == g and bool(r.needs_image[k] > 0)]
-        if others:
-            dk = (r.keys_v[others].float() - r.keys_v[s].float()).norm(dim=1)
-            bounds += [float(x) for x in dk[dk > radius]]
+        far = ((self.wanted != s) & self.h.bool() & (d > radius)).nonzero(as_tuple=True)[0]
+        if len(far):
+            r.radius_v[s] = float("inf")  # which of them the slot would take but for their image
+            try:
+                far = far[(r.scores(self.v[far], self.t[far], self.h[far])[:, s] <= 1.0).cpu()]
+            finally:
+                r.radius_v[s] = radius
+        if not len(far):
+            return None, ("no look-alike image asked its question is filed as out of scope beyond it to bound a "
+                          "widening: file one as a coupled probe, or re-edit with it in rephrase_images")
         widened = WIDEN_FACTOR * dv
-        if widened >= LEAK_RADIUS_FACTOR * min(bounds):
-            return None, ("an image that must stay out (filed as out of scope, or another edit's) lies as near "
-                          "the slot's key")
+        if widened >= LEAK_RADIUS_FACTOR * float(d[far].min()):
+            return None, "a look-alike filed as out of scope lies as near the slot's key"
+        for k in range(r.num_slots):
+            if k != s and r.slot_group(k) == g and bool(r.needs_image[k] > 0):
+                dk = float((r.keys_v[k].float() - r.keys_v[s].float()).norm())
+                if radius < dk <= widened / LEAK_RADIUS_FACTOR:
+                    return None, f"the image of edit {k} of the pack lies as near the slot's key"
         return widened, ""
 
     def keep_out(self, s: int, i: int) -> bool:
@@ -228,49 +242,48 @@ class _Refiner:
         if cut is not None:
             logger.info("scope: slot %d's visual radius %.3f -> %.3f to keep out row %d", s, float(r.radius_v[s]), cut, i)
             r.radius_v[s] = min(float(r.radius_v[s]), cut)
-            self.actions[i] = f"visual radius of slot {s} cut"
+            self._changed(i, s, f"visual radius of slot {s} cut")
             return True
         if same_question(self.prompts[i], self.own.get(s, [])):
             self.actions[i] = (f"could not fix: it asks one of slot {s}'s own wordings, and no visual cut fits ({why})")
             return False
         if self._anchor_out(s, i):
-            self.actions[i] = f"out-of-scope anchor of slot {s}"
+            self._changed(i, s, f"out-of-scope anchor of slot {s}")
             return True
         self.actions[i] = (f"could not fix: no textual anchor tells its question from slot {s}'s own wordings, and "
                            f"no visual cut fits ({why})")
         return False
 
     def let_in(self, s: int, i: int) -> bool:
-        """Let row ``i`` into slot ``s``: widen the textual radius as far as it needs and make it an in-scope anchor."""
+        """Let row ``i`` into slot ``s``: widen the visual radius (another view of the entity) and the textual radius as
+        far as it needs, and make its question an in-scope anchor where the veto keeps it out."""
         r = self.router
         g = r.slot_group(s)
-        done = []
         if bool(r.needs_image[s] > 0):
             if not bool(self.h[i]):
                 self.actions[i] = f"could not fix: slot {s} takes image questions only"
                 return False
             dv = float((r.project_visual(g, self.v[i:i + 1]) - r.keys_v[s].float()).norm())
-            if dv > float(r.radius_v[s]):
+            radius = float(r.radius_v[s])
+            if dv > radius:
                 widened, why = self._visual_widening(s, dv)
                 if widened is None:
                     self.actions[i] = f"could not fix: its image lies outside slot {s}'s visual scope ({why})"
                     return False
-                logger.info("scope: slot %d's visual radius %.3f -> %.3f to let row %d's image in", s,
-                            float(r.radius_v[s]), widened, i)
+                logger.info("scope: slot %d's visual radius %.3f -> %.3f to let row %d's image in", s, radius, widened, i)
                 r.radius_v[s] = widened
-                done.append("visual radius widened")
+                self._changed(i, s, f"visual radius of slot {s} widened")
         z = self._z(s, i)
         dt = float((z[0] - r.keys_t[s].float()).norm())
         if dt > float(r.radius_t[s]):
             logger.info("scope: slot %d's textual radius %.3f -> %.3f to let %r in", s, float(r.radius_t[s]),
                         WIDEN_FACTOR * dt, i)
             r.radius_t[s] = WIDEN_FACTOR * dt
-            done.append("textual radius widened")
+            self._changed(i, s, f"textual radius of slot {s} widened")
         if r.num_anchors and not self._fires(s, i):
             pos, neg = self._anchors(s)
             self._set_anchors(s, torch.cat([pos, z]), neg)
-            done.append("in-scope anchor")
-        self.actions[i] = f"{' and '.join(done)} of slot {s}" if done else ""
+            self._changed(i, s, f"in-scope anchor of slot {s}")
         return self._fires(s, i)
 
 
@@ -292,16 +305,25 @@ def _drop_empty_anchors(router: Any) -> None:
             router._buffers.pop(k, None)
 
 
-def _record(edits: list[dict], fixes: Sequence[ScopeFix]) -> None:
-    """Each change in its edit's metadata (``scope_fixes``, saved with the pack and listed on its card): whoever
-    loads the pack can tell a hand-corrected scope from the one the editor fitted."""
-    for f in fixes:
-        if not f.action or f.action.startswith(("could not fix", "fixed by")):
-            continue
-        s = f.wanted if f.wanted != NO_SLOT else f.before
+def _image_id(image: Any) -> str | None:
+    """How a record names a row's image: its fingerprint, as the pack's edits name theirs."""
+    if image is None:
+        return None
+    if isinstance(image, Image.Image):
+        return image_fingerprint(image)
+    with Image.open(image) as im:  # a path: the features were read from it, so it opens
+        return image_fingerprint(im)
+
+
+def _record(edits: list[dict], rows: Sequence[tuple[int, str, Any, str, int]], changes: Sequence[tuple[int, int, str]]) -> None:
+    """Each change applied, in the metadata of the edit whose slot it changed (``scope_fixes``, saved with the pack
+    and listed on its card), whether or not its question ends up routed as filed: whoever loads the pack can tell
+    a hand-corrected scope from the one the editor fitted."""
+    for j, s, what in changes:
+        _, kind, image, prompt, want = rows[j]
         if 0 <= s < len(edits):
             edits[s].setdefault("scope_fixes", []).append(
-                {"question": f.prompt, "kind": f.kind, "in_scope": f.wanted != NO_SLOT, "change": f.action})
+                {"question": prompt, "kind": kind, "image": _image_id(image), "in_scope": want == s, "change": what})
 
 
 @torch.no_grad()
@@ -372,7 +394,7 @@ def refine_scope(peft_model: Any, processor: Any, requests: Sequence[EditRequest
 
     out = [ScopeFix(i, kind, prompt, want, int(before[j]), int(after[j]), action(j, want))
            for j, (i, kind, _, prompt, want) in enumerate(rows)]
-    _record(edits, out)
+    _record(edits, rows, ref.changes)
     for f in out:
         if not f.ok:
             logger.warning("scope: request %d %s %r still routes to %s (wanted %s)%s", f.request, f.kind, f.prompt,
