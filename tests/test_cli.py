@@ -19,7 +19,7 @@ from PIL import Image
 from ldke_peft import EditRequest, Probe
 from ldke_peft.cli import build_parser, main
 from ldke_peft.errors import ImageError, ProcessorNotFoundError
-from ldke_peft.requests import save_jsonl
+from ldke_peft.requests import image_fingerprint, save_jsonl
 from ldke_peft.testing.fake_hub import FakeHub
 from ldke_peft.testing.tiny import tiny_model
 
@@ -177,6 +177,10 @@ def test_route_fix_saves_a_pack_that_routes_the_filed_questions_as_wished(workdi
     assert [f["prompt"] for f in not_fixed] == [f"Question: {PROMPT}"] and "could not fix" in not_fixed[0]["action"]
     assert [r["prompt"] for r in out["routes"] if not r["ok"]] == [f"Question: {PROMPT}"]
     assert {"README.md", "ldke_report.json", "adapter_model.safetensors"} <= set(os.listdir(tmp_path / "fixed"))
+    assert "## Scope corrections" in (tmp_path / "fixed" / "README.md").read_text()
+    (edit,) = json.loads((tmp_path / "fixed" / "ldke_edits.json").read_text())["edits"]
+    with Image.open(red) as im:  # a question filed with an image path is recorded by the image's fingerprint
+        assert {x["image"] for x in edit["scope_fixes"]} == {image_fingerprint(im)}
     # the saved pack, loaded afresh, routes as the fixed model did
     assert main(["route", str(workdir / "model"), str(tmp_path / "fixed"), str(tmp_path / "filed.jsonl"), "--json"]) == 0
     assert [(r["prompt"], r["slot"]) for r in json.loads(capsys.readouterr().out)] == \

@@ -311,8 +311,11 @@ def _image_id(image: Any) -> str | None:
         return None
     if isinstance(image, Image.Image):
         return image_fingerprint(image)
-    with Image.open(image) as im:  # a path: the features were read from it, so it opens
-        return image_fingerprint(im)
+    try:
+        with Image.open(image) as im:  # a path (the loaders keep paths): the features were read from it
+            return image_fingerprint(im)
+    except (OSError, ValueError):  # gone since: the record names the path rather than failing after the fix
+        return str(image)
 
 
 def _record(edits: list[dict], rows: Sequence[tuple[int, str, Any, str, int]], changes: Sequence[tuple[int, int, str]]) -> None:
