@@ -271,6 +271,16 @@ def test_another_view_outside_the_visual_radius_widens_it_only_as_far_as_filed_l
         assert all(torch.equal(_router_state(pm)[k], state[k]) for k in state)
         assert "scope_fixes" not in pm.peft_config["default"].edits[0]  # nothing changed, nothing recorded
 
+        # a look-alike that fires the edit now, nearer than the view: no radius keeps it out and lets the view in
+        leaking = dataclasses.replace(view, coupled=[Probe(prompt, "-", image=red(35), kind="lookalike_same_question"),
+                                                     Probe(prompt, "-", image=red(90), kind="lookalike_same_question")])
+        assert fired([35]) == [0]
+        fixes = [f for f in refine_scope(pm, processor, [leaking]) if not f.ok]
+        assert sorted(f.kind for f in fixes) == ["coupled:lookalike_same_question", "rephrase_image"]
+        assert all("lies as near" in f.action or "as near the slot's key as an image the edit must keep" in f.action
+                   for f in fixes)
+        assert all(torch.equal(_router_state(pm)[k], state[k]) for k in state)
+
         colour = "What colour is this flag?"
         bounded = dataclasses.replace(view, coupled=[Probe(prompt, "-", image=red(90), kind="lookalike_same_question"),
                                                      Probe(colour, "-", image=red(60), kind="same_view")])
@@ -336,8 +346,12 @@ def test_a_view_that_fires_another_edit_is_moved_and_each_edit_records_its_own_c
 
 
 def test_a_widening_never_takes_in_another_edits_image():
-    """Edit 1's visual key moved to lie just beyond edit 0's visual radius, nearer than a view of edit 0 that a filed
-    look-alike would otherwise let the radius widen to: the view is not let in, and nothing changes."""
+    """Edit 1's visual key moved off the colour ramp, just beyond where a view of edit 0 (with a filed look-alike
+    farther out) would widen edit 0's radius to: its images may lie anywhere within its own radius, so the view is
+    not let in while edit 1's request is not filed, and nothing changes. The same with edit 1 scored in a projection
+    of its own, wherever its key lies: its images cannot be compared there."""
+    from ldke_peft.tuner.probe_features import collect_probe_features
+
     pm, processor, a, b = _two_edits()
     prompt = a.prompt
     try:
@@ -345,13 +359,25 @@ def test_a_widening_never_takes_in_another_edits_image():
         look = PIL.Image.new("RGB", (40, 40), (120, 0, 0))
         filed = dataclasses.replace(a, rephrase_images=[_red(30), _red(20), _red(90)],
                                     coupled=[Probe(prompt, "-", image=look, kind="lookalike_same_question")])
+        v, _, _ = collect_probe_features(pm, processor, pm.peft_config["default"].probe_layer, [_red(90)], [prompt])
+        reach = float((router.project_visual(0, v) - router.keys_v[0].float()).norm()) / 0.98 ** 2
+        assert float(router.radius_v[1]) > 0.05 * reach  # so edit 1's radius reaches back inside ``reach``
         away = torch.nn.functional.normalize(torch.randn(router.keys_v.shape[1], generator=torch.Generator().manual_seed(0)), dim=0)
-        with torch.no_grad():  # edit 1's image now lies 1% beyond edit 0's radius, off the colour ramp
-            router.keys_v[1] = router.keys_v[0] + 1.01 * float(router.radius_v[0]) * away
+        with torch.no_grad():
+            router.keys_v[1] = router.keys_v[0] + 1.05 * reach * away
         assert [x["default"] for x in which_slots(pm, processor, [_red(90), look], [prompt] * 2)] == [NO_SLOT, NO_SLOT]
         state = _router_state(pm)
         (fix,) = [f for f in refine_scope(pm, processor, [filed]) if not f.ok]
-        assert fix.kind == "rephrase_image" and "the image of edit 1 of the pack lies as near" in fix.action
+        assert fix.kind == "rephrase_image" and "the images of edit 1 of the pack may lie as near" in fix.action
+        assert all(torch.equal(_router_state(pm)[k], state[k]) for k in state)
+
+        with torch.no_grad():  # edit 1 in a projection of its own (a copy of projection 0), its key far away
+            router.keys_v[1] = router.keys_v[0] + 10 * reach * away
+            pv, pt, mv, mt = router._group_tables(0)
+            router.set_slot_group(1, router.add_group(mu_v=mv.clone(), proj_v=pv.clone(), mu_t=mt.clone(), proj_t=pt.clone()))
+        state = _router_state(pm)
+        (fix,) = [f for f in refine_scope(pm, processor, [filed]) if not f.ok]
+        assert fix.kind == "rephrase_image" and "edit 1 of the pack is scored in another projection" in fix.action
         assert all(torch.equal(_router_state(pm)[k], state[k]) for k in state)
     finally:
         pm.unload()

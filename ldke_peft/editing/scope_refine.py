@@ -15,7 +15,8 @@ the edit that does not fire, should not have to refit the edit: the delta is rig
   widens it. A stored out-of-scope anchor stays out (it is its own nearest anchor). An image outside the
   visual radius (another view of the entity) widens it only as far as the images known to be other entities
   allow: the look-alikes the requests file as out of scope with a question the slot would otherwise take, one
-  of which must lie beyond the radius, and the pack's other edits' images.
+  of which must lie beyond the radius, and the pack's other image edits (by their filed images; an edit the call
+  does not file, by the reach of its own radius).
 
 Every change is checked against every row of the call until none moves: a slot none of whose own questions the
 call holds is not changed, and no wording of a slot's own (its edit question, the wordings filed for it) becomes
@@ -198,33 +199,54 @@ class _Refiner:
     def _visual_widening(self, s: int, dv: float) -> tuple[float | None, str]:
         """The visual radius that lets an image at distance ``dv`` into slot ``s``, or None and why there is none.
 
-        Only images known to be other entities bound it: the look-alikes the call files as out of scope, asked a
-        question the slot's textual part admits (farther than the radius: only the image keeps them out now), and
-        the pack's other edits' images. The widened radius must leave each of them out as a cut would, and at
-        least one filed look-alike must bound it: with none, nothing says how far the entity's look-alikes begin.
-        A question the textual part keeps out (another question on some image) neither bounds nor blocks it."""
+        Only images known to be other entities bound it, and the widened radius must leave each of them out as a
+        cut would: the look-alikes the call files as out of scope with a question the slot would take but for
+        their image (one asking a wording of the slot's own counts wherever it lies; one of them must lie beyond
+        the radius: with none, nothing says how far the entity's look-alikes begin), and the pack's other image
+        edits (by their filed images; an edit not filed, by the farthest reach of its own radius; an edit scored
+        in another projection only by its filed images). A question the textual part decides (another question on
+        some image) neither bounds nor blocks it."""
         r = self.router
         g = r.slot_group(s)
         radius = float(r.radius_v[s])
         d = (r.project_visual(g, self.v) - r.keys_v[s].float()).norm(dim=1)
-        far = ((self.wanted != s) & self.h.bool() & (d > radius)).nonzero(as_tuple=True)[0]
-        if len(far):
+        widened = WIDEN_FACTOR * dv
+        reach = widened / LEAK_RADIUS_FACTOR  # an image nearer than this would be let in with the view
+        looks = ((self.wanted != s) & self.h.bool()).nonzero(as_tuple=True)[0]
+        if len(looks):
             r.radius_v[s] = float("inf")  # which of them the slot would take but for their image
             try:
-                far = far[(r.scores(self.v[far], self.t[far], self.h[far])[:, s] <= 1.0).cpu()]
+                taken = (r.scores(self.v[looks], self.t[looks], self.h[looks])[:, s] <= 1.0).cpu()
             finally:
                 r.radius_v[s] = radius
-        if not len(far):
+            own = self.own.get(s, [])
+            looks = looks[taken & torch.tensor([bool(d[i] > radius) or same_question(self.prompts[i], own)
+                                                for i in looks.tolist()], dtype=torch.bool)]
+        if len(looks) and float(d[looks].min()) <= reach:
+            return None, "a look-alike filed as out of scope lies as near the slot's key"
+        if not bool((d[looks] > radius).any()):
             return None, ("no look-alike image asked its question is filed as out of scope beyond it to bound a "
                           "widening: file one as a coupled probe, or re-edit with it in rephrase_images")
-        widened = WIDEN_FACTOR * dv
-        if widened >= LEAK_RADIUS_FACTOR * float(d[far].min()):
-            return None, "a look-alike filed as out of scope lies as near the slot's key"
         for k in range(r.num_slots):
-            if k != s and r.slot_group(k) == g and bool(r.needs_image[k] > 0):
+            if k == s or not bool(r.needs_image[k] > 0):
+                continue
+            filed = ((self.wanted == k) & self.h.bool()).nonzero(as_tuple=True)[0]
+            other = d[filed][d[filed] > radius]  # the edit's images that are not the slot's own entity
+            if r.slot_group(k) == g:
                 dk = float((r.keys_v[k].float() - r.keys_v[s].float()).norm())
-                if radius < dk <= widened / LEAK_RADIUS_FACTOR:
-                    return None, f"the image of edit {k} of the pack lies as near the slot's key"
+                if dk > radius and not len(filed):
+                    # where its images lie is unknown: anywhere within its own radius of its key
+                    if dk - float(r.radius_v[k]) <= reach:
+                        return None, (f"the images of edit {k} of the pack may lie as near the slot's key: file "
+                                      f"edit {k}'s request so the fix can check them")
+                    continue
+                if dk > radius:
+                    other = torch.cat([other, other.new_tensor([dk])])
+            elif not len(filed):
+                return None, (f"edit {k} of the pack is scored in another projection, where its images cannot be "
+                              f"compared with the slot's key: file edit {k}'s request so the fix can check them")
+            if len(other) and float(other.min()) <= reach:
+                return None, f"an image of edit {k} of the pack lies as near the slot's key"
         return widened, ""
 
     def keep_out(self, s: int, i: int) -> bool:
