@@ -381,3 +381,49 @@ def test_a_widening_never_takes_in_another_edits_image():
         assert all(torch.equal(_router_state(pm)[k], state[k]) for k in state)
     finally:
         pm.unload()
+
+
+def test_letting_a_view_in_never_lets_in_a_filed_look_alike():
+    """A textual radius tightened to just inside a look-alike filed as out of scope with another wording of the edit
+    (nearer than a view of the edit, which lies outside both radii): the visual bound does not count the look-alike
+    (its question is out now), but the textual radius the view needs would take it. Letting the view in would let
+    the look-alike in too, and nothing could put it out again, so the view is refused with the look-alike named,
+    and nothing changes."""
+    from ldke_peft import EditRequest
+    from ldke_peft.testing import tiny_model
+    from ldke_peft.tuner.probe_features import collect_probe_features
+
+    model, processor = tiny_model("llava")
+    prompt, wording = "What is the capital of this country?", "Which city is the capital of this country?"
+    req = EditRequest(image=_red(0), prompt=prompt, target="Paris", rephrase_images=[_red(30), _red(20)])
+    pm = ldke_peft.edit(model, processor, [req], LDKEConfig(), progress=False)
+
+    def fired(ims, questions):
+        return [x["default"] for x in which_slots(pm, processor, ims, questions)]
+
+    try:
+        router = pm.base_model.router("default")
+        view, look, far = _red(80), _red(60), PIL.Image.new("RGB", (40, 40), (255, 0, 255))
+        _, t, _ = collect_probe_features(pm, processor, pm.peft_config["default"].probe_layer, [far, look, view],
+                                         [prompt, wording, prompt])
+        d_far, d_look, d_view = (router.project_textual(0, t) - router.keys_t[0].float()).norm(dim=1).tolist()
+        # the far look-alike's question is in (it bounds the visual widening), the near one's is out, and the
+        # textual widening the view needs reaches it
+        assert d_far + 0.03 < d_look < d_view - 0.03
+        with torch.no_grad():
+            router.radius_t[0] = (d_far + d_look) / 2
+        assert fired([_red(0), _red(20), _red(30), view, look, far],
+                     [prompt, prompt, prompt, prompt, wording, prompt]) == [0, 0, 0] + [NO_SLOT] * 3
+        state = _router_state(pm)
+        filed = dataclasses.replace(req, rephrase_images=[_red(30), _red(20), view],
+                                    coupled=[Probe(wording, "-", image=look, kind="lookalike_wording"),
+                                             Probe(prompt, "-", image=far, kind="lookalike_same_question")])
+        fixes = refine_scope(pm, processor, [filed])
+        (fix,) = [f for f in fixes if not f.ok]
+        assert fix.kind == "rephrase_image" and fix.action == (
+            f"could not fix: letting it into slot 0 would also let in {wording!r} (filed as out of scope)")
+        assert fired([look], [wording]) == [NO_SLOT]
+        assert all(torch.equal(_router_state(pm)[k], state[k]) for k in state)
+        assert "scope_fixes" not in pm.peft_config["default"].edits[0]
+    finally:
+        pm.unload()

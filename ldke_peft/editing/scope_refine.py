@@ -20,8 +20,9 @@ the edit that does not fire, should not have to refit the edit: the delta is rig
 
 Every change is checked against every row of the call until none moves: a slot none of whose own questions the
 call holds is not changed, and no wording of a slot's own (its edit question, the wordings filed for it) becomes
-one of its out-of-scope anchors. The router is restored when the refinement raises. Every change is recorded
-with the edit whose slot it changed (``scope_fixes`` in its metadata), which the pack's model card lists.
+one of its out-of-scope anchors; a widening that would also let in a row the call wants elsewhere is undone. The
+router is restored when the refinement raises. Every change is recorded with the edit whose slot it changed
+(``scope_fixes`` in its metadata), which the pack's model card lists.
 
 Owns: :func:`refine_scope`, :class:`ScopeFix`, :func:`slot_of`, :func:`request_questions`.
 
@@ -277,8 +278,28 @@ class _Refiner:
         return False
 
     def let_in(self, s: int, i: int) -> bool:
-        """Let row ``i`` into slot ``s``: widen the visual radius (another view of the entity) and the textual radius as
-        far as it needs, and make its question an in-scope anchor where the veto keeps it out."""
+        """Let row ``i`` into slot ``s`` (:meth:`_widen`), unless that also lets in a row the call wants elsewhere:
+        each widening is bounded by what was known when it was made, and a later one (the textual radius widened
+        for the same row, past a look-alike the visual bound could not yet count) can reach what an earlier one
+        spared; nothing afterwards could put such a row out again without shutting this one out too."""
+        before = self.route()
+        snap, n_changes = _snapshot(self.router), len(self.changes)
+        ok = self._widen(s, i)
+        now = self.route()
+        moved = ((now == s) & (before != s) & (self.wanted != s)).nonzero(as_tuple=True)[0].tolist()
+        moved = [j for j in moved if j != i]
+        if not moved:
+            return ok
+        _restore(self.router, snap)
+        del self.changes[n_changes:]
+        j = moved[0]
+        self.actions[i] = (f"could not fix: letting it into slot {s} would also let in {self.prompts[j]!r} "
+                           f"(filed as {'out of scope' if int(self.wanted[j]) == NO_SLOT else f'for slot {int(self.wanted[j])}'})")
+        return False
+
+    def _widen(self, s: int, i: int) -> bool:
+        """Widen slot ``s`` for row ``i``: the visual radius (another view of the entity) and the textual radius as
+        far as it needs, and an in-scope anchor of its question where the veto keeps it out."""
         r = self.router
         g = r.slot_group(s)
         if bool(r.needs_image[s] > 0):
