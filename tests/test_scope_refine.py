@@ -386,9 +386,10 @@ def test_a_widening_never_takes_in_another_edits_image():
 def test_letting_a_view_in_never_lets_in_a_filed_look_alike():
     """A textual radius tightened to just inside a look-alike filed as out of scope with another wording of the edit
     (nearer than a view of the edit, which lies outside both radii): the visual bound does not count the look-alike
-    (its question is out now), but the textual radius the view needs would take it. Letting the view in would let
-    the look-alike in too, and nothing could put it out again, so the view is refused with the look-alike named,
-    and nothing changes."""
+    (its question is out now), but the textual radius the view needs would take it. With that wording filed as the
+    edit's own, nothing could put the look-alike out again (no cut keeps the view, no anchor is made of an own
+    wording), so the view is refused with the look-alike named and nothing changes; with it not filed, the view is
+    let in and the look-alike put out by an anchor at once."""
     from ldke_peft import EditRequest
     from ldke_peft.testing import tiny_model
     from ldke_peft.tuner.probe_features import collect_probe_features
@@ -412,18 +413,29 @@ def test_letting_a_view_in_never_lets_in_a_filed_look_alike():
         assert d_far + 0.03 < d_look < d_view - 0.03
         with torch.no_grad():
             router.radius_t[0] = (d_far + d_look) / 2
-        assert fired([_red(0), _red(20), _red(30), view, look, far],
-                     [prompt, prompt, prompt, prompt, wording, prompt]) == [0, 0, 0] + [NO_SLOT] * 3
+        assert fired([_red(0), _red(0), _red(20), _red(30), view, look, far],
+                     [prompt, wording, prompt, prompt, prompt, wording, prompt]) == [0, 0, 0, 0] + [NO_SLOT] * 3
         state = _router_state(pm)
-        filed = dataclasses.replace(req, rephrase_images=[_red(30), _red(20), view],
+        filed = dataclasses.replace(req, rephrase_prompts=[wording], rephrase_images=[_red(30), _red(20), view],
                                     coupled=[Probe(wording, "-", image=look, kind="lookalike_wording"),
                                              Probe(prompt, "-", image=far, kind="lookalike_same_question")])
         fixes = refine_scope(pm, processor, [filed])
         (fix,) = [f for f in fixes if not f.ok]
         assert fix.kind == "rephrase_image" and fix.action == (
-            f"could not fix: letting it into slot 0 would also let in {wording!r} (filed as out of scope)")
+            f"could not fix: letting it into slot 0 would also let in {wording!r} (filed as out of scope), and nothing "
+            "would keep that out")
         assert fired([look], [wording]) == [NO_SLOT]
         assert all(torch.equal(_router_state(pm)[k], state[k]) for k in state)
         assert "scope_fixes" not in pm.peft_config["default"].edits[0]
+
+        # the same wording not filed as the edit's: the look-alike it would let in is kept out by an anchor at once
+        fixes = refine_scope(pm, processor, [dataclasses.replace(filed, rephrase_prompts=[])])
+        assert all(f.ok for f in fixes)
+        (fix,) = [f for f in fixes if f.before != f.wanted]
+        assert fix.kind == "rephrase_image" and fix.action.startswith("visual radius of slot 0 widened")
+        assert fired([view, look, far, _red(0)], [prompt, wording, prompt, prompt]) == [0, NO_SLOT, NO_SLOT, 0]
+        assert [(x["kind"], x["change"]) for x in pm.peft_config["default"].edits[0]["scope_fixes"]] == [
+            ("rephrase_image", "visual radius of slot 0 widened"), ("rephrase_image", "textual radius of slot 0 widened"),
+            ("coupled:lookalike_wording", "out-of-scope anchor of slot 0")]
     finally:
         pm.unload()

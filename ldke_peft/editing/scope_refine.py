@@ -278,24 +278,25 @@ class _Refiner:
         return False
 
     def let_in(self, s: int, i: int) -> bool:
-        """Let row ``i`` into slot ``s`` (:meth:`_widen`), unless that also lets in a row the call wants elsewhere:
-        each widening is bounded by what was known when it was made, and a later one (the textual radius widened
-        for the same row, past a look-alike the visual bound could not yet count) can reach what an earlier one
-        spared; nothing afterwards could put such a row out again without shutting this one out too."""
+        """Let row ``i`` into slot ``s`` (:meth:`_widen`). A row the call wants elsewhere that the widening lets in
+        too is put out again at once (:meth:`keep_out`); where that cannot be done, the widening is undone: each
+        bound of a widening is judged on what it knew when it was made, so a later one (the textual radius widened
+        for the same row) can reach a look-alike the visual bound could not yet count."""
         before = self.route()
-        snap, n_changes = _snapshot(self.router), len(self.changes)
+        snap, n_changes, actions = _snapshot(self.router, _SCOPE_BUFFERS), len(self.changes), dict(self.actions)
         ok = self._widen(s, i)
         now = self.route()
-        moved = ((now == s) & (before != s) & (self.wanted != s)).nonzero(as_tuple=True)[0].tolist()
-        moved = [j for j in moved if j != i]
-        if not moved:
-            return ok
-        _restore(self.router, snap)
-        del self.changes[n_changes:]
-        j = moved[0]
-        self.actions[i] = (f"could not fix: letting it into slot {s} would also let in {self.prompts[j]!r} "
-                           f"(filed as {'out of scope' if int(self.wanted[j]) == NO_SLOT else f'for slot {int(self.wanted[j])}'})")
-        return False
+        for j in ((now == s) & (before != s) & (self.wanted != s)).nonzero(as_tuple=True)[0].tolist():
+            if j == i or int(self._route_rows(torch.tensor([j]))[0]) != s or self.keep_out(s, j):
+                continue
+            _restore(self.router, snap)
+            del self.changes[n_changes:]
+            self.actions = actions
+            filed = "out of scope" if int(self.wanted[j]) == NO_SLOT else f"for slot {int(self.wanted[j])}"
+            self.actions[i] = (f"could not fix: letting it into slot {s} would also let in {self.prompts[j]!r} "
+                               f"(filed as {filed}), and nothing would keep that out")
+            return False
+        return ok and self._fires(s, i)
 
     def _widen(self, s: int, i: int) -> bool:
         """Widen slot ``s`` for row ``i``: the visual radius (another view of the entity) and the textual radius as
@@ -330,8 +331,12 @@ class _Refiner:
         return self._fires(s, i)
 
 
-def _snapshot(router: Any) -> dict[str, torch.Tensor]:
-    return {k: b.clone() for k, b in router._buffers.items() if b is not None}
+#: What a change of :class:`_Refiner` can write: a slot's radii and the textual anchors.
+_SCOPE_BUFFERS = ("radius_v", "radius_t", *ANCHOR_BUFFERS)
+
+
+def _snapshot(router: Any, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    return {k: b.clone() for k, b in router._buffers.items() if b is not None and (names is None or k in names)}
 
 
 def _restore(router: Any, snap: dict[str, torch.Tensor]) -> None:
