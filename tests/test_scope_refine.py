@@ -439,3 +439,39 @@ def test_letting_a_view_in_never_lets_in_a_filed_look_alike():
             ("coupled:lookalike_wording", "out-of-scope anchor of slot 0")]
     finally:
         pm.unload()
+
+
+def test_a_visual_cut_never_hands_the_edits_own_question_to_another_edit():
+    """A look-alike asked the edit question fires edit 0; the cut that would put it out scores edit 0's own question
+    on its own image worse than an overlapping edit 1 (its key put by hand next to edit 0's image) does, so the cut
+    is not made: the look-alike is reported as not fixable with that reason, and nothing changes."""
+    from ldke_peft.tuner.probe_features import collect_probe_features
+
+    pm, processor, a, b = _two_edits()
+    prompt = a.prompt
+    try:
+        router = pm.base_model.router("default")
+        v, t, h = collect_probe_features(pm, processor, pm.peft_config["default"].probe_layer, [_red(0), _red(35)],
+                                         [prompt, prompt])
+        d_look = float((router.project_visual(0, v[1:]) - router.keys_v[0].float()).norm())
+        radius = float(router.radius_v[0])
+        s_before = float(router.scores(v[:1], t[:1], h[:1])[0, 0])
+        with torch.no_grad():
+            router.radius_v[0] = 0.98 * d_look  # the cut keep_out would make
+            s_cut = float(router.scores(v[:1], t[:1], h[:1])[0, 0])
+            router.radius_v[0] = radius
+        assert s_before + 0.02 < s_cut < 1.0
+        away = torch.nn.functional.normalize(torch.randn(router.keys_v.shape[1], generator=torch.Generator().manual_seed(0)), dim=0)
+        with torch.no_grad():  # edit 1 scores edit 0's question on edit 0's image between the two
+            router.keys_v[1] = router.project_visual(0, v[:1])[0] + 0.01 * away
+            router.radius_v[1] = 0.01 / ((s_before + s_cut) / 2)
+            router.keys_t[1] = router.project_textual(0, t[:1])[0]
+        assert [x["default"] for x in which_slots(pm, processor, [_red(0), _red(35)], [prompt] * 2)] == [0, 0]
+        state = _router_state(pm)
+        look = Probe(prompt, "-", image=_red(35), kind="lookalike_same_question")
+        (fix,) = [f for f in refine_scope(pm, processor, [dataclasses.replace(a, coupled=[look])]) if not f.ok]
+        assert fix.kind == "coupled:lookalike_same_question" and "hands a question of the edit to another edit" in fix.action
+        assert all(torch.equal(_router_state(pm)[k], state[k]) for k in state)
+        assert [x["default"] for x in which_slots(pm, processor, [_red(0)], [prompt])] == [0]
+    finally:
+        pm.unload()

@@ -19,10 +19,11 @@ the edit that does not fire, should not have to refit the edit: the delta is rig
   does not file, by the reach of its own radius).
 
 Every change is checked against every row of the call until none moves: a slot none of whose own questions the
-call holds is not changed, and no wording of a slot's own (its edit question, the wordings filed for it) becomes
-one of its out-of-scope anchors; a widening that would also let in a row the call wants elsewhere is undone. The
-router is restored when the refinement raises. Every change is recorded with the edit whose slot it changed
-(``scope_fixes`` in its metadata), which the pack's model card lists.
+call holds is not changed, no wording of a slot's own (its edit question, the wordings filed for it) becomes one
+of its out-of-scope anchors, and no cut or anchor moves a question the slot holds to another edit. A row the call
+wants elsewhere that a widening lets in too is put out again at once; where it cannot be, or a row routed as
+filed would move, the widening is undone. The router is restored when the refinement raises. Every change is
+recorded with the edit whose slot it changed (``scope_fixes`` in its metadata), which the pack's model card lists.
 
 Owns: :func:`refine_scope`, :class:`ScopeFix`, :func:`slot_of`, :func:`request_questions`.
 
@@ -71,7 +72,7 @@ class ScopeFix:
     wanted: int  # the slot it should reach (-1 = none)
     before: int  # the slot it reached before (-1 = none)
     after: int  # the slot it reaches now
-    action: str  # what was changed for it ("" when it already routed as wanted)
+    action: str  # what was changed for it, or why nothing could be ("" when nothing was tried)
 
     @property
     def ok(self) -> bool:
@@ -263,10 +264,15 @@ class _Refiner:
             return False
         cut, why = self._visual_cut(s, i)
         if cut is not None:
-            logger.info("scope: slot %d's visual radius %.3f -> %.3f to keep out row %d", s, float(r.radius_v[s]), cut, i)
-            r.radius_v[s] = min(float(r.radius_v[s]), cut)
-            self._changed(i, s, f"visual radius of slot {s} cut")
-            return True
+            # a narrower radius scores the slot's own rows worse: one may go to an overlapping edit instead
+            held, radius = self._held(s), float(r.radius_v[s])
+            r.radius_v[s] = min(radius, cut)
+            if bool((self._route_rows(held) == s).all()):
+                logger.info("scope: slot %d's visual radius %.3f -> %.3f to keep out row %d", s, radius, cut, i)
+                self._changed(i, s, f"visual radius of slot {s} cut")
+                return True
+            r.radius_v[s] = radius
+            cut, why = None, "a cut that keeps it out hands a question of the edit to another edit"
         if same_question(self.prompts[i], self.own.get(s, [])):
             self.actions[i] = (f"could not fix: it asks one of slot {s}'s own wordings, and no visual cut fits ({why})")
             return False
@@ -279,24 +285,34 @@ class _Refiner:
 
     def let_in(self, s: int, i: int) -> bool:
         """Let row ``i`` into slot ``s`` (:meth:`_widen`). A row the call wants elsewhere that the widening lets in
-        too is put out again at once (:meth:`keep_out`); where that cannot be done, the widening is undone: each
-        bound of a widening is judged on what it knew when it was made, so a later one (the textual radius widened
-        for the same row) can reach a look-alike the visual bound could not yet count."""
+        too is put out again at once (:meth:`keep_out`); where that cannot be done, or a row that routed as filed
+        no longer does, the widening is undone: each bound of a widening is judged on what it knew when it was
+        made, so a later one (the textual radius widened for the same row) can reach a look-alike the visual bound
+        could not yet count."""
         before = self.route()
         snap, n_changes, actions = _snapshot(self.router, _SCOPE_BUFFERS), len(self.changes), dict(self.actions)
         ok = self._widen(s, i)
         now = self.route()
         for j in ((now == s) & (before != s) & (self.wanted != s)).nonzero(as_tuple=True)[0].tolist():
-            if j == i or int(self._route_rows(torch.tensor([j]))[0]) != s or self.keep_out(s, j):
-                continue
-            _restore(self.router, snap)
-            del self.changes[n_changes:]
-            self.actions = actions
-            filed = "out of scope" if int(self.wanted[j]) == NO_SLOT else f"for slot {int(self.wanted[j])}"
-            self.actions[i] = (f"could not fix: letting it into slot {s} would also let in {self.prompts[j]!r} "
-                               f"(filed as {filed}), and nothing would keep that out")
-            return False
+            if j != i and int(self._route_rows(torch.tensor([j]))[0]) == s and not self.keep_out(s, j):
+                return self._undo(snap, n_changes, actions, i, f"letting it into slot {s} would also let in "
+                                  f"{self.prompts[j]!r} ({self._filed(j)}), and nothing would keep that out")
+        now = self.route()
+        for j in ((before == self.wanted) & (now != self.wanted)).nonzero(as_tuple=True)[0].tolist():
+            return self._undo(snap, n_changes, actions, i, f"letting it into slot {s} would move "
+                              f"{self.prompts[j]!r} ({self._filed(j)}) to {int(now[j])}")
         return ok and self._fires(s, i)
+
+    def _filed(self, j: int) -> str:
+        return "filed as out of scope" if int(self.wanted[j]) == NO_SLOT else f"filed for slot {int(self.wanted[j])}"
+
+    def _undo(self, snap: dict[str, torch.Tensor], n_changes: int, actions: dict[int, str], i: int, why: str) -> bool:
+        """Put the router, the change list and the actions back as they were before a change for row ``i``."""
+        _restore(self.router, snap)
+        del self.changes[n_changes:]
+        self.actions = actions
+        self.actions[i] = f"could not fix: {why}"
+        return False
 
     def _widen(self, s: int, i: int) -> bool:
         """Widen slot ``s`` for row ``i``: the visual radius (another view of the entity) and the textual radius as
