@@ -475,3 +475,40 @@ def test_a_visual_cut_never_hands_the_edits_own_question_to_another_edit():
         assert [x["default"] for x in which_slots(pm, processor, [_red(0)], [prompt])] == [0]
     finally:
         pm.unload()
+
+
+def test_an_anchor_that_would_let_a_kept_out_question_back_in_is_not_made():
+    """Edit 0 holds an out-of-scope anchor (another wording of the edit asked of a far look-alike) that keeps that
+    wording out on a near look-alike. Keeping a near question on the edit's own image out needs the edit's held
+    wordings as in-scope anchors too, which would lift that veto: the near question is reported as not fixable,
+    naming the question it would move, and nothing changes."""
+    from ldke_peft import EditRequest
+    from ldke_peft.testing import tiny_model
+    from ldke_peft.tuner.probe_features import collect_probe_features
+
+    model, processor = tiny_model("llava")
+    prompt, wording = "What is the capital of this country?", "Which city is the capital of this country?"
+    near = "Which city is the capital of that country?"
+    req = EditRequest(image=_red(0), prompt=prompt, target="Paris", rephrase_images=[_red(30), _red(20)])
+    pm = ldke_peft.edit(model, processor, [req], LDKEConfig(), progress=False)
+    try:
+        router = pm.base_model.router("default")
+        _, t, _ = collect_probe_features(pm, processor, pm.peft_config["default"].probe_layer, [_red(50)], [wording])
+        with torch.no_grad():
+            mine = router.anchors_slot == 0
+            router.set_text_anchors(0, router.anchors_t[mine & (router.anchors_pos > 0.5)].float(),
+                                    torch.cat([router.anchors_t[mine & (router.anchors_pos < 0.5)].float(),
+                                               router.project_textual(0, t).float()]))
+        ims, questions = [_red(0), _red(0), _red(0), _red(25)], [prompt, wording, near, wording]
+        assert [x["default"] for x in which_slots(pm, processor, ims, questions)] == [0, 0, 0, NO_SLOT]
+        state = _router_state(pm)
+        filed = dataclasses.replace(req, rephrase_prompts=[wording],
+                                    coupled=[Probe(near, "-", image=_red(0), kind="near_question"),
+                                             Probe(wording, "-", image=_red(25), kind="lookalike_wording")])
+        (fix,) = [f for f in refine_scope(pm, processor, [filed]) if not f.ok]
+        assert fix.prompt == near and fix.action == (
+            f"could not fix: putting it out of slot 0 would move {wording!r} (filed as out of scope) to slot 0")
+        assert all(torch.equal(_router_state(pm)[k], state[k]) for k in state)
+        assert [x["default"] for x in which_slots(pm, processor, ims, questions)] == [0, 0, 0, NO_SLOT]
+    finally:
+        pm.unload()

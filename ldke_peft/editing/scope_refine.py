@@ -252,6 +252,18 @@ class _Refiner:
         return widened, ""
 
     def keep_out(self, s: int, i: int) -> bool:
+        """Put row ``i`` out of slot ``s`` (:meth:`_put_out`), undone where that moves a row that routed as filed (the
+        in-scope anchors an anchor brings along can lift the veto on a row the slot's other anchors kept out)."""
+        before = self.route()
+        snap, n_changes, actions = _snapshot(self.router, _SCOPE_BUFFERS), len(self.changes), dict(self.actions)
+        ok = self._put_out(s, i)
+        now = self.route()
+        for j in ((before == self.wanted) & (now != self.wanted)).nonzero(as_tuple=True)[0].tolist():
+            return self._undo(snap, n_changes, actions, i, f"putting it out of slot {s} would move "
+                              f"{self.prompts[j]!r} ({self._filed(j)}) to {self._slot_name(int(now[j]))}")
+        return ok
+
+    def _put_out(self, s: int, i: int) -> bool:
         """Put row ``i`` out of slot ``s``: by the visual radius where its image lies farther from the key than every
         image the edit must keep (another image: the visual part is what should decide), else by an out-of-scope
         textual anchor (another question on the edit's own image). Neither happens for a slot none of whose own
@@ -300,8 +312,12 @@ class _Refiner:
         now = self.route()
         for j in ((before == self.wanted) & (now != self.wanted)).nonzero(as_tuple=True)[0].tolist():
             return self._undo(snap, n_changes, actions, i, f"letting it into slot {s} would move "
-                              f"{self.prompts[j]!r} ({self._filed(j)}) to {int(now[j])}")
+                              f"{self.prompts[j]!r} ({self._filed(j)}) to {self._slot_name(int(now[j]))}")
         return ok and self._fires(s, i)
+
+    @staticmethod
+    def _slot_name(k: int) -> str:
+        return "no slot" if k == NO_SLOT else f"slot {k}"
 
     def _filed(self, j: int) -> str:
         return "filed as out of scope" if int(self.wanted[j]) == NO_SLOT else f"filed for slot {int(self.wanted[j])}"
