@@ -512,3 +512,39 @@ def test_an_anchor_that_would_let_a_kept_out_question_back_in_is_not_made():
         assert [x["default"] for x in which_slots(pm, processor, ims, questions)] == [0, 0, 0, NO_SLOT]
     finally:
         pm.unload()
+
+
+def test_a_look_alike_inside_many_edits_scopes_is_put_out_of_each():
+    """Six edits of one question on images along the colour ramp, their visual radii widened by hand to take one
+    blue look-alike: each pass puts it out of the slot it fires, and passes go on until it fires none. Each edit's
+    own image keeps firing it, and each cut is recorded with the edit it changed."""
+    from ldke_peft import EditRequest
+    from ldke_peft.testing import tiny_model
+    from ldke_peft.tuner.probe_features import collect_probe_features
+
+    model, processor = tiny_model("llava")
+    prompt = "What is the capital of this country?"
+    reqs = [EditRequest(image=_red(k), prompt=prompt, target=f"T{k}") for k in (0, 40, 80, 120, 160, 200)]
+    pm = ldke_peft.edit(model, processor, reqs, LDKEConfig(router_neighbour_questions=0), progress=False)
+    try:
+        router = pm.base_model.router("default")
+        blue = PIL.Image.new("RGB", (40, 40), (0, 0, 255))
+        v, t, h = collect_probe_features(pm, processor, pm.peft_config["default"].probe_layer, [blue], [prompt])
+        with torch.no_grad():
+            for s in range(len(reqs)):
+                router.radius_v[s] = (1.2 + 0.1 * s) * float((router.project_visual(0, v) - router.keys_v[s].float()).norm())
+                d_t = float((router.project_textual(0, t) - router.keys_t[s].float()).norm())
+                router.radius_t[s] = max(float(router.radius_t[s]), 1.5 * d_t)
+        assert bool((router.scores(v, t, h) <= 1.0).all())
+        filed = [dataclasses.replace(reqs[0], coupled=[Probe(prompt, "-", image=blue, kind="lookalike_same_question")]),
+                 *reqs[1:]]
+        fixes = refine_scope(pm, processor, filed)
+        assert all(f.ok for f in fixes)
+        (fix,) = [f for f in fixes if f.before != f.wanted]
+        assert fix.after == NO_SLOT and fix.action.count("cut") == len(reqs)
+        images = [r.image for r in reqs]
+        assert [x["default"] for x in which_slots(pm, processor, [*images, blue], [prompt] * 7)] == [0, 1, 2, 3, 4, 5, NO_SLOT]
+        edits = pm.peft_config["default"].edits
+        assert [[x["change"] for x in e["scope_fixes"]] for e in edits] == [[f"visual radius of slot {s} cut"] for s in range(6)]
+    finally:
+        pm.unload()

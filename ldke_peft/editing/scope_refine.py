@@ -54,8 +54,9 @@ __all__ = ["ScopeFix", "ScopeRefineError", "refine_scope", "request_questions", 
 
 #: A textual radius widened to admit a question ends this factor beyond it (the inverse of the cut's factor).
 WIDEN_FACTOR = 1.0 / LEAK_RADIUS_FACTOR
-#: Passes over the rows: a change for one row can move another (an in-scope anchor lets a near question in).
-_MAX_PASSES = 4
+#: Passes over the rows beyond one per slot (a question inside several edits' scopes is put out of one per pass):
+#: passes go on while one changes something; this only caps a call that never settles.
+_EXTRA_PASSES = 4
 
 
 class ScopeRefineError(LDKEError, ValueError):
@@ -444,12 +445,14 @@ def refine_scope(peft_model: Any, processor: Any, requests: Sequence[EditRequest
                 own.setdefault(want, []).append(prompt)
         ref = _Refiner(router, v, t, h, wanted, [x[3] for x in rows], own)
         before = ref.route()
-        for _ in range(_MAX_PASSES):
+        n_changes = -1
+        for _ in range(router.num_slots + _EXTRA_PASSES):
             now = ref.route()
             wrong = [i for i in range(len(rows)) if int(now[i]) != int(wanted[i]) and not
                      ref.actions.get(i, "").startswith("could not fix")]
-            if not wrong:
+            if not wrong or len(ref.changes) == n_changes:  # settled, or the last pass changed nothing
                 break
+            n_changes = len(ref.changes)
             for i in tqdm(wrong, desc="LDKE scope fix", unit="question", disable=not progress or len(wrong) < 50):
                 got, want = int(ref._route_rows(torch.tensor([i]))[0]), int(wanted[i])
                 if got == want:  # a change made for an earlier row fixed this one too
@@ -460,8 +463,10 @@ def refine_scope(peft_model: Any, processor: Any, requests: Sequence[EditRequest
                     ref.let_in(want, i)
         after = ref.route()
         for j in range(len(rows)):
-            if int(after[j]) != int(wanted[j]) and not ref.actions.get(j, "").startswith("could not fix"):
-                ref.actions[j] = "could not fix: the changes for other questions of the requests undo it (they conflict)"
+            done = ref.actions.get(j, "")
+            if int(after[j]) != int(wanted[j]) and not done.startswith("could not fix"):
+                ref.actions[j] = (f"could not fix: still routed to {_Refiner._slot_name(int(after[j]))} when the passes "
+                                  "ended" + (f" (changed for it: {done})" if done else ""))
         _drop_empty_anchors(router)
         config.router_text_anchors = router.num_anchors
     except BaseException:
