@@ -548,3 +548,33 @@ def test_a_look_alike_inside_many_edits_scopes_is_put_out_of_each():
         assert [[x["change"] for x in e["scope_fixes"]] for e in edits] == [[f"visual radius of slot {s} cut"] for s in range(6)]
     finally:
         pm.unload()
+
+
+def test_an_inactive_adapter_is_refined_with_its_own_textual_key(tmp_path):
+    """Two packs loaded side by side (PEFT's loader), the active one without a sentence encoder, the other with one:
+    refining the other reads the questions as its own router does, and the fix holds once it is active."""
+    from ldke_peft import EditRequest
+    from ldke_peft.hub import save_edits
+    from ldke_peft.testing import tiny_model
+
+    prompt = "What is the capital of this country?"
+    a = EditRequest(image=_red(0), prompt=prompt, target="Paris", rephrase_images=[_red(30), _red(20)])
+    b = EditRequest(image=_red(200), prompt=prompt, target="Rome", rephrase_images=[_red(190)])
+    for name, req, cfg in (("x", a, LDKEConfig(router_text_encoder=None)), ("y", b, LDKEConfig())):
+        model, processor = tiny_model("llava")
+        pm = ldke_peft.edit(model, processor, [req], cfg, progress=False)
+        save_edits(pm, tmp_path / name)
+        pm.unload()
+    model, processor = tiny_model("llava")
+    pm = PeftModel.from_pretrained(model, str(tmp_path / "x"), adapter_name="x")
+    pm.load_adapter(str(tmp_path / "y"), adapter_name="y")
+    try:
+        assert pm.active_adapter == "x"
+        near = "What is the capital of Italy?"
+        filed = dataclasses.replace(b, coupled=[Probe(near, "-", image=_red(200), kind="near_question")])
+        (fix,) = [f for f in refine_scope(pm, processor, [filed], adapter_name="y") if f.before != f.wanted]
+        assert (fix.prompt, fix.after, fix.action) == (near, NO_SLOT, "out-of-scope anchor of slot 0")
+        pm.set_adapter("y")
+        assert [d["y"] for d in which_slots(pm, processor, [_red(200)] * 2, [prompt, near])] == [0, NO_SLOT]
+    finally:
+        pm.unload()

@@ -436,8 +436,10 @@ def refine_scope(peft_model: Any, processor: Any, requests: Sequence[EditRequest
     router.to("cpu")
     snap = _snapshot(router)
     try:
+        # the textual key of the adapter being refined, which need not be the active one
+        key = None if router.text_encoder is None else (router.text_encoder, router.text_frame, router.text_probe)
         v, t, h = collect_probe_features(peft_model, processor, config.probe_layer, [x[2] for x in rows],
-                                         [x[3] for x in rows], batch_size=batch_size)
+                                         [x[3] for x in rows], batch_size=batch_size, text_key=key)
         wanted = torch.tensor([x[4] for x in rows])
         own: dict[int, list[str]] = {s: [e.get("prompt", "")] for s, e in enumerate(edits)}
         for _, _, _, prompt, want in rows:
