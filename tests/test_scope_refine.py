@@ -242,14 +242,8 @@ def test_another_view_outside_the_visual_radius_widens_it_only_as_far_as_filed_l
     only an unrelated image out of scope, it is not let in (nothing bounds the widening); filed with a look-alike
     asked the edit question farther out, the radius widens just past the view, the look-alike stays out and so does
     another question filed on the view itself; with a look-alike nearer than the view, nothing changes."""
-    from ldke_peft import EditRequest
-    from ldke_peft.testing import tiny_model
-
-    model, processor = tiny_model("llava")
-    prompt = "What is the capital of this country?"
-    red = _red
-    req = EditRequest(image=red(0), prompt=prompt, target="Paris", rephrase_images=[red(30), red(20)])
-    pm = ldke_peft.edit(model, processor, [req], LDKEConfig(), progress=False)
+    pm, processor, req = _one_edit()
+    prompt, red = req.prompt, _red
 
     def fired(ks, question=prompt):
         return [x["default"] for x in which_slots(pm, processor, [red(k) for k in ks], [question] * len(ks))]
@@ -300,6 +294,17 @@ def test_another_view_outside_the_visual_radius_widens_it_only_as_far_as_filed_l
 def _red(k: int) -> PIL.Image.Image:
     """A flag-sized image that lies farther from pure red as ``k`` grows (a colour ramp of look-alikes)."""
     return PIL.Image.new("RGB", (40, 40), (255 - k, k // 2, 0))
+
+
+def _one_edit():
+    """A tiny LLaVA with a pack of one edit of the capital question on pure red (two nearer shades as other views)."""
+    from ldke_peft import EditRequest
+    from ldke_peft.testing import tiny_model
+
+    model, processor = tiny_model("llava")
+    req = EditRequest(image=_red(0), prompt="What is the capital of this country?", target="Paris",
+                      rephrase_images=[_red(30), _red(20)])
+    return ldke_peft.edit(model, processor, [req], LDKEConfig(), progress=False), processor, req
 
 
 def _two_edits():
@@ -390,14 +395,10 @@ def test_letting_a_view_in_never_lets_in_a_filed_look_alike():
     edit's own, nothing could put the look-alike out again (no cut keeps the view, no anchor is made of an own
     wording), so the view is refused with the look-alike named and nothing changes; with it not filed, the view is
     let in and the look-alike put out by an anchor at once."""
-    from ldke_peft import EditRequest
-    from ldke_peft.testing import tiny_model
     from ldke_peft.tuner.probe_features import collect_probe_features
 
-    model, processor = tiny_model("llava")
-    prompt, wording = "What is the capital of this country?", "Which city is the capital of this country?"
-    req = EditRequest(image=_red(0), prompt=prompt, target="Paris", rephrase_images=[_red(30), _red(20)])
-    pm = ldke_peft.edit(model, processor, [req], LDKEConfig(), progress=False)
+    pm, processor, req = _one_edit()
+    prompt, wording = req.prompt, "Which city is the capital of this country?"
 
     def fired(ims, questions):
         return [x["default"] for x in which_slots(pm, processor, ims, questions)]
@@ -482,15 +483,11 @@ def test_an_anchor_that_would_let_a_kept_out_question_back_in_is_not_made():
     wording out on a near look-alike. Keeping a near question on the edit's own image out needs the edit's held
     wordings as in-scope anchors too, which would lift that veto: the near question is reported as not fixable,
     naming the question it would move, and nothing changes."""
-    from ldke_peft import EditRequest
-    from ldke_peft.testing import tiny_model
     from ldke_peft.tuner.probe_features import collect_probe_features
 
-    model, processor = tiny_model("llava")
-    prompt, wording = "What is the capital of this country?", "Which city is the capital of this country?"
+    pm, processor, req = _one_edit()
+    prompt, wording = req.prompt, "Which city is the capital of this country?"
     near = "Which city is the capital of that country?"
-    req = EditRequest(image=_red(0), prompt=prompt, target="Paris", rephrase_images=[_red(30), _red(20)])
-    pm = ldke_peft.edit(model, processor, [req], LDKEConfig(), progress=False)
     try:
         router = pm.base_model.router("default")
         _, t, _ = collect_probe_features(pm, processor, pm.peft_config["default"].probe_layer, [_red(50)], [wording])

@@ -121,6 +121,20 @@ def _rows(requests: Sequence[EditRequest], edits: Sequence[dict]) -> list[tuple[
     return rows
 
 
+def _slot_name(k: int) -> str:
+    return "no slot" if k == NO_SLOT else f"slot {k}"
+
+
+@dataclass
+class _Mark:
+    """A point a change of :class:`_Refiner` can be undone to."""
+
+    routes: torch.Tensor
+    buffers: dict[str, torch.Tensor]
+    n_changes: int
+    actions: dict[int, str]
+
+
 class _Refiner:
     """The change loop on one router: raw features of the rows in, radii and anchors of the router out."""
 
@@ -223,8 +237,8 @@ class _Refiner:
             finally:
                 r.radius_v[s] = radius
             own = self.own.get(s, [])
-            looks = looks[taken & torch.tensor([bool(d[i] > radius) or same_question(self.prompts[i], own)
-                                                for i in looks.tolist()], dtype=torch.bool)]
+            asks_own = torch.tensor([same_question(self.prompts[i], own) for i in looks.tolist()], dtype=torch.bool)
+            looks = looks[taken & ((d[looks] > radius).cpu() | asks_own)]
         if len(looks) and float(d[looks].min()) <= reach:
             return None, "a look-alike filed as out of scope lies as near the slot's key"
         if not bool((d[looks] > radius).any()):
@@ -255,14 +269,10 @@ class _Refiner:
     def keep_out(self, s: int, i: int) -> bool:
         """Put row ``i`` out of slot ``s`` (:meth:`_put_out`), undone where that moves a row that routed as filed (the
         in-scope anchors an anchor brings along can lift the veto on a row the slot's other anchors kept out)."""
-        before = self.route()
-        snap, n_changes, actions = _snapshot(self.router, _SCOPE_BUFFERS), len(self.changes), dict(self.actions)
+        mark = self._mark()
         ok = self._put_out(s, i)
-        now = self.route()
-        for j in ((before == self.wanted) & (now != self.wanted)).nonzero(as_tuple=True)[0].tolist():
-            return self._undo(snap, n_changes, actions, i, f"putting it out of slot {s} would move "
-                              f"{self.prompts[j]!r} ({self._filed(j)}) to {self._slot_name(int(now[j]))}")
-        return ok
+        moved = self._moved(mark)
+        return ok if moved is None else self._undo(mark, i, f"putting it out of slot {s} would move {moved}")
 
     def _put_out(self, s: int, i: int) -> bool:
         """Put row ``i`` out of slot ``s``: by the visual radius where its image lies farther from the key than every
@@ -302,32 +312,39 @@ class _Refiner:
         no longer does, the widening is undone: each bound of a widening is judged on what it knew when it was
         made, so a later one (the textual radius widened for the same row) can reach a look-alike the visual bound
         could not yet count."""
-        before = self.route()
-        snap, n_changes, actions = _snapshot(self.router, _SCOPE_BUFFERS), len(self.changes), dict(self.actions)
+        mark = self._mark()
         ok = self._widen(s, i)
         now = self.route()
-        for j in ((now == s) & (before != s) & (self.wanted != s)).nonzero(as_tuple=True)[0].tolist():
+        for j in ((now == s) & (mark.routes != s) & (self.wanted != s)).nonzero(as_tuple=True)[0].tolist():
             if j != i and int(self._route_rows(torch.tensor([j]))[0]) == s and not self.keep_out(s, j):
-                return self._undo(snap, n_changes, actions, i, f"letting it into slot {s} would also let in "
-                                  f"{self.prompts[j]!r} ({self._filed(j)}), and nothing would keep that out")
-        now = self.route()
-        for j in ((before == self.wanted) & (now != self.wanted)).nonzero(as_tuple=True)[0].tolist():
-            return self._undo(snap, n_changes, actions, i, f"letting it into slot {s} would move "
-                              f"{self.prompts[j]!r} ({self._filed(j)}) to {self._slot_name(int(now[j]))}")
+                return self._undo(mark, i, f"letting it into slot {s} would also let in {self.prompts[j]!r} "
+                                  f"({self._filed(j)}), and nothing would keep that out")
+        moved = self._moved(mark)
+        if moved is not None:
+            return self._undo(mark, i, f"letting it into slot {s} would move {moved}")
         return ok and self._fires(s, i)
-
-    @staticmethod
-    def _slot_name(k: int) -> str:
-        return "no slot" if k == NO_SLOT else f"slot {k}"
 
     def _filed(self, j: int) -> str:
         return "filed as out of scope" if int(self.wanted[j]) == NO_SLOT else f"filed for slot {int(self.wanted[j])}"
 
-    def _undo(self, snap: dict[str, torch.Tensor], n_changes: int, actions: dict[int, str], i: int, why: str) -> bool:
-        """Put the router, the change list and the actions back as they were before a change for row ``i``."""
-        _restore(self.router, snap)
-        del self.changes[n_changes:]
-        self.actions = actions
+    def _mark(self) -> _Mark:
+        """Where the rows route and what the router, the change list and the actions hold, before a change."""
+        return _Mark(self.route(), _snapshot(self.router, _SCOPE_BUFFERS), len(self.changes), dict(self.actions))
+
+    def _moved(self, mark: _Mark) -> str | None:
+        """The first row that routed as filed at ``mark`` and no longer does, described; None when there is none."""
+        now = self.route()
+        moved = ((mark.routes == self.wanted) & (now != self.wanted)).nonzero(as_tuple=True)[0]
+        if not len(moved):
+            return None
+        j = int(moved[0])
+        return f"{self.prompts[j]!r} ({self._filed(j)}) to {_slot_name(int(now[j]))}"
+
+    def _undo(self, mark: _Mark, i: int, why: str) -> bool:
+        """Put the router, the change list and the actions back as they were at ``mark``; row ``i`` says why."""
+        _restore(self.router, mark.buffers)
+        del self.changes[mark.n_changes:]
+        self.actions = mark.actions
         self.actions[i] = f"could not fix: {why}"
         return False
 
@@ -467,7 +484,7 @@ def refine_scope(peft_model: Any, processor: Any, requests: Sequence[EditRequest
         for j in range(len(rows)):
             done = ref.actions.get(j, "")
             if int(after[j]) != int(wanted[j]) and not done.startswith("could not fix"):
-                ref.actions[j] = (f"could not fix: still routed to {_Refiner._slot_name(int(after[j]))} when the passes "
+                ref.actions[j] = (f"could not fix: still routed to {_slot_name(int(after[j]))} when the passes "
                                   "ended" + (f" (changed for it: {done})" if done else ""))
         _drop_empty_anchors(router)
         config.router_text_anchors = router.num_anchors
