@@ -122,7 +122,7 @@ def score(pack, processor, reqs, collect) -> dict:
                 rows.append((k, p.image, p.prompt, -1, p.subject, p.relation))
     with torch.no_grad():
         v, t, h = collect(pack, processor, probe, [x[1] for x in rows], [x[2] for x in rows])
-        got = router.route(v, t, h).tolist()
+        got = router.route(v, t, h, router.named_mask([x[2] for x in rows])).tolist()
     agg = defaultdict(lambda: [0, 0])
     misses = defaultdict(list)
     edited = {q.subject for q in reqs}

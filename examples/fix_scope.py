@@ -50,13 +50,16 @@ def run(args: argparse.Namespace, out: str) -> int:
     edited = ldke_peft.edit(model, processor, [edit], progress=False)
 
     # 2. Your checks, filed against the same edit (same image, question and target): wordings that should fire
-    #    it, and near-by questions that should not (the same flag asked something else; a look-alike flag).
-    wording = "What animal is the symbol of the country in the picture?"
+    #    it, and near-by questions that should not (the same flag asked something else, also one that names the
+    #    word the edit asks about; a look-alike flag). Wordings that name that word ("animal") fire already; one
+    #    in other words may not.
+    wording = "What creature is the symbol of the country in the picture?"
     checks = EditRequest(
         image=image, prompt=question, target=new,
         rephrase_prompts=["Which animal is the symbol of this country?", wording],
         coupled=[Probe("What is the capital of the country shown?", "-", image=image, kind="same_image"),
                  Probe("What language is spoken in the country shown?", "-", image=image, kind="same_image"),
+                 Probe("What does the national animal of this country eat?", "-", image=image, kind="same_image"),
                  Probe(question, "-", image=world.render(world.lookalike_of(country)), kind="lookalike")],
     )
     before_answer = answer(edited, processor, image, wording)

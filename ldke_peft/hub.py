@@ -273,6 +273,11 @@ def model_card(
     if int(getattr(config, "router_text_anchors", 0) or 0):
         lines += [f"Slots keep {config.router_text_anchors} textual anchors: a question nearest to an out-of-scope one (another "
                   "question on the edit image, or one the base model proposed at edit time) does not fire the edit.", ""]
+        words = sorted({str(e.get("asked_word")) for e in (config.edits or []) if isinstance(e, dict) and e.get("asked_word")})
+        if getattr(config, "router_asked_word", False) and words:
+            lines += ["A question that names the word its edit question asks about (" + ", ".join(f"`{w}`" for w in words)
+                      + ") is kept out only by an out-of-scope question that names it too: the proposed questions swap "
+                      "that word out.", ""]
     lines += [
         f"Format: LDKE pack v{config.pack_format_version}, {config.num_slots} edit slot(s), safetensors only.",
         "",

@@ -407,6 +407,8 @@ def _assemble(packs: list[_Pack], kept: list[SlotRef]) -> tuple[LDKEConfig, dict
         router_dim=p_dim,
         router_groups=G,
         router_text_anchors=int(r["anchors_t"].shape[0]) if "anchors_t" in r else 0,
+        # each slot keeps its asked-for word in its edit metadata (none for a source that recorded none)
+        router_asked_word=any(bool(getattr(packs[p].config, "router_asked_word", False)) for p, _ in kept),
         # the projections above are the fp32 matrices each source routed with; re-quantizing them could
         # move a slot's scores by an ulp, so a merged pack stores them as they are
         router_storage="float32",

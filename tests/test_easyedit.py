@@ -167,7 +167,7 @@ def test_knobs_cover_every_ldke_config_field():
 
 def test_to_ldke_config_carries_non_default_values():
     values = dict(
-        rank=3, alpha=6.0, probe_layer=1, router_dim=8, router_storage="float32", delta_storage="float32", router_margin=0.25, router_paraphrases=2, router_neighbour_questions=4, router_anchor_clearance=0.5, router_text_encoder=None, router_text_margin=0.2, router_text_probe=False, router_text_steps=5, auto_views=3, router_views=3, router_pack_guard=False,
+        rank=3, alpha=6.0, probe_layer=1, router_dim=8, router_storage="float32", delta_storage="float32", router_margin=0.25, router_paraphrases=2, router_neighbour_questions=4, router_anchor_clearance=0.5, router_asked_word=False, router_text_encoder=None, router_text_margin=0.2, router_text_probe=False, router_text_steps=5, auto_views=3, router_views=3, router_pack_guard=False,
         router_steps=17,
         router_lr=0.05,
         num_edit_layers=2, edit_steps=9, edit_lr=0.003, delta_bank_wordings=False, edit_fit_stages=False, edit_fit_dtype="float32",

@@ -44,9 +44,12 @@ def test_fix_scope(tmp_path):
     fixed = [line for line in out.splitlines() if "in-scope anchor" in line]
     assert len(fixed) == 1 and "original weights -> edit fired" in fixed[0] and "NOT OK" not in out
     kept_out = [line for line in out.splitlines() if line.lstrip().startswith("coupled:")]
-    assert len(kept_out) == 3 and all("-> original weights" in line for line in kept_out)
+    assert len(kept_out) == 4 and all("-> original weights" in line for line in kept_out)
+    # a near-by question naming the edit's asked-for word fired the edit; an anchor naming it keeps it out
+    (named,) = [line for line in kept_out if "national animal of this country eat" in line]
+    assert "edit fired       -> original weights" in named and "out-of-scope anchor" in named
     assert "before the fix" in out and {"README.md", "adapter_model.safetensors"} <= set(os.listdir(tmp_path / "pack"))
-    assert "the pack records 1 scope correction(s)" in out
+    assert "the pack records 3 scope correction(s)" in out
     assert "## Scope corrections" in (tmp_path / "pack" / "README.md").read_text()
 
 

@@ -536,7 +536,7 @@ def test_edit_metadata_lives_beside_the_adapter_and_old_packs_keep_theirs(tmp_pa
     assert want and want[0]["prompt"] == "What is shown?" and want[0]["target"] == "Lyon"
     pm.save_pretrained(tmp_path / "pack")
     cfg = json.loads((tmp_path / "pack" / "adapter_config.json").read_text())
-    assert "edits" not in cfg and cfg["pack_format_version"] == "1.8"
+    assert "edits" not in cfg and cfg["pack_format_version"] == "1.9"
     assert json.loads((tmp_path / "pack" / "ldke_edits.json").read_text())["edits"] == json.loads(json.dumps(want))
     assert pm.peft_config["default"].edits is want  # saving leaves the live config as it was
     loaded = [LDKEConfig.from_pretrained(str(tmp_path / "pack")),
@@ -599,3 +599,16 @@ def test_a_format_1_7_pack_grows_keeping_every_anchor(tmp_path):
     assert LDKEConfig.from_pretrained(str(tmp_path / "pack")).router_anchor_clearance == 0.0
     path.write_text(json.dumps({**cfg, "router_anchor_clearance": 0.5}))
     assert LDKEConfig.from_pretrained(str(tmp_path / "pack")).router_anchor_clearance == 0.5
+
+
+def test_a_format_1_8_pack_grows_without_asked_words(tmp_path):
+    """Format 1.9 added ``router_asked_word`` (on by default): a 1.8 pack reloads with it off, so its slots and
+    slots appended to it are vetoed as the pack was made; a 1.9 pack keeps its own value."""
+    path = _saved_pack_without_anchors(tmp_path)
+    cfg = json.loads(path.read_text())
+    assert LDKEConfig().router_asked_word is True and cfg["router_asked_word"] is True
+    path.write_text(json.dumps({**{k: v for k, v in cfg.items() if k != "router_asked_word"},
+                                "pack_format_version": "1.8"}))
+    assert LDKEConfig.from_pretrained(str(tmp_path / "pack")).router_asked_word is False
+    path.write_text(json.dumps({**cfg, "router_asked_word": False}))
+    assert LDKEConfig.from_pretrained(str(tmp_path / "pack")).router_asked_word is False

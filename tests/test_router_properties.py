@@ -294,3 +294,33 @@ def test_textual_anchors_veto_rows_nearest_to_an_out_of_scope_anchor():
     router.set_text_anchors(0, pos=torch.tensor([[0.8, 0.0]]), neg=torch.zeros(0, 2))
     assert router.num_anchors == 2
     assert router.route(torch.zeros(4, 2), textual, torch.ones(4, dtype=torch.bool)).tolist()[:2] == [0, 0]
+
+
+def test_a_row_naming_the_slots_asked_word_is_vetoed_only_by_anchors_naming_it():
+    """The proposed neighbours swap the asked-for word out: a question that names it is a wording of the edit, so
+    only out-of-scope anchors that name it too (the caller's own questions about the same thing) veto it. Rows
+    are matched by word form (case, plural and possessive aside); a slot without a word vetoes as before."""
+    from ldke_peft.tuner.text_anchors import names_word
+
+    router = RouterState(2, 2, 2)
+    eye = torch.eye(2)
+    router.set_projection(mu_v=torch.zeros(2), proj_v=eye, mu_t=torch.zeros(4), proj_t=torch.cat([eye, eye * 0]))
+    for k in (0, 1):
+        router.set_slot(k, key_v=torch.zeros(2), key_t=torch.zeros(2) + 10 * k, radius_v=1.0, radius_t=1.0)
+        router.set_text_anchors(k, pos=torch.tensor([[0.0, 0.0]]) + 10 * k, neg=torch.tensor([[0.8, 0.0]]) + 10 * k)
+    router.slot_words = ("capital", "")
+    textual = torch.tensor([[0.7, 0.0, 0, 0], [0.7, 0.0, 0, 0], [10.7, 10.0, 0, 0], [10.7, 10.0, 0, 0]])
+    qs = ["Which city is this country's CAPITALS?", "Which city is the largest?", "The capital?", "Other?"]
+    named = router.named_mask(qs)
+    assert named.tolist() == [[True, False], [False, False], [True, False], [False, False]]
+    img = torch.ones(4, dtype=torch.bool)
+    assert router.route(torch.zeros(4, 2), textual, img).tolist() == [NO_SLOT] * 4
+    # row 0 names slot 0's word: the unnamed neighbour no longer vetoes it; slot 1 has no word: both vetoed
+    assert router.route(torch.zeros(4, 2), textual, img, named).tolist() == [0, NO_SLOT, NO_SLOT, NO_SLOT]
+    # an out-of-scope anchor that names the word vetoes a row naming it
+    router.set_text_anchors(0, pos=torch.tensor([[0.0, 0.0]]), neg=torch.tensor([[0.8, 0.0], [0.75, 0.0]]),
+                            named=torch.tensor([False, True]))
+    assert router.anchors_pos[router.anchors_slot == 0].tolist() == [1.0, 0.0, -1.0]
+    assert router.route(torch.zeros(4, 2), textual, img, named).tolist() == [NO_SLOT] * 4
+    router.slot_words = ()
+    assert router.named_mask(qs) is None and names_word(["", ""], qs).sum() == 0

@@ -71,12 +71,12 @@ def test_a_look_alike_leak_is_cut_by_the_image_and_a_near_question_by_an_anchor(
 
 
 def test_vetoed_wordings_are_let_in_and_the_fix_survives_save_and_load(world, world_pool, tmp_path):
-    """Seed 3 with the default anchors: two wordings of the edit are vetoed. The fix makes them in-scope anchors;
-    the saved pack (safetensors, PEFT's loader) routes them to the edit, as the fixed model in memory does, and
-    records each change in the edit's metadata and on its model card."""
+    """Seed 3 with the default anchors but no asked-for word: two wordings of the edit are vetoed. The fix makes
+    them in-scope anchors; the saved pack (safetensors, PEFT's loader) routes them to the edit, as the fixed model in
+    memory does, and records each change in the edit's metadata and on its model card."""
     r = world.edit_requests(1, seed=3)[0]
-    pm = ldke_peft.edit(world.model, world.processor, [editor_view(r)], LDKEConfig(), negatives=world_pool,
-                        progress=False)
+    pm = ldke_peft.edit(world.model, world.processor, [editor_view(r)], LDKEConfig(router_asked_word=False),
+                        negatives=world_pool, progress=False)
     wordings = [q for q in world.question_bank(r.relation) if q != r.prompt]
     try:
         before = _fires(world, pm, r.image, wordings)
@@ -101,6 +101,38 @@ def test_vetoed_wordings_are_let_in_and_the_fix_survives_save_and_load(world, wo
         recorded = loaded.peft_config["default"].edits[0]["scope_fixes"]  # the pack says its scope was hand-fixed
         assert [(x["question"], x["in_scope"], x["change"]) for x in recorded] == [
             (f.prompt, True, f.action) for f in changed]
+    finally:
+        loaded.unload()
+
+
+def test_a_filed_question_naming_the_asked_word_is_kept_out_by_an_anchor_naming_it(world, world_pool, tmp_path):
+    """Seed 3 with the defaults: the edit's wordings name its asked-for word and route past the proposed neighbours,
+    and so does a near-miss question that names it. Filed as out of scope, that question gets an out-of-scope anchor
+    that names the word (only such an anchor can veto it): it stays out, the wordings keep routing, also after a
+    save and PEFT's loader."""
+    r = world.edit_requests(1, seed=3)[0]
+    pm = ldke_peft.edit(world.model, world.processor, [editor_view(r)], LDKEConfig(), negatives=world_pool,
+                        progress=False)
+    wordings = [q for q in world.question_bank(r.relation) if q != r.prompt]
+    near = "What does the national animal of this country eat?"
+    try:
+        assert pm.peft_config["default"].edits[0]["asked_word"] == "animal"
+        assert _fires(world, pm, r.image, wordings + [near]) == [0] * (len(wordings) + 1)
+        filed = dataclasses.replace(r, rephrase_prompts=wordings,
+                                    coupled=[Probe(near, "x", image=r.image, kind="near_miss")])
+        fixes = refine_scope(pm, world.processor, [filed])
+        (fix,) = [f for f in fixes if f.prompt == near]
+        assert (fix.before, fix.after, fix.action) == (0, NO_SLOT, "out-of-scope anchor of slot 0")
+        assert _fires(world, pm, r.image, wordings + [near]) == [0] * len(wordings) + [NO_SLOT]
+        assert (pm.base_model.router("default").anchors_pos == -1).sum() == 1
+        ldke_peft.save_edits(pm, tmp_path / "pack")
+    finally:
+        pm.unload()
+    assert "names the word its edit question asks about (`animal`)" in (tmp_path / "pack" / "README.md").read_text()
+    loaded = PeftModel.from_pretrained(world.model, tmp_path / "pack")
+    try:
+        assert loaded.base_model.router("default").slot_words == ("animal",)
+        assert _fires(world, loaded, r.image, wordings + [near]) == [0] * len(wordings) + [NO_SLOT]
     finally:
         loaded.unload()
 
@@ -175,12 +207,12 @@ def test_a_wording_outside_the_textual_radius_widens_it(world, world_pool):
 
 def test_an_error_after_a_change_restores_the_router(world, world_pool, monkeypatch):
     """A failure in the middle of the fix (after a first change was written) leaves the router and the config's
-    anchor count exactly as before the call."""
+    anchor count exactly as before the call (no asked-for word: the anchors veto wordings the fix lets in)."""
     from ldke_peft.editing import scope_refine
 
     r = world.edit_requests(1, seed=3)[0]
-    pm = ldke_peft.edit(world.model, world.processor, [editor_view(r)], LDKEConfig(), negatives=world_pool,
-                        progress=False)
+    pm = ldke_peft.edit(world.model, world.processor, [editor_view(r)], LDKEConfig(router_asked_word=False),
+                        negatives=world_pool, progress=False)
     real = scope_refine._Refiner.let_in
 
     def let_in_then_fail(self, s, i):
@@ -492,10 +524,11 @@ def test_an_anchor_that_would_let_a_kept_out_question_back_in_is_not_made():
         router = pm.base_model.router("default")
         _, t, _ = collect_probe_features(pm, processor, pm.peft_config["default"].probe_layer, [_red(50)], [wording])
         with torch.no_grad():
-            mine = router.anchors_slot == 0
-            router.set_text_anchors(0, router.anchors_t[mine & (router.anchors_pos > 0.5)].float(),
-                                    torch.cat([router.anchors_t[mine & (router.anchors_pos < 0.5)].float(),
-                                               router.project_textual(0, t).float()]))
+            mine, out = router.anchors_slot == 0, router.anchors_pos < 0.5
+            # the wording names the edit's asked-for word, as a filed question's anchor would
+            router.set_text_anchors(0, router.anchors_t[mine & ~out].float(),
+                                    torch.cat([router.anchors_t[mine & out].float(), router.project_textual(0, t).float()]),
+                                    named=torch.cat([router.anchors_pos[mine & out] < -0.5, torch.tensor([True])]))
         ims, questions = [_red(0), _red(0), _red(0), _red(25)], [prompt, wording, near, wording]
         assert [x["default"] for x in which_slots(pm, processor, ims, questions)] == [0, 0, 0, NO_SLOT]
         state = _router_state(pm)

@@ -80,6 +80,7 @@ LDKE_KNOBS = (
     "router_paraphrases",
     "router_neighbour_questions",
     "router_anchor_clearance",
+    "router_asked_word",
     "router_text_encoder",
     "router_text_margin",
     "router_text_probe",
@@ -184,6 +185,7 @@ class LDKEMultimodalHyperParams:
     router_paraphrases: int = _config_default("router_paraphrases")
     router_neighbour_questions: int = _config_default("router_neighbour_questions")
     router_anchor_clearance: float = _config_default("router_anchor_clearance")
+    router_asked_word: bool = _config_default("router_asked_word")
     router_text_encoder: Optional[str] = _config_default("router_text_encoder")
     router_text_margin: Optional[float] = _config_default("router_text_margin")
     router_text_probe: bool = _config_default("router_text_probe")

@@ -22,7 +22,9 @@ from ..requests import EditRequest
 from ..tuner.config import LDKEConfig
 from ..tuner.probe_features import collect_probe_features
 from ..tuner.question_key import load_encoder
-from .neighbours import frame_words, neighbour_questions
+from ..tuner.layer_base import slot_words
+from ..tuner.text_anchors import names_word
+from .neighbours import asked_word, frame_words, neighbour_questions
 from .augment import same_question
 from .scope import NEGATIVE_PARAPHRASES, NegativePool, question_bank, rephrased_negatives, same_relation_questions
 
@@ -90,6 +92,9 @@ def fit_text_anchors(peft_model: Any, processor: Any, router: Any, cfg: LDKEConf
         gen = neighbour_questions(peft_model, processor, r.prompt, n=n_gen, encode=encode, frame=frame, exclude=own)
         qs = gen + [p for p, _ in rephrased_negatives(gen, own, NEGATIVE_PARAPHRASES, fuzzy=False)]
         qs = [q for q in dict.fromkeys(qs) if q not in own]
+        word = asked_word(r.prompt, frame, encode) if cfg.router_asked_word else ""
+        cfg.edits[s]["asked_word"] = word
+        named = names_word([word], [rows.prompts[i] for i in neg] + qs)[:, 0]
         t_gen = collect_probe_features(peft_model, processor, cfg.probe_layer, [r.image] * len(qs), qs)[1] if qs \
             else textual[:0]
         g = router.slot_group(s)
@@ -103,7 +108,8 @@ def fit_text_anchors(peft_model: Any, processor: Any, router: Any, cfg: LDKEConf
             # would veto the edit's other wordings, which lie farther out
             reach = float((z_pos - key).norm(dim=-1).max())
             near &= d_neg >= cfg.router_anchor_clearance * reach
-        router.set_text_anchors(s, z_pos, z_neg[near])
-        logger.info("router: slot %d keeps %d in-scope and %d out-of-scope textual anchors (%d proposed neighbours: %s)",
-                    s, len(z_pos), int(near.sum()), len(gen), gen[:4])
+        router.set_text_anchors(s, z_pos, z_neg[near], named[near])
+        logger.info("router: slot %d keeps %d in-scope and %d out-of-scope textual anchors (%d proposed neighbours: %s; "
+                    "asked-for word %r)", s, len(z_pos), int(near.sum()), len(gen), gen[:4], word)
     cfg.router_text_anchors = router.num_anchors
+    router.slot_words = slot_words(cfg)

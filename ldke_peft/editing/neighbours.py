@@ -8,7 +8,7 @@ finds likely in that place and the result asks for another fact in the same fram
 textual anchors of the router's nearest-anchor veto (:mod:`ldke_peft.editing.anchor_fit`), never
 negatives of the radius: a radius fitted on them shrinks until the edit's own rewordings fall out.
 
-Owns: :func:`neighbour_questions`, :func:`frame_words`. Knows no relation, domain or wording.
+Owns: :func:`neighbour_questions`, :func:`asked_word`, :func:`frame_words`. Knows no relation, domain or wording.
 
 Layer: editing (README "Architecture"): imports data, tuner and editing modules, never the product code.
 """
@@ -27,6 +27,7 @@ from ..families import family_of, raw_text_inputs
 from ..tuner.context import routing_inputs
 from ..tuner.model import _root_model
 from ..tuner.routing import NO_SLOT
+from ..tuner.text_anchors import question_words
 
 #: How many next-token candidates the model's distribution offers for the swapped word.
 CANDIDATES = 400
@@ -58,6 +59,16 @@ def _asked_for_word(question: str, frame: set[str], encode: Any) -> int | None:
     drop = 1.0 - e[1:] @ e[0]
     order = [int(i) for i in drop.argsort(descending=True) if _bare(words[int(i)]) not in frame and _bare(words[int(i)])]
     return order[0] if order else None
+
+
+def asked_word(question: str, frame: set[str], encode: Any) -> str:
+    """The word ``question`` asks about, in :func:`~ldke_peft.tuner.text_anchors.word_form` (``""`` when none
+    is found, or it is not a word of three letters or more): the word :func:`neighbour_questions` swaps."""
+    i = _asked_for_word(question, frame, encode)
+    if not i:  # none, or the first word, for which no neighbour is proposed (as in _ranked)
+        return ""
+    forms = sorted(question_words(question.split()[i]), key=len)
+    return forms[-1] if forms and len(forms[-1]) >= 3 else ""
 
 
 def _logits(model: Any, processor: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,7 @@ from ..errors import LDKEError
 from ..requests import EditRequest, image_fingerprint
 from ..tuner.probe_features import collect_probe_features
 from ..tuner.routing import NO_SLOT
-from ..tuner.text_anchors import ANCHOR_BUFFERS
+from ..tuner.text_anchors import ANCHOR_BUFFERS, NAMED
 from .augment import same_question
 from .pack_scope import LEAK_RADIUS_FACTOR
 
@@ -142,6 +142,8 @@ class _Refiner:
                  prompts: Sequence[str], own: dict[int, list[str]]) -> None:
         self.router, self.v, self.t, self.h, self.wanted = router, v, t, h, wanted
         self.prompts = prompts
+        #: which rows name which slot's asked-for word (None: no slot has one), as serving reads them
+        self.named = router.named_mask(list(prompts))
         #: slot -> its edit question and the wordings the requests file for it: never made out-of-scope anchors
         self.own = own
         self.actions: dict[int, str] = {}
@@ -153,31 +155,36 @@ class _Refiner:
         self.actions[i] = "; ".join(w for j, _, w in self.changes if j == i)
 
     def route(self) -> torch.Tensor:
-        return self.router.route(self.v, self.t, self.h).cpu()
+        return self.router.route(self.v, self.t, self.h, self.named).cpu()
 
-    def _anchors(self, s: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Slot ``s``'s in-scope and out-of-scope anchor rows (float32)."""
+    def _named(self, rows: torch.Tensor | slice) -> torch.Tensor | None:
+        return None if self.named is None else self.named[rows]
+
+    def _anchors(self, s: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Slot ``s``'s in-scope and out-of-scope anchor rows (float32), and which out-of-scope ones name its
+        asked-for word."""
         r = self.router
         if not r.num_anchors:
             empty = r.keys_t[:0].float()
-            return empty, empty
+            return empty, empty, torch.zeros(0, dtype=torch.bool)
         mine = r.anchors_slot.long() == s
         pos = r.anchors_pos > 0.5
-        return r.anchors_t[mine & pos].float(), r.anchors_t[mine & ~pos].float()
+        return (r.anchors_t[mine & pos].float(), r.anchors_t[mine & ~pos].float(),
+                (r.anchors_pos[mine & ~pos] < NAMED / 2).cpu())
 
     def _z(self, s: int, i: int) -> torch.Tensor:
         return self.router.project_textual(self.router.slot_group(s), self.t[i:i + 1]).float()
 
-    def _set_anchors(self, s: int, pos: torch.Tensor, neg: torch.Tensor) -> None:
+    def _set_anchors(self, s: int, pos: torch.Tensor, neg: torch.Tensor, named: torch.Tensor) -> None:
         if not len(pos) and len(neg):  # a veto needs an in-scope anchor: the key stands for the edit's wordings
             pos = self.router.keys_t[s:s + 1].float()
-        self.router.set_text_anchors(s, pos, neg)
+        self.router.set_text_anchors(s, pos, neg, named)
 
     def _fires(self, s: int, i: int) -> bool:
-        return int(self.router.route(self.v[i:i + 1], self.t[i:i + 1], self.h[i:i + 1])[0]) == s
+        return int(self.router.route(self.v[i:i + 1], self.t[i:i + 1], self.h[i:i + 1], self._named(slice(i, i + 1)))[0]) == s
 
     def _route_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.router.route(self.v[rows], self.t[rows], self.h[rows]).cpu()
+        return self.router.route(self.v[rows], self.t[rows], self.h[rows], self._named(rows)).cpu()
 
     def _held(self, s: int) -> torch.Tensor:
         """Rows that want slot ``s`` and reach it now: a change for another row must keep them."""
@@ -188,14 +195,16 @@ class _Refiner:
         """Make row ``i`` an out-of-scope anchor of slot ``s`` if that puts it out and keeps the slot's held rows;
         where the new anchor would veto a held row, the held rows' wordings join the in-scope anchors first."""
         held = self._held(s)
-        pos, neg = self._anchors(s)
+        pos, neg, named = self._anchors(s)
         z_held = self.router.project_textual(self.router.slot_group(s), self.t[held]).float()
         base = pos if len(pos) else self.router.keys_t[s:s + 1].float()
+        # the new anchor names the slot's word where its question does: only then can it veto a question naming it
+        named_i = torch.zeros(1, dtype=torch.bool) if self.named is None else self.named[i:i + 1, s]
         for p in (pos, torch.cat([base, z_held])):
-            self._set_anchors(s, p, torch.cat([neg, self._z(s, i)]))
+            self._set_anchors(s, p, torch.cat([neg, self._z(s, i)]), torch.cat([named, named_i]))
             if not self._fires(s, i) and bool((self._route_rows(held) == s).all()):
                 return True
-        self.router.set_text_anchors(s, pos, neg)
+        self.router.set_text_anchors(s, pos, neg, named)
         return False
 
     def _visual_cut(self, s: int, i: int) -> tuple[float | None, str]:
@@ -233,7 +242,7 @@ class _Refiner:
         if len(looks):
             r.radius_v[s] = float("inf")  # which of them the slot would take but for their image
             try:
-                taken = (r.scores(self.v[looks], self.t[looks], self.h[looks])[:, s] <= 1.0).cpu()
+                taken = (r.scores(self.v[looks], self.t[looks], self.h[looks], self._named(looks))[:, s] <= 1.0).cpu()
             finally:
                 r.radius_v[s] = radius
             own = self.own.get(s, [])
@@ -375,8 +384,8 @@ class _Refiner:
             r.radius_t[s] = WIDEN_FACTOR * dt
             self._changed(i, s, f"textual radius of slot {s} widened")
         if r.num_anchors and not self._fires(s, i):
-            pos, neg = self._anchors(s)
-            self._set_anchors(s, torch.cat([pos, z]), neg)
+            pos, neg, named = self._anchors(s)
+            self._set_anchors(s, torch.cat([pos, z]), neg, named)
             self._changed(i, s, f"in-scope anchor of slot {s}")
         return self._fires(s, i)
 

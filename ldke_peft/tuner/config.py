@@ -22,7 +22,7 @@ from .question_key import DEFAULT_TEXT_ENCODER
 
 #: Format version of the saved pack. Bumped on incompatible changes; a pack with a newer major
 #: version than this library understands is refused with a clear error.
-PACK_FORMAT_VERSION = "1.8"
+PACK_FORMAT_VERSION = "1.9"
 #: Subject corruptions Fast Localization and exact tracing know (``LDKEConfig.corruption``).
 CORRUPTIONS = ("mean", "noise")
 #: Format 1.1 added ``router_storage``; packs of format 1.0 stored their router projections in fp32.
@@ -42,6 +42,9 @@ _FORMAT_WITHOUT_BANK_WORDINGS = ("1.0", "1.1", "1.2", "1.3", "1.4", "1.5")
 _FORMAT_WITHOUT_NEIGHBOURS = _FORMAT_WITHOUT_BANK_WORDINGS + ("1.6",)
 #: Format 1.8 added ``router_anchor_clearance``; an older pack grown with new edits keeps every anchor, as it was made.
 _FORMAT_WITHOUT_CLEARANCE = _FORMAT_WITHOUT_NEIGHBOURS + ("1.7",)
+#: Format 1.9 added ``router_asked_word`` (each slot's asked-for word, kept in its edit metadata); an older pack grown
+#: with new edits vetoes as it was made.
+_FORMAT_WITHOUT_ASKED_WORD = _FORMAT_WITHOUT_CLEARANCE + ("1.8",)
 #: How a pack may store its slot factors (``LDKEConfig.delta_storage``).
 DELTA_STORAGE = ("float16", "float32")
 #: Precisions the delta fit's steps may run in (``LDKEConfig.edit_fit_dtype``).
@@ -128,6 +131,14 @@ class LDKEConfig(PeftConfig):
         metadata={"help": "For an edit whose only in-scope wordings are rewrites of its question (no rephrase_prompts, "
                   "no labelled wording in the negatives): no out-of-scope anchor nearer the key than this fraction of "
                   "its farthest in-scope anchor is kept (they veto the edit's other wordings). 0 = keep them all."},
+    )
+    router_asked_word: bool = field(
+        default=True,
+        metadata={"help": "Record the word each edit question asks about (the word whose removal moves its sentence "
+                  "embedding most, as the proposed neighbours swap it) and let only out-of-scope anchors that name it "
+                  "too veto a question that names it: the proposed neighbours swap that word out, so a question that "
+                  "keeps it is a wording of the edit, not a neighbour. The caller's out-of-scope questions naming the "
+                  "word still veto. Needs router_neighbour_questions > 0."},
     )
     router_text_anchors: int = field(
         default=0,
@@ -317,6 +328,8 @@ class LDKEConfig(PeftConfig):
             self.router_neighbour_questions = 0
         if str(self.pack_format_version) in _FORMAT_WITHOUT_CLEARANCE:
             self.router_anchor_clearance = 0.0
+        if str(self.pack_format_version) in _FORMAT_WITHOUT_ASKED_WORD:
+            self.router_asked_word = False
         if str(self.pack_format_version) in _FORMAT_WITHOUT_TEXT_ENCODER:
             self.router_text_encoder = None  # written before the field existed: probe-layer text features
             self.router_text_margin = None  # and one margin for both parts

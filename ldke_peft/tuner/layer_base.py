@@ -31,6 +31,16 @@ def _text_encoder(config: Any) -> str | None:
     return enc or None
 
 
+def slot_words(config: Any) -> tuple[str, ...]:
+    """Each slot's asked-for word from the pack's edit metadata (``""`` where none was recorded, or all of
+    them without ``router_asked_word``): what the router's anchor veto reads (:mod:`.text_anchors`)."""
+    edits = list(getattr(config, "edits", None) or [])
+    if not getattr(config, "router_asked_word", False):
+        return ()
+    words = [str(e.get("asked_word") or "") if isinstance(e, dict) else "" for e in edits]
+    return tuple(words + [""] * (int(config.num_slots) - len(words)))
+
+
 def _text_dim(config: Any, d_model: int) -> int | None:
     """Width of the router's textual features: the encoder's (recorded in the config), plus 2 x hidden with
     ``router_text_probe``; None (= 2 x hidden, probe-layer features only) without an encoder."""
@@ -117,6 +127,7 @@ class LDKELayer(BaseTunerLayer):
             router.text_encoder = _text_encoder(config)
             router.text_probe = bool(getattr(config, "router_text_probe", False)) and router.text_encoder is not None
             router.text_frame = tuple(getattr(config, "router_text_frame", None) or ())
+            router.slot_words = slot_words(config)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 

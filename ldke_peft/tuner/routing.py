@@ -22,11 +22,13 @@ Layer: tuner (README "Architecture"): imports only data and tuner modules, never
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 
 from .projection import _init_proj, dequantize_projection, quantize_projection  # noqa: F401 (re-exported)
-from .text_anchors import ANCHOR_BUFFERS, anchor_count, empty_anchors, veto, with_slot_anchors
+from .text_anchors import ANCHOR_BUFFERS, anchor_count, empty_anchors, names_word, veto, with_slot_anchors
 
 NO_SLOT = -1
 
@@ -87,6 +89,9 @@ class RouterState(nn.Module):
         self.text_frame = tuple(text_frame)
         #: the textual feature is [probe-layer text features ; encoder embedding] (``router_text_probe``)
         self.text_probe = False
+        #: per slot, the word its edit question asks about ("" = none; ``LDKEConfig.router_asked_word``, kept
+        #: in the pack's edit metadata): a question naming it is vetoed only by anchors that name it too
+        self.slot_words: tuple[str, ...] = ()
         self.register_buffer("mu_v", torch.zeros(d_v))
         self.register_buffer("mu_t", torch.zeros(d_t))
         for name, d_in, seed in (("proj_v", d_v, 1), ("proj_t", d_t, 2)):
@@ -218,8 +223,12 @@ class RouterState(nn.Module):
         )
         return tables
 
-    def scores(self, visual: torch.Tensor, textual: torch.Tensor, has_image: torch.Tensor) -> torch.Tensor:
+    def scores(self, visual: torch.Tensor, textual: torch.Tensor, has_image: torch.Tensor,
+               named: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, K)`` normalised distance (``<= 1`` means inside the slot's scope; ``inf`` = excluded).
+
+        ``named`` (``(B, K)`` bool, see :meth:`named_mask`): which rows name which slot's asked-for word;
+        None = none do (a caller without the question texts).
 
         The score of an image slot is ``max(d_v / r_v, d_t / r_t)``: both parts must be in scope. A
         text-only slot uses the textual part and only accepts text-only inputs; an image slot never
@@ -237,7 +246,7 @@ class RouterState(nn.Module):
             # anchors only ever veto a row inside a slot's scope: only those slots' anchors are read
             inside = score <= 1.0
             if bool(inside.any()):
-                score = torch.where(inside & self._anchor_veto(textual, inside.any(dim=0)), float("inf"), score)
+                score = torch.where(inside & self._anchor_veto(textual, inside.any(dim=0), named), float("inf"), score)
         return score
 
     @property
@@ -245,7 +254,14 @@ class RouterState(nn.Module):
         """Textual anchors held for all slots (0: every slot decides by its radii alone)."""
         return anchor_count(self._buffers)
 
-    def _anchor_veto(self, textual: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    def named_mask(self, questions: Sequence[str]) -> torch.Tensor | None:
+        """``(B, K)`` bool: question ``b`` names slot ``k``'s asked-for word; None when no slot has one."""
+        words = tuple(self.slot_words[:self.num_slots])
+        if not any(words):
+            return None
+        return names_word(words + ("",) * (self.num_slots - len(words)), questions)
+
+    def _anchor_veto(self, textual: torch.Tensor, slots: torch.Tensor, named: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, K)``: rows the textual anchors of ``slots`` (``(K,)`` bool) veto, each slot in its own projection."""
         owner = self.anchors_slot.long()
         mine = slots.to(owner.device)[owner]
@@ -253,7 +269,8 @@ class RouterState(nn.Module):
         out = torch.zeros((textual.shape[0], self.num_slots), dtype=torch.bool, device=textual.device)
         for g in range(self.num_groups):
             if bool((sel := mine & (group == g)).any()):
-                out |= veto(self.project_textual(g, textual), self.anchors_t[sel], owner[sel], self.anchors_pos[sel], self.num_slots)
+                out |= veto(self.project_textual(g, textual), self.anchors_t[sel], owner[sel], self.anchors_pos[sel],
+                            self.num_slots, named)
         return out
 
     def _group_tables(self, g: int) -> tuple[torch.Tensor, ...]:
@@ -324,11 +341,13 @@ class RouterState(nn.Module):
         text_ok = (live & ~needs).any()
         return torch.where(img, image_ok, text_ok)
 
-    def route(self, visual: torch.Tensor, textual: torch.Tensor, has_image: torch.Tensor) -> torch.Tensor:
-        """``(B,)`` long: the best-scoring slot within scope per row, or :data:`NO_SLOT`."""
+    def route(self, visual: torch.Tensor, textual: torch.Tensor, has_image: torch.Tensor,
+              named: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B,)`` long: the best-scoring slot within scope per row, or :data:`NO_SLOT` (``named``: see
+        :meth:`scores`)."""
         if self.num_slots == 0:
             return torch.full((visual.shape[0],), NO_SLOT, dtype=torch.long, device=visual.device)
-        best, idx = self.scores(visual, textual, has_image).min(dim=1)
+        best, idx = self.scores(visual, textual, has_image, named).min(dim=1)
         return torch.where(best <= 1.0, idx, NO_SLOT)
 
     # ------------------------------------------------------------------ direct access
@@ -402,9 +421,10 @@ class RouterState(nn.Module):
         return _centred(textual, mt, pt)
 
     @torch.no_grad()
-    def set_text_anchors(self, slot: int, pos: torch.Tensor, neg: torch.Tensor) -> None:
-        """Replace slot ``slot``'s textual anchors (rows in its projection's space; see :mod:`.text_anchors`)."""
-        for name, buf in with_slot_anchors(self._buffers, slot, pos, neg, self.proj_dim).items():
+    def set_text_anchors(self, slot: int, pos: torch.Tensor, neg: torch.Tensor, named: torch.Tensor | None = None) -> None:
+        """Replace slot ``slot``'s textual anchors (rows in its projection's space; ``named``: which ``neg``
+        rows name the slot's asked-for word; see :mod:`.text_anchors`)."""
+        for name, buf in with_slot_anchors(self._buffers, slot, pos, neg, self.proj_dim, named).items():
             if name in self._buffers:
                 setattr(self, name, buf)
             else:

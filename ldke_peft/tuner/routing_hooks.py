@@ -187,7 +187,7 @@ def _make_probe_hook(state: RoutingState, idx: int):
         if prompt_mask is None or tuple(prompt_mask.shape) != (B, T):
             prompt_mask = torch.ones(B, T, dtype=torch.bool, device=hidden.device)
         feats = None
-        texts: dict[tuple, dict[int, torch.Tensor]] = {}  # per text key: row -> question features
+        texts: dict[tuple, dict[int, tuple[str, torch.Tensor]]] = {}  # per text key: row -> (question, features)
         with torch.no_grad():
             for m in state.probe_wrappers.get(idx, ()):
                 if m.disable_adapters:
@@ -242,13 +242,14 @@ def _state_tokenizer(state: RoutingState) -> Any:
 
 
 def _route_by_question(state: RoutingState, router: Any, feats: tuple, input_ids: torch.Tensor | None,
-                       text_mask: torch.Tensor, texts: dict[tuple, dict[int, torch.Tensor]]) -> torch.Tensor:
+                       text_mask: torch.Tensor, texts: dict[tuple, dict[int, tuple[str, torch.Tensor]]]) -> torch.Tensor:
     """The decision of a router whose textual key reads the question text.
 
     Only rows that some slot's visual test admits can route, so only their questions are read and
     embedded (most inputs show no edited entity and cost the encoder nothing). ``texts`` shares the
     features between the routers of one call. Without token ids (an embeddings-only call) the question
-    cannot be read: nothing routes.
+    cannot be read: nothing routes. The question text also tells the anchor veto which rows name a
+    slot's asked-for word (:meth:`~ldke_peft.tuner.routing.RouterState.named_mask`).
     """
     from .question_key import load_encoder, question_texts
 
@@ -263,10 +264,11 @@ def _route_by_question(state: RoutingState, router: Any, feats: tuple, input_ids
     if todo:
         sel = torch.tensor(todo, device=input_ids.device)
         qs = question_texts(_state_tokenizer(state), input_ids[sel], text_mask.to(input_ids.device)[sel], key[1])
-        for i, f in zip(todo, load_encoder(key[0]).encode(qs, device=visual.device)):
-            known[i] = f
-    t = torch.stack([known[int(i)] for i in rows.tolist()]).to(visual.device)
+        for i, q, f in zip(todo, qs, load_encoder(key[0]).encode(qs, device=visual.device)):
+            known[i] = (q, f)
+    got = [known[int(i)] for i in rows.tolist()]
+    t = torch.stack([f for _, f in got]).to(visual.device)
     if router.text_probe:
         t = torch.cat([feats[1][rows].float(), t], dim=1)
-    out[rows] = router.route(visual[rows], t, has_image[rows])
+    out[rows] = router.route(visual[rows], t, has_image[rows], router.named_mask([q for q, _ in got]))
     return out

@@ -8,7 +8,15 @@ is vetoed when its nearest anchor is an out-of-scope one. Slots without anchors 
 before them) decide by the radius alone.
 
 Stored as three router buffers, present only in a pack that has anchors: ``anchors_t`` (rows in the
-slot's projection space), ``anchors_slot`` (owner slot, int32) and ``anchors_pos`` (1 = in scope, 0 = out).
+slot's projection space), ``anchors_slot`` (owner slot, int32) and ``anchors_pos`` (1 = in scope, 0 = out,
+-1 = out and naming the slot's asked-for word; a reader that only tests ``> 0.5`` sees it as out).
+
+**The asked-for word.** The proposed neighbours are the edit question with the word it asks about swapped
+for another, so a question that still names that word is not one of them: it asks about the edited fact in
+other words, and an unseen wording of the edit lies near a neighbour as often as a near-miss question does.
+A row that names its slot's word (``named``) is therefore vetoed only by out-of-scope anchors that name it
+too: the caller's own out-of-scope questions about the same thing (and ``refine_scope``'s) keep their
+power, the model's proposals do not.
 Rows and flags are float16 from the moment they are set (a slot keeps dozens of anchors; float32 would put a
 single-edit pack past 100 KB), so the veto that runs at fit time is the one that is saved.
 
@@ -17,9 +25,38 @@ Layer: tuner, a leaf (README "Architecture"): imports nothing of the library.
 
 from __future__ import annotations
 
+import re
+from typing import Sequence
+
 import torch
 
 ANCHOR_BUFFERS = ("anchors_t", "anchors_slot", "anchors_pos")
+#: ``anchors_pos`` of an out-of-scope anchor that names its slot's asked-for word.
+NAMED = -1.0
+_WORD = re.compile(r"[^\W\d_]+")
+
+
+def word_form(word: str) -> str:
+    """The form words are compared in: casefolded, a plural or possessive ``s`` dropped."""
+    w = word.casefold()
+    return w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith(("ss", "is", "us")) else w
+
+
+def question_words(text: str) -> set[str]:
+    """The words of ``text`` in :func:`word_form` (letters only: "painter's" gives "painter")."""
+    return {word_form(w) for w in _WORD.findall(text)}
+
+
+def names_word(words: Sequence[str], questions: Sequence[str]) -> torch.Tensor:
+    """``(len(questions), len(words))`` bool: question ``i`` names word ``k`` (``""`` names nothing)."""
+    out = torch.zeros(len(questions), len(words), dtype=torch.bool)
+    if not any(words):
+        return out
+    for i, q in enumerate(questions):
+        have = question_words(q)
+        for k, w in enumerate(words):
+            out[i, k] = bool(w) and w in have
+    return out
 
 
 def anchor_count(buffers: dict) -> int:
@@ -35,13 +72,16 @@ def empty_anchors(n: int, dim: int, device=None) -> dict[str, torch.Tensor]:
             "anchors_pos": torch.zeros(n, dtype=torch.float16, device=device)}
 
 
-def with_slot_anchors(buffers: dict, slot: int, pos: torch.Tensor, neg: torch.Tensor, dim: int) -> dict[str, torch.Tensor]:
-    """The anchor buffers with slot ``slot``'s anchors replaced by ``pos`` (in scope) and ``neg`` (out)."""
+def with_slot_anchors(buffers: dict, slot: int, pos: torch.Tensor, neg: torch.Tensor, dim: int,
+                      named: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The anchor buffers with slot ``slot``'s anchors replaced by ``pos`` (in scope) and ``neg`` (out;
+    ``named``: which of them name the slot's asked-for word)."""
     dev = buffers["keys_t"].device
     old = {k: buffers[k] for k in ANCHOR_BUFFERS} if "anchors_t" in buffers else empty_anchors(0, dim, dev)
     keep = old["anchors_slot"] != int(slot)
     rows = torch.cat([pos, neg]).to(device=dev, dtype=torch.float16)
-    flags = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]).to(device=dev, dtype=torch.float16)
+    out_flags = torch.zeros(len(neg)) if named is None else torch.where(torch.as_tensor(named, dtype=torch.bool).cpu(), NAMED, 0.0)
+    flags = torch.cat([torch.ones(len(pos)), out_flags]).to(device=dev, dtype=torch.float16)
     return {
         "anchors_t": torch.cat([old["anchors_t"][keep], rows]),
         "anchors_slot": torch.cat([old["anchors_slot"][keep], torch.full((len(rows),), int(slot), dtype=torch.int32, device=dev)]),
@@ -49,9 +89,11 @@ def with_slot_anchors(buffers: dict, slot: int, pos: torch.Tensor, neg: torch.Te
     }
 
 
-def veto(zt: torch.Tensor, anchors: torch.Tensor, slot: torch.Tensor, pos: torch.Tensor, num_slots: int) -> torch.Tensor:
+def veto(zt: torch.Tensor, anchors: torch.Tensor, slot: torch.Tensor, pos: torch.Tensor, num_slots: int,
+         named: torch.Tensor | None = None) -> torch.Tensor:
     """``(B, K)`` bool: rows whose nearest anchor of slot ``k`` is out of scope (``zt``: rows projected in
-    the anchors' space; a slot without an in-scope anchor never vetoes)."""
+    the anchors' space; a slot without an in-scope anchor never vetoes). Where ``named[b, k]`` (row ``b``
+    names slot ``k``'s asked-for word) only the out-of-scope anchors that name it count."""
     B = zt.shape[0]
     d = torch.cdist(zt.float(), anchors.float())  # (B, A)
     inf = torch.full((B, num_slots), float("inf"), device=zt.device)
@@ -59,4 +101,7 @@ def veto(zt: torch.Tensor, anchors: torch.Tensor, slot: torch.Tensor, pos: torch
     idx = slot.to(device=zt.device, dtype=torch.long).unsqueeze(0).expand(B, -1)
     d_pos = inf.scatter_reduce(1, idx, torch.where(is_pos, d, float("inf")), "amin")
     d_neg = inf.scatter_reduce(1, idx, torch.where(is_pos, float("inf"), d), "amin")
+    if named is not None and bool(named.any()):
+        d_named = inf.scatter_reduce(1, idx, torch.where(pos < NAMED / 2, d, float("inf")), "amin")
+        d_neg = torch.where(named.to(d_neg.device), d_named, d_neg)
     return (d_neg < d_pos) & torch.isfinite(d_pos)

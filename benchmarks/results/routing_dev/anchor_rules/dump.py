@@ -5,7 +5,7 @@ the slot as it does by default; this script then rebuilds the same anchors with 
 same-image question / proposed neighbour / rephrasing of a neighbour) and records, for every probe of the edit,
 whether it lies inside the slot's radius and its distance to each anchor. ``--hold-out-relation`` takes the edited
 relation's questions out of the pool (what an edit of the test split's held-out relation gets).
-Usage: OMP_NUM_THREADS=1 python dump.py N OUT.json.gz [--hold-out-relation] [--extra-pos]
+Usage: OMP_NUM_THREADS=1 python dump.py N OUT.json.gz [--hold-out-relation] [--extra-pos] [--extra-probes FILE]
 (--extra-pos: TEMPLATES around the asked-for word, recorded as ``pos_template`` anchors.)
 """
 import gzip
@@ -27,7 +27,15 @@ from ldke_peft.tuner.probe_features import collect_probe_features
 from ldke_peft.tuner.question_key import load_encoder
 
 
-from extra_probes import EXTRA  # noqa: E402  (this folder is on sys.path when the script runs)
+if "--extra-probes" in sys.argv:  # another study's probe file (``../asked_word/extra_probes.py``)
+    import importlib.util
+
+    _spec = importlib.util.spec_from_file_location("extra_probes", sys.argv[sys.argv.index("--extra-probes") + 1])
+    _mod = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_mod)
+    EXTRA = _mod.EXTRA
+else:
+    from extra_probes import EXTRA  # noqa: E402  (this folder is on sys.path when the script runs)
 
 
 #: --extra-pos: generic possessive/verb frames around the asked-for word, tried as extra in-scope anchors.
@@ -95,6 +103,7 @@ for r in suite.requests[:n]:
     probes += [("t_locality", None, p.prompt) for p in r.locality]
     probes += [("x_in_scope", r.image, q) for q in EXTRA.get(r.relation, {}).get("in", [])]
     probes += [("x_near_miss", r.image, q) for q in EXTRA.get(r.relation, {}).get("near", [])]
+    probes += [("x_near_word", r.image, q) for q in EXTRA.get(r.relation, {}).get("near_word", [])]
     with torch.no_grad():
         _, t_gen, _ = collect_probe_features(pm, suite.processor, cfg.probe_layer, [r.image] * len(qs + tpl), qs + tpl)
         v, t, h = collect_probe_features(pm, suite.processor, cfg.probe_layer, [p[1] for p in probes], [p[2] for p in probes])
