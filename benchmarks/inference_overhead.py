@@ -97,7 +97,8 @@ def make_pack(base: Any, processor: Any, n_slots: int, anchor: tuple[Any, str], 
               text_anchors: int = 0) -> Any:
     """``base`` (a deep copy) with an ``n_slots`` pack; slot 0 fires exactly on ``anchor``. With
     ``text_anchors``, every slot also keeps that many random textual anchors (half in scope, half out; slot
-    0's in-scope ones include ``anchor``'s own textual feature, so it still fires): the veto is scored."""
+    0's in-scope ones include ``anchor``'s own textual feature, so it still fires) and an asked-for word: the veto
+    and the word match are scored."""
     from peft import get_peft_model
 
     from ldke_peft import LDKEConfig, family_of
@@ -138,6 +139,8 @@ def make_pack(base: Any, processor: Any, n_slots: int, anchor: tuple[Any, str], 
             for name, val in (("anchors_t", rows), ("anchors_slot", slot), ("anchors_pos", pos.float())):
                 router.register_buffer(name, val)
             assert router.num_anchors == len(rows)
+            # every slot asks about a word (router_asked_word), so each routed question is also matched against them
+            router.slot_words = [f"w{k}" for k in range(n_slots)]
         for layer in pm.base_model.ldke_layers("default").values():
             if "default" in layer.ldke_B:
                 layer.ldke_B["default"].normal_(generator=g)

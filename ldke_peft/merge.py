@@ -46,7 +46,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .tuner.config import LDKEConfig
+from .tuner.config import PACK_FORMAT_VERSION, LDKEConfig
 from .errors import FingerprintMismatchError
 from .merge_sources import _PEFT_PREFIX, _PROJ, _ROUTER, MergeError, _Pack, _parse, load_pack, save_pack, to_peft_model
 
@@ -396,6 +396,8 @@ def _assemble(packs: list[_Pack], kept: list[SlotRef]) -> tuple[LDKEConfig, dict
         src = packs[p].config.edits
         e = copy.deepcopy(src[k]) if k < len(src) and isinstance(src[k], dict) else {}
         e["merged_from"] = {"pack": packs[p].name, "slot": k}
+        if not getattr(packs[p].config, "router_asked_word", False):
+            e.pop("asked_word", None)  # its source routed without it: so does the merged slot
         edits.append(e)
     config = dataclasses.replace(
         copy.deepcopy(ref.config),
@@ -407,8 +409,11 @@ def _assemble(packs: list[_Pack], kept: list[SlotRef]) -> tuple[LDKEConfig, dict
         router_dim=p_dim,
         router_groups=G,
         router_text_anchors=int(r["anchors_t"].shape[0]) if "anchors_t" in r else 0,
-        # each slot keeps its asked-for word in its edit metadata (none for a source that recorded none)
+        # each slot keeps its asked-for word in its edit metadata (none where its source routed without one); the
+        # merged pack is written in this library's format, or a first source of an older one would switch it off
+        # (every other setting already holds the value its source's format implies)
         router_asked_word=any(bool(getattr(packs[p].config, "router_asked_word", False)) for p, _ in kept),
+        pack_format_version=PACK_FORMAT_VERSION,
         # the projections above are the fp32 matrices each source routed with; re-quantizing them could
         # move a slot's scores by an ulp, so a merged pack stores them as they are
         router_storage="float32",

@@ -241,3 +241,47 @@ def test_textual_anchors_are_merged_with_their_slots(world, world_pool, reqs, tm
         routed = [new[(p, k)] for p, k in enumerate(row) if k >= 0]
         if len(routed) <= 1:
             assert got[i] == (routed[0] if routed else -1), f"row {i} ({rows[i][1]!r}): {got[i]} vs sources {row}"
+
+
+def test_each_merged_slot_keeps_its_sources_asked_word_in_any_order(world, world_pool, tmp_path):
+    """Slots keep the asked-for word (``router_asked_word``) their source routed with, whichever pack comes first: a
+    format-1.8 pack (no words) listed first does not switch the words of a 1.9 pack off, and a pack that routed
+    without them (the knob off) lends none. The merged pack is written in the current format, and a wording that
+    names the word routes to the merged slot as it did in its source."""
+    from ldke_peft.bench.mke import editor_view
+    from ldke_peft.metrics.routes import which_slots
+    from ldke_peft.tuner.config import PACK_FORMAT_VERSION
+
+    r = world.edit_requests(1, seed=3)[0]
+    for name, seed in (("new", 3), ("other", 5)):
+        pm = ldke_peft.edit(world.model, world.processor, [editor_view(world.edit_requests(1, seed=seed)[0])],
+                            LDKEConfig(), negatives=world_pool, progress=False)
+        assert pm.peft_config["default"].edits[0]["asked_word"]
+        pm.save_pretrained(tmp_path / name)
+        pm.unload()
+    for name, version, knob in (("old", "1.8", None), ("off", PACK_FORMAT_VERSION, False)):
+        folder = tmp_path / name
+        folder.mkdir()
+        for f in (tmp_path / "other").iterdir():
+            (folder / f.name).write_bytes(f.read_bytes())
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        cfg.pop("router_asked_word")
+        (folder / "adapter_config.json").write_text(json.dumps(
+            {**cfg, "pack_format_version": version, **({} if knob is None else {"router_asked_word": knob})}))
+        if knob is None:  # written before the words existed
+            meta = json.loads((folder / "ldke_edits.json").read_text())
+            meta["pack_format_version"] = version
+            for e in meta["edits"]:
+                e.pop("asked_word")
+            (folder / "ldke_edits.json").write_text(json.dumps(meta))
+    wording = "Which animal is the symbol of this country?"  # vetoed by the proposed neighbours without the word
+    for order, want in ((["old", "new"], ("", "animal")), (["new", "off"], ("animal", ""))):
+        res = merge_packs([tmp_path / n for n in order], out=tmp_path / "_".join(order))
+        assert res.config.pack_format_version == PACK_FORMAT_VERSION and res.config.router_asked_word
+        merged = PeftModel.from_pretrained(fresh(world), tmp_path / "_".join(order))
+        try:
+            assert merged.base_model.router("default").slot_words == want
+            got = which_slots(merged, world.processor, [r.image], [wording])[0]["default"]
+            assert got == want.index("animal")
+        finally:
+            merged.unload()

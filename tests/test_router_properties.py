@@ -324,3 +324,16 @@ def test_a_row_naming_the_slots_asked_word_is_vetoed_only_by_anchors_naming_it()
     assert router.route(torch.zeros(4, 2), textual, img, named).tolist() == [NO_SLOT] * 4
     router.slot_words = ()
     assert router.named_mask(qs) is None and names_word(["", ""], qs).sum() == 0
+
+
+def test_word_forms_match_plurals_possessives_and_unicode_forms():
+    """A question names a slot's word in any of its ordinary forms: a plural (-s, -es, -ies), a possessive, another
+    case, a decomposed accent; a longer word that merely starts with it does not."""
+    import unicodedata
+
+    from ldke_peft.tuner.text_anchors import names_word
+
+    qs = ["Which CURRENCIES are used here?", "The nation's capital?", "How many buses run?",
+          unicodedata.normalize("NFD", "A café?"), "Is this it?", "Which addresses?"]
+    got = names_word(["currency", "nation", "bus", "café", "thi", "address"], qs)
+    assert got.tolist() == [[i == k for k in range(6)] for i in range(6)][:4] + [[False] * 6, [False] * 5 + [True]]

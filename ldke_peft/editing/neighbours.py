@@ -27,7 +27,7 @@ from ..families import family_of, raw_text_inputs
 from ..tuner.context import routing_inputs
 from ..tuner.model import _root_model
 from ..tuner.routing import NO_SLOT
-from ..tuner.text_anchors import question_words
+from ..tuner.text_anchors import word_forms
 
 #: How many next-token candidates the model's distribution offers for the swapped word.
 CANDIDATES = 400
@@ -67,8 +67,9 @@ def asked_word(question: str, frame: set[str], encode: Any) -> str:
     i = _asked_for_word(question, frame, encode)
     if not i:  # none, or the first word, for which no neighbour is proposed (as in _ranked)
         return ""
-    forms = sorted(question_words(question.split()[i]), key=len)
-    return forms[-1] if forms and len(forms[-1]) >= 3 else ""
+    forms = word_forms(question.split()[i])  # "time-zone?" -> ["time", "zone"]: the first longest, every run alike
+    word = max(forms, key=len) if forms else ""
+    return word if len(word) >= 3 else ""
 
 
 def _logits(model: Any, processor: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

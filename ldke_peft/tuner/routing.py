@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .projection import _init_proj, dequantize_projection, quantize_projection  # noqa: F401 (re-exported)
-from .text_anchors import ANCHOR_BUFFERS, anchor_count, empty_anchors, names_word, veto, with_slot_anchors
+from .text_anchors import ANCHOR_BUFFERS, WordIndex, anchor_count, empty_anchors, veto, with_slot_anchors
 
 NO_SLOT = -1
 
@@ -89,9 +89,7 @@ class RouterState(nn.Module):
         self.text_frame = tuple(text_frame)
         #: the textual feature is [probe-layer text features ; encoder embedding] (``router_text_probe``)
         self.text_probe = False
-        #: per slot, the word its edit question asks about ("" = none; ``LDKEConfig.router_asked_word``, kept
-        #: in the pack's edit metadata): a question naming it is vetoed only by anchors that name it too
-        self.slot_words: tuple[str, ...] = ()
+        self.slot_words = ()
         self.register_buffer("mu_v", torch.zeros(d_v))
         self.register_buffer("mu_t", torch.zeros(d_t))
         for name, d_in, seed in (("proj_v", d_v, 1), ("proj_t", d_t, 2)):
@@ -254,12 +252,25 @@ class RouterState(nn.Module):
         """Textual anchors held for all slots (0: every slot decides by its radii alone)."""
         return anchor_count(self._buffers)
 
+    @property
+    def slot_words(self) -> tuple[str, ...]:
+        """Per slot, the word its edit question asks about ("" = none; ``LDKEConfig.router_asked_word``, kept in
+        the pack's edit metadata): a question naming it is vetoed only by anchors that name it too."""
+        return self._slot_words
+
+    @slot_words.setter
+    def slot_words(self, words: Sequence[str]) -> None:
+        self._slot_words = tuple(str(w or "") for w in words)
+        self._word_index = WordIndex(self._slot_words)
+
     def named_mask(self, questions: Sequence[str]) -> torch.Tensor | None:
-        """``(B, K)`` bool: question ``b`` names slot ``k``'s asked-for word; None when no slot has one."""
-        words = tuple(self.slot_words[:self.num_slots])
-        if not any(words):
+        """``(B, K)`` bool: question ``b`` names slot ``k``'s asked-for word; None when that cannot matter (no
+        slot has a word, or no slot keeps anchors)."""
+        if not self._word_index or not self.num_anchors:
             return None
-        return names_word(words + ("",) * (self.num_slots - len(words)), questions)
+        named = self._word_index.mask(questions)
+        k = self.num_slots
+        return named[:, :k] if named.shape[1] >= k else torch.cat([named, named.new_zeros(len(questions), k - named.shape[1])], 1)
 
     def _anchor_veto(self, textual: torch.Tensor, slots: torch.Tensor, named: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, K)``: rows the textual anchors of ``slots`` (``(K,)`` bool) veto, each slot in its own projection."""

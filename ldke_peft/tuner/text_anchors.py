@@ -26,6 +26,7 @@ Layer: tuner, a leaf (README "Architecture"): imports nothing of the library.
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Sequence
 
 import torch
@@ -37,26 +38,54 @@ _WORD = re.compile(r"[^\W\d_]+")
 
 
 def word_form(word: str) -> str:
-    """The form words are compared in: casefolded, a plural or possessive ``s`` dropped."""
-    w = word.casefold()
-    return w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith(("ss", "is", "us")) else w
+    """The form words are compared in: NFC, casefolded, a plural ending (-s, -es after a sibilant, -ies) dropped."""
+    w = unicodedata.normalize("NFC", word).casefold()
+    if len(w) <= 3 or not w.endswith("s") or w.endswith(("ss", "is", "us")):
+        return w
+    if w.endswith("ies") and len(w) > 4:
+        return w[:-3] + "y"
+    if w.endswith(("ses", "xes", "zes", "ches", "shes")):
+        return w[:-2]
+    return w[:-1]
+
+
+def word_forms(text: str) -> list[str]:
+    """The words of ``text`` in :func:`word_form`, in order (letters only: "painter's" gives "painter", "s")."""
+    return [word_form(w) for w in _WORD.findall(unicodedata.normalize("NFC", text))]
 
 
 def question_words(text: str) -> set[str]:
-    """The words of ``text`` in :func:`word_form` (letters only: "painter's" gives "painter")."""
-    return {word_form(w) for w in _WORD.findall(text)}
+    """The set of :func:`word_forms` of ``text``."""
+    return set(word_forms(text))
+
+
+class WordIndex:
+    """Which slots' asked-for words each question names, by one set lookup per word of the question (serving
+    reads every routed row's question: a scan over thousands of slots per row would cost more than the routing)."""
+
+    def __init__(self, words: Sequence[str]) -> None:
+        self.num = len(words)
+        self.slots: dict[str, list[int]] = {}
+        for k, w in enumerate(words):
+            if w:
+                self.slots.setdefault(w, []).append(k)
+
+    def __bool__(self) -> bool:
+        return bool(self.slots)
+
+    def mask(self, questions: Sequence[str]) -> torch.Tensor:
+        """``(len(questions), num)`` bool: question ``i`` names slot ``k``'s word."""
+        out = torch.zeros(len(questions), self.num, dtype=torch.bool)
+        for i, q in enumerate(questions):
+            hits = [k for w in question_words(q) for k in self.slots.get(w, ())]
+            if hits:
+                out[i, hits] = True
+        return out
 
 
 def names_word(words: Sequence[str], questions: Sequence[str]) -> torch.Tensor:
     """``(len(questions), len(words))`` bool: question ``i`` names word ``k`` (``""`` names nothing)."""
-    out = torch.zeros(len(questions), len(words), dtype=torch.bool)
-    if not any(words):
-        return out
-    for i, q in enumerate(questions):
-        have = question_words(q)
-        for k, w in enumerate(words):
-            out[i, k] = bool(w) and w in have
-    return out
+    return WordIndex(words).mask(questions)
 
 
 def anchor_count(buffers: dict) -> int:
