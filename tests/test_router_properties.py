@@ -337,3 +337,5 @@ def test_word_forms_match_plurals_possessives_and_unicode_forms():
           unicodedata.normalize("NFD", "A café?"), "Is this it?", "Which addresses?"]
     got = names_word(["currency", "nation", "bus", "café", "thi", "address"], qs)
     assert got.tolist() == [[i == k for k in range(6)] for i in range(6)][:4] + [[False] * 6, [False] * 5 + [True]]
+    # a word recorded in another form (the edit metadata is a JSON file a user can edit) matches as its word form
+    assert names_word(["Capitals", "CAFE\u0301"], ["The capital?", "Un café"]).tolist() == [[True, False], [False, True]]

@@ -608,3 +608,27 @@ def test_an_inactive_adapter_is_refined_with_its_own_textual_key(tmp_path):
         assert [d["y"] for d in which_slots(pm, processor, [_red(200)] * 2, [prompt, near])] == [0, NO_SLOT]
     finally:
         pm.unload()
+
+
+def test_a_pack_with_words_but_no_anchors_gets_a_named_anchor_that_serving_honours(world, world_pool, tmp_path):
+    """A slot that recorded its asked-for word but keeps no anchor (all dropped): keeping out a question that names
+    the word makes the slot's first anchor, flagged as naming it, so serving (which reads the words once the pack has
+    anchors) keeps the question out as the fix decided."""
+    r = world.edit_requests(1, seed=3)[0]
+    pm = ldke_peft.edit(world.model, world.processor, [editor_view(r)], LDKEConfig(), negatives=world_pool,
+                        progress=False)
+    near = "What does the national animal of this country eat?"
+    try:
+        router = pm.base_model.router("default")
+        for k in router.ANCHOR_BUFFERS:
+            delattr(router, k)
+        pm.peft_config["default"].router_text_anchors = 0
+        assert router.num_anchors == 0 and router.slot_words == ("animal",)
+        assert _fires(world, pm, r.image, [near]) == [0]
+        filed = dataclasses.replace(r, coupled=[Probe(near, "x", image=r.image, kind="near_miss")])
+        (fix,) = [f for f in refine_scope(pm, world.processor, [filed]) if f.prompt == near]
+        assert (fix.after, fix.action) == (NO_SLOT, "out-of-scope anchor of slot 0")
+        assert (router.anchors_pos == -1).sum() == 1
+        assert _fires(world, pm, r.image, [near, r.prompt]) == [NO_SLOT, 0]
+    finally:
+        pm.unload()

@@ -264,9 +264,8 @@ class RouterState(nn.Module):
         self._word_index = WordIndex(self._slot_words)
 
     def named_mask(self, questions: Sequence[str]) -> torch.Tensor | None:
-        """``(B, K)`` bool: question ``b`` names slot ``k``'s asked-for word; None when that cannot matter (no
-        slot has a word, or no slot keeps anchors)."""
-        if not self._word_index or not self.num_anchors:
+        """``(B, K)`` bool: question ``b`` names slot ``k``'s asked-for word; None when no slot has one."""
+        if not self._word_index:
             return None
         named = self._word_index.mask(questions)
         k = self.num_slots

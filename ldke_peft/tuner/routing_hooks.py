@@ -270,5 +270,6 @@ def _route_by_question(state: RoutingState, router: Any, feats: tuple, input_ids
     t = torch.stack([f for _, f in got]).to(visual.device)
     if router.text_probe:
         t = torch.cat([feats[1][rows].float(), t], dim=1)
-    out[rows] = router.route(visual[rows], t, has_image[rows], router.named_mask([q for q, _ in got]))
+    named = router.named_mask([q for q, _ in got]) if router.num_anchors else None  # words matter to anchors only
+    out[rows] = router.route(visual[rows], t, has_image[rows], named)
     return out

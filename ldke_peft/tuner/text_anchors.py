@@ -67,8 +67,8 @@ class WordIndex:
         self.num = len(words)
         self.slots: dict[str, list[int]] = {}
         for k, w in enumerate(words):
-            if w:
-                self.slots.setdefault(w, []).append(k)
+            if w:  # in word form, however it was recorded (the edit metadata is a JSON file a user can edit)
+                self.slots.setdefault(word_form(w), []).append(k)
 
     def __bool__(self) -> bool:
         return bool(self.slots)
