@@ -5,16 +5,13 @@ for the probes inside the radius that do not name the word, their best token sim
 Usage: OMP_NUM_THREADS=1 python synonyms.py DUMP.json.gz"""
 import gzip, json, sys, torch, torch.nn.functional as F
 torch.set_num_threads(1)
-from transformers import AutoModel, AutoTokenizer
-from ldke_peft.tuner.question_key import DEFAULT_TEXT_ENCODER, resolve_encoder
 from ldke_peft.tuner.text_anchors import names_word, question_words
 from ldke_peft.bench.run import load_suite
 from ldke_peft.editing.neighbours import asked_word, frame_words
 from ldke_peft.tuner.question_key import load_encoder
 from ldke_peft import LDKEConfig
-folder = resolve_encoder(DEFAULT_TEXT_ENCODER)
-tok = AutoTokenizer.from_pretrained(folder); m = AutoModel.from_pretrained(folder).eval()
-enc = load_encoder(LDKEConfig().router_text_encoder).encode
+_encoder = load_encoder(LDKEConfig().router_text_encoder)  # the library's loader: safetensors only, no remote code
+enc, tok, m = _encoder.encode, _encoder.tokenizer, _encoder.model
 suite = load_suite("full", 30, split="dev")
 cache = {}
 @torch.no_grad()

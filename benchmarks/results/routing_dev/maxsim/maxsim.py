@@ -6,11 +6,10 @@ Usage: OMP_NUM_THREADS=1 python maxsim.py DUMP.json.gz [DUMP.json.gz ...]"""
 import gzip, json, sys
 from collections import defaultdict
 import torch, torch.nn.functional as F
-from transformers import AutoModel, AutoTokenizer
-from ldke_peft.tuner.question_key import DEFAULT_TEXT_ENCODER, resolve_encoder
+from ldke_peft.tuner.question_key import DEFAULT_TEXT_ENCODER, load_encoder
 torch.set_num_threads(1)
-FOLDER = resolve_encoder(DEFAULT_TEXT_ENCODER)
-tok = AutoTokenizer.from_pretrained(FOLDER); m = AutoModel.from_pretrained(FOLDER).eval()
+_enc = load_encoder(DEFAULT_TEXT_ENCODER)  # the library's loader: safetensors only, no remote code
+tok, m = _enc.tokenizer, _enc.model
 IN_SCOPE = {"reliability", "t_generality", "x_in_scope"}
 STOP = set("what which is are the this that of in on a an do does to for me tell name give you know country nation shown picture image ? . , 's".split())
 cache = {}
