@@ -79,11 +79,12 @@ BASELINE_NAMES: tuple[str, ...] = tuple(BASELINES)
 SEQUENTIAL_METHODS: tuple[str, ...] = ("ldke", "grace", "lora")
 CHECKPOINTS: tuple[int, ...] = (1, 10, 100, 1000)
 
-#: Where ``benchmarks/inference_overhead.py`` keeps each suite model's routed-inference overhead.
+#: Where ``benchmarks/inference_overhead.py`` keeps each suite model's routed-inference overhead (for the benchmark
+#: MLLM, the newest run with the library's default pack contents: textual anchors and asked-for words).
 OVERHEAD_FILES: dict[str, str] = {
     "toy": "benchmarks/results/inference_overhead.json",
-    "smoke": "benchmarks/results/inference_overhead_smol_llava.json",
-    "full": "benchmarks/results/inference_overhead_smol_llava.json",
+    "smoke": "benchmarks/results/asked_word/overhead.json",
+    "full": "benchmarks/results/asked_word/overhead.json",
 }
 
 
