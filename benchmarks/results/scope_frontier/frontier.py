@@ -18,10 +18,11 @@ BAR_T_GEN, BAR_NEAR_MISS = 0.95, 0.97
 
 
 def rows() -> list[dict]:
+    """Single-edit rows; sequential runs' folders are skipped (their single-edit table holds one edit, not a split)."""
     out = []
     for path in sorted(RESULTS.rglob("results.json")):
         rel = path.relative_to(RESULTS)
-        if rel.parts[0] == "superseded":
+        if rel.parts[0] == "superseded" or any(p in ("full_seq", "seq") for p in rel.parts):
             continue
         data = json.loads(path.read_text())
         if not isinstance(data, dict) or data.get("suite") != "full":
@@ -39,13 +40,15 @@ def rows() -> list[dict]:
     return out
 
 
-def single_edit_runs(all_rows: list[dict]) -> list[dict]:
-    """Drop the single-edit rows that sequential runs print (their first edit only, not a split's worth)."""
-    return [r for r in all_rows if not any(p in ("full_seq", "seq") for p in Path(r["file"]).parts)]
+def _scatter(ax, found: list[dict], min_t_gen: float = 0.0, label: bool = True) -> None:
+    for split, marker, color in (("dev", "o", "tab:blue"), ("test", "s", "tab:red")):
+        pts = [r for r in found if r["split"] == split and r["t_generality"] > min_t_gen]
+        ax.scatter([r["t_generality"] for r in pts], [r["near_miss_locality"] for r in pts], marker=marker,
+                   color=color, alpha=0.7, label=f"{split} ({len(pts)} runs)" if label else None)
 
 
 def main() -> None:
-    found = single_edit_runs(rows())
+    found = rows()
     meets = [r for r in found if r["t_generality"] >= BAR_T_GEN and r["near_miss_locality"] >= BAR_NEAR_MISS]
     lines = ["| split | method | T-Generality | near-miss | coupled | meets both bars | file |",
              "|---|---|---:|---:|---:|---|---|"]
@@ -65,10 +68,7 @@ def main() -> None:
     fig, ax = plt.subplots(figsize=(7, 5))
     ax.fill_between([BAR_T_GEN, 1.005], BAR_NEAR_MISS, 1.005, color="tab:green", alpha=0.15,
                     label="both bars met")
-    for split, marker, color in (("dev", "o", "tab:blue"), ("test", "s", "tab:red")):
-        pts = [r for r in found if r["split"] == split]
-        ax.scatter([r["t_generality"] for r in pts], [r["near_miss_locality"] for r in pts], marker=marker,
-                   color=color, alpha=0.7, label=f"{split} ({len(pts)} runs)")
+    _scatter(ax, found)
     ax.set_xlabel("T-Generality (unseen wordings of the edit)")
     ax.set_ylabel("near-miss locality (same image, neighbouring question)")
     ax.set_title("#20: every single-edit full-suite run on record")
@@ -77,10 +77,7 @@ def main() -> None:
     ax.legend(loc="lower left")
     inset = ax.inset_axes([0.42, 0.08, 0.45, 0.45])
     inset.fill_between([BAR_T_GEN, 1.0], BAR_NEAR_MISS, 1.0, color="tab:green", alpha=0.15)
-    for split, marker, color in (("dev", "o", "tab:blue"), ("test", "s", "tab:red")):
-        pts = [r for r in found if r["split"] == split and r["t_generality"] > 0.85]
-        inset.scatter([r["t_generality"] for r in pts], [r["near_miss_locality"] for r in pts], marker=marker,
-                      color=color, alpha=0.7)
+    _scatter(inset, found, min_t_gen=0.85, label=False)
     inset.set_xlim(0.87, 1.0)
     inset.set_ylim(0.78, 1.0)
     inset.set_title("LDKE variants", fontsize=8)
